@@ -1,0 +1,33 @@
+"""Errors in Ironic's format, so its client prints them: the body is
+{"error_message": "<JSON text with faultstring, faultcode, debuginfo>"}."""
+from __future__ import annotations
+
+import json
+
+from flask import Response
+
+
+class ApiError(Exception):
+    def __init__(self, status: int, message: str):
+        super().__init__(message)
+        self.status = status
+        self.message = message
+
+
+def bad_request(message: str) -> ApiError:
+    return ApiError(400, message)
+
+
+def not_found(message: str) -> ApiError:
+    return ApiError(404, message)
+
+
+def conflict(message: str) -> ApiError:
+    return ApiError(409, message)
+
+
+def error_response(status: int, message: str) -> Response:
+    fault = {"faultstring": message, "faultcode": "Client" if status < 500 else "Server",
+             "debuginfo": None}
+    body = json.dumps({"error_message": json.dumps(fault)})
+    return Response(body, status=status, mimetype="application/json")

@@ -1,0 +1,219 @@
+"""Acting on a node: power and provision state changes (handed to its conductor), maintenance,
+validation, its ports and its history."""
+from __future__ import annotations
+
+from flask import Blueprint, g, request
+from sqlalchemy import select, update
+
+from labmetal import history, states
+from labmetal.api.app import services
+from labmetal.api.common import (caller_name, find_node, isotime, json_object, links,
+                                 requested_fields, select_fields)
+from labmetal.api.errors import ApiError, bad_request, conflict, not_found
+from labmetal.api.ports import PORT_LIST_FIELDS, port_view
+from labmetal.conductor.power.base import InvalidDriverInfo, PowerError, PowerTarget
+from labmetal.conductor.power.wol import IN_BAND_ONLY
+from labmetal.conductor.rpcapi import NoConductor, NodeLocked, Unchanged
+from labmetal.models import Node, NodeHistory, Port, utcnow
+
+blueprint = Blueprint("node_states", __name__)
+HISTORY_SINCE = (1, 78)
+
+
+def _locked(node: Node, holder: str) -> ApiError:
+    return conflict(f"Node {node.uuid} is locked by host {holder}, please retry after the "
+                    "current operation is completed.")
+
+
+def _accepted(node: Node):
+    return "", 202, {"Location": links("nodes", f"{node.uuid}/states")[0]["href"]}
+
+
+def _power_target(node: Node) -> PowerTarget:
+    with services().db.read() as session:
+        macs = list(session.scalars(select(Port.address).where(Port.node_id == node.id)))
+    return PowerTarget(node.uuid, services().box.open_all(node.driver_info), macs)
+
+
+@blueprint.get("/v1/nodes/<ident>/states")
+def node_states(ident: str):
+    with services().db.read() as session:
+        node = find_node(session, ident)
+    return {"power_state": node.power_state, "target_power_state": node.target_power_state,
+            "provision_state": node.provision_state,
+            "target_provision_state": node.target_provision_state,
+            "provision_updated_at": isotime(node.provision_updated_at),
+            "last_error": node.last_error, "console_enabled": False, "raid_config": {},
+            "target_raid_config": {}}
+
+
+@blueprint.put("/v1/nodes/<ident>/states/power")
+def set_power_state(ident: str):
+    body = json_object()
+    target = body.get("target")
+    if target not in states.POWER_TARGETS:
+        raise bad_request(f"Invalid power target {target!r}; expected one of "
+                          f"{', '.join(sorted(states.POWER_TARGETS))}")
+    svc = services()
+    with svc.db.read() as session:
+        node = find_node(session, ident)
+    driver = svc.drivers[node.driver]
+    try:
+        driver.power.validate(_power_target(node))
+    except (InvalidDriverInfo, PowerError, ValueError) as error:
+        raise bad_request(f"Cannot change the power state of node {node.uuid}: {error}") from None
+    if driver.power.assumed_state and target != states.POWER_ON:
+        raise bad_request(f"Cannot '{target}' node {node.uuid}: {IN_BAND_ONLY}")
+    if node.provision_state == states.VERIFYING:
+        raise conflict(f"Node {node.uuid} is being verified; retry once it is manageable")
+    _hand_over(node, target, {"target_power_state": states.POWER_TARGETS[target],
+                              "last_error": None}, (), ("power", f"'{target}' requested"))
+    return _accepted(node)
+
+
+@blueprint.put("/v1/nodes/<ident>/states/provision")
+def set_provision_state(ident: str):
+    body = json_object()
+    verb = body.get("target")
+    svc = services()
+    with svc.db.read() as session:
+        node = find_node(session, ident)
+    step = states.transition(node.provision_state, verb) if isinstance(verb, str) else None
+    if step is None:
+        allowed = states.allowed_verbs(node.provision_state)
+        raise bad_request(
+            f"The requested action \"{verb}\" can not be performed on node \"{node.uuid}\" while "
+            f"it is in state \"{node.provision_state}\". Allowed verbs in this state: "
+            f"{', '.join(allowed) if allowed else 'none'}.")
+    if step.action == "verify":
+        try:
+            svc.drivers[node.driver].power.validate(_power_target(node))
+        except (InvalidDriverInfo, PowerError, ValueError) as error:
+            raise bad_request(f"Cannot manage node {node.uuid}: {error}") from None
+    event = ("provisioning", f"'{verb}' requested: {node.provision_state} -> {step.state}")
+    values = {"provision_state": step.state, "target_provision_state": step.target,
+              "provision_updated_at": utcnow(), "last_error": None}
+    condition = (Node.provision_state == node.provision_state,)
+    if step.action is None:
+        _change_now(node, values, condition, event)
+    else:
+        _hand_over(node, step.action, values, condition, event)
+    return _accepted(node)
+
+
+def _hand_over(node: Node, action: str, values: dict, conditions: tuple, event: tuple) -> None:
+    try:
+        services().conductors.request(node, action, values, conditions, event, caller_name())
+    except NodeLocked as error:
+        raise _locked(node, error.holder) from None
+    except NoConductor as error:
+        raise ApiError(503, f"Cannot act on node {node.uuid}: {error}") from None
+    except Unchanged:
+        raise conflict(f"Node {node.uuid} changed state while the request was made; "
+                       "look at it again and retry") from None
+
+
+def _change_now(node: Node, values: dict, conditions: tuple, event: tuple) -> None:
+    """A transition without hardware work: one compare-and-set under the lock rule."""
+    with services().db.write() as session:
+        done = session.execute(update(Node).where(Node.id == node.id, Node.reservation.is_(None),
+                                                  *conditions).values(**values)).rowcount
+        if done:
+            history.record(session, node.id, event[0], event[1], user=caller_name())
+    if not done:
+        with services().db.read() as session:
+            holder = session.scalar(select(Node.reservation).where(Node.id == node.id))
+        if holder:
+            raise _locked(node, holder)
+        raise conflict(f"Node {node.uuid} changed state while the request was made; retry")
+
+
+@blueprint.put("/v1/nodes/<ident>/maintenance")
+def set_maintenance(ident: str):
+    body = json_object() if request.get_data() else {}
+    reason = body.get("reason")
+    _maintenance(ident, True, reason if isinstance(reason, str) else None)
+    return "", 202
+
+
+@blueprint.delete("/v1/nodes/<ident>/maintenance")
+def unset_maintenance(ident: str):
+    _maintenance(ident, False, None)
+    return "", 202
+
+
+def _maintenance(ident: str, on: bool, reason: str | None) -> None:
+    with services().db.write() as session:
+        node = find_node(session, ident)
+        values = {"maintenance": on, "maintenance_reason": reason if on else None}
+        if not on:
+            values["fault"] = None
+        session.execute(update(Node).where(Node.id == node.id).values(**values))
+        text = f"maintenance set: {reason}" if on and reason else (
+            "maintenance set" if on else "maintenance unset")
+        history.record(session, node.id, "maintenance", text, user=caller_name())
+
+
+@blueprint.get("/v1/nodes/<ident>/validate")
+def validate_node(ident: str):
+    svc = services()
+    with svc.db.read() as session:
+        node = find_node(session, ident)
+    result: dict[str, dict] = {}
+    try:
+        svc.drivers[node.driver].power.validate(_power_target(node))
+        result["power"] = {"result": True, "reason": None}
+    except (InvalidDriverInfo, PowerError, ValueError) as error:
+        result["power"] = {"result": False, "reason": str(error)}
+    result["management"] = dict(result["power"])
+    for interface in ("boot", "deploy", "console", "inspect", "network", "raid", "rescue",
+                      "storage", "bios"):
+        result[interface] = {"result": None, "reason": "not available yet in labmetal"}
+    return result
+
+
+@blueprint.get("/v1/nodes/<ident>/ports")
+@blueprint.get("/v1/nodes/<ident>/ports/detail")
+def node_ports(ident: str):
+    detail = request.path.endswith("/detail")
+    with services().db.read() as session:
+        node = find_node(session, ident)
+        rows = session.scalars(select(Port).where(Port.node_id == node.id).order_by(Port.id)).all()
+    fields = None if detail else list(PORT_LIST_FIELDS)
+    return {"ports": [select_fields(port_view(port, node.uuid), fields) for port in rows]}
+
+
+def _history_view(row: NodeHistory, node_uuid: str, detail: bool) -> dict:
+    view = {"uuid": row.uuid, "created_at": isotime(row.created_at), "severity": row.severity,
+            "event": row.event, "links": links("nodes", f"{node_uuid}/history/{row.uuid}")}
+    if detail:
+        view.update(event_type=row.event_type, conductor=row.conductor, user=row.user)
+    return view
+
+
+@blueprint.get("/v1/nodes/<ident>/history")
+def node_history(ident: str):
+    if g.version < HISTORY_SINCE:
+        raise not_found("Node history needs API version 1.78 or later")
+    detail = request.args.get("detail", "false").lower() == "true"
+    fields = requested_fields(("uuid", "created_at", "severity", "event", "event_type",
+                               "conductor", "user"))
+    with services().db.read() as session:
+        node = find_node(session, ident)
+        rows = session.scalars(select(NodeHistory).where(NodeHistory.node_id == node.id)
+                               .order_by(NodeHistory.id)).all()
+    views = [_history_view(row, node.uuid, detail or bool(fields)) for row in rows]
+    return {"history": [select_fields(view, fields) for view in views]}
+
+
+@blueprint.get("/v1/nodes/<ident>/history/<event>")
+def node_history_event(ident: str, event: str):
+    if g.version < HISTORY_SINCE:
+        raise not_found("Node history needs API version 1.78 or later")
+    with services().db.read() as session:
+        node = find_node(session, ident)
+        row = session.scalar(select(NodeHistory).where(NodeHistory.node_id == node.id,
+                                                       NodeHistory.uuid == event))
+    if row is None:
+        raise not_found(f"Node history record {event} could not be found.")
+    return _history_view(row, node.uuid, detail=True)

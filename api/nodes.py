@@ -1,0 +1,254 @@
+"""/v1/nodes: enroll, list, show, update (JSON patch) and delete nodes, as Ironic does."""
+from __future__ import annotations
+
+import re
+from typing import Any
+
+import jsonpatch
+from flask import Blueprint, request
+from sqlalchemy import delete, or_, select
+from sqlalchemy.exc import IntegrityError
+
+from labmetal import history, states
+from labmetal.api.app import services
+from labmetal.api.common import (boolean_arg, caller_name, find_node, is_uuid, isotime,
+                                 json_list, json_object, links, page, requested_fields,
+                                 select_fields)
+from labmetal.api.errors import ApiError, bad_request, conflict
+from labmetal.conductor.power.base import InvalidDriverInfo
+from labmetal.models import Node, new_uuid
+from labmetal.secrets import masked
+
+blueprint = Blueprint("nodes", __name__)
+
+LIST_FIELDS = ("uuid", "name", "instance_uuid", "power_state", "provision_state", "maintenance")
+SORT_KEYS = ("id", "uuid", "name", "created_at", "updated_at", "provision_state", "driver",
+             "power_state", "provision_updated_at")
+# What a client may set at creation or change with PATCH; everything else is the engine's.
+WRITABLE = ("name", "driver", "driver_info", "properties", "extra", "instance_info",
+            "instance_uuid", "description", "resource_class")
+DICT_FIELDS = ("driver_info", "properties", "extra", "instance_info")
+NAME_PATTERN = re.compile(r"^[A-Za-z0-9._~-]{1,255}$")
+
+
+def node_view(node: Node, owner: str | None) -> dict[str, Any]:
+    driver = services().drivers.get(node.driver)
+    power_interface = driver.power.name if driver else None
+    return {
+        "uuid": node.uuid, "name": node.name, "driver": node.driver,
+        "driver_info": masked(node.driver_info or {}),
+        "driver_internal_info": node.driver_internal_info or {},
+        "properties": node.properties or {}, "extra": node.extra or {},
+        "instance_info": node.instance_info or {}, "instance_uuid": node.instance_uuid,
+        "chassis_uuid": None, "description": node.description,
+        "resource_class": node.resource_class,
+        "power_state": node.power_state, "target_power_state": node.target_power_state,
+        "provision_state": node.provision_state,
+        "target_provision_state": node.target_provision_state,
+        "provision_updated_at": isotime(node.provision_updated_at),
+        "last_error": node.last_error, "maintenance": node.maintenance,
+        "maintenance_reason": node.maintenance_reason, "fault": node.fault,
+        "reservation": node.reservation, "conductor": owner, "conductor_group": "",
+        "console_enabled": False, "clean_step": {}, "deploy_step": {}, "automated_clean": None,
+        "protected": False, "protected_reason": None, "retired": False, "retired_reason": None,
+        "owner": None, "lessee": None, "traits": [], "network_data": {},
+        "boot_mode": None, "secure_boot": None,
+        "power_interface": power_interface, "management_interface": power_interface,
+        "boot_interface": "ipxe", "deploy_interface": "direct", "network_interface": "noop",
+        "console_interface": "no-console", "inspect_interface": "no-inspect",
+        "raid_interface": "no-raid", "rescue_interface": "no-rescue",
+        "storage_interface": "noop", "vendor_interface": "no-vendor",
+        "bios_interface": "no-bios",
+        "created_at": isotime(node.created_at), "updated_at": isotime(node.updated_at),
+        "links": links("nodes", node.uuid),
+        "ports": links("nodes", f"{node.uuid}/ports"),
+        "states": links("nodes", f"{node.uuid}/states"),
+    }
+
+
+# Every field of node_view, for ?fields= validation.
+_FIELD_NAMES = (
+    "uuid", "name", "driver", "driver_info", "driver_internal_info", "properties", "extra",
+    "instance_info", "instance_uuid", "chassis_uuid", "description", "resource_class",
+    "power_state", "target_power_state", "provision_state", "target_provision_state",
+    "provision_updated_at", "last_error", "maintenance", "maintenance_reason", "fault",
+    "reservation", "conductor", "conductor_group", "console_enabled", "clean_step",
+    "deploy_step", "automated_clean", "protected", "protected_reason", "retired",
+    "retired_reason", "owner", "lessee", "traits", "network_data", "boot_mode", "secure_boot",
+    "power_interface", "management_interface", "boot_interface", "deploy_interface",
+    "network_interface", "console_interface", "inspect_interface", "raid_interface",
+    "rescue_interface", "storage_interface", "vendor_interface", "bios_interface",
+    "created_at", "updated_at", "links", "ports", "states")
+
+
+def owner_of(node: Node) -> str | None:
+    return services().registry.owner(node.uuid)
+
+
+# -- validation --------------------------------------------------------------------------
+def check_name(name: Any) -> None:
+    if name is None:
+        return
+    if not isinstance(name, str) or not NAME_PATTERN.match(name) or is_uuid(name):
+        raise bad_request(f"Invalid name {name!r}: a node name uses letters, digits and "
+                          "'-._~' only (at most 255) and must not look like a UUID")
+
+
+def check_fields(values: dict[str, Any]) -> None:
+    """Type checks for writable fields and driver_info values that are present but bad."""
+    for key in DICT_FIELDS:
+        if key in values and not isinstance(values[key], dict):
+            raise bad_request(f"Invalid {key}: expected a JSON object")
+    for key in ("description", "resource_class", "instance_uuid"):
+        if values.get(key) is not None and not isinstance(values[key], str):
+            raise bad_request(f"Invalid {key}: expected a string")
+    check_name(values.get("name"))
+    drivers = services().drivers
+    driver = drivers.get(values.get("driver"))
+    if driver is None:
+        raise bad_request(f"Unknown driver {values.get('driver')!r}; available drivers: "
+                          f"{', '.join(sorted(drivers))}")
+    try:
+        driver.power.parse(values.get("driver_info") or {}, require=False)
+    except InvalidDriverInfo as error:
+        raise bad_request(str(error)) from None
+
+
+def _name_taken(name: str | None) -> ApiError:
+    return conflict(f"A node with name {name} already exists (field: name).")
+
+
+# -- endpoints ---------------------------------------------------------------------------
+@blueprint.get("/v1/nodes")
+def list_nodes():
+    return _list(detail=boolean_arg("detail") or False)
+
+
+@blueprint.get("/v1/nodes/detail")
+def list_nodes_detail():
+    return _list(detail=True)
+
+
+def _list(detail: bool):
+    fields = requested_fields(_FIELD_NAMES)
+    if fields is None and not detail:
+        fields = list(LIST_FIELDS)
+    statement = select(Node)
+    for name in ("provision_state", "driver", "resource_class", "fault"):
+        if request.args.get(name):
+            statement = statement.where(getattr(Node, name) == request.args[name])
+    maintenance = boolean_arg("maintenance")
+    if maintenance is not None:
+        statement = statement.where(Node.maintenance.is_(maintenance))
+    associated = boolean_arg("associated")
+    if associated is not None:
+        statement = statement.where(Node.instance_uuid.is_not(None) if associated
+                                    else Node.instance_uuid.is_(None))
+    conductor = request.args.get("conductor")
+    with services().db.read() as session:
+        rows, extra = page(session, statement, Node, SORT_KEYS)
+    views = [node_view(node, owner_of(node)) for node in rows]
+    if conductor:
+        views = [view for view in views if view["conductor"] == conductor]
+    return {"nodes": [select_fields(view, fields) for view in views], **extra}
+
+
+@blueprint.get("/v1/nodes/<ident>")
+def show_node(ident: str):
+    fields = requested_fields(_FIELD_NAMES)
+    with services().db.read() as session:
+        node = find_node(session, ident)
+    return select_fields(node_view(node, owner_of(node)), fields)
+
+
+@blueprint.post("/v1/nodes")
+def create_node():
+    body = json_object()
+    unknown = sorted(set(body) - set(WRITABLE) - {"uuid"} - {
+        key for key in body if key.endswith("_interface") and key in _FIELD_NAMES})
+    if unknown:
+        raise bad_request(f"Unknown or read-only attribute(s) for a new node: {', '.join(unknown)}")
+    if "driver" not in body:
+        raise bad_request("Mandatory field missing: driver")
+    check_fields(body)
+    if body.get("uuid") is not None and not is_uuid(str(body["uuid"])):
+        raise bad_request(f"Invalid uuid {body['uuid']!r}")
+    svc = services()
+    values = {key: body[key] for key in WRITABLE if key in body}
+    values["driver_info"] = svc.box.seal_changed(values.get("driver_info") or {}, {})
+    node = Node(**values, uuid=str(body.get("uuid") or new_uuid()).lower(),
+                provision_state=states.ENROLL, power_state=None)
+    try:
+        with svc.db.write() as session:
+            if node.name and session.scalar(select(Node.id).where(Node.name == node.name)):
+                raise _name_taken(node.name)
+            if session.scalar(select(Node.id).where(Node.uuid == node.uuid)):
+                raise conflict(f"A node with UUID {node.uuid} already exists (field: uuid).")
+            session.add(node)
+            session.flush()
+            history.record(session, node.id, "provisioning",
+                           f"node enrolled with driver '{node.driver}'", user=caller_name())
+    except IntegrityError:
+        raise _name_taken(node.name) from None
+    response = node_view(node, owner_of(node))
+    return response, 201, {"Location": response["links"][0]["href"]}
+
+
+@blueprint.patch("/v1/nodes/<ident>")
+def update_node(ident: str):
+    patch = json_list()
+    svc = services()
+    for operation in patch:
+        path = operation.get("path", "") if isinstance(operation, dict) else ""
+        root = path.lstrip("/").split("/", 1)[0]
+        if root not in WRITABLE:
+            raise bad_request(f"'{path}' cannot be changed: the writable fields are "
+                              f"{', '.join(WRITABLE)}")
+    try:
+        with svc.db.write() as session:
+            node = find_node(session, ident)
+            session.refresh(node, with_for_update=True)
+            if node.reservation:
+                raise conflict(f"Node {node.uuid} is locked by host {node.reservation}, please "
+                               "retry after the current operation is completed.")
+            before = {key: getattr(node, key) for key in WRITABLE}
+            try:
+                after = jsonpatch.apply_patch(before, patch)
+            except (jsonpatch.JsonPatchException, jsonpatch.JsonPointerException, TypeError) as e:
+                raise bad_request(f"Invalid patch: {e}") from None
+            for key in DICT_FIELDS:
+                after[key] = after.get(key) or {}
+            check_fields(after)
+            after["driver_info"] = svc.box.seal_changed(after["driver_info"],
+                                                        before["driver_info"] or {})
+            if after["name"] and after["name"] != before["name"] and session.scalar(
+                    select(Node.id).where(Node.name == after["name"])):
+                raise _name_taken(after["name"])
+            changed = sorted(key for key in WRITABLE if after.get(key) != before[key])
+            for key in changed:
+                setattr(node, key, after.get(key))
+            if changed:
+                history.record(session, node.id, "update", f"updated: {', '.join(changed)}",
+                               user=caller_name())
+    except IntegrityError:
+        raise _name_taken(ident) from None
+    return node_view(node, owner_of(node))
+
+
+@blueprint.delete("/v1/nodes/<ident>")
+def delete_node(ident: str):
+    svc = services()
+    with svc.db.write() as session:
+        node = find_node(session, ident)
+        deleted = session.execute(
+            delete(Node).where(Node.id == node.id, Node.reservation.is_(None),
+                               or_(Node.provision_state.in_(states.DELETABLE),
+                                   Node.maintenance.is_(True)))
+            .execution_options(synchronize_session=False)).rowcount
+    if deleted:
+        return "", 204
+    if node.reservation:
+        raise conflict(f"Node {node.uuid} is locked by host {node.reservation}, please retry "
+                       "after the current operation is completed.")
+    raise bad_request(f"Node {node.uuid} cannot be deleted in provision state "
+                      f"'{node.provision_state}'; put it in maintenance first")

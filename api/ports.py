@@ -1,0 +1,163 @@
+"""/v1/ports: a node's network interfaces, by MAC address (unique across all nodes)."""
+from __future__ import annotations
+
+import re
+from typing import Any
+
+import jsonpatch
+from flask import Blueprint, request
+from sqlalchemy import select
+from sqlalchemy.exc import IntegrityError
+
+from labmetal import history
+from labmetal.api.app import services
+from labmetal.api.common import (boolean_arg, caller_name, find_node, is_uuid, isotime,
+                                 json_list, json_object, links, page, requested_fields,
+                                 select_fields)
+from labmetal.api.errors import bad_request, conflict, not_found
+from labmetal.models import Node, Port
+
+blueprint = Blueprint("ports", __name__)
+
+PORT_LIST_FIELDS = ("uuid", "address")
+SORT_KEYS = ("id", "uuid", "address", "created_at", "updated_at")
+_MAC = re.compile(r"^([0-9a-f]{2})([:-]?)([0-9a-f]{2})(\2[0-9a-f]{2}){4}$")
+_FIELD_NAMES = ("uuid", "address", "node_uuid", "pxe_enabled", "extra", "local_link_connection",
+                "internal_info", "physical_network", "portgroup_uuid", "is_smartnic", "name",
+                "created_at", "updated_at", "links")
+
+
+def normalize_mac(value: Any) -> str:
+    """aa:bb:cc:dd:ee:ff in lower case; accepts '-' or no separators; refuses anything else."""
+    text = str(value).strip().lower() if isinstance(value, str) else ""
+    if not _MAC.match(text):
+        raise bad_request(f"Expected a MAC address but received {value!r} (field: address).")
+    digits = text.replace(":", "").replace("-", "")
+    return ":".join(digits[i:i + 2] for i in range(0, 12, 2))
+
+
+def port_view(port: Port, node_uuid: str) -> dict[str, Any]:
+    return {"uuid": port.uuid, "address": port.address, "node_uuid": node_uuid,
+            "pxe_enabled": port.pxe_enabled, "extra": port.extra or {},
+            "local_link_connection": {}, "internal_info": {}, "physical_network": None,
+            "portgroup_uuid": None, "is_smartnic": False, "name": None,
+            "created_at": isotime(port.created_at), "updated_at": isotime(port.updated_at),
+            "links": links("ports", port.uuid)}
+
+
+def _find_port(session: Any, ident: str) -> Port:
+    port = session.scalar(select(Port).where(Port.uuid == ident.lower())) if is_uuid(ident) else None
+    if port is None:
+        raise not_found(f"Port {ident} could not be found.")
+    return port
+
+
+def _mac_taken(address: str):
+    return conflict(f"A port with MAC address {address} already exists (field: address).")
+
+
+@blueprint.get("/v1/ports")
+@blueprint.get("/v1/ports/detail")
+def list_ports():
+    detail = request.path.endswith("/detail") or bool(boolean_arg("detail"))
+    fields = requested_fields(_FIELD_NAMES)
+    if fields is None and not detail:
+        fields = list(PORT_LIST_FIELDS)
+    statement = select(Port)
+    with services().db.read() as session:
+        node_ident = request.args.get("node") or request.args.get("node_uuid")
+        if node_ident:
+            statement = statement.where(Port.node_id == find_node(session, node_ident).id)
+        if request.args.get("address"):
+            statement = statement.where(Port.address == normalize_mac(request.args["address"]))
+        rows, extra = page(session, statement, Port, SORT_KEYS)
+        node_uuids = dict(session.execute(select(Node.id, Node.uuid).where(
+            Node.id.in_({port.node_id for port in rows}))).all())
+    return {"ports": [select_fields(port_view(port, node_uuids[port.node_id]), fields)
+                      for port in rows], **extra}
+
+
+@blueprint.get("/v1/ports/<ident>")
+def show_port(ident: str):
+    fields = requested_fields(_FIELD_NAMES)
+    with services().db.read() as session:
+        port = _find_port(session, ident)
+        node_uuid = session.scalar(select(Node.uuid).where(Node.id == port.node_id))
+    return select_fields(port_view(port, node_uuid), fields)
+
+
+@blueprint.post("/v1/ports")
+def create_port():
+    body = json_object()
+    unknown = sorted(set(body) - {"address", "node_uuid", "pxe_enabled", "extra", "uuid",
+                                  "local_link_connection", "physical_network", "is_smartnic"})
+    if unknown:
+        raise bad_request(f"Unknown or read-only attribute(s) for a new port: {', '.join(unknown)}")
+    if "address" not in body:
+        raise bad_request("Mandatory field missing: address")
+    if "node_uuid" not in body:
+        raise bad_request("Mandatory field missing: node_uuid")
+    address = normalize_mac(body["address"])
+    pxe_enabled = body.get("pxe_enabled", True)
+    if not isinstance(pxe_enabled, bool):
+        raise bad_request("Invalid pxe_enabled: expected true or false")
+    extra = body.get("extra") or {}
+    if not isinstance(extra, dict):
+        raise bad_request("Invalid extra: expected a JSON object")
+    try:
+        with services().db.write() as session:
+            node = find_node(session, str(body["node_uuid"]))
+            if session.scalar(select(Port.id).where(Port.address == address)):
+                raise _mac_taken(address)
+            port = Port(address=address, node_id=node.id, pxe_enabled=pxe_enabled, extra=extra)
+            if body.get("uuid"):
+                port.uuid = str(body["uuid"]).lower()
+            session.add(port)
+            session.flush()
+            history.record(session, node.id, "update", f"port {address} added",
+                           user=caller_name())
+    except IntegrityError:
+        raise _mac_taken(address) from None
+    view = port_view(port, node.uuid)
+    return view, 201, {"Location": view["links"][0]["href"]}
+
+
+@blueprint.patch("/v1/ports/<ident>")
+def update_port(ident: str):
+    patch = json_list()
+    try:
+        with services().db.write() as session:
+            port = _find_port(session, ident)
+            node_uuid = session.scalar(select(Node.uuid).where(Node.id == port.node_id))
+            before = {"address": port.address, "pxe_enabled": port.pxe_enabled,
+                      "extra": port.extra or {}, "node_uuid": node_uuid}
+            try:
+                after = jsonpatch.apply_patch(before, patch)
+            except (jsonpatch.JsonPatchException, jsonpatch.JsonPointerException, TypeError) as e:
+                raise bad_request(f"Invalid patch: {e}") from None
+            if set(after) - set(before):
+                raise bad_request("Only address, pxe_enabled, extra and node_uuid can be changed")
+            port.address = normalize_mac(after["address"])
+            if port.address != before["address"] and session.scalar(
+                    select(Port.id).where(Port.address == port.address)):
+                raise _mac_taken(port.address)
+            if not isinstance(after.get("pxe_enabled"), bool):
+                raise bad_request("Invalid pxe_enabled: expected true or false")
+            port.pxe_enabled = after["pxe_enabled"]
+            port.extra = after.get("extra") or {}
+            if after.get("node_uuid") != node_uuid:
+                node = find_node(session, str(after.get("node_uuid")))
+                port.node_id, node_uuid = node.id, node.uuid
+    except IntegrityError:
+        raise _mac_taken(str(ident)) from None
+    return port_view(port, node_uuid)
+
+
+@blueprint.delete("/v1/ports/<ident>")
+def delete_port(ident: str):
+    with services().db.write() as session:
+        port = _find_port(session, ident)
+        session.delete(port)
+        history.record(session, port.node_id, "update", f"port {port.address} removed",
+                       user=caller_name())
+    return "", 204

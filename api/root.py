@@ -1,0 +1,37 @@
+"""Version documents: GET / and GET /v1 (public, as in Ironic)."""
+from __future__ import annotations
+
+from flask import Blueprint
+
+from labmetal.api import microversion
+from labmetal.api.common import base_url
+
+blueprint = Blueprint("root", __name__)
+
+
+def _version() -> dict:
+    return {"id": "v1", "links": [{"href": f"{base_url()}/v1/", "rel": "self"}],
+            "status": "CURRENT", "min_version": microversion.text(microversion.MIN_VERSION),
+            "version": microversion.text(microversion.MAX_VERSION)}
+
+
+@blueprint.get("/")
+def root():
+    return {"name": "labmetal (OpenStack Ironic API compatible)",
+            "description": "Bare-metal provisioning for teaching labs. The /v1 API follows "
+                           "Ironic's for nodes, ports, drivers and conductors.",
+            "versions": [_version()], "default_version": _version()}
+
+
+@blueprint.get("/v1")
+@blueprint.get("/v1/")
+def v1():
+    base = base_url()
+    document = {"id": "v1", "links": [{"href": f"{base}/v1/", "rel": "self"}],
+                "media_types": [{"base": "application/json",
+                                 "type": "application/vnd.openstack.ironic.v1+json"}],
+                "version": _version()}
+    for collection in ("nodes", "ports", "drivers", "conductors"):
+        document[collection] = [{"href": f"{base}/v1/{collection}/", "rel": "self"},
+                                {"href": f"{base}/{collection}/", "rel": "bookmark"}]
+    return document

@@ -1,0 +1,25 @@
+"""Hardware types: a name and a choice of interface implementations (Ironic's model)."""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from labmetal.config import Settings
+from labmetal.conductor.power.base import PowerInterface
+from labmetal.conductor.power.ipmi import IpmiPower
+from labmetal.conductor.power.wol import WolPower
+
+
+@dataclass(frozen=True)
+class HardwareType:
+    name: str
+    power: PowerInterface
+    description: str
+
+
+def load_drivers(settings: Settings) -> dict[str, HardwareType]:
+    ipmi = IpmiPower(deadline=settings.ipmi_deadline, attempt_timeout=settings.ipmi_attempt_timeout,
+                     retries=settings.ipmi_retries)
+    return {
+        "ipmi": HardwareType("ipmi", ipmi, "Power through the node's BMC over IPMI (pyghmi)."),
+        "wol": HardwareType("wol", WolPower(), "Power on by Wake-on-LAN; off in-band by the agent."),
+    }

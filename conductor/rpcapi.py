@@ -1,0 +1,104 @@
+"""How the API hands work to a conductor (DESIGN §2).
+
+The intent is written first: one compare-and-set takes the node's lock in the name of the
+conductor the ring maps it to and stores the pending action with it. Only then is that
+conductor woken. A lost wake-up is caught by the conductor's scan; a conductor that dies
+keeps the lock and the action, and the new owner takes both over. Nothing accepted is lost.
+"""
+from __future__ import annotations
+
+import logging
+import threading
+import time
+from typing import Any, Callable, Protocol
+
+import requests
+from sqlalchemy import update
+from sqlalchemy.sql.elements import ColumnElement
+
+from labmetal import history
+from labmetal.conductor.registry import ConductorRegistry
+from labmetal.config import Settings
+from labmetal.db import Database
+from labmetal.models import Node
+
+LOG = logging.getLogger(__name__)
+
+
+class NoConductor(Exception):
+    pass
+
+
+class NodeLocked(Exception):
+    def __init__(self, holder: str):
+        super().__init__(holder)
+        self.holder = holder
+
+
+class Unchanged(Exception):
+    """The node was not locked but no longer matched the request's conditions."""
+
+
+class Wakeable(Protocol):
+    hostname: str
+
+    def wake(self) -> None: ...
+
+
+class ConductorAPI:
+    def __init__(self, db: Database, registry: ConductorRegistry, settings: Settings,
+                 local: Wakeable | None = None):
+        self.db = db
+        self.registry = registry
+        self.settings = settings
+        self.local = local
+
+    def request(self, node: Node, action: str, values: dict[str, Any],
+                conditions: tuple[ColumnElement[bool], ...], event: tuple[str, str],
+                user: str | None) -> str:
+        """Lock ``node`` for its owner with ``action`` pending; returns the owner's name.
+
+        ``conditions`` must still hold when the lock is taken (e.g. the provision state the
+        caller checked). A busy node is retried a few times, as Ironic does, then refused.
+        """
+        owner = self.registry.owner(node.uuid)
+        if owner is None:
+            raise NoConductor("no conductor is online to carry out this request")
+        statement = (update(Node)
+                     .where(Node.id == node.id, Node.reservation.is_(None), *conditions)
+                     .values(reservation=owner, pending_action=action, **values)
+                     .execution_options(synchronize_session=False))
+        for attempt in range(self.settings.lock_retries + 1):
+            with self.db.write() as session:
+                if session.execute(statement).rowcount == 1:
+                    history.record(session, node.id, event[0], event[1], user=user)
+                    break
+            with self.db.read() as session:
+                holder = session.get(Node, node.id)
+                holder = holder.reservation if holder is not None else None
+            if holder is None:
+                raise Unchanged()
+            if attempt == self.settings.lock_retries:
+                raise NodeLocked(holder)
+            time.sleep(self.settings.lock_retry_interval)
+        self.wake(owner)
+        return owner
+
+    def wake(self, hostname: str) -> None:
+        if self.local is not None and self.local.hostname == hostname:
+            self.local.wake()
+            return
+        target = self.registry.live().get(hostname)
+        if target is None or not target.wake_url:
+            return  # its scan, or the conductor taking its nodes over, will find the work
+        _post_in_background(target.wake_url)
+
+
+def _post_in_background(url: str, post: Callable[..., Any] = requests.post) -> None:
+    def send() -> None:
+        try:
+            post(url, timeout=1.0)
+        except requests.RequestException as error:
+            LOG.debug("wake-up to %s lost (%s); the conductor's scan will pick the work up",
+                      url, error)
+    threading.Thread(target=send, daemon=True, name="wake").start()

@@ -1,0 +1,342 @@
+"""The conductor: heartbeat, hash-ring ownership, takeover of dead peers' nodes, the pending
+actions of the nodes it has locked, and periodic power sync.
+
+Loops (one thread each): heartbeat, scan (woken by the API or every scan_interval), power
+sync. Actions run in a bounded worker pool; power sync has its own bounded pool.
+"""
+from __future__ import annotations
+
+import logging
+import threading
+import time
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import asdict, dataclass
+from typing import Any
+
+from sqlalchemy import or_, select, update
+
+from labmetal import history, states
+from labmetal.conductor.actions import ACTIONS, NodeWork, Outcome
+from labmetal.conductor.drivers import HardwareType
+from labmetal.conductor.power.base import InvalidDriverInfo, PowerError, PowerTarget
+from labmetal.conductor.registry import ConductorRegistry
+from labmetal.conductor.wakeup import WakeServer
+from labmetal.config import Settings
+from labmetal.db import Database
+from labmetal.models import Conductor, Node, Port, utcnow
+from labmetal.secrets import SecretBox
+
+LOG = logging.getLogger(__name__)
+POWER_FAILURE = "power failure"
+
+
+@dataclass
+class SyncStats:
+    cycles: int = 0
+    nodes: int = 0
+    seconds: float = 0.0
+    mismatches: int = 0
+    failures: int = 0
+
+
+class ConductorService:
+    def __init__(self, settings: Settings, db: Database, drivers: dict[str, HardwareType],
+                 box: SecretBox):
+        self.settings = settings
+        self.hostname = settings.hostname
+        self.db = db
+        self.drivers = drivers
+        self.box = box
+        self.registry = ConductorRegistry(db, settings.conductor_dead_after)
+        self.sync_stats = SyncStats()
+        self._wake = threading.Event()
+        self._stop = threading.Event()
+        self._actions = ThreadPoolExecutor(settings.action_workers, thread_name_prefix="action")
+        self._sync_pool = ThreadPoolExecutor(settings.power_sync_workers,
+                                             thread_name_prefix="power-sync")
+        self._in_flight: set[int] = set()
+        self._in_flight_lock = threading.Lock()
+        self._sync_failures: dict[int, int] = {}
+        self._heartbeat_ok_at = time.monotonic()
+        self._threads: list[threading.Thread] = []
+        self.wake_server = WakeServer(settings.wake_listen, settings.hostname, self.wake,
+                                      self.status)
+
+    # -- life cycle ------------------------------------------------------------------
+    def start(self) -> None:
+        self.wake_server.start()
+        self._register()
+        self._release_own_stale_locks()
+        for loop in (self._heartbeat_loop, self._scan_loop, self._power_sync_loop):
+            thread = threading.Thread(target=loop, daemon=True, name=loop.__name__.strip("_"))
+            thread.start()
+            self._threads.append(thread)
+        LOG.info("conductor %s started (wake-up at %s)", self.hostname, self.wake_server.wake_url)
+
+    def stop(self) -> None:
+        """Finish running actions, then leave the ring so peers take the rest over at once."""
+        self._stop.set()
+        self._wake.set()
+        self._actions.shutdown(wait=True, cancel_futures=True)
+        self._sync_pool.shutdown(wait=True, cancel_futures=True)
+        for thread in self._threads:
+            thread.join(timeout=5)
+        with self.db.write() as session:
+            session.execute(update(Conductor).where(Conductor.hostname == self.hostname)
+                            .values(online=False))
+        self.wake_server.stop()
+        LOG.info("conductor %s stopped", self.hostname)
+
+    def wake(self) -> None:
+        self._wake.set()
+
+    def status(self) -> dict[str, Any]:
+        with self._in_flight_lock:
+            running = len(self._in_flight)
+        return {"hostname": self.hostname, "running_actions": running,
+                "power_sync": asdict(self.sync_stats)}
+
+    def _register(self) -> None:
+        values = {"online": True, "heartbeat_at": utcnow(), "wake_url": self.wake_server.wake_url,
+                  "drivers": {"names": sorted(self.drivers)}}
+        with self.db.write() as session:
+            row = session.scalar(select(Conductor).where(Conductor.hostname == self.hostname))
+            if row is None:
+                session.add(Conductor(hostname=self.hostname, **values))
+            else:
+                for key, value in values.items():
+                    setattr(row, key, value)
+
+    def _release_own_stale_locks(self) -> None:
+        """Locks this host held before a restart: plain locks are released; locks that carry
+        a pending action are kept, and the scan resumes the action."""
+        with self.db.write() as session:
+            released = session.execute(
+                update(Node).where(Node.reservation == self.hostname,
+                                   Node.pending_action.is_(None)).values(reservation=None)
+            ).rowcount
+        if released:
+            LOG.info("released %d stale lock(s) left by an earlier run of %s", released,
+                     self.hostname)
+
+    # -- loops -------------------------------------------------------------------------
+    def _heartbeat_loop(self) -> None:
+        while not self._stop.wait(self.settings.heartbeat_interval):
+            try:
+                with self.db.write() as session:
+                    session.execute(update(Conductor).where(Conductor.hostname == self.hostname)
+                                    .values(heartbeat_at=utcnow(), online=True))
+                self._heartbeat_ok_at = time.monotonic()
+            except Exception:
+                LOG.exception("heartbeat failed")
+
+    def _scan_loop(self) -> None:
+        while not self._stop.is_set():
+            self._wake.wait(self.settings.scan_interval)
+            self._wake.clear()
+            if self._stop.is_set():
+                return
+            try:
+                self.scan()
+            except Exception:
+                LOG.exception("scan failed")
+
+    def _power_sync_loop(self) -> None:
+        while not self._stop.wait(self.settings.power_sync_interval):
+            try:
+                self.sync_power_states()
+            except Exception:
+                LOG.exception("power sync failed")
+
+    # -- ownership and actions -----------------------------------------------------------
+    def scan(self) -> None:
+        if time.monotonic() - self._heartbeat_ok_at > self.settings.conductor_dead_after:
+            LOG.warning("my heartbeat is older than %.0f s: peers may have taken my nodes; "
+                        "not starting new work", self.settings.conductor_dead_after)
+            return
+        live = self.registry.live()
+        if self.hostname not in live:
+            live = self.registry.live(force=True)
+        self._take_over(set(live))
+        self._dispatch()
+
+    def _take_over(self, live: set[str]) -> None:
+        """Locks held by conductors that are no longer alive: where the ring gives the node
+        to me, I take the lock and its pending action, or release a bare lock."""
+        ring = self.registry.ring()
+        with self.db.read() as session:
+            orphans = session.execute(
+                select(Node.id, Node.uuid, Node.reservation, Node.pending_action)
+                .where(Node.reservation.is_not(None), Node.reservation.not_in(live))).all()
+        for node in orphans:
+            if ring.owner(node.uuid) != self.hostname:
+                continue
+            with self.db.write() as session:
+                taken = session.execute(
+                    update(Node).where(Node.id == node.id, Node.reservation == node.reservation)
+                    .values(reservation=self.hostname if node.pending_action else None)
+                ).rowcount
+                if taken and node.pending_action:
+                    history.record(session, node.id, "conductor",
+                                   f"conductor {node.reservation} is gone; {self.hostname} "
+                                   f"takes over '{node.pending_action}'", "WARNING",
+                                   conductor=self.hostname)
+            if taken:
+                LOG.info("took over node %s from dead conductor %s (%s)", node.uuid,
+                         node.reservation, node.pending_action or "lock released")
+
+    def _dispatch(self) -> None:
+        with self.db.read() as session:
+            ids = session.scalars(select(Node.id).where(Node.reservation == self.hostname,
+                                                        Node.pending_action.is_not(None))).all()
+        with self._in_flight_lock:
+            new = [node_id for node_id in ids if node_id not in self._in_flight]
+            self._in_flight.update(new)
+        for node_id in new:
+            try:
+                self._actions.submit(self._run, node_id)
+            except RuntimeError:  # shutting down
+                with self._in_flight_lock:
+                    self._in_flight.discard(node_id)
+
+    def _run(self, node_id: int) -> None:
+        try:
+            work = self._load(node_id)
+            if work is None:
+                return
+            action = ACTIONS.get(work.action)
+            if action is None:
+                outcome = self._failed(work, f"unknown action '{work.action}'")
+            else:
+                try:
+                    outcome = action(work)
+                except Exception as error:  # a bug must not leave the node locked for ever
+                    LOG.exception("action %s on node %s failed", work.action, work.uuid)
+                    outcome = self._failed(work, f"internal error during '{work.action}': "
+                                                 f"{type(error).__name__}: {error}")
+            self._commit(work, outcome)
+        except Exception:
+            LOG.exception("cannot carry out the pending action of node id %s", node_id)
+        finally:
+            with self._in_flight_lock:
+                self._in_flight.discard(node_id)
+
+    def _load(self, node_id: int) -> NodeWork | None:
+        with self.db.read() as session:
+            node = session.get(Node, node_id)
+            if node is None or node.reservation != self.hostname or not node.pending_action:
+                return None
+            macs = list(session.scalars(select(Port.address).where(Port.node_id == node_id,
+                                                                   Port.pxe_enabled.is_(True))))
+        driver = self.drivers.get(node.driver)
+        if driver is None:
+            raise RuntimeError(f"node {node.uuid} has unknown driver {node.driver}")
+        try:
+            info = self.box.open_all(node.driver_info)
+        except ValueError as error:
+            info = {}
+            LOG.error("node %s: %s", node.uuid, error)
+        return NodeWork(id=node.id, uuid=node.uuid, driver=driver,
+                        target=PowerTarget(node.uuid, info, macs), action=node.pending_action,
+                        power_state=node.power_state, provision_state=node.provision_state,
+                        driver_internal_info=dict(node.driver_internal_info or {}))
+
+    @staticmethod
+    def _failed(work: NodeWork, message: str) -> Outcome:
+        values: dict[str, Any] = {"last_error": message, "target_power_state": None}
+        if work.provision_state in states.FAILURE_STATE:
+            values.update(provision_state=states.FAILURE_STATE[work.provision_state],
+                          target_provision_state=None)
+        return Outcome(values, [("error", "ERROR", message)])
+
+    def _commit(self, work: NodeWork, outcome: Outcome) -> None:
+        values = dict(outcome.values)
+        if "provision_state" in values:
+            values["provision_updated_at"] = utcnow()
+        with self.db.write() as session:
+            done = session.execute(
+                update(Node).where(Node.id == work.id, Node.reservation == self.hostname,
+                                   Node.pending_action == work.action)
+                .values(reservation=None, pending_action=None, conductor_affinity=self.hostname,
+                        **values)).rowcount
+            if done:
+                for event_type, severity, text in outcome.events:
+                    history.record(session, work.id, event_type, text, severity,
+                                   conductor=self.hostname)
+        if not done:
+            LOG.warning("node %s: lost my lock during '%s'; its new owner carries on",
+                        work.uuid, work.action)
+
+    # -- power sync ------------------------------------------------------------------------
+    def sync_power_states(self) -> SyncStats:
+        """Read every owned node's power state from its BMC (bounded concurrency) and record
+        changes made outside labmetal. Nodes that are locked are being acted on: skipped."""
+        started = time.monotonic()
+        ring = self.registry.ring()
+        with self.db.read() as session:
+            rows = session.execute(
+                select(Node.id, Node.uuid, Node.driver, Node.driver_info, Node.power_state,
+                       Node.fault, Node.maintenance)
+                .where(Node.reservation.is_(None),
+                       Node.provision_state.not_in([states.ENROLL, states.VERIFYING]),
+                       or_(Node.maintenance.is_(False), Node.fault == POWER_FAILURE))).all()
+        mine = [row for row in rows if row.driver in self.drivers
+                and not self.drivers[row.driver].power.assumed_state
+                and ring.owner(row.uuid) == self.hostname]
+
+        def read_state(row: Any) -> tuple[Any, str | None, str | None]:
+            try:
+                target = PowerTarget(row.uuid, self.box.open_all(row.driver_info))
+                return row, self.drivers[row.driver].power.get_power_state(target), None
+            except (PowerError, InvalidDriverInfo, ValueError) as error:
+                return row, None, str(error)
+
+        results = list(self._sync_pool.map(read_state, mine))
+        mismatches = failures = 0
+        with self.db.write() as session:
+            for row, power_state, error in results:
+                if error is not None:
+                    failures += 1
+                    self._record_sync_failure(session, row, error)
+                    continue
+                self._sync_failures.pop(row.id, None)
+                if row.fault == POWER_FAILURE:
+                    self._conditional_update(session, row, maintenance=False,
+                                             maintenance_reason=None, fault=None, last_error=None,
+                                             power_state=power_state)
+                    history.record(session, row.id, "power", "BMC answers again: power failure "
+                                   "cleared", conductor=self.hostname)
+                elif power_state != row.power_state:
+                    mismatches += 1
+                    if self._conditional_update(session, row, power_state=power_state):
+                        history.record(session, row.id, "power",
+                                       f"power state changed outside labmetal: '{row.power_state}'"
+                                       f" -> '{power_state}'", "WARNING", conductor=self.hostname)
+        stats = self.sync_stats
+        self.sync_stats = SyncStats(stats.cycles + 1, len(mine), time.monotonic() - started,
+                                    mismatches, failures)
+        LOG.info("power sync: %d node(s) in %.2f s, %d changed outside labmetal, %d failed",
+                 len(mine), self.sync_stats.seconds, mismatches, failures)
+        return self.sync_stats
+
+    @staticmethod
+    def _conditional_update(session: Any, row: Any, **values: Any) -> bool:
+        return session.execute(
+            update(Node).where(Node.id == row.id, Node.reservation.is_(None),
+                               Node.power_state.is_(row.power_state) if row.power_state is None
+                               else Node.power_state == row.power_state)
+            .values(**values)).rowcount == 1
+
+    def _record_sync_failure(self, session: Any, row: Any, error: str) -> None:
+        count = self._sync_failures.get(row.id, 0) + 1
+        self._sync_failures[row.id] = count
+        if count == 1:
+            history.record(session, row.id, "power", f"power sync failed: {error}", "WARNING",
+                           conductor=self.hostname)
+        if count == self.settings.power_sync_max_failures and row.fault != POWER_FAILURE:
+            message = (f"power sync failed {count} times in a row; node put in maintenance: "
+                       f"{error}")
+            if self._conditional_update(session, row, maintenance=True, fault=POWER_FAILURE,
+                                        maintenance_reason=message, last_error=message):
+                history.record(session, row.id, "power", message, "ERROR",
+                               conductor=self.hostname)

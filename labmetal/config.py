@@ -1,0 +1,106 @@
+"""Settings for every labmetal process: command line > environment > config file > defaults.
+
+Environment variables are the setting's name in upper case with a ``LABMETAL_`` prefix
+(``LABMETAL_DATABASE``); the config file is TOML with the same names under ``[labmetal]``.
+"""
+from __future__ import annotations
+
+import dataclasses
+import os
+import socket
+import tomllib
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Mapping
+
+
+def default_state_dir() -> Path:
+    if os.geteuid() == 0:
+        return Path("/var/lib/labmetal")
+    return Path(os.environ.get("XDG_DATA_HOME", Path.home() / ".local/share")) / "labmetal"
+
+
+@dataclass
+class Settings:
+    listen: str = "127.0.0.1:6385"
+    database: str = ""  # default: sqlite under state_dir
+    auth: str = "noauth"  # noauth | http_basic
+    state_dir: Path = field(default_factory=default_state_dir)
+    secret_key_file: Path | None = None  # default: state_dir/secret.key
+    hostname: str = field(default_factory=socket.gethostname)
+    public_url: str = ""  # base URL the API puts in links; default from the request
+    wake_listen: str = "127.0.0.1:0"  # the conductor's wake-up endpoint
+    log_file: Path | None = None
+    log_level: str = "INFO"
+    heartbeat_interval: float = 2.0
+    conductor_dead_after: float = 10.0
+    scan_interval: float = 1.0
+    power_sync_interval: float = 60.0
+    power_sync_workers: int = 32
+    power_sync_max_failures: int = 3
+    action_workers: int = 64
+    ipmi_deadline: float = 15.0  # a whole IPMI call, retries included
+    ipmi_attempt_timeout: float = 6.0
+    ipmi_retries: int = 2
+    lock_retries: int = 3
+    lock_retry_interval: float = 0.3
+
+    @property
+    def database_url(self) -> str:
+        return self.database or f"sqlite:///{self.state_dir / 'labmetal.db'}"
+
+    @property
+    def secret_key_path(self) -> Path:
+        return self.secret_key_file or self.state_dir / "secret.key"
+
+    @property
+    def listen_host_port(self) -> tuple[str, int]:
+        return split_host_port(self.listen)
+
+
+def split_host_port(value: str) -> tuple[str, int]:
+    host, sep, port = value.rpartition(":")
+    if not sep or not port.isdigit():
+        raise ValueError(f"expected HOST:PORT, got {value!r}")
+    return host.strip("[]") or "0.0.0.0", int(port)
+
+
+def _coerce(name: str, raw: Any) -> Any:
+    kind = {f.name: f.type for f in dataclasses.fields(Settings)}[name]
+    if raw is None:
+        return None
+    if "Path" in str(kind):
+        return Path(raw)
+    if kind in ("float", float):
+        return float(raw)
+    if kind in ("int", int):
+        return int(raw)
+    return str(raw)
+
+
+def load_settings(overrides: Mapping[str, Any] | None = None, config_file: str | Path | None = None,
+                  environ: Mapping[str, str] | None = None) -> Settings:
+    """Merge the sources; unknown names in the file are an error, not silently ignored."""
+    environ = os.environ if environ is None else environ
+    names = {f.name for f in dataclasses.fields(Settings)}
+    values: dict[str, Any] = {}
+    config_file = config_file or environ.get("LABMETAL_CONFIG")
+    if config_file:
+        with open(config_file, "rb") as fh:
+            section = tomllib.load(fh).get("labmetal", {})
+        unknown = set(section) - names
+        if unknown:
+            raise ValueError(f"unknown settings in {config_file}: {', '.join(sorted(unknown))}")
+        values.update(section)
+    for name in names:
+        env_value = environ.get(f"LABMETAL_{name.upper()}")
+        if env_value is not None:
+            values[name] = env_value
+    for name, value in (overrides or {}).items():
+        if value is not None:
+            values[name] = value
+    settings = Settings(**{name: _coerce(name, value) for name, value in values.items()})
+    if settings.auth not in ("noauth", "http_basic"):
+        raise ValueError(f"auth must be noauth or http_basic, not {settings.auth!r}")
+    split_host_port(settings.listen)
+    return settings

@@ -1,0 +1,114 @@
+"""The storage of record. Every change of a node's state is a row update here first."""
+from __future__ import annotations
+
+import uuid as uuidlib
+from datetime import datetime, timezone
+from typing import Any
+
+from sqlalchemy import JSON, Boolean, DateTime, ForeignKey, String, Text
+from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column, relationship
+
+
+def utcnow() -> datetime:
+    """Naive UTC: SQLite keeps no time zone, so every timestamp is UTC by convention."""
+    return datetime.now(timezone.utc).replace(tzinfo=None)
+
+
+def new_uuid() -> str:
+    return str(uuidlib.uuid4())
+
+
+class Base(DeclarativeBase):
+    type_annotation_map = {dict[str, Any]: JSON, datetime: DateTime()}
+
+
+class Node(Base):
+    __tablename__ = "nodes"
+
+    id: Mapped[int] = mapped_column(primary_key=True)
+    uuid: Mapped[str] = mapped_column(String(36), unique=True, default=new_uuid)
+    name: Mapped[str | None] = mapped_column(String(255), unique=True)
+    driver: Mapped[str] = mapped_column(String(64))
+    # Secrets inside are sealed (see labmetal.secrets); the API shows them masked.
+    driver_info: Mapped[dict[str, Any]] = mapped_column(default=dict)
+    driver_internal_info: Mapped[dict[str, Any]] = mapped_column(default=dict)
+    properties: Mapped[dict[str, Any]] = mapped_column(default=dict)
+    extra: Mapped[dict[str, Any]] = mapped_column(default=dict)
+    instance_info: Mapped[dict[str, Any]] = mapped_column(default=dict)
+    instance_uuid: Mapped[str | None] = mapped_column(String(36))
+    description: Mapped[str | None] = mapped_column(Text)
+    resource_class: Mapped[str | None] = mapped_column(String(80))
+    power_state: Mapped[str | None] = mapped_column(String(16))
+    target_power_state: Mapped[str | None] = mapped_column(String(16))
+    provision_state: Mapped[str] = mapped_column(String(16), default="enroll", index=True)
+    target_provision_state: Mapped[str | None] = mapped_column(String(16))
+    provision_updated_at: Mapped[datetime | None]
+    # The intent the reserving conductor must carry out ("power on", "verify", ...).
+    # Written with the reservation in one statement, so a dead process loses nothing.
+    pending_action: Mapped[str | None] = mapped_column(String(32))
+    last_error: Mapped[str | None] = mapped_column(Text)
+    maintenance: Mapped[bool] = mapped_column(Boolean, default=False)
+    maintenance_reason: Mapped[str | None] = mapped_column(Text)
+    fault: Mapped[str | None] = mapped_column(String(64))
+    # The node lock: the hostname of the conductor acting on the node, set by compare-and-set.
+    reservation: Mapped[str | None] = mapped_column(String(255), index=True)
+    conductor_affinity: Mapped[str | None] = mapped_column(String(255))
+    created_at: Mapped[datetime] = mapped_column(default=utcnow)
+    updated_at: Mapped[datetime | None] = mapped_column(onupdate=utcnow)
+
+    ports: Mapped[list[Port]] = relationship(back_populates="node", passive_deletes=True,
+                                             order_by="Port.id")
+
+
+class Port(Base):
+    __tablename__ = "ports"
+
+    id: Mapped[int] = mapped_column(primary_key=True)
+    uuid: Mapped[str] = mapped_column(String(36), unique=True, default=new_uuid)
+    address: Mapped[str] = mapped_column(String(18), unique=True)
+    node_id: Mapped[int] = mapped_column(ForeignKey("nodes.id", ondelete="CASCADE"), index=True)
+    pxe_enabled: Mapped[bool] = mapped_column(Boolean, default=True)
+    extra: Mapped[dict[str, Any]] = mapped_column(default=dict)
+    created_at: Mapped[datetime] = mapped_column(default=utcnow)
+    updated_at: Mapped[datetime | None] = mapped_column(onupdate=utcnow)
+
+    node: Mapped[Node] = relationship(back_populates="ports")
+
+
+class Conductor(Base):
+    __tablename__ = "conductors"
+
+    id: Mapped[int] = mapped_column(primary_key=True)
+    hostname: Mapped[str] = mapped_column(String(255), unique=True)
+    online: Mapped[bool] = mapped_column(Boolean, default=True)
+    heartbeat_at: Mapped[datetime] = mapped_column(default=utcnow)
+    wake_url: Mapped[str | None] = mapped_column(String(255))
+    drivers: Mapped[dict[str, Any]] = mapped_column(default=dict)  # {"names": [...]}
+    created_at: Mapped[datetime] = mapped_column(default=utcnow)
+    updated_at: Mapped[datetime | None] = mapped_column(onupdate=utcnow)
+
+
+class NodeHistory(Base):
+    """Every state change and error of a node, with time (Ironic's node history)."""
+    __tablename__ = "node_history"
+
+    id: Mapped[int] = mapped_column(primary_key=True)
+    uuid: Mapped[str] = mapped_column(String(36), unique=True, default=new_uuid)
+    node_id: Mapped[int] = mapped_column(ForeignKey("nodes.id", ondelete="CASCADE"), index=True)
+    created_at: Mapped[datetime] = mapped_column(default=utcnow)
+    event_type: Mapped[str] = mapped_column(String(32))
+    severity: Mapped[str] = mapped_column(String(16), default="INFO")
+    event: Mapped[str] = mapped_column(Text)
+    conductor: Mapped[str | None] = mapped_column(String(255))
+    user: Mapped[str | None] = mapped_column(String(255))
+
+
+class User(Base):
+    __tablename__ = "users"
+
+    id: Mapped[int] = mapped_column(primary_key=True)
+    name: Mapped[str] = mapped_column(String(255), unique=True)
+    password_hash: Mapped[str] = mapped_column(String(255))
+    role: Mapped[str] = mapped_column(String(16), default="admin")
+    created_at: Mapped[datetime] = mapped_column(default=utcnow)
+

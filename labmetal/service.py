@@ -1,0 +1,60 @@
+"""Assemble and run the processes: all-in-one (api + conductor), api only, conductor only."""
+from __future__ import annotations
+
+import logging
+import signal
+import threading
+
+from waitress.server import create_server
+
+from labmetal import logs
+from labmetal.api.app import Services, create_app
+from labmetal.conductor.drivers import load_drivers
+from labmetal.conductor.registry import ConductorRegistry
+from labmetal.conductor.rpcapi import ConductorAPI
+from labmetal.conductor.service import ConductorService
+from labmetal.config import Settings
+from labmetal.db import Database
+from labmetal.secrets import SecretBox
+
+LOG = logging.getLogger(__name__)
+
+
+def run(settings: Settings, api: bool = True, conductor: bool = True) -> None:
+    role = "+".join(part for part, on in (("api", api), ("conductor", conductor)) if on)
+    logs.setup(settings.log_level, settings.log_file, name=f"{role}[{settings.hostname}]")
+    db = Database(settings.database_url)
+    db.upgrade()
+    box = SecretBox.from_file(settings.secret_key_path)
+    drivers = load_drivers(settings)
+    engine = ConductorService(settings, db, drivers, box) if conductor else None
+    registry = engine.registry if engine else ConductorRegistry(db, settings.conductor_dead_after)
+    stop = threading.Event()
+
+    def leave(signum, _frame):
+        stop.set()
+        raise SystemExit(0)
+
+    signal.signal(signal.SIGTERM, leave)
+    signal.signal(signal.SIGINT, leave)
+    try:
+        if engine:
+            engine.start()
+        if api:
+            app = create_app(Services(settings, db, registry,
+                                      ConductorAPI(db, registry, settings, local=engine),
+                                      drivers, box))
+            host, port = settings.listen_host_port
+            server = create_server(app, host=host, port=port, threads=16, ident="labmetal")
+            print(f"labmetal {role} listening on http://{host}:{server.effective_port}",
+                  flush=True)
+            server.run()
+        else:
+            print(f"labmetal conductor {settings.hostname} running", flush=True)
+            stop.wait()
+    except SystemExit:
+        pass
+    finally:
+        if engine:
+            engine.stop()
+        db.dispose()

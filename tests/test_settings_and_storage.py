@@ -1,0 +1,52 @@
+"""Settings sources, sealed credentials and the migrated schema."""
+import pytest
+from alembic.autogenerate import compare_metadata
+from alembic.migration import MigrationContext
+
+from labmetal.config import load_settings
+from labmetal.db import Database
+from labmetal.models import Base
+from labmetal.secrets import MASK, SecretBox, masked
+
+
+def test_command_line_beats_environment_beats_file(tmp_path):
+    config = tmp_path / "labmetal.toml"
+    config.write_text('[labmetal]\nlisten = "127.0.0.1:7000"\nauth = "http_basic"\n'
+                      'power_sync_interval = 30\n')
+    env = {"LABMETAL_LISTEN": "127.0.0.1:7001"}
+    settings = load_settings({"listen": None}, config_file=config, environ=env)
+    assert (settings.listen, settings.auth, settings.power_sync_interval) == (
+        "127.0.0.1:7001", "http_basic", 30.0)
+    assert load_settings({"listen": "127.0.0.1:7002"}, config, env).listen == "127.0.0.1:7002"
+
+
+def test_config_file_typos_are_errors(tmp_path):
+    config = tmp_path / "labmetal.toml"
+    config.write_text('[labmetal]\nlistenn = "127.0.0.1:7000"\n')
+    with pytest.raises(ValueError, match="unknown settings.*listenn"):
+        load_settings({}, config_file=config, environ={})
+    with pytest.raises(ValueError, match="auth must be"):
+        load_settings({"auth": "keystone"}, environ={})
+
+
+def test_credentials_are_sealed_and_masked(tmp_path):
+    box = SecretBox.from_file(tmp_path / "key")
+    assert (tmp_path / "key").stat().st_mode & 0o777 == 0o600
+    stored = box.seal_changed({"ipmi_address": "10.0.0.5", "ipmi_password": "hunter2"}, {})
+    assert stored["ipmi_address"] == "10.0.0.5"
+    assert "hunter2" not in str(stored)
+    assert box.open_all(stored)["ipmi_password"] == "hunter2"
+    assert masked(stored)["ipmi_password"] == MASK
+    # unchanged values are not sealed twice; a changed one is sealed again
+    assert box.seal_changed(dict(stored), stored) == stored
+    other = SecretBox.from_file(tmp_path / "other-key")
+    with pytest.raises(ValueError, match="cannot be decrypted"):
+        other.open(stored["ipmi_password"])
+
+
+def test_migrations_build_exactly_the_models_schema(tmp_path):
+    db = Database(f"sqlite:///{tmp_path / 'schema.db'}")
+    db.upgrade()
+    db.upgrade()  # idempotent
+    with db.engine.connect() as conn:
+        assert compare_metadata(MigrationContext.configure(conn), Base.metadata) == []
