@@ -97,6 +97,13 @@ def cmd_lab_wol(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_demo(args: argparse.Namespace) -> int:
+    from pathlib import Path
+
+    from labmetal.lab.demo import run
+    return run(args.seats, args.listen, Path(args.state_dir), keep_running=not args.once)
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="labmetal", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
@@ -104,6 +111,13 @@ def build_parser() -> argparse.ArgumentParser:
                        ("api", "run the REST API only"),
                        ("conductor", "run a conductor only")):
         _service_parser(sub, name, text).set_defaults(func=cmd_service)
+
+    demo = sub.add_parser("demo", help="bring a simulated room under labmetal's control")
+    demo.add_argument("--seats", type=int, default=8)
+    demo.add_argument("--listen", default="127.0.0.1:6385")
+    demo.add_argument("--state-dir", default="var/demo")
+    demo.add_argument("--once", action="store_true", help="stop when the room is ready")
+    demo.set_defaults(func=cmd_demo)
 
     db = sub.add_parser("db", help="database schema")
     db_sub = db.add_subparsers(dest="db_command", required=True)

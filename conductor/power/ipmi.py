@@ -24,6 +24,7 @@ from labmetal.conductor.power.base import (AuthenticationFailed, BmcUnreachable,
 
 LOG = logging.getLogger(__name__)
 
+NO_ANSWER = "no answer"
 AUTH_ERRORS = ("incorrect password", "unauthorized name", "insufficient privilege",
                "invalid role", "unauthorized")
 
@@ -47,13 +48,18 @@ def _io_wait_in_slices(timeout: float, myaddr: Any = None, evq: Any = None) -> N
 def prepare_pyghmi() -> None:
     """Make pyghmi's client safe for a conductor's many threads, once per process.
 
-    Besides the waits above: pyghmi starts its I/O thread on first use and wakes it by a
+    Besides the waits above and the locks below: pyghmi starts its I/O thread on first use and wakes it by a
     packet only once the thread has published a select deadline; a caller that queues work
     before that is not woken and waits for the thread's 300 s select timeout (the "hangs
     forever" of DESIGN §9). Start the thread here and wait until it is in its loop.
     """
     with _prepared:
         pyghmi_session._io_wait = _io_wait_in_slices
+        # Its two session-table locks are taken in both orders (send_payload holds the
+        # keepalive lock and takes the waiting one; wait_for_rsp holds the waiting lock
+        # while a timed-out session resends): under load threads deadlock for ever, and
+        # every later call with them. One reentrant lock for both cannot deadlock.
+        pyghmi_session.WAITING_SESSIONS = pyghmi_session.KEEPALIVE_SESSIONS
         if pyghmi_session.iothread is None:
             pyghmi_session.Session._assignsocket()
         give_up = time.monotonic() + 5
@@ -150,12 +156,13 @@ class IpmiPower(PowerInterface):
                 remaining = give_up - time.monotonic()
                 try:
                     return self._attempt(key, info, operation, min(self.attempt_timeout, remaining))
-                except BmcUnreachable:
+                except BmcUnreachable as error:
                     remaining = give_up - time.monotonic()
                     if attempt > self.retries or remaining <= backoff:
+                        detail = "" if str(error) == NO_ANSWER else f"; last error: {error}"
                         raise BmcUnreachable(
                             f"BMC {where} did not answer (gave up after {attempt} attempt(s), "
-                            f"{self.deadline - max(remaining, 0):.1f} s)") from None
+                            f"{self.deadline - max(remaining, 0):.1f} s{detail})") from None
                     time.sleep(backoff)
                     backoff *= 2
         finally:
@@ -184,7 +191,7 @@ class IpmiPower(PowerInterface):
         worker.start()
         if not finished.wait(max(timeout, 0.1)):
             self._hanging[key] = worker
-            raise BmcUnreachable("deadline")
+            raise BmcUnreachable(NO_ANSWER)
         if "error" in outcome:
             raise self._translate(outcome["error"], self._where(info))
         return outcome.get("value")
@@ -200,8 +207,10 @@ class IpmiPower(PowerInterface):
             if any(word in text.lower() for word in AUTH_ERRORS):
                 return AuthenticationFailed(f"IPMI authentication failed at BMC {where}: {text}")
             if not text or "timeout" in text.lower() or "session" in text.lower():
-                return BmcUnreachable(text or "no answer")
+                return BmcUnreachable(NO_ANSWER)
             return PowerError(f"BMC {where} refused the request: {text}")
         if isinstance(error, PowerError):
             return error
-        return PowerError(f"IPMI call to BMC {where} failed: {type(error).__name__}: {error}")
+        # pyghmi's shared session tables still race now and then under many threads
+        # (a KeyError on its handler map, seen once in 3000 logins): worth another attempt.
+        return BmcUnreachable(f"IPMI client error {type(error).__name__}: {error}")

@@ -1,0 +1,42 @@
+#!/usr/bin/env bash
+# labmetal on a fresh Debian machine:
+#   ./dev.sh demo   set up, then run the main job (a simulated room under labmetal's control)
+#   ./dev.sh test   set up, then run the test suite (extra arguments go to pytest)
+#   ./dev.sh setup  only install what is needed (Debian packages, the virtualenv)
+set -euo pipefail
+cd "$(dirname "$0")"
+
+DEBIAN_PACKAGES=(python3 python3-venv python3-dev gcc ipmitool postgresql)
+
+as_root() { if [ "$(id -u)" -eq 0 ]; then "$@"; else sudo "$@"; fi; }
+
+setup() {
+    local missing=()
+    for package in "${DEBIAN_PACKAGES[@]}"; do
+        dpkg-query -W -f='${Status}' "$package" 2>/dev/null | grep -q "install ok installed" \
+            || missing+=("$package")
+    done
+    if [ ${#missing[@]} -gt 0 ]; then
+        echo "installing Debian packages: ${missing[*]}"
+        as_root apt-get update -q
+        as_root env DEBIAN_FRONTEND=noninteractive apt-get install -y -q "${missing[@]}"
+    fi
+    # PostgreSQL is needed as a package only: the tests start their own private clusters.
+    if [ ! -x .venv/bin/python ]; then
+        python3 -m venv .venv
+    fi
+    if [ ! -f .venv/.installed ] || [ pyproject.toml -nt .venv/.installed ]; then
+        .venv/bin/pip install -q --upgrade pip
+        .venv/bin/pip install -q -e '.[test]'
+        touch .venv/.installed
+    fi
+}
+
+command=${1:-demo}
+shift || true
+case "$command" in
+    setup) setup ;;
+    demo) setup; exec .venv/bin/labmetal demo "$@" ;;
+    test) setup; exec .venv/bin/pytest "$@" ;;
+    *) echo "usage: $0 demo|test|setup" >&2; exit 2 ;;
+esac
