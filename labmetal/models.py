@@ -5,7 +5,7 @@ import uuid as uuidlib
 from datetime import datetime, timezone
 from typing import Any
 
-from sqlalchemy import JSON, Boolean, DateTime, ForeignKey, String, Text
+from sqlalchemy import JSON, BigInteger, Boolean, DateTime, ForeignKey, String, Text
 from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column, relationship
 
 
@@ -43,6 +43,8 @@ class Node(Base):
     provision_state: Mapped[str] = mapped_column(String(16), default="enroll", index=True)
     target_provision_state: Mapped[str | None] = mapped_column(String(16))
     provision_updated_at: Mapped[datetime | None]
+    deploy_interface: Mapped[str] = mapped_column(String(16), default="direct",
+                                                  server_default="direct")
     # The intent the reserving conductor must carry out ("power on", "verify", ...).
     # Written with the reservation in one statement, so a dead process loses nothing.
     pending_action: Mapped[str | None] = mapped_column(String(32))
@@ -112,3 +114,30 @@ class User(Base):
     role: Mapped[str] = mapped_column(String(16), default="admin")
     created_at: Mapped[datetime] = mapped_column(default=utcnow)
 
+
+
+class Image(Base):
+    """An image in the store. Disk images are kept as a sparse raw file plus the packed
+    chunks and manifest (images/manifest.py); kernels and ramdisks as the file itself."""
+    __tablename__ = "images"
+
+    id: Mapped[int] = mapped_column(primary_key=True)
+    uuid: Mapped[str] = mapped_column(String(36), unique=True, default=new_uuid)
+    name: Mapped[str] = mapped_column(String(255), unique=True)
+    # whole-disk | partition | kernel | ramdisk (deploy kernels and ramdisks are kernels
+    # and ramdisks too; the node's driver_info says which ones it boots)
+    kind: Mapped[str] = mapped_column(String(16))
+    status: Mapped[str] = mapped_column(String(16), default="queued")  # queued | active
+    disk_format: Mapped[str | None] = mapped_column(String(16))  # as uploaded: raw | qcow2
+    size: Mapped[int | None] = mapped_column(BigInteger)  # bytes uploaded
+    sha256: Mapped[str | None] = mapped_column(String(64))  # of the upload
+    virtual_size: Mapped[int | None] = mapped_column(BigInteger)
+    raw_sha256: Mapped[str | None] = mapped_column(String(64))
+    chunk_size: Mapped[int | None]
+    chunk_count: Mapped[int | None]
+    packed_size: Mapped[int | None] = mapped_column(BigInteger)
+    kernel_id: Mapped[int | None] = mapped_column(ForeignKey("images.id", ondelete="RESTRICT"))
+    ramdisk_id: Mapped[int | None] = mapped_column(ForeignKey("images.id", ondelete="RESTRICT"))
+    description: Mapped[str | None] = mapped_column(Text)
+    created_at: Mapped[datetime] = mapped_column(default=utcnow)
+    updated_at: Mapped[datetime | None] = mapped_column(onupdate=utcnow)
