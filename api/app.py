@@ -19,6 +19,9 @@ from labmetal.secrets import SecretBox
 
 LOG = logging.getLogger(__name__)
 PUBLIC_PATHS = {"/", "/v1", "/v1/"}
+# What seats reach without user credentials: files they boot and write, and the agent's
+# endpoints (protected by the agent token instead).
+PUBLIC_PREFIXES = ("/files/", "/boot", "/v1/lookup", "/v1/heartbeat/", "/v1/discovery")
 
 
 @dataclass
@@ -36,7 +39,8 @@ def services() -> Services:
 
 
 def create_app(svc: Services) -> Flask:
-    from labmetal.api import conductors, drivers, node_states, nodes, ports, root  # blueprints
+    from labmetal.api import (agent, boot, conductors, drivers, images,  # blueprints
+                              node_states, nodes, ports, root)
 
     app = Flask("labmetal.api")
     app.extensions["labmetal"] = svc
@@ -52,7 +56,8 @@ def create_app(svc: Services) -> Flask:
         except microversion.VersionError as error:
             return error_response(error.status, str(error))
         g.caller = NOBODY
-        if basic is not None and request.path not in PUBLIC_PATHS:
+        if (basic is not None and request.path not in PUBLIC_PATHS
+                and not request.path.startswith(PUBLIC_PREFIXES)):
             caller = basic.identify(request)
             if caller is None:
                 response = error_response(401, "Authentication required: HTTP basic "
@@ -85,6 +90,7 @@ def create_app(svc: Services) -> Flask:
         return error_response(500, f"Internal error ({type(error).__name__}); see the API log")
 
     for blueprint in (root.blueprint, nodes.blueprint, node_states.blueprint, ports.blueprint,
-                      drivers.blueprint, conductors.blueprint):
+                      drivers.blueprint, conductors.blueprint, images.blueprint,
+                      agent.blueprint, boot.blueprint):
         app.register_blueprint(blueprint)
     return app

@@ -7,14 +7,14 @@ from sqlalchemy import select, update
 
 from labmetal import history, states
 from labmetal.api.app import services
-from labmetal.api.common import (caller_name, find_node, isotime, json_object, links,
+from labmetal.api.common import (caller_name, find_node, is_uuid, isotime, json_object, links,
                                  requested_fields, select_fields)
 from labmetal.api.errors import ApiError, bad_request, conflict, not_found
 from labmetal.api.ports import PORT_LIST_FIELDS, port_view
 from labmetal.conductor.power.base import InvalidDriverInfo, PowerError, PowerTarget
 from labmetal.conductor.power.wol import IN_BAND_ONLY
 from labmetal.conductor.rpcapi import NoConductor, NodeLocked, Unchanged
-from labmetal.models import Node, NodeHistory, Port, utcnow
+from labmetal.models import Image, Node, NodeHistory, Port, utcnow
 
 blueprint = Blueprint("node_states", __name__)
 HISTORY_SINCE = (1, 78)
@@ -85,20 +85,62 @@ def set_provision_state(ident: str):
             f"The requested action \"{verb}\" can not be performed on node \"{node.uuid}\" while "
             f"it is in state \"{node.provision_state}\". Allowed verbs in this state: "
             f"{', '.join(allowed) if allowed else 'none'}.")
-    if step.action == "verify":
+    if step.action is not None:
         try:
             svc.drivers[node.driver].power.validate(_power_target(node))
         except (InvalidDriverInfo, PowerError, ValueError) as error:
-            raise bad_request(f"Cannot manage node {node.uuid}: {error}") from None
+            raise bad_request(f"Cannot {verb} node {node.uuid}: {error}") from None
+    if step.action in RAMDISK_ACTIONS or (step.action == "clean" and svc.settings.automated_clean):
+        _check_ramdisk(node)
+    if step.action == "deploy":
+        _check_instance_image(node)
     event = ("provisioning", f"'{verb}' requested: {node.provision_state} -> {step.state}")
     values = {"provision_state": step.state, "target_provision_state": step.target,
               "provision_updated_at": utcnow(), "last_error": None}
+    if verb == "abort":
+        values.update(last_error=f"{node.provision_state} aborted by "
+                                 f"{caller_name() or 'a user'}",
+                      agent_token=None, agent_token_given=False, agent_url=None)
     condition = (Node.provision_state == node.provision_state,)
     if step.action is None:
         _change_now(node, values, condition, event)
     else:
         _hand_over(node, step.action, values, condition, event)
     return _accepted(node)
+
+
+RAMDISK_ACTIONS = ("deploy", "undeploy", "inspect")
+
+
+def _check_ramdisk(node: Node) -> None:
+    """The deploy kernel and ramdisk a node will boot must exist before it is powered."""
+    svc = services()
+    for key, kind in (("deploy_kernel", "kernel"), ("deploy_ramdisk", "ramdisk")):
+        ident = (node.driver_info or {}).get(key) or getattr(svc.settings, key)
+        if not ident:
+            raise bad_request(f"Cannot boot node {node.uuid} into the deploy ramdisk: set "
+                              f"driver_info/{key} (or the {key} setting) to a {kind} image")
+        _active_image(ident, (kind,), f"driver_info/{key}")
+
+
+def _check_instance_image(node: Node) -> None:
+    ident = (node.instance_info or {}).get("image_source")
+    if not ident:
+        raise bad_request(f"Cannot deploy node {node.uuid}: set instance_info/image_source to "
+                          "a whole-disk or partition image (baremetal node set <node> "
+                          "--instance-info image_source=<image>)")
+    _active_image(ident, ("whole-disk", "partition"), "instance_info/image_source")
+
+
+def _active_image(ident: str, kinds: tuple[str, ...], field: str) -> None:
+    with services().db.read() as session:
+        column = Image.uuid if is_uuid(ident) else Image.name
+        image = session.scalar(select(Image).where(column == ident))
+    if image is None:
+        raise bad_request(f"{field}: no image {ident!r} in the image store")
+    if image.status != "active" or image.kind not in kinds:
+        raise bad_request(f"{field}: image {image.name} is a {image.status} {image.kind} image; "
+                          f"expected an active {' or '.join(kinds)} image")
 
 
 def _hand_over(node: Node, action: str, values: dict, conditions: tuple, event: tuple) -> None:

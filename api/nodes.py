@@ -26,7 +26,8 @@ SORT_KEYS = ("id", "uuid", "name", "created_at", "updated_at", "provision_state"
              "power_state", "provision_updated_at")
 # What a client may set at creation or change with PATCH; everything else is the engine's.
 WRITABLE = ("name", "driver", "driver_info", "properties", "extra", "instance_info",
-            "instance_uuid", "description", "resource_class")
+            "instance_uuid", "description", "resource_class", "deploy_interface")
+DEPLOY_INTERFACES = ("direct", "iscsi")
 DICT_FIELDS = ("driver_info", "properties", "extra", "instance_info")
 NAME_PATTERN = re.compile(r"^[A-Za-z0-9._~-]{1,255}$")
 
@@ -49,12 +50,14 @@ def node_view(node: Node, owner: str | None) -> dict[str, Any]:
         "last_error": node.last_error, "maintenance": node.maintenance,
         "maintenance_reason": node.maintenance_reason, "fault": node.fault,
         "reservation": node.reservation, "conductor": owner, "conductor_group": "",
-        "console_enabled": False, "clean_step": {}, "deploy_step": {}, "automated_clean": None,
+        "console_enabled": False, "clean_step": {}, "deploy_step": node.deploy_step or {},
+        "automated_clean": None,
         "protected": False, "protected_reason": None, "retired": False, "retired_reason": None,
         "owner": None, "lessee": None, "traits": [], "network_data": {},
         "boot_mode": None, "secure_boot": None,
         "power_interface": power_interface, "management_interface": power_interface,
-        "boot_interface": "ipxe", "deploy_interface": "direct", "network_interface": "noop",
+        "boot_interface": "ipxe", "deploy_interface": node.deploy_interface or "direct",
+        "network_interface": "noop",
         "console_interface": "no-console", "inspect_interface": "no-inspect",
         "raid_interface": "no-raid", "rescue_interface": "no-rescue",
         "storage_interface": "noop", "vendor_interface": "no-vendor",
@@ -103,6 +106,9 @@ def check_fields(values: dict[str, Any]) -> None:
         if values.get(key) is not None and not isinstance(values[key], str):
             raise bad_request(f"Invalid {key}: expected a string")
     check_name(values.get("name"))
+    if values.get("deploy_interface", "direct") not in DEPLOY_INTERFACES:
+        raise bad_request(f"Invalid deploy_interface {values['deploy_interface']!r}; expected "
+                          f"one of {', '.join(DEPLOY_INTERFACES)}")
     drivers = services().drivers
     driver = drivers.get(values.get("driver"))
     if driver is None:
@@ -166,6 +172,7 @@ def create_node():
     body = json_object()
     unknown = sorted(set(body) - set(WRITABLE) - {"uuid"} - {
         key for key in body if key.endswith("_interface") and key in _FIELD_NAMES})
+    body.setdefault("deploy_interface", "direct")
     if unknown:
         raise bad_request(f"Unknown or read-only attribute(s) for a new node: {', '.join(unknown)}")
     if "driver" not in body:
@@ -218,6 +225,7 @@ def update_node(ident: str):
                 raise bad_request(f"Invalid patch: {e}") from None
             for key in DICT_FIELDS:
                 after[key] = after.get(key) or {}
+            after["deploy_interface"] = after.get("deploy_interface") or "direct"
             check_fields(after)
             after["driver_info"] = svc.box.seal_changed(after["driver_info"],
                                                         before["driver_info"] or {})

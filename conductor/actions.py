@@ -3,11 +3,15 @@ returns the node's new column values and history events; the service commits the
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Any, Callable
+from typing import TYPE_CHECKING, Any, Callable
 
 from labmetal import states
 from labmetal.conductor.drivers import HardwareType
 from labmetal.conductor.power.base import InvalidDriverInfo, PowerError, PowerTarget
+from labmetal.models import Node
+
+if TYPE_CHECKING:
+    from labmetal.conductor.deploy import DeployContext
 
 
 @dataclass
@@ -21,6 +25,8 @@ class NodeWork:
     power_state: str | None
     provision_state: str
     driver_internal_info: dict[str, Any]
+    node: Node  # the whole row, detached, for the flows that need more
+    ctx: DeployContext | None = None
 
 
 @dataclass
@@ -72,16 +78,7 @@ def verify(work: NodeWork) -> Outcome:
                                                      "checked)")])
 
 
-def clean(work: NodeWork) -> Outcome:
-    """manageable -> available. There are no clean steps without the deploy agent, so
-    cleaning only closes the transition (Ironic with automated cleaning disabled)."""
-    return Outcome({"provision_state": states.AVAILABLE, "target_provision_state": None,
-                    "last_error": None},
-                   [("provisioning", "INFO", "cleaning -> available")])
-
-
 ACTIONS: dict[str, Callable[[NodeWork], Outcome]] = {
     **{target: change_power for target in states.POWER_TARGETS},
     "verify": verify,
-    "clean": clean,
 }

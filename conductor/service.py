@@ -11,12 +11,14 @@ import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict, dataclass
-from typing import Any
+from datetime import timedelta
+from typing import Any, Callable
 
 from sqlalchemy import or_, select, update
 
 from labmetal import history, states
 from labmetal.conductor.actions import ACTIONS, NodeWork, Outcome
+from labmetal.conductor.deploy import DEPLOY_ACTIONS, DeployContext
 from labmetal.conductor.drivers import HardwareType
 from labmetal.conductor.power.base import InvalidDriverInfo, PowerError, PowerTarget
 from labmetal.conductor.registry import ConductorRegistry
@@ -41,7 +43,7 @@ class SyncStats:
 
 class ConductorService:
     def __init__(self, settings: Settings, db: Database, drivers: dict[str, HardwareType],
-                 box: SecretBox):
+                 box: SecretBox, raw_image_path: Callable[[str], Any] = lambda uuid: None):
         self.settings = settings
         self.hostname = settings.hostname
         self.db = db
@@ -58,7 +60,11 @@ class ConductorService:
         self._in_flight_lock = threading.Lock()
         self._sync_failures: dict[int, int] = {}
         self._heartbeat_ok_at = time.monotonic()
+        self._waits_checked_at = 0.0
         self._threads: list[threading.Thread] = []
+        self.actions = {**ACTIONS, **DEPLOY_ACTIONS}
+        self.deploy_context = DeployContext(settings, db, box, settings.hostname,
+                                            raw_image_path=raw_image_path)
         self.wake_server = WakeServer(settings.wake_listen, settings.hostname, self.wake,
                                       self.status)
 
@@ -159,6 +165,9 @@ class ConductorService:
             live = self.registry.live(force=True)
         self._take_over(set(live))
         self._dispatch()
+        if time.monotonic() - self._waits_checked_at > 5:
+            self._waits_checked_at = time.monotonic()
+            self._expire_agent_waits()
 
     def _take_over(self, live: set[str]) -> None:
         """Locks held by conductors that are no longer alive: where the ring gives the node
@@ -204,7 +213,7 @@ class ConductorService:
             work = self._load(node_id)
             if work is None:
                 return
-            action = ACTIONS.get(work.action)
+            action = self.actions.get(work.action)
             if action is None:
                 outcome = self._failed(work, f"unknown action '{work.action}'")
             else:
@@ -239,7 +248,8 @@ class ConductorService:
         return NodeWork(id=node.id, uuid=node.uuid, driver=driver,
                         target=PowerTarget(node.uuid, info, macs), action=node.pending_action,
                         power_state=node.power_state, provision_state=node.provision_state,
-                        driver_internal_info=dict(node.driver_internal_info or {}))
+                        driver_internal_info=dict(node.driver_internal_info or {}),
+                        node=node, ctx=self.deploy_context)
 
     @staticmethod
     def _failed(work: NodeWork, message: str) -> Outcome:
@@ -266,6 +276,36 @@ class ConductorService:
         if not done:
             LOG.warning("node %s: lost my lock during '%s'; its new owner carries on",
                         work.uuid, work.action)
+
+    def _expire_agent_waits(self) -> None:
+        """Nodes of mine waiting for their agent longer than callback_timeout fail (the
+        agent never came, or vanished before calling back)."""
+        cutoff = utcnow() - timedelta(seconds=self.settings.callback_timeout)
+        ring = self.registry.ring()
+        with self.db.read() as session:
+            rows = session.execute(
+                select(Node.id, Node.uuid, Node.provision_state)
+                .where(Node.provision_state.in_(list(states.AGENT_WAIT)),
+                       Node.reservation.is_(None), Node.provision_updated_at < cutoff)).all()
+        for row in rows:
+            if ring.owner(row.uuid) != self.hostname:
+                continue
+            failed = states.FAILURE_STATE[row.provision_state]
+            message = (f"Timeout reached while waiting for the deploy agent of node {row.uuid} "
+                       f"to call back ({self.settings.callback_timeout:.0f} s in "
+                       f"'{row.provision_state}')")
+            with self.db.write() as session:
+                done = session.execute(
+                    update(Node).where(Node.id == row.id, Node.reservation.is_(None),
+                                       Node.provision_state == row.provision_state)
+                    .values(provision_state=failed, target_provision_state=None,
+                            last_error=message, provision_updated_at=utcnow(),
+                            agent_url=None, agent_token=None, agent_token_given=False)).rowcount
+                if done:
+                    history.record(session, row.id, "provisioning", message, "ERROR",
+                                   conductor=self.hostname)
+                    history.record(session, row.id, "provisioning",
+                                   f"{row.provision_state} -> {failed}", conductor=self.hostname)
 
     # -- power sync ------------------------------------------------------------------------
     def sync_power_states(self) -> SyncStats:

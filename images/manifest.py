@@ -65,7 +65,12 @@ def is_zero(data: bytes) -> bool:
     return data == _ZERO[:len(data)]
 
 
+_ZERO_DIGEST = hashlib.sha256(_ZERO).hexdigest()
+
+
 def chunk_digest(data: bytes) -> str:
+    if len(data) == CHUNK_SIZE and is_zero(data):  # most of a sparse image: hash it once
+        return _ZERO_DIGEST
     return hashlib.sha256(data).hexdigest()
 
 

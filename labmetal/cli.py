@@ -4,10 +4,12 @@ from __future__ import annotations
 import argparse
 import getpass
 import json
+import signal
 import sys
 import threading
 
 from labmetal.config import load_settings
+from labmetal.images.cli import register as register_images
 
 SERVICE_OPTIONS = ("listen", "database", "auth", "state_dir", "hostname", "secret_key_file",
                    "public_url", "wake_listen", "log_file", "log_level", "power_sync_interval",
@@ -70,30 +72,56 @@ def cmd_user_set(args: argparse.Namespace) -> int:
     return 0
 
 
+def _light_seats(path: str | None):
+    from pathlib import Path
+
+    from labmetal.lab.seat import LightSeat, LightSeatSpec
+    return [LightSeat(spec) for spec in LightSeatSpec.load_all(Path(path))] if path else []
+
+
 def cmd_lab_bmc(args: argparse.Namespace) -> int:
     from labmetal import logs
     from labmetal.lab.bmc import VirtualBmc, serve_forever
     from labmetal.lab.machine import MemoryMachine
     logs.setup("INFO", name="lab-bmc")
-    bmcs = [VirtualBmc(MemoryMachine(f"machine-{args.port + i}", power_delay=args.power_delay),
-                       args.user, args.password, args.port + i, address=args.address)
-            for i in range(args.count)]
-    print(f"{len(bmcs)} virtual BMC(s) on {args.address}:{args.port}-{args.port + args.count - 1}",
-          flush=True)
-    serve_forever(bmcs)
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(0))  # so the seats are powered off
+    seats = _light_seats(args.seats)
+    if seats:
+        bmcs = [VirtualBmc(seat, args.user, args.password, seat.spec.bmc_port,
+                           address=args.address) for seat in seats if seat.spec.bmc_port]
+    else:
+        bmcs = [VirtualBmc(MemoryMachine(f"machine-{args.port + i}",
+                                         power_delay=args.power_delay),
+                           args.user, args.password, args.port + i, address=args.address)
+                for i in range(args.count)]
+    ports = sorted(bmc.port for bmc in bmcs)
+    print(f"{len(bmcs)} virtual BMC(s) on {args.address}:{ports[0]}-{ports[-1]}", flush=True)
+    try:
+        serve_forever(bmcs)
+    finally:
+        for seat in seats:
+            seat.shutdown()
     return 0
 
 
 def cmd_lab_wol(args: argparse.Namespace) -> int:
     from labmetal.lab.wol import WolListener
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(0))  # so the seats are powered off
+    seats = {seat.spec.mac: seat for seat in _light_seats(args.seats)}
 
     def woke(mac: str) -> None:
         print(json.dumps({"woke": mac}), flush=True)
+        if mac in seats:
+            seats[mac].power_on()
 
     listener = WolListener(args.address, args.port, woke)
     print(f"listening for magic packets on {args.address}:{listener.port}", flush=True)
     threading.Thread(target=listener.serve_forever, daemon=True).start()
-    threading.Event().wait()
+    try:
+        threading.Event().wait()
+    finally:
+        for seat in seats.values():
+            seat.shutdown()
     return 0
 
 
@@ -142,7 +170,9 @@ def build_parser() -> argparse.ArgumentParser:
     lab = sub.add_parser("lab", help="parts of the simulated lab")
     lab_sub = lab.add_subparsers(dest="lab_command", required=True)
     bmc = lab_sub.add_parser("bmc", help="virtual BMCs speaking IPMI over UDP")
-    bmc.add_argument("--port", type=int, required=True, help="UDP port of the first BMC")
+    bmc.add_argument("--port", type=int, default=0, help="UDP port of the first BMC")
+    bmc.add_argument("--seats", help="JSON list of light seats (lab/seat.py) with their "
+                                     "bmc_port, instead of in-memory machines")
     bmc.add_argument("--count", type=int, default=1, help="BMCs on consecutive ports")
     bmc.add_argument("--address", default="127.0.0.1")
     bmc.add_argument("--user", required=True)
@@ -153,7 +183,10 @@ def build_parser() -> argparse.ArgumentParser:
     wol = lab_sub.add_parser("wol", help="listen for Wake-on-LAN magic packets")
     wol.add_argument("--port", type=int, default=9)
     wol.add_argument("--address", default="0.0.0.0")
+    wol.add_argument("--seats", help="JSON list of light seats to power on by their MAC")
     wol.set_defaults(func=cmd_lab_wol)
+
+    register_images(sub)
     return parser
 
 

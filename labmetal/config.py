@@ -44,10 +44,31 @@ class Settings:
     ipmi_retries: int = 2
     lock_retries: int = 3
     lock_retry_interval: float = 0.3
+    image_dir: Path | None = None  # default: state_dir/images
+    max_image_size: int = 64 * 1024 ** 3  # bytes, for uploads and virtual sizes alike
+    seat_url: str = ""  # base URL seats use for boot files, images and the agent API
+    deploy_kernel: str = ""  # image name/UUID used when a node's driver_info names none
+    deploy_ramdisk: str = ""
+    automated_clean: bool = False  # provide: erase disk metadata through the agent first
+    callback_timeout: float = 1800.0  # waiting for the agent to call back (Ironic's default)
+    agent_timeout: float = 60.0  # the agent not answering in the middle of a command
+    self_registration: bool = False  # unknown MACs that PXE-boot are enrolled with inventory
+    discovery_driver: str = "wol"  # the driver a self-registered node gets
 
     @property
     def database_url(self) -> str:
         return self.database or f"sqlite:///{self.state_dir / 'labmetal.db'}"
+
+    @property
+    def image_path(self) -> Path:
+        return self.image_dir or self.state_dir / "images"
+
+    @property
+    def seat_base_url(self) -> str:
+        if self.seat_url or self.public_url:
+            return (self.seat_url or self.public_url).rstrip("/")
+        host, port = self.listen_host_port
+        return f"http://{host}:{port}"
 
     @property
     def secret_key_path(self) -> Path:
@@ -75,6 +96,14 @@ def _coerce(name: str, raw: Any) -> Any:
         return float(raw)
     if kind in ("int", int):
         return int(raw)
+    if kind in ("bool", bool):
+        if isinstance(raw, bool):
+            return raw
+        if str(raw).lower() in ("1", "true", "yes", "on"):
+            return True
+        if str(raw).lower() in ("0", "false", "no", "off"):
+            return False
+        raise ValueError(f"{name} must be true or false, not {raw!r}")
     return str(raw)
 
 

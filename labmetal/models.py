@@ -45,6 +45,17 @@ class Node(Base):
     provision_updated_at: Mapped[datetime | None]
     deploy_interface: Mapped[str] = mapped_column(String(16), default="direct",
                                                   server_default="direct")
+    # The step the conductor is in and its progress ({"step", "done", "total"}), as shown
+    # per seat while a deploy or clean runs (Ironic's deploy_step).
+    deploy_step: Mapped[dict[str, Any]] = mapped_column(default=dict, server_default="{}")
+    # The deploy agent booted on the node: where it listens, its token (sealed; given to
+    # the agent once per deploy and required on every later call), its last heartbeat.
+    agent_url: Mapped[str | None] = mapped_column(String(255))
+    agent_token: Mapped[str | None] = mapped_column(Text)
+    agent_token_given: Mapped[bool] = mapped_column(Boolean, default=False,
+                                                    server_default="0")
+    agent_heartbeat_at: Mapped[datetime | None]
+    inventory: Mapped[dict[str, Any]] = mapped_column(default=dict, server_default="{}")
     # The intent the reserving conductor must carry out ("power on", "verify", ...).
     # Written with the reservation in one statement, so a dead process loses nothing.
     pending_action: Mapped[str | None] = mapped_column(String(32))

@@ -15,6 +15,7 @@ from labmetal.conductor.rpcapi import ConductorAPI
 from labmetal.conductor.service import ConductorService
 from labmetal.config import Settings
 from labmetal.db import Database
+from labmetal.images.store import ImageStore
 from labmetal.secrets import SecretBox
 
 LOG = logging.getLogger(__name__)
@@ -27,7 +28,9 @@ def run(settings: Settings, api: bool = True, conductor: bool = True) -> None:
     db.upgrade()
     box = SecretBox.from_file(settings.secret_key_path)
     drivers = load_drivers(settings)
-    engine = ConductorService(settings, db, drivers, box) if conductor else None
+    store = ImageStore(settings.image_path, settings.max_image_size)
+    engine = (ConductorService(settings, db, drivers, box, raw_image_path=store.raw_path)
+              if conductor else None)
     registry = engine.registry if engine else ConductorRegistry(db, settings.conductor_dead_after)
     stop = threading.Event()
 
@@ -45,7 +48,9 @@ def run(settings: Settings, api: bool = True, conductor: bool = True) -> None:
                                       ConductorAPI(db, registry, settings, local=engine),
                                       drivers, box))
             host, port = settings.listen_host_port
-            server = create_server(app, host=host, port=port, threads=16, ident="labmetal")
+            # Image uploads are bounded by the image size limit, not waitress's 1 GiB default.
+            server = create_server(app, host=host, port=port, threads=16, ident="labmetal",
+                                   max_request_body_size=settings.max_image_size)
             print(f"labmetal {role} listening on http://{host}:{server.effective_port}",
                   flush=True)
             server.run()

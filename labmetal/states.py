@@ -1,7 +1,8 @@
 """Ironic's node states and the verbs that move a node between them (DESIGN §3).
 
 A verb either changes the state at once (no hardware involved) or puts the node in an
-in-progress state with a target and a pending action for its conductor.
+in-progress state with a target and a pending action for its conductor. States whose name
+ends in "wait" are waiting for the deploy agent, without a lock.
 """
 from __future__ import annotations
 
@@ -11,8 +12,16 @@ ENROLL = "enroll"
 VERIFYING = "verifying"
 MANAGEABLE = "manageable"
 CLEANING = "cleaning"
+CLEAN_WAIT = "clean wait"
 CLEAN_FAILED = "clean failed"
 AVAILABLE = "available"
+DEPLOYING = "deploying"
+DEPLOY_WAIT = "wait call-back"
+DEPLOY_FAILED = "deploy failed"
+ACTIVE = "active"
+DELETING = "deleting"
+INSPECTING = "inspecting"
+INSPECT_WAIT = "inspect wait"
 INSPECT_FAILED = "inspect failed"
 
 POWER_ON = "power on"
@@ -39,19 +48,48 @@ class Transition:
     action: str | None = None  # the conductor's pending action
 
 
+_DEPLOY = Transition(DEPLOYING, ACTIVE, "deploy")
+_UNDEPLOY = Transition(DELETING, AVAILABLE, "undeploy")
+_INSPECT = Transition(INSPECTING, MANAGEABLE, "inspect")
+
 PROVISION_VERBS: dict[tuple[str, str], Transition] = {
     (ENROLL, "manage"): Transition(VERIFYING, MANAGEABLE, "verify"),
     (MANAGEABLE, "provide"): Transition(CLEANING, AVAILABLE, "clean"),
     (AVAILABLE, "manage"): Transition(MANAGEABLE),
     (CLEAN_FAILED, "manage"): Transition(MANAGEABLE),
     (INSPECT_FAILED, "manage"): Transition(MANAGEABLE),
+    (MANAGEABLE, "inspect"): _INSPECT,
+    (INSPECT_FAILED, "inspect"): _INSPECT,
+    (AVAILABLE, "active"): _DEPLOY,
+    (AVAILABLE, "deploy"): _DEPLOY,
+    (DEPLOY_FAILED, "active"): _DEPLOY,
+    (DEPLOY_FAILED, "deploy"): _DEPLOY,
+    (ACTIVE, "rebuild"): _DEPLOY,
+    (ACTIVE, "deleted"): _UNDEPLOY,
+    (ACTIVE, "undeploy"): _UNDEPLOY,
+    (DEPLOY_FAILED, "deleted"): _UNDEPLOY,
+    (DEPLOY_FAILED, "undeploy"): _UNDEPLOY,
+    (CLEAN_FAILED, "provide"): Transition(CLEANING, AVAILABLE, "clean"),
+    (DEPLOY_WAIT, "abort"): Transition(DEPLOY_FAILED),
+    (INSPECT_WAIT, "abort"): Transition(INSPECT_FAILED),
+    (CLEAN_WAIT, "abort"): Transition(CLEAN_FAILED),
 }
 
 # Where a node may be deleted without putting it in maintenance first.
 DELETABLE = {ENROLL, MANAGEABLE, AVAILABLE, CLEAN_FAILED, INSPECT_FAILED}
 
 # Where a failed or interrupted action leaves the node.
-FAILURE_STATE = {VERIFYING: ENROLL, CLEANING: CLEAN_FAILED}
+FAILURE_STATE = {VERIFYING: ENROLL, CLEANING: CLEAN_FAILED, CLEAN_WAIT: CLEAN_FAILED,
+                 DEPLOYING: DEPLOY_FAILED, DEPLOY_WAIT: DEPLOY_FAILED,
+                 DELETING: CLEAN_FAILED, INSPECTING: INSPECT_FAILED,
+                 INSPECT_WAIT: INSPECT_FAILED}
+
+# Waiting for the deploy agent to call back (no lock held); the state it works in next.
+AGENT_WAIT = {DEPLOY_WAIT: DEPLOYING, CLEAN_WAIT: CLEANING, INSPECT_WAIT: INSPECTING}
+
+# States in which a node boots the deploy ramdisk when it PXE-boots.
+BOOTS_RAMDISK = {DEPLOYING, DEPLOY_WAIT, CLEANING, CLEAN_WAIT, DELETING, INSPECTING,
+                 INSPECT_WAIT}
 
 
 def allowed_verbs(state: str) -> list[str]:

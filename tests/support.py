@@ -179,16 +179,17 @@ def service_env(**settings: Any) -> dict[str, str]:
 
 
 def start_service(procs: Processes, name: str, command: str = "serve", database: str | None = None,
-                  state_dir: Path | None = None, **settings: Any) -> Service:
+                  state_dir: Path | None = None, host: str = "127.0.0.1",
+                  **settings: Any) -> Service:
     state_dir = state_dir or procs.workdir / f"{name}-state"
     port = free_port()
     database = database or f"sqlite:///{state_dir / 'labmetal.db'}"
-    env = service_env(state_dir=state_dir, database=database, listen=f"127.0.0.1:{port}",
-                      hostname=settings.pop("hostname", name), log_file=procs.workdir / f"{name}.service.log",
-                      **settings)
+    env = service_env(state_dir=state_dir, database=database, listen=f"{host}:{port}",
+                      hostname=settings.pop("hostname", name),
+                      log_file=procs.workdir / f"{name}.service.log", **settings)
     proc = procs.start([LABMETAL, command], name, env)
     proc.wait_for_output("listening on http://", timeout=60)
-    service = Service(f"http://127.0.0.1:{port}", proc, state_dir, database)
+    service = Service(f"http://{host}:{port}", proc, state_dir, database)
     wait_for(lambda: service.get("/").ok, 10, "the API")
     return service
 

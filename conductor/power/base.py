@@ -109,6 +109,11 @@ class PowerInterface(abc.ABC):
     def set_power_state(self, target: PowerTarget, state: str) -> str:
         """Carry out a power target (states.POWER_TARGETS); returns the resulting state."""
 
+    def set_boot_device(self, target: PowerTarget, device: str) -> None:
+        """Boot from "pxe" or "disk" next. Folded into the power interface: the BMC that
+        switches the power also holds the boot order (Ironic's management interface)."""
+        raise NotSupported(f"{self.name} cannot choose the boot device")
+
     def verify(self, target: PowerTarget) -> str | None:
         """Check that labmetal can drive this node's power; returns the state if known."""
         return self.get_power_state(target)

@@ -107,6 +107,11 @@ class IpmiPower(PowerInterface):
             return self._change(info, "on", states.POWER_ON)
         raise PowerError(f"unsupported power target {state!r}")
 
+    def set_boot_device(self, target: PowerTarget, device: str) -> None:
+        pyghmi_device = {"pxe": "network", "disk": "hd"}[device]
+        self._call(self.parse(target.info),
+                   lambda cmd: cmd.set_bootdev(pyghmi_device, persist=True))
+
     # -- helpers ---------------------------------------------------------------------
     def _read_state(self, info: dict[str, Any]) -> str:
         result = self._call(info, lambda cmd: cmd.get_power())

@@ -36,6 +36,10 @@ class WolPower(PowerInterface):
         self.validate(target)
         return None  # unknown until labmetal powers it on
 
+    def set_boot_device(self, target: PowerTarget, device: str) -> None:
+        """Nothing to do: a WoL seat boots from the network first, and its per-MAC iPXE
+        script sends it to the ramdisk or to its disk according to its state."""
+
     def set_power_state(self, target: PowerTarget, state: str) -> str:
         if state != states.POWER_ON:
             raise NotSupported(IN_BAND_ONLY)

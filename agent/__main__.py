@@ -1,0 +1,3 @@
+from labmetal.agent.main import main
+
+main()

@@ -1,0 +1,203 @@
+"""The commands the conductor sends to the seat, and what each one does.
+
+Each command runs in its own thread and is kept with its progress and outcome for the
+conductor to poll. A command is found again by its request_id (a conductor that took a
+node over re-sends what its predecessor sent), and only one command writes to the disk
+at a time.
+"""
+from __future__ import annotations
+
+import importlib
+import logging
+import threading
+import uuid
+from dataclasses import asdict, dataclass, field
+from typing import Any, Callable
+
+import requests
+
+from labmetal.agent import bootloader, fetch, partition, power, wipe, writer
+from labmetal.agent.disk import as_block_device
+from labmetal.agent.identity import Identity
+from labmetal.agent.writer import Progress
+
+LOG = logging.getLogger(__name__)
+
+DISK_WRITERS = frozenset({"write_image", "deploy_partition_image", "wipe_metadata"})
+REQUIRED_PARAMS: dict[str, tuple[str, ...]] = {
+    "write_image": ("manifest_url", "packed_url"),
+    "deploy_partition_image": ("manifest_url", "packed_url", "kernel_url", "ramdisk_url"),
+    "wipe_metadata": (),
+    "power_off": (),
+    "reboot": (),
+    "export_iscsi": (),
+    "unexport_iscsi": (),
+}
+
+
+class Refused(Exception):
+    """A command request turned down before anything ran; ``status`` is the HTTP answer."""
+
+    def __init__(self, status: int, message: str) -> None:
+        super().__init__(message)
+        self.status = status
+
+
+@dataclass
+class Command:
+    id: str
+    name: str
+    request_id: str
+    params: dict[str, Any]
+    status: str = "running"  # then "succeeded" or "failed"
+    progress: Progress = field(default_factory=Progress)
+    error: str | None = None
+    result: dict[str, Any] | None = None
+
+    def view(self) -> dict[str, Any]:
+        return {"id": self.id, "name": self.name, "request_id": self.request_id,
+                "status": self.status, "progress": asdict(self.progress),
+                "error": self.error, "result": self.result}
+
+
+@dataclass(frozen=True)
+class Seat:
+    """What the commands act on, from the agent's options."""
+    disk: str | None
+    poweroff_cmd: list[str]
+    reboot_cmd: list[str]
+    address: Callable[[], str]  # where labmetal reaches this seat (the iSCSI portal's default)
+
+
+class Commands:
+    def __init__(self, seat: Seat, identity: Identity) -> None:
+        self.seat = seat
+        self.identity = identity
+        self._by_id: dict[str, Command] = {}
+        self._by_request: dict[str, Command] = {}
+        self._lock = threading.Lock()
+        self._iscsi: Any = None
+        self._iscsi_lock = threading.Lock()
+        self._handlers: dict[str, Callable[[Command], dict[str, Any]]] = {
+            "write_image": self._write_image,
+            "deploy_partition_image": self._deploy_partition_image,
+            "wipe_metadata": self._wipe_metadata,
+            "power_off": lambda command: power.run(self.seat.poweroff_cmd),
+            "reboot": lambda command: power.run(self.seat.reboot_cmd),
+            "export_iscsi": self._export_iscsi,
+            "unexport_iscsi": self._unexport_iscsi,
+        }
+
+    def submit(self, name: str, params: dict[str, Any], request_id: str) -> tuple[Command, bool]:
+        """The command for ``request_id`` and whether it is new; a new one is started by ``start``
+        once the conductor has its answer."""
+        if name not in REQUIRED_PARAMS:
+            raise Refused(400, f"unknown command {name!r}; known: {', '.join(REQUIRED_PARAMS)}")
+        missing = [key for key in REQUIRED_PARAMS[name] if not params.get(key)]
+        if missing:
+            raise Refused(400, f"{name} needs params: {', '.join(missing)}")
+        with self._lock:
+            existing = self._by_request.get(request_id)
+            if existing is not None:
+                return existing, False
+            busy = next((c for c in self._by_id.values()
+                         if c.name in DISK_WRITERS and c.status == "running"), None)
+            if name in DISK_WRITERS and busy is not None:
+                raise Refused(409, f"{busy.name} (command {busy.id}) is still writing to the disk")
+            command = Command(uuid.uuid4().hex, name, request_id, params)
+            self._by_id[command.id] = self._by_request[request_id] = command
+        return command, True
+
+    def start(self, command: Command) -> None:
+        threading.Thread(target=self._run, args=(command,), name=f"command-{command.name}",
+                         daemon=True).start()
+
+    def get(self, command_id: str) -> Command | None:
+        return self._by_id.get(command_id)
+
+    def all(self) -> list[Command]:
+        with self._lock:
+            return list(self._by_id.values())
+
+    def _run(self, command: Command) -> None:
+        LOG.info("command %s (%s) started", command.name, command.id)
+        try:
+            command.result = self._handlers[command.name](command)
+            command.status = "succeeded"
+            LOG.info("command %s (%s) succeeded", command.name, command.id)
+        except Exception as error:  # a failed command is reported, never fatal to the agent
+            command.error = str(error) or type(error).__name__
+            command.status = "failed"
+            LOG.error("command %s (%s) failed: %s", command.name, command.id, command.error)
+            LOG.debug("command %s (%s) failed here:", command.name, command.id, exc_info=True)
+
+    def _disk(self) -> str:
+        if self.seat.disk is None:
+            raise RuntimeError("this seat has no install disk (none of 4 GiB or more; see --disk)")
+        return self.seat.disk
+
+    def _write_image(self, command: Command) -> dict[str, Any]:
+        session = requests.Session()
+        manifest = fetch.manifest(session, command.params["manifest_url"])
+        return asdict(writer.write_image(session, manifest, command.params["packed_url"],
+                                         self._disk(), command.progress))
+
+    def _deploy_partition_image(self, command: Command) -> dict[str, Any]:
+        params = command.params
+        boot_mode = params.get("boot_mode", "bios")
+        if boot_mode == "uefi":
+            raise NotImplementedError("UEFI partition images (gpt label, EFI system partition) "
+                                      "are not implemented yet: use boot_mode bios")
+        if boot_mode != "bios":
+            raise ValueError(f"unknown boot_mode {boot_mode!r} (bios or uefi)")
+        session = requests.Session()
+        manifest = fetch.manifest(session, params["manifest_url"])
+        target = self._disk()
+        writer.check_fits(target, partition.disk_needed(manifest.raw_size))
+        with as_block_device(target) as device:
+            wipe.wipe_metadata(device)
+            root = partition.make_root_partition(device, manifest.raw_size)
+            written = writer.write_image(session, manifest, params["packed_url"], root.node,
+                                         command.progress)
+            boot = bootloader.install(session, device, root, params["kernel_url"],
+                                      params["ramdisk_url"], params.get("kernel_cmdline", ""))
+        return {**asdict(written), "partition": {"number": 1, "start": root.start,
+                                                 "size": root.size}, **boot}
+
+    def _wipe_metadata(self, command: Command) -> dict[str, Any]:
+        with as_block_device(self._disk()) as device:
+            return {"erased": wipe.wipe_metadata(device)}
+
+    def _export_iscsi(self, command: Command) -> dict[str, Any]:
+        params = command.params
+        export = self._iscsi_exporter().export(
+            self._disk(), self._iqn(command), params.get("portal_ip") or self.seat.address(),
+            int(params.get("port", 3260)), params.get("allowed_initiators"))
+        return asdict(export)
+
+    def _unexport_iscsi(self, command: Command) -> dict[str, Any]:
+        iqn = self._iqn(command)
+        self._iscsi_exporter().unexport(iqn)
+        return {"iqn": iqn}
+
+    def _iqn(self, command: Command) -> str:
+        return command.params.get("iqn") or f"iqn.2026-11.org.labmetal:{self.identity.node_uuid}"
+
+    def close(self) -> None:
+        """Remove the iSCSI exports: the exporter's daemon would outlive the agent."""
+        with self._iscsi_lock:
+            if self._iscsi is not None:
+                self._iscsi.close()
+                self._iscsi = None
+
+    def _iscsi_exporter(self) -> Any:
+        """Imported on first use: the export lives in its own module, with its own tools."""
+        with self._iscsi_lock:
+            if self._iscsi is None:
+                try:
+                    iscsi = importlib.import_module("labmetal.agent.iscsi")
+                except ImportError as error:
+                    raise RuntimeError(f"iSCSI export is not available in this agent: {error}") \
+                        from None
+                self._iscsi = iscsi.exporter_for_host()
+            return self._iscsi

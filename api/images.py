@@ -1,0 +1,293 @@
+"""/v1/images: register images, upload their data, list, show and delete them; and the
+public /files/images/... that seats download (HTTP ranges, so one chunk can be fetched)."""
+from __future__ import annotations
+
+import logging
+import re
+import uuid as uuidlib
+from typing import Any
+
+from flask import Blueprint, request, send_file
+from sqlalchemy import or_, select
+from sqlalchemy.exc import IntegrityError
+from sqlalchemy.orm import Session
+
+from labmetal.api.app import services
+from labmetal.api.common import base_url, is_uuid, isotime, json_object, links, page
+from labmetal.api.errors import ApiError, bad_request, conflict, not_found
+from labmetal.images.inspect import FORMATS, ImageRejected
+from labmetal.images.store import ImageStore, UploadTooLarge
+from labmetal.models import Image, Node
+
+LOG = logging.getLogger(__name__)
+blueprint = Blueprint("images", __name__)
+
+KINDS = ("whole-disk", "partition", "kernel", "ramdisk")
+DISK_KINDS = ("whole-disk", "partition")
+QUEUED, ACTIVE = "queued", "active"
+CREATE_FIELDS = ("name", "kind", "disk_format", "sha256", "kernel", "ramdisk", "description")
+SORT_KEYS = ("id", "uuid", "name", "kind", "status", "size", "created_at", "updated_at")
+NAME_PATTERN = re.compile(r"^[A-Za-z0-9._~-]{1,255}$")
+SHA256_PATTERN = re.compile(r"^[0-9a-fA-F]{64}$")
+# Where nodes name the images they boot or deploy.
+NODE_REFERENCES = (("instance_info", "image_source"), ("driver_info", "deploy_kernel"),
+                   ("driver_info", "deploy_ramdisk"))
+FILE_TYPES = {"raw": "application/octet-stream", "packed": "application/octet-stream",
+              "manifest": "application/json", "file": "application/octet-stream"}
+
+
+def image_store() -> ImageStore:
+    settings = services().settings
+    return ImageStore(settings.image_path, settings.max_image_size)
+
+
+def find_image(session: Session, ident: str) -> Image:
+    column = Image.uuid if is_uuid(ident) else Image.name
+    image = session.scalar(select(Image).where(column == (ident.lower() if is_uuid(ident)
+                                                          else ident)))
+    if image is None:
+        raise not_found(f"Image {ident} could not be found.")
+    return image
+
+
+def image_view(image: Image, uuids: dict[int, str]) -> dict[str, Any]:
+    """``uuids`` maps the ids of linked kernels and ramdisks to their UUIDs."""
+    files = f"{base_url()}/files/images/{image.uuid}"
+    disk = image.kind in DISK_KINDS
+    active = image.status == ACTIVE
+    return {
+        "uuid": image.uuid, "name": image.name, "kind": image.kind, "status": image.status,
+        "disk_format": image.disk_format, "size": image.size, "sha256": image.sha256,
+        "virtual_size": image.virtual_size, "raw_sha256": image.raw_sha256,
+        "chunk_size": image.chunk_size, "chunk_count": image.chunk_count,
+        "packed_size": image.packed_size,
+        "kernel": uuids.get(image.kernel_id), "ramdisk": uuids.get(image.ramdisk_id),
+        "description": image.description,
+        "created_at": isotime(image.created_at), "updated_at": isotime(image.updated_at),
+        "links": links("images", image.uuid),
+        "raw_url": f"{files}/raw" if active and disk else None,
+        "packed_url": f"{files}/packed" if active and disk else None,
+        "manifest_url": f"{files}/manifest" if active and disk else None,
+        "file_url": f"{files}/file" if active and not disk else None,
+    }
+
+
+def linked_uuids(session: Session, images: list[Image]) -> dict[int, str]:
+    ids = {i for image in images for i in (image.kernel_id, image.ramdisk_id) if i is not None}
+    if not ids:
+        return {}
+    return dict(session.execute(select(Image.id, Image.uuid).where(Image.id.in_(ids))).all())
+
+
+# -- validation --------------------------------------------------------------------------
+def check_new_image(body: dict[str, Any]) -> None:
+    unknown = sorted(set(body) - set(CREATE_FIELDS))
+    if unknown:
+        raise bad_request(f"Unknown attribute(s) for a new image: {', '.join(unknown)}; "
+                          f"accepted: {', '.join(CREATE_FIELDS)}")
+    name = body.get("name")
+    if not isinstance(name, str) or not NAME_PATTERN.match(name) or is_uuid(name):
+        raise bad_request(f"Invalid name {name!r}: an image name uses letters, digits and "
+                          "'-._~' only (at most 255) and must not look like a UUID "
+                          "(field: name)")
+    kind = body.get("kind")
+    if kind not in KINDS:
+        raise bad_request(f"Unknown kind {kind!r}; kinds: {', '.join(KINDS)} (field: kind)")
+    disk_format = body.get("disk_format")
+    if disk_format is not None:
+        if kind not in DISK_KINDS:
+            raise bad_request(f"disk_format applies to {' and '.join(DISK_KINDS)} images, not "
+                              f"{kind} (field: disk_format)")
+        if disk_format not in FORMATS:
+            raise bad_request(f"Unknown disk_format {disk_format!r}; accepted: "
+                              f"{', '.join(FORMATS)} (field: disk_format)")
+    sha256 = body.get("sha256")
+    if sha256 is not None and (not isinstance(sha256, str) or not SHA256_PATTERN.match(sha256)):
+        raise bad_request("Invalid sha256: expected 64 hexadecimal digits (field: sha256)")
+    if body.get("description") is not None and not isinstance(body["description"], str):
+        raise bad_request("Invalid description: expected a string (field: description)")
+    for link in ("kernel", "ramdisk"):
+        if kind == "partition" and not isinstance(body.get(link), str):
+            raise bad_request(f"A partition image needs a {link}: the name or UUID of an "
+                              f"active {link} image (field: {link})")
+        if kind != "partition" and body.get(link) is not None:
+            raise bad_request(f"Only partition images link a {link} (field: {link})")
+
+
+def linked_image(session: Session, ident: str, kind: str) -> Image:
+    column = Image.uuid if is_uuid(ident) else Image.name
+    image = session.scalar(select(Image).where(column == ident))
+    if image is None:
+        raise bad_request(f"{kind.capitalize()} image {ident} could not be found "
+                          f"(field: {kind})")
+    if image.kind != kind:
+        raise bad_request(f"Image {ident} is a {image.kind} image, not a {kind} (field: {kind})")
+    if image.status != ACTIVE:
+        raise bad_request(f"{kind.capitalize()} image {ident} has no data yet (status "
+                          f"{image.status}); upload it first (field: {kind})")
+    return image
+
+
+def users_of(session: Session, image: Image) -> list[str]:
+    """Nodes and partition images that name the image, as "node pc1 (instance_info...)"."""
+    def names_it(value: Any) -> bool:
+        return isinstance(value, str) and (value == image.name or image.uuid in value.lower())
+
+    users = []
+    for name, node_uuid, *fields in session.execute(
+            select(Node.name, Node.uuid, Node.instance_info, Node.driver_info)):
+        values = dict(zip(("instance_info", "driver_info"), fields))
+        users += [f"node {name or node_uuid} ({field}.{key})" for field, key in NODE_REFERENCES
+                  if names_it((values[field] or {}).get(key))]
+    for linker in session.scalars(select(Image).where(
+            or_(Image.kernel_id == image.id, Image.ramdisk_id == image.id))):
+        link = "kernel" if linker.kernel_id == image.id else "ramdisk"
+        users.append(f"partition image {linker.name} ({link})")
+    settings = services().settings
+    users += [f"the service's {key} setting" for key in ("deploy_kernel", "deploy_ramdisk")
+              if names_it(getattr(settings, key))]
+    return users
+
+
+# -- endpoints ---------------------------------------------------------------------------
+@blueprint.get("/v1/images")
+def list_images():
+    statement = select(Image)
+    kind = request.args.get("kind")
+    if kind:
+        if kind not in KINDS:
+            raise bad_request(f"Unknown kind {kind!r}; kinds: {', '.join(KINDS)}")
+        statement = statement.where(Image.kind == kind)
+    with services().db.read() as session:
+        rows, extra = page(session, statement, Image, SORT_KEYS)
+        uuids = linked_uuids(session, rows)
+    return {"images": [image_view(image, uuids) for image in rows], **extra}
+
+
+@blueprint.get("/v1/images/<ident>")
+def show_image(ident: str):
+    with services().db.read() as session:
+        image = find_image(session, ident)
+        return image_view(image, linked_uuids(session, [image]))
+
+
+@blueprint.post("/v1/images")
+def create_image():
+    body = json_object()
+    check_new_image(body)
+    name = body["name"]
+    try:
+        with services().db.write() as session:
+            if session.scalar(select(Image.id).where(Image.name == name)):
+                raise conflict(f"An image with name {name} already exists (field: name).")
+            linked_ids = {f"{link}_id": linked_image(session, body[link], link).id
+                      for link in ("kernel", "ramdisk") if body.get(link) is not None}
+            image = Image(name=name, kind=body["kind"], status=QUEUED,
+                          disk_format=body.get("disk_format"),
+                          sha256=(body.get("sha256") or "").lower() or None,
+                          description=body.get("description"), **linked_ids)
+            session.add(image)
+            session.flush()
+            view = image_view(image, linked_uuids(session, [image]))
+    except IntegrityError:
+        raise conflict(f"An image with name {name} already exists (field: name).") from None
+    LOG.info("image %s (%s) registered as %s", name, view["uuid"], view["kind"])
+    return view, 201, {"Location": view["links"][0]["href"]}
+
+
+@blueprint.put("/v1/images/<ident>/data")
+def upload_image_data(ident: str):
+    """The body is the image itself, read from the stream in pieces. The image's sha256,
+    when given at creation, is the checksum the upload must have."""
+    svc = services()
+    store = image_store()
+    with svc.db.read() as session:
+        image = find_image(session, ident)
+    if image.status == ACTIVE:
+        raise _already_active(image)
+    if (request.content_length or 0) > store.max_size:
+        raise ApiError(413, f"Image {image.name} rejected: the upload is larger than the "
+                            f"limit of {store.max_size} bytes (max_image_size)")
+    try:
+        with store.receive(request.stream, image.sha256) as upload:
+            values: dict[str, Any] = {"size": upload.size, "sha256": upload.sha256}
+            if image.kind in DISK_KINDS:
+                disk = store.add_disk_image(upload, image.disk_format)
+                values |= {"disk_format": disk.info.format,
+                           "virtual_size": disk.info.virtual_size,
+                           "raw_sha256": disk.manifest.raw_sha256,
+                           "chunk_size": disk.manifest.chunk_size,
+                           "chunk_count": len(disk.manifest.chunks),
+                           "packed_size": disk.manifest.packed_size}
+            else:
+                store.add_file(upload)
+            with svc.db.write() as session:
+                current = session.scalar(select(Image).where(Image.id == image.id)
+                                         .with_for_update())
+                if current is None:
+                    raise not_found(f"Image {ident} was deleted during its upload.")
+                if current.status == ACTIVE:
+                    raise _already_active(current)
+                store.publish(upload, current.uuid)
+                for key, value in values.items():
+                    setattr(current, key, value)
+                current.status = ACTIVE
+                session.flush()
+                view = image_view(current, linked_uuids(session, [current]))
+    except UploadTooLarge as error:
+        raise ApiError(413, f"Image {image.name} rejected: {error}") from None
+    except ImageRejected as error:
+        LOG.info("upload of image %s (%s) rejected: %s", image.name, image.uuid, error)
+        raise bad_request(f"Image {image.name} rejected: {error}") from None
+    LOG.info("image %s (%s) active: %s, %s bytes", image.name, image.uuid,
+             view["disk_format"] or image.kind, view["size"])
+    return view
+
+
+def _already_active(image: Image) -> ApiError:
+    return conflict(f"Image {image.name} already has its data (status active); delete it and "
+                    "register it again to replace it.")
+
+
+@blueprint.delete("/v1/images/<ident>")
+def delete_image(ident: str):
+    with services().db.write() as session:
+        image = find_image(session, ident)
+        users = users_of(session, image)
+        if users:
+            raise conflict(f"Image {image.name} is in use by {', '.join(users)}; it cannot be "
+                           "deleted.")
+        session.delete(image)
+    image_store().delete(image.uuid)
+    LOG.info("image %s (%s) deleted", image.name, image.uuid)
+    return "", 204
+
+
+@blueprint.get("/v1/images/<ident>/manifest")
+def show_manifest(ident: str):
+    with services().db.read() as session:
+        image = find_image(session, ident)
+    if image.kind not in DISK_KINDS:
+        raise not_found(f"Image {image.name} is a {image.kind}: it is stored as a file and has "
+                        "no manifest.")
+    if image.status != ACTIVE:
+        raise conflict(f"Image {image.name} has no data yet (status {image.status}).")
+    return _send(image_store().manifest_path(image.uuid), "manifest")
+
+
+@blueprint.get("/files/images/<uuid:image_uuid>/<any(raw, packed, manifest, file):name>")
+def image_file(image_uuid: uuidlib.UUID, name: str):
+    """Public, like the boot files: seats fetch these without credentials. Only published
+    (complete) files exist under these paths."""
+    store = image_store()
+    path = {"raw": store.raw_path, "packed": store.packed_path, "manifest": store.manifest_path,
+            "file": store.file_path}[name](str(image_uuid))
+    return _send(path, name)
+
+
+def _send(path, name: str):
+    try:
+        return send_file(path, mimetype=FILE_TYPES[name], conditional=True)
+    except FileNotFoundError:
+        raise not_found(f"No {name} file here: the image does not exist, has no data yet, "
+                        "or is not stored that way.") from None

@@ -1,0 +1,236 @@
+"""`labmetal images ...`: upload, list, show and delete images through the REST API.
+
+The API is found with ``--url`` or ``LABMETAL_URL``; HTTP basic credentials come from
+``LABMETAL_USER`` and ``LABMETAL_PASSWORD`` when set (never from the command line, where
+other users of the machine would see them).
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Iterator, TextIO
+from urllib.parse import urlsplit
+
+import requests
+
+DEFAULT_URL = "http://127.0.0.1:6385"
+KINDS = ("whole-disk", "partition", "kernel", "ramdisk")
+PIECE_SIZE = 1024 * 1024
+TABLE_COLUMNS = (("NAME", "name"), ("KIND", "kind"), ("STATUS", "status"),
+                 ("FORMAT", "disk_format"), ("SIZE", "size"), ("VIRTUAL", "virtual_size"),
+                 ("UUID", "uuid"))
+SIZE_FIELDS = ("size", "virtual_size", "packed_size")
+
+
+class CliError(Exception):
+    """A failure to show the user as it is: usually the server's own message."""
+
+
+@dataclass
+class Client:
+    url: str
+    auth: tuple[str, str] | None
+
+    def call(self, method: str, path: str, **kwargs: Any) -> Any:
+        try:
+            response = requests.request(method, self.url.rstrip("/") + path, auth=self.auth,
+                                        timeout=(10, 3600), **kwargs)
+        except requests.RequestException as error:
+            reason = getattr(error.args[0] if error.args else None, "reason", error)
+            raise CliError(f"cannot reach the labmetal API at {self.url}: {reason}") from None
+        if not response.ok:
+            raise CliError(server_message(response))
+        return response.json() if response.content else None
+
+
+def server_message(response: requests.Response) -> str:
+    """The faultstring inside Ironic's double-encoded error body, or the body itself."""
+    try:
+        return json.loads(response.json()["error_message"])["faultstring"]
+    except (ValueError, KeyError, TypeError):
+        return f"HTTP {response.status_code}: {response.text.strip() or response.reason}"
+
+
+@dataclass
+class Progress:
+    """A progress bar on a terminal, a single summary line otherwise (logs stay readable)."""
+    name: str
+    total: int
+    out: TextIO
+    sent: int = 0
+    started: float = field(default_factory=time.monotonic)
+    ended: float | None = None  # the last byte sent; the server then checks and converts
+    drawn_at: float = 0.0
+
+    @property
+    def live(self) -> bool:
+        return self.out.isatty()
+
+    def add(self, count: int) -> None:
+        self.sent += count
+        now = time.monotonic()
+        if self.live and (now - self.drawn_at >= 0.2 or self.sent == self.total):
+            self.drawn_at = now
+            percent = 100 * self.sent / self.total if self.total else 100.0
+            self.out.write(f"\rupload {self.name}: {percent:5.1f}% "
+                           f"{self.sent / 1e6:.1f}/{self.total / 1e6:.1f} MB "
+                           f"{self.rate():.1f} MB/s\x1b[K")
+            self.out.flush()
+
+    def elapsed(self) -> float:
+        return max((self.ended or time.monotonic()) - self.started, 1e-6)
+
+    def rate(self) -> float:
+        return self.sent / 1e6 / self.elapsed()
+
+    def finish(self) -> None:
+        if self.live:
+            self.out.write("\n")
+        self.out.write(f"uploaded {self.name}: {self.sent / 1e6:.1f} MB in "
+                       f"{self.elapsed():.1f} s ({self.rate():.1f} MB/s), active after "
+                       f"{time.monotonic() - self.started:.1f} s\n")
+        self.out.flush()
+
+
+def file_pieces(path: Path, progress: Progress) -> Iterator[bytes]:
+    with open(path, "rb") as image:
+        while piece := image.read(PIECE_SIZE):
+            yield piece
+            progress.add(len(piece))
+    progress.ended = time.monotonic()
+
+
+# -- commands ----------------------------------------------------------------------------
+def cmd_upload(client: Client, args: argparse.Namespace) -> Any:
+    path = Path(args.file)
+    if not path.is_file():
+        raise CliError(f"{path}: no such file")
+    request = {"name": args.name, "kind": args.kind, "disk_format": args.format,
+               "sha256": args.sha256, "kernel": args.kernel, "ramdisk": args.ramdisk,
+               "description": args.description}
+    image = client.call("POST", "/v1/images",
+                        json={key: value for key, value in request.items() if value is not None})
+    progress = Progress(args.name, path.stat().st_size, sys.stderr)
+    try:
+        image = client.call("PUT", f"/v1/images/{image['uuid']}/data",
+                            data=file_pieces(path, progress),
+                            headers={"Content-Type": "application/octet-stream"})
+    except BaseException:
+        # The record this command made would only block the next try under the same name.
+        try:
+            client.call("DELETE", f"/v1/images/{image['uuid']}")
+        except CliError:
+            pass
+        raise
+    progress.finish()
+    return image
+
+
+def cmd_list(client: Client, args: argparse.Namespace) -> Any:
+    path = "/v1/images" + (f"?kind={args.kind}" if args.kind else "")
+    images: list[dict[str, Any]] = []
+    while path:
+        page = client.call("GET", path)
+        images += page["images"]
+        following = urlsplit(page.get("next", ""))
+        path = f"{following.path}?{following.query}" if following.path else ""
+    return images
+
+
+def cmd_show(client: Client, args: argparse.Namespace) -> Any:
+    return client.call("GET", f"/v1/images/{args.name}")
+
+
+def cmd_delete(client: Client, args: argparse.Namespace) -> Any:
+    client.call("DELETE", f"/v1/images/{args.name}")
+    print(f"deleted image {args.name}", file=sys.stderr)
+    return None
+
+
+# -- output ------------------------------------------------------------------------------
+def human_size(value: Any) -> str:
+    if not isinstance(value, int):
+        return "" if value is None else str(value)
+    for unit in ("B", "KB", "MB", "GB"):
+        if value < 1000:
+            return f"{value} {unit}" if unit == "B" else f"{value:.1f} {unit}"
+        value /= 1000
+    return f"{value:.1f} TB"
+
+
+def print_table(images: list[dict[str, Any]]) -> None:
+    rows = [[title for title, _ in TABLE_COLUMNS]]
+    rows += [[human_size(image[key]) if key in SIZE_FIELDS else str(image[key] or "")
+              for _, key in TABLE_COLUMNS] for image in images]
+    widths = [max(len(row[i]) for row in rows) for i in range(len(TABLE_COLUMNS))]
+    for row in rows:
+        print("  ".join(cell.ljust(width) for cell, width in zip(row, widths)).rstrip())
+
+
+def print_fields(image: dict[str, Any]) -> None:
+    width = max(len(key) for key in image)
+    for key, value in image.items():
+        if key == "links":
+            continue
+        shown = human_size(value) if key in SIZE_FIELDS else ("" if value is None else value)
+        print(f"{key.ljust(width)}  {shown}")
+
+
+def run(args: argparse.Namespace) -> int:
+    user, password = os.environ.get("LABMETAL_USER"), os.environ.get("LABMETAL_PASSWORD")
+    client = Client(args.url, (user, password or "") if user else None)
+    try:
+        result = args.images_func(client, args)
+    except CliError as error:
+        print(f"labmetal images {args.images_command}: {error}", file=sys.stderr)
+        return 1
+    if result is None:
+        return 0
+    if args.json:
+        print(json.dumps(result, indent=2))
+    elif isinstance(result, list):
+        print_table(result)
+    else:
+        print_fields(result)
+    return 0
+
+
+def register(subparsers: argparse._SubParsersAction) -> None:
+    """Add ``labmetal images ...`` to the labmetal command."""
+    common = argparse.ArgumentParser(add_help=False)
+    common.add_argument("--url", default=os.environ.get("LABMETAL_URL", DEFAULT_URL),
+                        help="the labmetal API (default: $LABMETAL_URL or %(default)s)")
+    common.add_argument("--json", action="store_true", help="print JSON instead of a table")
+
+    images = subparsers.add_parser("images", help="the image store: upload, list, show, delete")
+    images.set_defaults(func=run)
+    sub = images.add_subparsers(dest="images_command", required=True)
+
+    upload = sub.add_parser("upload", parents=[common], help="register an image and upload it")
+    upload.add_argument("name")
+    upload.add_argument("file")
+    upload.add_argument("--kind", required=True, choices=KINDS)
+    upload.add_argument("--format", choices=("raw", "qcow2"),
+                        help="disk format of the file (default: detected)")
+    upload.add_argument("--kernel", help="kernel image of a partition image (name or UUID)")
+    upload.add_argument("--ramdisk", help="ramdisk image of a partition image (name or UUID)")
+    upload.add_argument("--sha256", help="checksum the upload must have")
+    upload.add_argument("--description")
+    upload.set_defaults(images_func=cmd_upload)
+
+    listing = sub.add_parser("list", parents=[common], help="list images")
+    listing.add_argument("--kind", choices=KINDS)
+    listing.set_defaults(images_func=cmd_list)
+
+    show = sub.add_parser("show", parents=[common], help="show one image")
+    show.add_argument("name", help="name or UUID")
+    show.set_defaults(images_func=cmd_show)
+
+    delete = sub.add_parser("delete", parents=[common], help="delete an image and its files")
+    delete.add_argument("name", help="name or UUID")
+    delete.set_defaults(images_func=cmd_delete)

@@ -1,0 +1,164 @@
+"""The image store on disk: uploads received as streams, checked, converted once, and put in
+place by a rename, so a seat never downloads a half-written file.
+
+Layout under the root::
+
+    <uuid>/raw, <uuid>/packed, <uuid>/manifest.json   disk images (whole-disk, partition)
+    <uuid>/file                                        kernels and ramdisks
+    .incoming/<random>/                                uploads being received or converted
+"""
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import os
+import shutil
+import tempfile
+import uuid as uuidlib
+from dataclasses import dataclass
+from pathlib import Path
+from typing import BinaryIO, Iterator
+
+from labmetal.images.inspect import ImageInfo, ImageRejected, convert_to_raw, inspect
+from labmetal.images.manifest import Manifest, build, is_zero, read_chunks
+
+READ_SIZE = 1024 * 1024
+HOLE_SIZE = 4096  # zero blocks this large are left as holes, as qemu-img convert does
+RAW, PACKED, MANIFEST, FILE = "raw", "packed", "manifest.json", "file"
+
+
+class UploadTooLarge(ImageRejected):
+    """The upload is past the store's size limit (HTTP 413 rather than 400)."""
+
+
+@dataclass(frozen=True)
+class Upload:
+    """A received upload in its own work directory, which is removed when it is done with."""
+    workdir: Path
+    size: int
+    sha256: str
+
+    @property
+    def path(self) -> Path:
+        return self.workdir / "upload"
+
+    @property
+    def content(self) -> Path:
+        """What ``ImageStore.publish`` moves into place."""
+        return self.workdir / "content"
+
+
+@dataclass(frozen=True)
+class DiskImage:
+    info: ImageInfo
+    manifest: Manifest
+
+
+class ImageStore:
+    def __init__(self, root: Path, max_size: int):
+        self.root = Path(root)
+        self.max_size = max_size
+
+    def raw_path(self, uuid: str) -> Path:
+        return self._dir(uuid) / RAW
+
+    def packed_path(self, uuid: str) -> Path:
+        return self._dir(uuid) / PACKED
+
+    def manifest_path(self, uuid: str) -> Path:
+        return self._dir(uuid) / MANIFEST
+
+    def file_path(self, uuid: str) -> Path:
+        return self._dir(uuid) / FILE
+
+    @contextlib.contextmanager
+    def receive(self, stream: BinaryIO, expected_sha256: str | None = None) -> Iterator[Upload]:
+        """Read the stream to a sparse file, hashing it on the way; whatever is not
+        published when the block ends is removed, so a rejected upload leaves nothing."""
+        incoming = self.root / ".incoming"
+        incoming.mkdir(parents=True, exist_ok=True)
+        workdir = Path(tempfile.mkdtemp(dir=incoming))
+        try:
+            yield self._write(stream, workdir, expected_sha256)
+        finally:
+            shutil.rmtree(workdir, ignore_errors=True)
+
+    def add_disk_image(self, upload: Upload, declared_format: str | None) -> DiskImage:
+        """Inspect, convert to a sparse raw file, build the chunks and manifest: ready to
+        publish."""
+        info = inspect(upload.path, declared_format, max_virtual_size=self.max_size)
+        upload.content.mkdir()
+        raw = upload.content / RAW
+        if info.format == "raw":
+            upload.path.rename(raw)  # received sparse already
+        else:
+            convert_to_raw(upload.path, info.format, raw)
+            upload.path.unlink()
+        manifest = build(raw, upload.content / PACKED)
+        (upload.content / MANIFEST).write_text(manifest.to_json())
+        return DiskImage(info, manifest)
+
+    def add_file(self, upload: Upload) -> None:
+        """Kernels and ramdisks are served as uploaded."""
+        upload.content.mkdir()
+        upload.path.rename(upload.content / FILE)
+
+    def publish(self, upload: Upload, uuid: str) -> None:
+        """Move the prepared files into place in one rename. The caller holds the image's
+        row lock with the image still queued, so anything already there is a leftover of an
+        upload whose record was never committed."""
+        self.delete(uuid)
+        upload.content.rename(self._dir(uuid))
+
+    def delete(self, uuid: str) -> None:
+        """Take the image's files out of sight in one rename, then remove them."""
+        directory = self._dir(uuid)
+        if not directory.exists():
+            return
+        incoming = self.root / ".incoming"
+        incoming.mkdir(parents=True, exist_ok=True)
+        doomed = Path(tempfile.mkdtemp(dir=incoming)) / uuid
+        directory.rename(doomed)
+        shutil.rmtree(doomed.parent, ignore_errors=True)
+
+    def _dir(self, uuid: str) -> Path:
+        if str(uuidlib.UUID(uuid)) != uuid:
+            raise ValueError(f"not a canonical UUID: {uuid!r}")
+        return self.root / uuid
+
+    def _write(self, stream: BinaryIO, workdir: Path, expected_sha256: str | None) -> Upload:
+        digest = hashlib.sha256()
+        size = 0
+        with open(workdir / "upload", "wb") as out:
+            for data in read_chunks(stream, READ_SIZE):
+                size += len(data)
+                if size > self.max_size:
+                    raise UploadTooLarge(f"the upload is larger than the limit of "
+                                         f"{self.max_size} bytes (max_image_size)")
+                digest.update(data)
+                _write_sparse(out, data)
+            out.truncate(size)  # a hole at the end still counts
+        if size == 0:
+            raise ImageRejected("the upload is empty")
+        upload = Upload(workdir, size, digest.hexdigest())
+        if expected_sha256 and upload.sha256 != expected_sha256.lower():
+            raise ImageRejected(f"sha256 mismatch: expected {expected_sha256.lower()}, "
+                                f"the upload is {upload.sha256}")
+        return upload
+
+
+def _write_sparse(out: BinaryIO, data: bytes) -> None:
+    """Write runs of data and seek over zero blocks, so the file keeps holes there."""
+    view = memoryview(data)
+    run_start: int | None = None
+    for offset in range(0, len(data), HOLE_SIZE):
+        if not is_zero(data[offset:offset + HOLE_SIZE]):
+            if run_start is None:
+                run_start = offset
+            continue
+        if run_start is not None:
+            out.write(view[run_start:offset])
+            run_start = None
+        out.seek(min(HOLE_SIZE, len(data) - offset), os.SEEK_CUR)
+    if run_start is not None:
+        out.write(view[run_start:])

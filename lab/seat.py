@@ -1,0 +1,106 @@
+"""Light seats: a PC of the simulated lab as a process in its own network namespace, with a
+sparse file as its disk (lab/firmware.py is what it runs). Powered by a virtual BMC or a
+Wake-on-LAN listener like any Machine."""
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import threading
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+from labmetal.lab.network import in_namespace
+
+
+@dataclass(frozen=True)
+class LightSeatSpec:
+    name: str
+    namespace: str
+    mac: str
+    disk: str
+    boot_url: str
+    state_dir: str
+    interface: str = "eth0"
+    bmc_port: int | None = None
+
+    @staticmethod
+    def load_all(path: Path) -> list[LightSeatSpec]:
+        return [LightSeatSpec(**entry) for entry in json.loads(Path(path).read_text())]
+
+    @staticmethod
+    def save_all(path: Path, specs: list[LightSeatSpec]) -> None:
+        Path(path).write_text(json.dumps([asdict(spec) for spec in specs], indent=1))
+
+
+class LightSeat:
+    """Power changes happen in the seat's own worker thread, in order: a BMC answers at once
+    while the seat shuts down (which may take seconds: the agent stops its exports), as
+    real hardware does; the state reported follows the real process."""
+
+    def __init__(self, spec: LightSeatSpec):
+        self.spec = spec
+        self.name = spec.name
+        self.boot_device = "network"
+        self._process: subprocess.Popen | None = None
+        self._lock = threading.Lock()
+        self._worker = ThreadPoolExecutor(max_workers=1, thread_name_prefix=f"seat-{spec.name}")
+        Path(spec.state_dir).mkdir(parents=True, exist_ok=True)
+
+    @property
+    def console_log(self) -> Path:
+        return Path(self.spec.state_dir) / "console.log"
+
+    def is_on(self) -> bool:
+        return self._process is not None and self._process.poll() is None
+
+    def power_on(self) -> None:
+        self._worker.submit(self._start)
+
+    def power_off(self) -> None:
+        self._worker.submit(self._stop)
+
+    def reset(self) -> None:
+        self._worker.submit(self._stop)
+        self._worker.submit(self._start)
+
+    def shutdown(self) -> None:
+        """Stop the seat now and wait for it (when the lab itself stops)."""
+        self._worker.shutdown(wait=True, cancel_futures=True)
+        self._stop()
+
+    def _start(self) -> None:
+        with self._lock:
+            if self.is_on():
+                return
+            device = "disk" if self.boot_device in ("hd", "disk") else "network"
+            argv = in_namespace(self.spec.namespace, [
+                sys.executable, "-m", "labmetal.lab.firmware", "--boot-url", self.spec.boot_url,
+                "--mac", self.spec.mac, "--disk", self.spec.disk, "--interface",
+                self.spec.interface, "--boot-device", device, "--state-dir", self.spec.state_dir])
+            with open(self.console_log, "ab") as console:
+                console.write(f"--- power on ({device})\n".encode())
+                console.flush()
+                self._process = subprocess.Popen(argv, stdout=console, stderr=subprocess.STDOUT,
+                                                 start_new_session=True)
+
+    def _stop(self) -> None:
+        with self._lock:
+            process, self._process = self._process, None
+        if process is None or process.poll() is not None:
+            return
+        os.kill(process.pid, signal.SIGTERM)  # the firmware stops the agent it started
+        try:
+            process.wait(timeout=30)
+        except subprocess.TimeoutExpired:
+            os.killpg(process.pid, signal.SIGKILL)
+            process.wait(timeout=10)
+
+    def get_boot_device(self) -> str:
+        return self.boot_device
+
+    def set_boot_device(self, device: str) -> None:
+        self.boot_device = device

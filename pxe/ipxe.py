@@ -1,0 +1,216 @@
+"""iPXE scripts: the chain script every PC gets from DHCP, and what its own per-MAC script
+tells it to do (boot the deploy ramdisk, boot its local disk, or stay idle).
+
+Pure rendering, no I/O. iPXE has no quoting or escaping: a line is split on whitespace,
+``${...}`` is expanded in every word, a word starting with ``#`` starts a comment and the
+words ``||``, ``&&`` and ``;`` chain commands. So URLs and kernel arguments are checked and
+refused if they contain anything else than their own syntax, and text that is only shown
+(node names, messages) is reduced to harmless characters.
+"""
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass
+from typing import Literal
+from urllib.parse import urlsplit
+
+MAGIC = "#!ipxe"
+# netX is the interface iPXE booted from; hexhyp gives 52-54-00-12-34-56 (no ':' in URLs).
+BOOTED_MAC = "${netX/mac:hexhyp}"
+SCRIPT_PATH = "boot/{mac}.ipxe"  # under the base URL, one per MAC: see script_mac()
+
+_URL_CHARS = re.compile(r"^[A-Za-z0-9._~:/?\[\]@!&()*+,;=%-]+$")
+_KERNEL_ARG = re.compile(r"^[A-Za-z0-9._~:/?@!&()*+,;=%-]+$")
+_SHOWN = re.compile(r"[^A-Za-z0-9 ._:/@()+,=~'-]")
+_SCRIPT_NAME = re.compile(r"^([0-9a-f]{2}(?:-[0-9a-f]{2}){5})\.ipxe$")
+
+RamdiskMode = Literal["deploy", "inspect", "clean", "discovery"]
+
+
+def url(value: str, what: str = "URL") -> str:
+    """``value`` if it is an http(s) URL iPXE reads as one word with nothing to expand."""
+    parts = urlsplit(value)
+    if parts.scheme not in ("http", "https") or not parts.hostname or not _URL_CHARS.match(value):
+        raise ValueError(f"{what} must be an http(s) URL without spaces, quotes, '$', "
+                         f"'{{' or '}}': {value!r}")
+    return value
+
+
+def kernel_arg(value: str) -> str:
+    if not _KERNEL_ARG.match(value) or value in ("||", "&&", ";"):
+        raise ValueError(f"kernel argument must be one word without quotes, '$', '#', '{{' "
+                         f"or '}}': {value!r}")
+    return value
+
+
+def shown(text: str) -> str:
+    """``text`` reduced to characters iPXE's ``echo`` prints as they are; anything else
+    (``$``, braces, ``#``, control characters) becomes ``?``."""
+    words = [word if word not in ("||", "&&", ";") else "?" for word in
+             _SHOWN.sub("?", text).split()]
+    return " ".join(words)
+
+
+def script_mac(name: str) -> str | None:
+    """The MAC (``52:54:00:12:34:56``) of a per-MAC script's file name
+    (``52-54-00-12-34-56.ipxe``), or None if ``name`` is not one."""
+    match = _SCRIPT_NAME.match(name.lower())
+    return match.group(1).replace("-", ":") if match else None
+
+
+def _lines(*lines: str) -> str:
+    return "\n".join((MAGIC, *lines)) + "\n"
+
+
+@dataclass(frozen=True)
+class ChainScript:
+    """``/boot.ipxe``, the same for every PC: fetch this PC's own script from
+    ``<base_url>/boot/<mac>.ipxe``, retrying a few times; if the server stays unreachable,
+    say so and hand the PC back to its firmware (``exit``: the next boot device, usually
+    the local disk), so a room stays usable while labmetal is down."""
+    base_url: str
+    attempts: int = 3
+    retry_delay: int = 5
+
+    def __post_init__(self) -> None:
+        url(self.base_url, "base URL")
+        if self.attempts < 1 or self.retry_delay < 0:
+            raise ValueError("attempts must be >= 1 and retry_delay >= 0")
+
+    def render(self) -> str:
+        base = self.base_url.rstrip("/")
+        target = f"{base}/{SCRIPT_PATH.format(mac=BOOTED_MAC)}"
+        return _lines(
+            "# labmetal: every PC fetches its own script, rendered when it asks.",
+            "set attempt:int32 0",
+            ":fetch",
+            f"chain --replace --autofree {target} || goto retry",
+            ":retry",
+            "inc attempt",
+            f"iseq ${{attempt}} {self.attempts} && goto unreachable ||",
+            f"echo labmetal: no boot script from {base} for ${{netX/mac}},"
+            f" retrying in {self.retry_delay} s",
+            f"sleep {self.retry_delay}",
+            "goto fetch",
+            ":unreachable",
+            f"echo labmetal: {base} did not answer for ${{netX/mac}} after {self.attempts}"
+            " attempts; booting the next device",
+            "sleep 10",
+            "exit 1",
+        )
+
+
+@dataclass(frozen=True)
+class RamdiskScript:
+    """Boot the labmetal ramdisk (kernel + initramfs over HTTP) in ``mode``: the agent
+    finds labmetal's API in ``labmetal.api=``, its mode in ``labmetal.mode=`` and the
+    interface the PC booted from in ``BOOTIF=`` (pxelinux's convention). ``discovery`` is
+    for a PC labmetal does not know: its agent enlists the PC with its inventory.
+    A failed download is retried; after ``attempts`` the PC reboots into PXE, where it gets
+    whatever its script says by then (the conductor's callback timeout handles a PC that
+    never calls back)."""
+    kernel_url: str
+    ramdisk_url: str
+    api_url: str
+    mode: RamdiskMode = "deploy"
+    node: str = ""  # shown on the PC's screen only
+    consoles: tuple[str, ...] = ("tty0", "ttyS0,115200n8")  # the last one is /dev/console
+    kernel_args: tuple[str, ...] = ()
+    attempts: int = 3
+    retry_delay: int = 5
+
+    def __post_init__(self) -> None:
+        url(self.kernel_url, "kernel URL")
+        url(self.ramdisk_url, "ramdisk URL")
+        url(self.api_url, "API URL")
+        if self.mode not in ("deploy", "inspect", "clean", "discovery"):
+            raise ValueError(f"unknown ramdisk mode {self.mode!r}")
+        for arg in (*self.kernel_args, *(f"console={c}" for c in self.consoles)):
+            kernel_arg(arg)
+        if self.attempts < 1 or self.retry_delay < 0:
+            raise ValueError("attempts must be >= 1 and retry_delay >= 0")
+
+    @property
+    def cmdline(self) -> str:
+        # initrd=ramdisk lets a UEFI kernel's EFI stub find the initramfs by its iPXE name.
+        return " ".join(("initrd=ramdisk", *(f"console={c}" for c in self.consoles),
+                         f"labmetal.api={self.api_url}", f"labmetal.mode={self.mode}",
+                         f"BOOTIF=01-{BOOTED_MAC}", *self.kernel_args))
+
+    def render(self) -> str:
+        who = f" for {shown(self.node)}" if shown(self.node) else ""
+        return _lines(
+            f"# labmetal: {self.mode} ramdisk{who}",
+            "set attempt:int32 0",
+            ":fetch",
+            f"echo labmetal: loading the {self.mode} ramdisk{who}",
+            "imgfree",
+            f"kernel --name kernel {self.kernel_url} {self.cmdline} || goto retry",
+            f"initrd --name ramdisk {self.ramdisk_url} || goto retry",
+            "boot || goto retry",
+            ":retry",
+            "inc attempt",
+            f"iseq ${{attempt}} {self.attempts} && goto failed ||",
+            f"echo labmetal: loading the ramdisk failed, retrying in {self.retry_delay} s",
+            f"sleep {self.retry_delay}",
+            "goto fetch",
+            ":failed",
+            f"echo labmetal: could not load the ramdisk after {self.attempts} attempts;"
+            " rebooting",
+            "sleep 10",
+            "reboot || exit 1",
+        )
+
+
+@dataclass(frozen=True)
+class LocalDiskScript:
+    """Boot the PC's own disk. On BIOS, ``sanboot --no-describe --drive 0x80`` boots the
+    first disk's MBR directly: it works whatever the firmware's boot order is (lab PCs are
+    often set to network only) and avoids ``exit``, after which some PXE ROMs hang instead
+    of trying the next device. UEFI has no drive 0x80 to hand to iPXE; there ``exit``
+    returns to the firmware's boot manager, which boots the next entry (the disk)."""
+    node: str = ""
+
+    def render(self) -> str:
+        who = f" of {shown(self.node)}" if shown(self.node) else ""
+        return _lines(
+            f"# labmetal: boot the local disk{who}",
+            f"echo labmetal: booting the local disk{who}",
+            "iseq ${platform} efi && goto firmware ||",
+            "sanboot --no-describe --drive 0x80 ||",
+            "echo labmetal: the first disk did not boot; returning to the firmware",
+            ":firmware",
+            "exit 0",
+        )
+
+
+@dataclass(frozen=True)
+class IdleScript:
+    """Nothing to do for this PC (not enrolled, or no action pending): show why, wait
+    ``delay`` seconds so a person at the PC can read it, then power off or return to the
+    firmware. Debian's iPXE is built without ``poweroff``: ``exit`` is its fallback."""
+    message: str
+    then: Literal["poweroff", "exit"] = "exit"
+    delay: int = 30
+
+    def __post_init__(self) -> None:
+        if self.then not in ("poweroff", "exit"):
+            raise ValueError("then must be 'poweroff' or 'exit'")
+        if self.delay < 0:
+            raise ValueError("delay must be >= 0")
+
+    def render(self) -> str:
+        if self.then == "poweroff":
+            action, final = "powering off", "poweroff || exit 0"
+        else:
+            action, final = "booting the next device", "exit 0"
+        return _lines(
+            "# labmetal: nothing to do for this PC",
+            f"echo labmetal: {shown(self.message)}",
+            f"echo labmetal: this PC is ${{netX/mac}}; {action} in {self.delay} s",
+            f"sleep {self.delay}",
+            final,
+        )
+
+
+BootScript = ChainScript | RamdiskScript | LocalDiskScript | IdleScript
