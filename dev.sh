@@ -35,6 +35,9 @@ setup() {
     fi
 }
 
+# The deploy ramdisk is built once from Debian packages and kept here between runs.
+export LABMETAL_RAMDISK_CACHE=${LABMETAL_RAMDISK_CACHE:-/var/cache/labmetal/ramdisk}
+
 command=${1:-demo}
 shift || true
 case "$command" in

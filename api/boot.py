@@ -15,7 +15,8 @@ from labmetal.pxe.ipxe import (BootScript, ChainScript, IdleScript, LocalDiskScr
 blueprint = Blueprint("boot", __name__)
 RAMDISK_MODE = {states.DEPLOYING: "deploy", states.DEPLOY_WAIT: "deploy",
                 states.CLEANING: "clean", states.CLEAN_WAIT: "clean", states.DELETING: "clean",
-                states.INSPECTING: "inspect", states.INSPECT_WAIT: "inspect"}
+                states.INSPECTING: "inspect", states.INSPECT_WAIT: "inspect",
+                states.CAPTURING: "deploy", states.CAPTURE_WAIT: "deploy"}
 
 
 def _ipxe(script: BootScript) -> Response:

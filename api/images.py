@@ -16,6 +16,8 @@ from labmetal.api.app import services
 from labmetal.api.common import base_url, is_uuid, isotime, json_object, links, page
 from labmetal.api.errors import ApiError, bad_request, conflict, not_found
 from labmetal.images.inspect import FORMATS, ImageRejected
+from labmetal.images.registry import (ACTIVE, DISK_KINDS, QUEUED, AlreadyActive, ImageGone,
+                                      ingest)
 from labmetal.images.store import ImageStore, UploadTooLarge
 from labmetal.models import Image, Node
 
@@ -23,8 +25,6 @@ LOG = logging.getLogger(__name__)
 blueprint = Blueprint("images", __name__)
 
 KINDS = ("whole-disk", "partition", "kernel", "ramdisk")
-DISK_KINDS = ("whole-disk", "partition")
-QUEUED, ACTIVE = "queued", "active"
 CREATE_FIELDS = ("name", "kind", "disk_format", "sha256", "kernel", "ramdisk", "description")
 SORT_KEYS = ("id", "uuid", "name", "kind", "status", "size", "created_at", "updated_at")
 NAME_PATTERN = re.compile(r"^[A-Za-z0-9._~-]{1,255}$")
@@ -209,36 +209,18 @@ def upload_image_data(ident: str):
         raise ApiError(413, f"Image {image.name} rejected: the upload is larger than the "
                             f"limit of {store.max_size} bytes (max_image_size)")
     try:
-        with store.receive(request.stream, image.sha256) as upload:
-            values: dict[str, Any] = {"size": upload.size, "sha256": upload.sha256}
-            if image.kind in DISK_KINDS:
-                disk = store.add_disk_image(upload, image.disk_format)
-                values |= {"disk_format": disk.info.format,
-                           "virtual_size": disk.info.virtual_size,
-                           "raw_sha256": disk.manifest.raw_sha256,
-                           "chunk_size": disk.manifest.chunk_size,
-                           "chunk_count": len(disk.manifest.chunks),
-                           "packed_size": disk.manifest.packed_size}
-            else:
-                store.add_file(upload)
-            with svc.db.write() as session:
-                current = session.scalar(select(Image).where(Image.id == image.id)
-                                         .with_for_update())
-                if current is None:
-                    raise not_found(f"Image {ident} was deleted during its upload.")
-                if current.status == ACTIVE:
-                    raise _already_active(current)
-                store.publish(upload, current.uuid)
-                for key, value in values.items():
-                    setattr(current, key, value)
-                current.status = ACTIVE
-                session.flush()
-                view = image_view(current, linked_uuids(session, [current]))
+        current = ingest(svc.db, store, image, request.stream)
+    except ImageGone:
+        raise not_found(f"Image {ident} was deleted during its upload.") from None
+    except AlreadyActive as error:
+        raise _already_active(error.image) from None
     except UploadTooLarge as error:
         raise ApiError(413, f"Image {image.name} rejected: {error}") from None
     except ImageRejected as error:
         LOG.info("upload of image %s (%s) rejected: %s", image.name, image.uuid, error)
         raise bad_request(f"Image {image.name} rejected: {error}") from None
+    with svc.db.read() as session:
+        view = image_view(current, linked_uuids(session, [current]))
     LOG.info("image %s (%s) active: %s, %s bytes", image.name, image.uuid,
              view["disk_format"] or image.kind, view["size"])
     return view

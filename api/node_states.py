@@ -3,7 +3,7 @@ validation, its ports and its history."""
 from __future__ import annotations
 
 from flask import Blueprint, g, request
-from sqlalchemy import select, update
+from sqlalchemy import delete, select, update
 
 from labmetal import history, states
 from labmetal.api.app import services
@@ -259,3 +259,45 @@ def node_history_event(ident: str, event: str):
     if row is None:
         raise not_found(f"Node history record {event} could not be found.")
     return _history_view(row, node.uuid, detail=True)
+
+
+@blueprint.post("/v1/nodes/<ident>/capture")
+def capture_disk(ident: str):
+    """labmetal's own: read a manageable node's disk (a teacher's reference PC) over iSCSI
+    into a new whole-disk image. 202 with the image, which turns active when done."""
+    body = json_object()
+    name = body.get("image")
+    if not isinstance(name, str) or not name.strip() or is_uuid(name):
+        raise bad_request("capture needs {\"image\": \"<new image name>\"}")
+    svc = services()
+    with svc.db.read() as session:
+        node = find_node(session, ident)
+    if node.provision_state != states.MANAGEABLE:
+        raise bad_request(f"Cannot capture node {node.uuid} in state "
+                          f"'{node.provision_state}': capture works on manageable nodes")
+    try:
+        svc.drivers[node.driver].power.validate(_power_target(node))
+    except (InvalidDriverInfo, PowerError, ValueError) as error:
+        raise bad_request(f"Cannot capture node {node.uuid}: {error}") from None
+    _check_ramdisk(node)
+    with svc.db.write() as session:
+        if session.scalar(select(Image.id).where(Image.name == name)):
+            raise conflict(f"An image named {name} already exists (field: image).")
+        image = Image(name=name, kind="whole-disk", status="queued", disk_format="raw",
+                      description=body.get("description") or f"captured from {node.name or node.uuid}")
+        session.add(image)
+        session.flush()
+        image_uuid = image.uuid
+    info = {**(node.driver_internal_info or {}), "capture_image": image_uuid}
+    try:
+        _hand_over(node, "capture", {"provision_state": states.CAPTURING,
+                                     "target_provision_state": states.MANAGEABLE,
+                                     "provision_updated_at": utcnow(), "last_error": None,
+                                     "driver_internal_info": info},
+                   (Node.provision_state == states.MANAGEABLE,),
+                   ("capture", f"capture into image {name} requested"))
+    except ApiError:
+        with svc.db.write() as session:
+            session.execute(delete(Image).where(Image.uuid == image_uuid))
+        raise
+    return {"image": image_uuid, "node": node.uuid}, 202

@@ -23,6 +23,9 @@ from labmetal.conductor.agent_client import AgentClient, AgentRefused, AgentUnre
 from labmetal.conductor.power.base import InvalidDriverInfo, PowerError
 from labmetal.config import Settings
 from labmetal.db import Database
+from labmetal.images.inspect import ImageRejected
+from labmetal.images.registry import ingest
+from labmetal.images.store import ImageStore
 from labmetal.models import Image, Node, Port
 from labmetal.secrets import SecretBox
 
@@ -40,7 +43,7 @@ class DeployContext:
     db: Database
     box: SecretBox
     hostname: str
-    raw_image_path: Callable[[str], Any]  # image uuid -> path of its raw file in the store
+    store: ImageStore
 
     def save_step(self, node_id: int, step: dict[str, Any]) -> None:
         """Progress of the running step, written only while this conductor holds the lock."""
@@ -251,7 +254,7 @@ def _write_iscsi(work: NodeWork, image: Image) -> None:
             work.ctx.save_step(work.node.id, {**(work.node.deploy_step or {}),
                                               "step": "write image over iSCSI",
                                               "done": done, "total": total})
-        write_image_over_iscsi(work.ctx.raw_image_path(image.uuid), "raw", export["portal"],
+        write_image_over_iscsi(work.ctx.store.raw_path(image.uuid), "raw", export["portal"],
                                export["iqn"], int(export.get("lun", 1)), target_is_zero=False,
                                progress_callback=progress)
     except Exception as error:
@@ -330,6 +333,73 @@ def continue_inspect(work: NodeWork) -> Outcome:
                     ("provisioning", "INFO", "inspecting -> manageable")])
 
 
+def capture(work: NodeWork) -> Outcome:
+    """manageable -> capturing -> capture wait: boot the reference PC into the agent."""
+    try:
+        return boot_ramdisk(work, states.CAPTURE_WAIT, "capture disk")
+    except DeployError as error:
+        return _capture_failed(work, str(error))
+
+
+def continue_capture(work: NodeWork) -> Outcome:
+    """The agent exports the disk over iSCSI; the conductor reads it whole into a new image,
+    checked and stored like an upload."""
+    from labmetal.conductor.iscsi_writer import capture_over_iscsi
+    ctx = work.ctx
+    image_uuid = work.driver_internal_info.get("capture_image")
+    with ctx.db.read() as session:
+        image = session.scalar(select(Image).where(Image.uuid == image_uuid))
+    if image is None:
+        return _capture_failed(work, "the image to capture into was deleted")
+    iqn = f"iqn.2026-11.org.labmetal:{work.node.uuid}"
+    incoming = ctx.store.root / ".incoming"
+    incoming.mkdir(parents=True, exist_ok=True)
+    disk = incoming / f"capture-{work.node.uuid}.raw"
+    try:
+        export = run_agent_command(work, "export_iscsi", {"iqn": iqn}, "export disk over iSCSI")
+        try:
+            def progress(done: int, total: int) -> None:
+                ctx.save_step(work.node.id, {**(work.node.deploy_step or {}),
+                                             "step": "read disk over iSCSI", "done": done,
+                                             "total": total})
+            capture_over_iscsi(export["portal"], export["iqn"], int(export.get("lun", 1)), disk,
+                               progress_callback=progress)
+        finally:
+            run_agent_command(work, "unexport_iscsi", {"iqn": iqn}, "unexport disk")
+        with open(disk, "rb") as stream:
+            stored = ingest(ctx.db, ctx.store, image, stream)
+        power_state = _power_off(work)
+    except (DeployError, PowerError, InvalidDriverInfo, ImageRejected, OSError,
+            RuntimeError) as error:
+        return _capture_failed(work, str(error))
+    finally:
+        disk.unlink(missing_ok=True)
+    return Outcome({**_DONE_WITH_AGENT, "provision_state": states.MANAGEABLE,
+                    "power_state": power_state,
+                    "driver_internal_info": _without_capture(work)},
+                   [("capture", "INFO", f"disk captured as image {stored.name} "
+                                        f"({stored.virtual_size} bytes, sha256 "
+                                        f"{stored.raw_sha256[:12]})"),
+                    ("provisioning", "INFO", "capturing -> manageable")])
+
+
+def _without_capture(work: NodeWork) -> dict[str, Any]:
+    return {k: v for k, v in work.driver_internal_info.items() if k != "capture_image"}
+
+
+def _capture_failed(work: NodeWork, message: str) -> Outcome:
+    """Back to manageable; the queued image is removed so its name can be used again."""
+    image_uuid = work.driver_internal_info.get("capture_image")
+    with work.ctx.db.write() as session:
+        image = session.scalar(select(Image).where(Image.uuid == image_uuid,
+                                                   Image.status == "queued"))
+        if image is not None:
+            session.delete(image)
+    outcome = _failure(work, f"Capture failed: {message}")
+    outcome.values["driver_internal_info"] = _without_capture(work)
+    return outcome
+
+
 def inventory_properties(inventory: dict[str, Any]) -> dict[str, Any]:
     """Ironic's scheduling properties from an agent inventory."""
     properties: dict[str, Any] = {}
@@ -378,8 +448,11 @@ DEPLOY_ACTIONS: dict[str, Callable[[NodeWork], Outcome]] = {
     "continue-deploy": continue_deploy,
     "continue-clean": continue_clean,
     "continue-inspect": continue_inspect,
+    "capture": capture,
+    "continue-capture": continue_capture,
 }
 
 # The action the API asks for when the agent of a node in a wait state calls back.
 CONTINUE_ACTION = {states.DEPLOY_WAIT: "continue-deploy", states.CLEAN_WAIT: "continue-clean",
-                   states.INSPECT_WAIT: "continue-inspect"}
+                   states.INSPECT_WAIT: "continue-inspect",
+                   states.CAPTURE_WAIT: "continue-capture"}

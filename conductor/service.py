@@ -12,12 +12,13 @@ import time
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict, dataclass
 from datetime import timedelta
-from typing import Any, Callable
+from typing import Any
 
 from sqlalchemy import or_, select, update
 
 from labmetal import history, states
 from labmetal.conductor.actions import ACTIONS, NodeWork, Outcome
+from labmetal.conductor.bootserver import BootServer
 from labmetal.conductor.deploy import DEPLOY_ACTIONS, DeployContext
 from labmetal.conductor.drivers import HardwareType
 from labmetal.conductor.power.base import InvalidDriverInfo, PowerError, PowerTarget
@@ -25,6 +26,7 @@ from labmetal.conductor.registry import ConductorRegistry
 from labmetal.conductor.wakeup import WakeServer
 from labmetal.config import Settings
 from labmetal.db import Database
+from labmetal.images.store import ImageStore
 from labmetal.models import Conductor, Node, Port, utcnow
 from labmetal.secrets import SecretBox
 
@@ -43,7 +45,7 @@ class SyncStats:
 
 class ConductorService:
     def __init__(self, settings: Settings, db: Database, drivers: dict[str, HardwareType],
-                 box: SecretBox, raw_image_path: Callable[[str], Any] = lambda uuid: None):
+                 box: SecretBox, store: ImageStore):
         self.settings = settings
         self.hostname = settings.hostname
         self.db = db
@@ -63,14 +65,15 @@ class ConductorService:
         self._waits_checked_at = 0.0
         self._threads: list[threading.Thread] = []
         self.actions = {**ACTIONS, **DEPLOY_ACTIONS}
-        self.deploy_context = DeployContext(settings, db, box, settings.hostname,
-                                            raw_image_path=raw_image_path)
+        self.deploy_context = DeployContext(settings, db, box, settings.hostname, store)
         self.wake_server = WakeServer(settings.wake_listen, settings.hostname, self.wake,
                                       self.status)
+        self.boot_server = BootServer(settings, db)
 
     # -- life cycle ------------------------------------------------------------------
     def start(self) -> None:
         self.wake_server.start()
+        self.boot_server.start()
         self._register()
         self._release_own_stale_locks()
         for loop in (self._heartbeat_loop, self._scan_loop, self._power_sync_loop):
@@ -91,6 +94,7 @@ class ConductorService:
             session.execute(update(Conductor).where(Conductor.hostname == self.hostname)
                             .values(online=False))
         self.wake_server.stop()
+        self.boot_server.stop()
         LOG.info("conductor %s stopped", self.hostname)
 
     def wake(self) -> None:
@@ -168,6 +172,7 @@ class ConductorService:
         if time.monotonic() - self._waits_checked_at > 5:
             self._waits_checked_at = time.monotonic()
             self._expire_agent_waits()
+            self.boot_server.sync_hosts()
 
     def _take_over(self, live: set[str]) -> None:
         """Locks held by conductors that are no longer alive: where the ring gives the node

@@ -66,6 +66,7 @@ class Progress:
     started: float = field(default_factory=time.monotonic)
     ended: float | None = None  # the last byte sent; the server then checks and converts
     drawn_at: float = 0.0
+    verb: str = "upload"  # what is shown: "upload", "capture"
 
     @property
     def live(self) -> bool:
@@ -77,7 +78,7 @@ class Progress:
         if self.live and (now - self.drawn_at >= 0.2 or self.sent == self.total):
             self.drawn_at = now
             percent = 100 * self.sent / self.total if self.total else 100.0
-            self.out.write(f"\rupload {self.name}: {percent:5.1f}% "
+            self.out.write(f"\r{self.verb} {self.name}: {percent:5.1f}% "
                            f"{self.sent / 1e6:.1f}/{self.total / 1e6:.1f} MB "
                            f"{self.rate():.1f} MB/s\x1b[K")
             self.out.flush()
@@ -91,7 +92,8 @@ class Progress:
     def finish(self) -> None:
         if self.live:
             self.out.write("\n")
-        self.out.write(f"uploaded {self.name}: {self.sent / 1e6:.1f} MB in "
+        past = self.verb + ("d" if self.verb.endswith("e") else "ed")
+        self.out.write(f"{past} {self.name}: {self.sent / 1e6:.1f} MB in "
                        f"{self.elapsed():.1f} s ({self.rate():.1f} MB/s), active after "
                        f"{time.monotonic() - self.started:.1f} s\n")
         self.out.flush()
@@ -107,15 +109,19 @@ def file_pieces(path: Path, progress: Progress) -> Iterator[bytes]:
 
 # -- commands ----------------------------------------------------------------------------
 def cmd_upload(client: Client, args: argparse.Namespace) -> Any:
-    path = Path(args.file)
-    if not path.is_file():
-        raise CliError(f"{path}: no such file")
     request = {"name": args.name, "kind": args.kind, "disk_format": args.format,
                "sha256": args.sha256, "kernel": args.kernel, "ramdisk": args.ramdisk,
                "description": args.description}
+    return upload_file(client, Path(args.file), request)
+
+
+def upload_file(client: Client, path: Path, request: dict[str, Any]) -> Any:
+    """Register an image, then stream its data; a refused upload leaves no record."""
+    if not path.is_file():
+        raise CliError(f"{path}: no such file")
     image = client.call("POST", "/v1/images",
                         json={key: value for key, value in request.items() if value is not None})
-    progress = Progress(args.name, path.stat().st_size, sys.stderr)
+    progress = Progress(request["name"], path.stat().st_size, sys.stderr)
     try:
         image = client.call("PUT", f"/v1/images/{image['uuid']}/data",
                             data=file_pieces(path, progress),
@@ -127,6 +133,66 @@ def cmd_upload(client: Client, args: argparse.Namespace) -> Any:
         except CliError:
             pass
         raise
+    progress.finish()
+    return image
+
+
+def cmd_build_ramdisk(client: Client, args: argparse.Namespace) -> Any:
+    """Build (or reuse) the deploy kernel and initramfs and register both as images, named
+    after the build's version so that nodes using an older ramdisk keep it."""
+    from labmetal.images.ramdisk import build_ramdisk, sha256_file
+    source = Path(args.source) if args.source else Path(__file__).resolve().parents[1]
+    if not (source / "agent" / "__main__.py").exists():
+        raise CliError(f"{source} is not a labmetal checkout (no agent/): give --source")
+    build = build_ramdisk(Path(args.cache), source, force=args.force,
+                          progress=lambda line: print(line, file=sys.stderr, flush=True))
+    registered = {}
+    for kind, path in (("kernel", build.kernel), ("ramdisk", build.initramfs)):
+        name = f"{args.prefix}-{kind}-{build.version_key[:12]}"
+        digest = sha256_file(path)
+        try:
+            existing = client.call("GET", f"/v1/images/{name}")
+        except CliError:
+            existing = None
+        if existing is not None and existing["status"] == "active":
+            if existing["sha256"] != digest:
+                raise CliError(f"image {name} exists with other content; delete it first")
+        else:
+            if existing is not None:
+                client.call("DELETE", f"/v1/images/{name}")
+            upload_file(client, path, {"name": name, "kind": kind, "sha256": digest,
+                                       "description": f"labmetal deploy {kind} "
+                                                      f"{build.version_key[:12]}"})
+        registered[kind] = name
+    print(f"deploy kernel and ramdisk: {registered['kernel']}, {registered['ramdisk']} "
+          "(use them as driver_info deploy_kernel/deploy_ramdisk or the deploy_kernel/"
+          "deploy_ramdisk settings)", file=sys.stderr)
+    return {"deploy_kernel": registered["kernel"], "deploy_ramdisk": registered["ramdisk"],
+            "version_key": build.version_key, "build_reused": build.reused}
+
+
+def cmd_capture(client: Client, args: argparse.Namespace) -> Any:
+    """Capture a node's disk into a new image, showing the progress until it is done."""
+    started = client.call("POST", f"/v1/nodes/{args.node}/capture",
+                          json={"image": args.name, "description": args.description})
+    progress: Progress | None = None
+    while True:
+        node = client.call("GET", f"/v1/nodes/{started['node']}")
+        step = node.get("deploy_step") or {}
+        if step.get("total"):
+            if progress is None:
+                progress = Progress(args.name, int(step["total"]), sys.stderr, verb="capture")
+            progress.add(int(step.get("done", 0)) - progress.sent)
+        if node["provision_state"] == "manageable" and not node.get("reservation"):
+            break
+        time.sleep(1)
+    if node.get("last_error"):
+        raise CliError(node["last_error"])
+    image = client.call("GET", f"/v1/images/{started['image']}")
+    if progress is None:  # done between two looks
+        progress = Progress(args.name, image.get("virtual_size") or 0, sys.stderr,
+                            verb="capture")
+    progress.add(progress.total - progress.sent)
     progress.finish()
     return image
 
@@ -230,6 +296,24 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     show = sub.add_parser("show", parents=[common], help="show one image")
     show.add_argument("name", help="name or UUID")
     show.set_defaults(images_func=cmd_show)
+
+    ramdisk = sub.add_parser("build-ramdisk", parents=[common],
+                             help="build the deploy kernel + initramfs (Debian packages, "
+                                  "cached) and register them as images")
+    ramdisk.add_argument("--cache", default=os.environ.get("LABMETAL_RAMDISK_CACHE",
+                                                           "/var/cache/labmetal/ramdisk"))
+    ramdisk.add_argument("--source", help="labmetal checkout whose agent goes in "
+                                          "(default: this one)")
+    ramdisk.add_argument("--prefix", default="deploy", help="image names: PREFIX-kernel-KEY")
+    ramdisk.add_argument("--force", action="store_true", help="rebuild even if cached")
+    ramdisk.set_defaults(images_func=cmd_build_ramdisk)
+
+    capture = sub.add_parser("capture", parents=[common],
+                             help="read a manageable node's disk into a new whole-disk image")
+    capture.add_argument("node", help="node name or UUID (a reference PC)")
+    capture.add_argument("name", help="name of the new image")
+    capture.add_argument("--description")
+    capture.set_defaults(images_func=cmd_capture)
 
     delete = sub.add_parser("delete", parents=[common], help="delete an image and its files")
     delete.add_argument("name", help="name or UUID")

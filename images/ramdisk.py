@@ -216,10 +216,10 @@ def _build(recipe: Recipe, inputs: Inputs, work: Path, key: str,
         "kernel_package": deb.name,
         "kernel_version": kernel_version,
         "kernel_size": (out / KERNEL).stat().st_size,
-        "kernel_sha256": _sha256(out / KERNEL),
+        "kernel_sha256": sha256_file(out / KERNEL),
         "initramfs_size": (out / INITRAMFS).stat().st_size,
         "initramfs_unpacked_size": unpacked_size,
-        "initramfs_sha256": _sha256(out / INITRAMFS),
+        "initramfs_sha256": sha256_file(out / INITRAMFS),
         "modules": asdict(modules),
         "packages": packages,
         "labmetal_files": sorted(inputs.labmetal),
@@ -432,7 +432,7 @@ def _remove_build_dir(work: Path, progress: Callable[[str], None]) -> None:
         shutil.rmtree(work)
 
 
-def _sha256(path: Path) -> str:
+def sha256_file(path: Path) -> str:
     digest = hashlib.sha256()
     with open(path, "rb") as stream:
         for block in iter(lambda: stream.read(1024 * 1024), b""):

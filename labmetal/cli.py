@@ -13,7 +13,9 @@ from labmetal.images.cli import register as register_images
 
 SERVICE_OPTIONS = ("listen", "database", "auth", "state_dir", "hostname", "secret_key_file",
                    "public_url", "wake_listen", "log_file", "log_level", "power_sync_interval",
-                   "heartbeat_interval", "conductor_dead_after")
+                   "heartbeat_interval", "conductor_dead_after", "seat_url", "image_dir",
+                   "tftp_listen", "dhcp_interface", "dhcp_network", "dhcp_pool", "dhcp_mode",
+                   "dhcp_namespace")
 
 
 def _service_parser(sub, name: str, help_text: str) -> argparse.ArgumentParser:
@@ -34,6 +36,16 @@ def _service_parser(sub, name: str, help_text: str) -> argparse.ArgumentParser:
     parser.add_argument("--power-sync-interval", type=float)
     parser.add_argument("--heartbeat-interval", type=float)
     parser.add_argument("--conductor-dead-after", type=float)
+    parser.add_argument("--seat-url", help="base URL seats reach labmetal at (boot scripts, "
+                                           "images, the agent API)")
+    parser.add_argument("--image-dir", help="the image store (default: STATE_DIR/images)")
+    parser.add_argument("--tftp-listen", help="HOST:PORT serving iPXE to PXE ROMs (off if unset)")
+    parser.add_argument("--dhcp-interface", help="run dnsmasq for PXE on this interface")
+    parser.add_argument("--dhcp-network", help="the room's network, e.g. 10.99.1.0/24")
+    parser.add_argument("--dhcp-pool", help="FIRST,LAST addresses to hand out (server mode)")
+    parser.add_argument("--dhcp-mode", choices=("server", "proxy"),
+                        help="proxy: the room already has a DHCP server")
+    parser.add_argument("--dhcp-namespace", help="run dnsmasq in this network namespace")
     return parser
 
 

@@ -54,6 +54,12 @@ class Settings:
     agent_timeout: float = 60.0  # the agent not answering in the middle of a command
     self_registration: bool = False  # unknown MACs that PXE-boot are enrolled with inventory
     discovery_driver: str = "wol"  # the driver a self-registered node gets
+    tftp_listen: str = ""  # HOST:PORT for the iPXE binaries PXE ROMs load; empty: no TFTP
+    dhcp_interface: str = ""  # the room's interface for dnsmasq; empty: no DHCP
+    dhcp_network: str = ""  # 10.99.1.0/24
+    dhcp_pool: str = ""  # first,last address handed out (server mode)
+    dhcp_mode: str = "server"  # server | proxy (the room already has a DHCP server)
+    dhcp_namespace: str = ""  # run dnsmasq in this network namespace (the simulated lab)
 
     @property
     def database_url(self) -> str:

@@ -29,8 +29,7 @@ def run(settings: Settings, api: bool = True, conductor: bool = True) -> None:
     box = SecretBox.from_file(settings.secret_key_path)
     drivers = load_drivers(settings)
     store = ImageStore(settings.image_path, settings.max_image_size)
-    engine = (ConductorService(settings, db, drivers, box, raw_image_path=store.raw_path)
-              if conductor else None)
+    engine = ConductorService(settings, db, drivers, box, store) if conductor else None
     registry = engine.registry if engine else ConductorRegistry(db, settings.conductor_dead_after)
     stop = threading.Event()
 
@@ -48,9 +47,10 @@ def run(settings: Settings, api: bool = True, conductor: bool = True) -> None:
                                       ConductorAPI(db, registry, settings, local=engine),
                                       drivers, box))
             host, port = settings.listen_host_port
-            # Image uploads are bounded by the image size limit, not waitress's 1 GiB default.
+            # Image uploads are bounded by the image size limit (checked by the API, with a
+            # clear error), not by waitress's 1 GiB default.
             server = create_server(app, host=host, port=port, threads=16, ident="labmetal",
-                                   max_request_body_size=settings.max_image_size)
+                                   max_request_body_size=settings.max_image_size + 2 ** 26)
             print(f"labmetal {role} listening on http://{host}:{server.effective_port}",
                   flush=True)
             server.run()

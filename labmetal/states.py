@@ -23,6 +23,9 @@ DELETING = "deleting"
 INSPECTING = "inspecting"
 INSPECT_WAIT = "inspect wait"
 INSPECT_FAILED = "inspect failed"
+# labmetal's own: a reference PC's disk read into a new image (not an Ironic state).
+CAPTURING = "capturing"
+CAPTURE_WAIT = "capture wait"
 
 POWER_ON = "power on"
 POWER_OFF = "power off"
@@ -73,6 +76,7 @@ PROVISION_VERBS: dict[tuple[str, str], Transition] = {
     (DEPLOY_WAIT, "abort"): Transition(DEPLOY_FAILED),
     (INSPECT_WAIT, "abort"): Transition(INSPECT_FAILED),
     (CLEAN_WAIT, "abort"): Transition(CLEAN_FAILED),
+    (CAPTURE_WAIT, "abort"): Transition(MANAGEABLE),
 }
 
 # Where a node may be deleted without putting it in maintenance first.
@@ -82,14 +86,15 @@ DELETABLE = {ENROLL, MANAGEABLE, AVAILABLE, CLEAN_FAILED, INSPECT_FAILED}
 FAILURE_STATE = {VERIFYING: ENROLL, CLEANING: CLEAN_FAILED, CLEAN_WAIT: CLEAN_FAILED,
                  DEPLOYING: DEPLOY_FAILED, DEPLOY_WAIT: DEPLOY_FAILED,
                  DELETING: CLEAN_FAILED, INSPECTING: INSPECT_FAILED,
-                 INSPECT_WAIT: INSPECT_FAILED}
+                 INSPECT_WAIT: INSPECT_FAILED, CAPTURING: MANAGEABLE, CAPTURE_WAIT: MANAGEABLE}
 
 # Waiting for the deploy agent to call back (no lock held); the state it works in next.
-AGENT_WAIT = {DEPLOY_WAIT: DEPLOYING, CLEAN_WAIT: CLEANING, INSPECT_WAIT: INSPECTING}
+AGENT_WAIT = {DEPLOY_WAIT: DEPLOYING, CLEAN_WAIT: CLEANING, INSPECT_WAIT: INSPECTING,
+              CAPTURE_WAIT: CAPTURING}
 
 # States in which a node boots the deploy ramdisk when it PXE-boots.
 BOOTS_RAMDISK = {DEPLOYING, DEPLOY_WAIT, CLEANING, CLEAN_WAIT, DELETING, INSPECTING,
-                 INSPECT_WAIT}
+                 INSPECT_WAIT, CAPTURING, CAPTURE_WAIT}
 
 
 def allowed_verbs(state: str) -> list[str]:

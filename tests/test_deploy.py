@@ -3,6 +3,8 @@ namespace, chunks over HTTP, verified writes to the seat's disk, and every failu
 issue lists."""
 from __future__ import annotations
 
+import json
+import os
 import subprocess
 from pathlib import Path
 
@@ -10,7 +12,8 @@ import pytest
 
 from labmetal.lab.network import Lab, run_in, shape
 from tests.room import MIB, make_rootfs, make_whole_disk, open_room, sha256_of
-from tests.support import error_text, wait_for
+from labmetal.images.manifest import Manifest
+from tests.support import LABMETAL, error_text, wait_for
 
 
 @pytest.fixture
@@ -247,3 +250,35 @@ def test_a_wake_on_lan_seat_is_deployed_and_rebooted_in_band(lab, procs, tmp_pat
     wait_for(lambda: "booted from disk: mbr=bootable" in room.console(seat), 30,
              "the seat rebooting into its disk")
     assert "labmetal-seat: rebooting" in room.console(seat)
+
+
+def test_a_teacher_captures_a_reference_pc_and_deploys_it_elsewhere(lab, procs, tmp_path,
+                                                                    disk_image):
+    room = open_room(lab, procs, tmp_path, index=22, seats=2, disk_mib=48)
+    room.upload_deploy_ramdisk()
+    reference, student = room.seats
+    with open(disk_image, "rb") as image, open(reference.disk, "r+b") as disk:
+        disk.write(image.read())  # the teacher prepared this PC by hand
+    room.enroll(reference, manage_and_provide=False)
+    room.provision(reference.name, "manage")
+    room.wait_state(reference.name, "manageable")
+    captured = subprocess.run(
+        [LABMETAL, "images", "capture", reference.name, "tp3-reference", "--json"],
+        capture_output=True, text=True, timeout=300,
+        env={**os.environ, "LABMETAL_URL": room.service.url})
+    assert captured.returncode == 0, captured.stderr
+    image = json.loads(captured.stdout)
+    assert image["status"] == "active" and image["virtual_size"] == 48 * MIB
+    assert image["raw_sha256"] == sha256_of(Path(reference.disk))
+    assert "captured tp3-reference" in captured.stderr
+    node = room.service.node(reference.name)
+    assert node["provision_state"] == "manageable" and node["power_state"] == "power off"
+    manifest = Manifest.from_json(room.api("GET", f"/v1/images/{image['uuid']}/manifest").text)
+    assert manifest.raw_sha256 == image["raw_sha256"]
+
+    room.enroll(student)
+    room.api("PATCH", f"/v1/nodes/{student.name}", json=[
+        {"op": "add", "path": "/instance_info/image_source", "value": "tp3-reference"}])
+    room.provision(student.name, "active")
+    assert room.wait_state(student.name, "active", "deploy failed")["provision_state"] == "active"
+    assert sha256_of(Path(student.disk)) == sha256_of(Path(reference.disk))
