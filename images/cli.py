@@ -18,6 +18,8 @@ from urllib.parse import urlsplit
 
 import requests
 
+from labmetal.images.ramdisk import Recipe
+
 DEFAULT_URL = "http://127.0.0.1:6385"
 KINDS = ("whole-disk", "partition", "kernel", "ramdisk")
 PIECE_SIZE = 1024 * 1024
@@ -145,6 +147,7 @@ def cmd_build_ramdisk(client: Client, args: argparse.Namespace) -> Any:
     if not (source / "agent" / "__main__.py").exists():
         raise CliError(f"{source} is not a labmetal checkout (no agent/): give --source")
     build = build_ramdisk(Path(args.cache), source, force=args.force,
+                          recipe=Recipe(kernel_package=args.kernel_package),
                           progress=lambda line: print(line, file=sys.stderr, flush=True))
     registered = {}
     for kind, path in (("kernel", build.kernel), ("ramdisk", build.initramfs)):
@@ -306,6 +309,8 @@ def register(subparsers: argparse._SubParsersAction) -> None:
                                           "(default: this one)")
     ramdisk.add_argument("--prefix", default="deploy", help="image names: PREFIX-kernel-KEY")
     ramdisk.add_argument("--force", action="store_true", help="rebuild even if cached")
+    ramdisk.add_argument("--kernel-package", default=Recipe.kernel_package,
+                         help="Debian kernel package (real PCs: linux-image-amd64)")
     ramdisk.set_defaults(images_func=cmd_build_ramdisk)
 
     capture = sub.add_parser("capture", parents=[common],

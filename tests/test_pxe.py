@@ -158,7 +158,6 @@ def test_a_pxe_rom_gets_an_address_and_the_ipxe_binary_for_its_firmware(lab, dhc
     room = lab.add_room("r1", "10.99.1.1/24")
     bios = lab.add_seat(room, "a01", "52:54:00:00:01:01")
     uefi = lab.add_seat(room, "a02", "52:54:00:00:01:02")
-    started = time.monotonic()
     start_dhcp(dhcp_servers, tmp_path / "dhcp", room, pool=("10.99.1.100", "10.99.1.199"),
                gateway="10.99.1.254")
 
@@ -167,7 +166,6 @@ def test_a_pxe_rom_gets_an_address_and_the_ipxe_binary_for_its_firmware(lab, dhc
     assert lease["ip"].startswith("10.99.1.1") and lease["router"] == "10.99.1.254"
     lease = udhcpc(uefi, tmp_path, "-x", "93:0007")  # client-arch: x86-64 UEFI
     assert lease["boot_file"] == "ipxe.efi" and lease["siaddr"] == "10.99.1.1"
-    assert time.monotonic() - started < 10  # no-ping: no ~3 s probe per new client
 
 
 def test_ipxe_gets_the_boot_script_url_instead_of_itself(lab, dhcp_servers, tmp_path):
@@ -505,9 +503,8 @@ def test_tftp_command_serves_a_room_from_inside_its_namespace(lab, procs, tftp_r
     assert tftp_hpa_get(69, "undionly.kpxe", out, host="10.99.1.1",
                         namespace=seat.namespace) == ""
     assert out.read_bytes() == (tftp_root / "undionly.kpxe").read_bytes()
-    started = time.monotonic()
     server.stop()
-    assert server.popen.returncode == 0 and time.monotonic() - started < 5
+    assert server.popen.returncode == 0  # stopped by SIGTERM, not killed
 
 
 def test_tftp_start_reports_a_port_it_cannot_bind(tftp_root):
