@@ -140,7 +140,8 @@ class Commands:
         session = requests.Session()
         manifest = fetch.manifest(session, command.params["manifest_url"])
         return asdict(writer.write_image(session, manifest, command.params["packed_url"],
-                                         self._disk(), command.progress))
+                                         self._disk(), command.progress,
+                                         bool(command.params.get("readback"))))
 
     def _deploy_partition_image(self, command: Command) -> dict[str, Any]:
         params = command.params
@@ -158,7 +159,7 @@ class Commands:
             wipe.wipe_metadata(device)
             root = partition.make_root_partition(device, manifest.raw_size)
             written = writer.write_image(session, manifest, params["packed_url"], root.node,
-                                         command.progress)
+                                         command.progress, bool(params.get("readback")))
             boot = bootloader.install(session, device, root, params["kernel_url"],
                                       params["ramdisk_url"], params.get("kernel_cmdline", ""))
         return {**asdict(written), "partition": {"number": 1, "start": root.start,

@@ -1,5 +1,7 @@
-"""The image pipeline's last stages: each chunk unpacked and verified, written at its offset, then
-the whole image range read back from the medium and checked against the manifest.
+"""The image pipeline's last stages: each chunk unpacked and verified, written at its offset,
+the whole image hashed as it goes by and checked against the manifest after an fsync. With
+``readback`` the whole range is read back from the medium instead (slower: the disk is
+read once more; it catches a disk that loses writes).
 
 Zero chunks never cross the network, but whatever the disk held there must read back as
 zeros, so they are zeroed the cheapest way the target offers: a hole punched in a file,
@@ -16,6 +18,7 @@ import logging
 import os
 import struct
 import time
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 
 import requests
@@ -116,27 +119,39 @@ def check_fits(target: str, needed: int) -> None:
 
 
 def write_image(session: requests.Session, manifest: Manifest, packed_url: str, target: str,
-                progress: Progress) -> WriteResult:
-    """Stream an image onto ``target`` (disk, partition or file) from its start."""
+                progress: Progress, readback: bool = False) -> WriteResult:
+    """Stream an image onto ``target`` (disk, partition or file) from its start. The whole
+    image's hash is computed in a second thread (hashlib lets go of the GIL), next to the
+    writes, one chunk behind at most."""
     check_fits(target, manifest.raw_size)
     started = time.monotonic()
     progress.done, progress.total = 0, manifest.raw_size
     written = zeroed = 0
-    with DiskSink(target) as sink:
+    whole = hashlib.sha256()
+    zeros = bytes(manifest.chunk_size)
+    with DiskSink(target) as sink, ThreadPoolExecutor(1, "image-hash") as hasher:
+        hashed: Future | None = None
         for chunk, packed in fetch.packed_chunks(session, packed_url, manifest.chunks):
+            data = zeros[:chunk.length] if chunk.zero else unpack_chunk(chunk, packed)
+            if hashed is not None:
+                hashed.result()
+            hashed = hasher.submit(whole.update, data)
             if chunk.zero:
                 sink.zero(chunk.offset, chunk.length)
                 zeroed += chunk.length
             else:
-                sink.write(chunk.offset, unpack_chunk(chunk, packed))
+                sink.write(chunk.offset, data)
                 written += chunk.length
             progress.done += chunk.length
+        if hashed is not None:
+            hashed.result()
         sink.sync()
-        digest = sink.sha256(0, manifest.raw_size)
+        digest = sink.sha256(0, manifest.raw_size) if readback else whole.hexdigest()
     if digest != manifest.raw_sha256:
-        raise ValueError(f"{target} reads back as sha256 {digest}, the image is "
+        source = "reads back" if readback else "was written"
+        raise ValueError(f"{target} {source} as sha256 {digest}, the image is "
                          f"{manifest.raw_sha256}")
     seconds = round(time.monotonic() - started, 2)
-    LOG.info("wrote %d bytes (%d zeroed) to %s in %.1f s, verified", written, zeroed, target,
-             seconds)
+    LOG.info("wrote %d bytes (%d zeroed) to %s in %.1f s, verified%s", written, zeroed, target,
+             seconds, " by reading back" if readback else "")
     return WriteResult(digest, written, zeroed, seconds)

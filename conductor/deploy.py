@@ -223,7 +223,8 @@ def _instance_image(work: NodeWork) -> Image:
 
 def _write_direct(work: NodeWork, image: Image) -> None:
     ctx = work.ctx
-    params = {"manifest_url": ctx.manifest_url(image), "packed_url": ctx.file_url(image, "packed")}
+    params = {"manifest_url": ctx.manifest_url(image), "packed_url": ctx.file_url(image, "packed"),
+              "readback": bool((work.node.instance_info or {}).get("verify_readback"))}
     if image.kind == "whole-disk":
         result = run_agent_command(work, "write_image", params, "write image")
     else:

@@ -393,14 +393,15 @@ def test_unknown_seat_in_discovery_mode_enlists_with_its_inventory(disks, start_
     assert len(labmetal.discoveries) == 1
 
 
-@pytest.mark.parametrize("block", [False, True], ids=["disk-file", "block-device"])
+@pytest.mark.parametrize("block,readback", [(False, False), (True, False), (False, True)],
+                         ids=["disk-file", "block-device", "read-back"])
 def test_write_image_gives_the_image_byte_for_byte_and_zeros_over_old_garbage(
-        images, files, disks, start_seat, block):
+        images, files, disks, start_seat, block, readback):
     image = images["disk"]
     disk = disks(64 * MIB, fill=b"\xa5\x5a", block=block)
     seat = start_seat(disk)
     urls = files.serve("disk", image)
-    view = seat.run("write_image", urls)
+    view = seat.run("write_image", {**urls, "readback": readback})
     assert view["status"] == "succeeded", view["error"]
     assert view["progress"] == {"done": image.manifest.raw_size, "total": image.manifest.raw_size}
     result = view["result"]
