@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # labmetal on a fresh Debian machine:
-#   ./dev.sh demo   set up, then run the main job (a simulated room under labmetal's control)
+#   ./dev.sh demo   set up, then run the main job (a simulated room provisioned end to end)
 #   ./dev.sh test   set up, then run the test suite (extra arguments go to pytest)
 #   ./dev.sh setup  only install what is needed (Debian packages, the virtualenv)
 set -euo pipefail
@@ -9,7 +9,7 @@ cd "$(dirname "$0")"
 DEBIAN_PACKAGES=(python3 python3-venv python3-dev gcc ipmitool postgresql iproute2
     qemu-utils qemu-block-extra qemu-system-x86 tgt parted e2fsprogs dosfstools mtools
     extlinux syslinux syslinux-common util-linux dnsmasq-base ipxe busybox-static tftp-hpa
-    mmdebstrap zstd cpio)
+    mmdebstrap zstd cpio slapd ldap-utils)
 
 as_root() { if [ "$(id -u)" -eq 0 ]; then "$@"; else sudo "$@"; fi; }
 
@@ -37,12 +37,21 @@ setup() {
 
 # The deploy ramdisk is built once from Debian packages and kept here between runs.
 export LABMETAL_RAMDISK_CACHE=${LABMETAL_RAMDISK_CACHE:-/var/cache/labmetal/ramdisk}
+export LABMETAL_OSIMAGE_CACHE=${LABMETAL_OSIMAGE_CACHE:-/var/cache/labmetal/osimage}
+
+# The simulated lab makes network namespaces, bridges and taps: the demo and the tests run
+# as root (through sudo when needed).
+in_lab() {
+    exec_as_root=(env "LABMETAL_RAMDISK_CACHE=$LABMETAL_RAMDISK_CACHE"
+                  "LABMETAL_OSIMAGE_CACHE=$LABMETAL_OSIMAGE_CACHE" "$@")
+    if [ "$(id -u)" -eq 0 ]; then exec "${exec_as_root[@]}"; else exec sudo "${exec_as_root[@]}"; fi
+}
 
 command=${1:-demo}
 shift || true
 case "$command" in
     setup) setup ;;
-    demo) setup; exec .venv/bin/labmetal demo "$@" ;;
-    test) setup; exec .venv/bin/pytest "$@" ;;
+    demo) setup; in_lab .venv/bin/labmetal demo "$@" ;;
+    test) setup; in_lab .venv/bin/pytest "$@" ;;
     *) echo "usage: $0 demo|test|setup" >&2; exit 2 ;;
 esac

@@ -15,6 +15,7 @@ from sqlalchemy import select, update
 
 from labmetal import history, states
 from labmetal.api.app import services
+from labmetal.api.auth import public
 from labmetal.api.common import json_object
 from labmetal.api.errors import ApiError, bad_request, conflict, not_found
 from labmetal.api.ports import normalize_mac
@@ -35,6 +36,7 @@ def _node_for_macs(session: Any, macs: list[str]) -> Node | None:
 
 
 @blueprint.get("/v1/lookup")
+@public("the deploy agent; protected by the agent token")
 def lookup():
     raw = request.args.get("addresses", "")
     try:
@@ -68,6 +70,7 @@ def _check_token(node: Node, given: Any) -> None:
 
 
 @blueprint.post("/v1/heartbeat/<node_uuid>")
+@public("the deploy agent; protected by the agent token")
 def heartbeat(node_uuid: str):
     body = json_object()
     callback_url = body.get("callback_url")
@@ -107,6 +110,7 @@ def heartbeat(node_uuid: str):
 
 
 @blueprint.post("/v1/discovery")
+@public("self-registration of unknown PCs (off unless set)")
 def discovery():
     """Self-registration: an unknown PC that PXE-booted the ramdisk enrolls itself."""
     svc = services()

@@ -2,26 +2,30 @@
 from __future__ import annotations
 
 import logging
-from dataclasses import dataclass
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
 
 from flask import Flask, Response, current_app, g, request
+from flask.sessions import SecureCookieSessionInterface
 from werkzeug.exceptions import HTTPException
 
 from labmetal.api import microversion
-from labmetal.api.auth import NOBODY, BasicAuth
+from labmetal.api.auth import (ANONYMOUS, NOBODY, SAFE_METHODS, Authenticator,
+                               Unauthenticated, csrf_ok, csrf_refused)
 from labmetal.api.errors import ApiError, error_response
 from labmetal.conductor.drivers import HardwareType
 from labmetal.conductor.registry import ConductorRegistry
 from labmetal.conductor.rpcapi import ConductorAPI
 from labmetal.config import Settings
 from labmetal.db import Database
+from labmetal.policy import Policy
 from labmetal.secrets import SecretBox
 
+if TYPE_CHECKING:  # ldap3 is loaded only where LDAP is set up
+    from labmetal.directory import Directory
+
 LOG = logging.getLogger(__name__)
-PUBLIC_PATHS = {"/", "/v1", "/v1/"}
-# What seats reach without user credentials: files they boot and write, and the agent's
-# endpoints (protected by the agent token instead).
-PUBLIC_PREFIXES = ("/files/", "/boot", "/v1/lookup", "/v1/heartbeat/", "/v1/discovery")
+SESSION_COOKIE = "labmetal_session"
 
 
 @dataclass
@@ -32,21 +36,35 @@ class Services:
     conductors: ConductorAPI
     drivers: dict[str, HardwareType]
     box: SecretBox
+    policy: Policy = field(default_factory=Policy.defaults)
+    directory: Directory | None = None  # LDAP, when ldap_url is set
 
 
 def services() -> Services:
     return current_app.extensions["labmetal"]
 
 
+class SessionCookies(SecureCookieSessionInterface):
+    """Flask's signed session cookie, marked Secure when the request came over https."""
+
+    def get_cookie_secure(self, app: Flask) -> bool:
+        return request.is_secure or services().settings.public_url.startswith("https:")
+
+
 def create_app(svc: Services) -> Flask:
     from labmetal.api import (agent, boot, conductors, drivers, images,  # blueprints
-                              node_states, nodes, ports, root)
+                              login, node_states, nodes, ports, root, users)
 
-    app = Flask("labmetal.api")
+    app = Flask("labmetal.api", static_folder=None)  # every route is a view of ours
     app.extensions["labmetal"] = svc
     app.json.sort_keys = False
     app.url_map.strict_slashes = False  # Ironic's client asks for /v1/nodes/?fields=...
-    basic = BasicAuth(svc.db) if svc.settings.auth == "http_basic" else None
+    app.secret_key = svc.box.derive("web session cookies")
+    app.session_interface = SessionCookies()
+    app.config.update(SESSION_COOKIE_NAME=SESSION_COOKIE, SESSION_COOKIE_HTTPONLY=True,
+                      SESSION_COOKIE_SAMESITE="Lax")
+    authenticator = Authenticator(svc) if svc.settings.auth != "noauth" else None
+    app.extensions["labmetal.auth"] = authenticator
 
     @app.before_request
     def negotiate_and_authenticate() -> Response | None:
@@ -56,15 +74,24 @@ def create_app(svc: Services) -> Flask:
         except microversion.VersionError as error:
             return error_response(error.status, str(error))
         g.caller = NOBODY
-        if (basic is not None and request.path not in PUBLIC_PATHS
-                and not request.path.startswith(PUBLIC_PREFIXES)):
-            caller = basic.identify(request)
-            if caller is None:
-                response = error_response(401, "Authentication required: HTTP basic "
-                                               "credentials of a labmetal user")
-                response.headers["WWW-Authenticate"] = 'Basic realm="labmetal"'
-                return response
-            g.caller = caller
+        if authenticator is None:
+            return None
+        view = app.view_functions.get(request.endpoint or "")
+        is_public = hasattr(view, "public_reason")
+        try:
+            caller = authenticator.identify(request)
+        except Unauthenticated as error:
+            if not is_public:
+                return _challenge(str(error))
+            caller = None
+        g.caller = caller or ANONYMOUS
+        if caller is None and not is_public:
+            return _challenge("Authentication required: an API token (X-Auth-Token), HTTP "
+                              "basic credentials of a labmetal user, or a login session")
+        if (caller is not None and caller.via == "session"
+                and request.method not in SAFE_METHODS and not csrf_ok(request)):
+            refused = csrf_refused()
+            return error_response(refused.status, refused.message)
         return None
 
     @app.after_request
@@ -91,6 +118,12 @@ def create_app(svc: Services) -> Flask:
 
     for blueprint in (root.blueprint, nodes.blueprint, node_states.blueprint, ports.blueprint,
                       drivers.blueprint, conductors.blueprint, images.blueprint,
-                      agent.blueprint, boot.blueprint):
+                      agent.blueprint, boot.blueprint, login.blueprint, users.blueprint):
         app.register_blueprint(blueprint)
     return app
+
+
+def _challenge(message: str) -> Response:
+    response = error_response(401, message)
+    response.headers["WWW-Authenticate"] = 'Basic realm="labmetal"'
+    return response

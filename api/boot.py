@@ -7,6 +7,7 @@ from sqlalchemy import select
 
 from labmetal import states
 from labmetal.api.app import services
+from labmetal.api.auth import public
 from labmetal.api.errors import not_found
 from labmetal.models import Image, Node, Port
 from labmetal.pxe.ipxe import (BootScript, ChainScript, IdleScript, LocalDiskScript,
@@ -24,11 +25,13 @@ def _ipxe(script: BootScript) -> Response:
 
 
 @blueprint.get("/boot.ipxe")
+@public("seats boot from it before anyone logs in")
 def chain():
     return _ipxe(ChainScript(services().settings.seat_base_url))
 
 
 @blueprint.get("/boot/<name>")
+@public("seats boot from it before anyone logs in")
 def per_mac(name: str):
     mac = script_mac(name)
     if mac is None:

@@ -5,6 +5,7 @@ from flask import Blueprint, g, request
 from sqlalchemy import select
 
 from labmetal.api.app import services
+from labmetal.api.auth import authorize
 from labmetal.api.common import isotime, links
 from labmetal.api.errors import not_found
 from labmetal.models import Conductor
@@ -28,6 +29,7 @@ def _require_version() -> None:
 
 
 @blueprint.get("/v1/conductors")
+@authorize("conductor:get")
 def list_conductors():
     _require_version()
     detail = request.args.get("detail", "false").lower() == "true"
@@ -38,6 +40,7 @@ def list_conductors():
 
 
 @blueprint.get("/v1/conductors/<hostname>")
+@authorize("conductor:get")
 def show_conductor(hostname: str):
     _require_version()
     with services().db.read() as session:

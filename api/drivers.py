@@ -4,6 +4,7 @@ from __future__ import annotations
 from flask import Blueprint
 
 from labmetal.api.app import services
+from labmetal.api.auth import authorize
 from labmetal.api.common import base_url
 from labmetal.api.errors import not_found
 
@@ -27,12 +28,14 @@ def _hosts() -> list[str]:
 
 
 @blueprint.get("/v1/drivers")
+@authorize("driver:get")
 def list_drivers():
     hosts = _hosts()
     return {"drivers": [_view(name, hosts) for name in sorted(services().drivers)]}
 
 
 @blueprint.get("/v1/drivers/<name>")
+@authorize("driver:get")
 def show_driver(name: str):
     if name not in services().drivers:
         raise not_found(f"Driver {name} could not be found.")
@@ -40,6 +43,7 @@ def show_driver(name: str):
 
 
 @blueprint.get("/v1/drivers/<name>/properties")
+@authorize("driver:get")
 def driver_properties(name: str):
     driver = services().drivers.get(name)
     if driver is None:

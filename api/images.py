@@ -13,6 +13,7 @@ from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session
 
 from labmetal.api.app import services
+from labmetal.api.auth import authorize, public
 from labmetal.api.common import base_url, is_uuid, isotime, json_object, links, page
 from labmetal.api.errors import ApiError, bad_request, conflict, not_found
 from labmetal.images.inspect import FORMATS, ImageRejected
@@ -151,6 +152,7 @@ def users_of(session: Session, image: Image) -> list[str]:
 
 # -- endpoints ---------------------------------------------------------------------------
 @blueprint.get("/v1/images")
+@authorize("image:get")
 def list_images():
     statement = select(Image)
     kind = request.args.get("kind")
@@ -165,6 +167,7 @@ def list_images():
 
 
 @blueprint.get("/v1/images/<ident>")
+@authorize("image:get")
 def show_image(ident: str):
     with services().db.read() as session:
         image = find_image(session, ident)
@@ -172,6 +175,7 @@ def show_image(ident: str):
 
 
 @blueprint.post("/v1/images")
+@authorize("image:create")
 def create_image():
     body = json_object()
     check_new_image(body)
@@ -196,6 +200,7 @@ def create_image():
 
 
 @blueprint.put("/v1/images/<ident>/data")
+@authorize("image:upload")
 def upload_image_data(ident: str):
     """The body is the image itself, read from the stream in pieces. The image's sha256,
     when given at creation, is the checksum the upload must have."""
@@ -232,6 +237,7 @@ def _already_active(image: Image) -> ApiError:
 
 
 @blueprint.delete("/v1/images/<ident>")
+@authorize("image:delete")
 def delete_image(ident: str):
     with services().db.write() as session:
         image = find_image(session, ident)
@@ -246,6 +252,7 @@ def delete_image(ident: str):
 
 
 @blueprint.get("/v1/images/<ident>/manifest")
+@authorize("image:get")
 def show_manifest(ident: str):
     with services().db.read() as session:
         image = find_image(session, ident)
@@ -258,6 +265,7 @@ def show_manifest(ident: str):
 
 
 @blueprint.get("/files/images/<uuid:image_uuid>/<any(raw, packed, manifest, file):name>")
+@public("seats download images without credentials")
 def image_file(image_uuid: uuidlib.UUID, name: str):
     """Public, like the boot files: seats fetch these without credentials. Only published
     (complete) files exist under these paths."""

@@ -7,6 +7,7 @@ from sqlalchemy import delete, select, update
 
 from labmetal import history, states
 from labmetal.api.app import services
+from labmetal.api.auth import authorize
 from labmetal.api.common import (caller_name, find_node, is_uuid, isotime, json_object, links,
                                  requested_fields, select_fields)
 from labmetal.api.errors import ApiError, bad_request, conflict, not_found
@@ -36,6 +37,7 @@ def _power_target(node: Node) -> PowerTarget:
 
 
 @blueprint.get("/v1/nodes/<ident>/states")
+@authorize("node:get")
 def node_states(ident: str):
     with services().db.read() as session:
         node = find_node(session, ident)
@@ -48,6 +50,7 @@ def node_states(ident: str):
 
 
 @blueprint.put("/v1/nodes/<ident>/states/power")
+@authorize("node:set_power_state")
 def set_power_state(ident: str):
     body = json_object()
     target = body.get("target")
@@ -72,6 +75,7 @@ def set_power_state(ident: str):
 
 
 @blueprint.put("/v1/nodes/<ident>/states/provision")
+@authorize("node:set_provision_state")
 def set_provision_state(ident: str):
     body = json_object()
     verb = body.get("target")
@@ -171,6 +175,7 @@ def _change_now(node: Node, values: dict, conditions: tuple, event: tuple) -> No
 
 
 @blueprint.put("/v1/nodes/<ident>/maintenance")
+@authorize("node:set_maintenance")
 def set_maintenance(ident: str):
     body = json_object() if request.get_data() else {}
     reason = body.get("reason")
@@ -179,6 +184,7 @@ def set_maintenance(ident: str):
 
 
 @blueprint.delete("/v1/nodes/<ident>/maintenance")
+@authorize("node:set_maintenance")
 def unset_maintenance(ident: str):
     _maintenance(ident, False, None)
     return "", 202
@@ -197,6 +203,7 @@ def _maintenance(ident: str, on: bool, reason: str | None) -> None:
 
 
 @blueprint.get("/v1/nodes/<ident>/validate")
+@authorize("node:validate")
 def validate_node(ident: str):
     svc = services()
     with svc.db.read() as session:
@@ -216,6 +223,7 @@ def validate_node(ident: str):
 
 @blueprint.get("/v1/nodes/<ident>/ports")
 @blueprint.get("/v1/nodes/<ident>/ports/detail")
+@authorize("port:get")
 def node_ports(ident: str):
     detail = request.path.endswith("/detail")
     with services().db.read() as session:
@@ -234,6 +242,7 @@ def _history_view(row: NodeHistory, node_uuid: str, detail: bool) -> dict:
 
 
 @blueprint.get("/v1/nodes/<ident>/history")
+@authorize("node:history:get")
 def node_history(ident: str):
     if g.version < HISTORY_SINCE:
         raise not_found("Node history needs API version 1.78 or later")
@@ -249,6 +258,7 @@ def node_history(ident: str):
 
 
 @blueprint.get("/v1/nodes/<ident>/history/<event>")
+@authorize("node:history:get")
 def node_history_event(ident: str, event: str):
     if g.version < HISTORY_SINCE:
         raise not_found("Node history needs API version 1.78 or later")
@@ -262,6 +272,7 @@ def node_history_event(ident: str, event: str):
 
 
 @blueprint.post("/v1/nodes/<ident>/capture")
+@authorize("node:capture")
 def capture_disk(ident: str):
     """labmetal's own: read a manageable node's disk (a teacher's reference PC) over iSCSI
     into a new whole-disk image. 202 with the image, which turns active when done."""

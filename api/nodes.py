@@ -11,6 +11,7 @@ from sqlalchemy.exc import IntegrityError
 
 from labmetal import history, states
 from labmetal.api.app import services
+from labmetal.api.auth import authorize
 from labmetal.api.common import (boolean_arg, caller_name, find_node, is_uuid, isotime,
                                  json_list, json_object, links, page, requested_fields,
                                  select_fields)
@@ -126,11 +127,13 @@ def _name_taken(name: str | None) -> ApiError:
 
 # -- endpoints ---------------------------------------------------------------------------
 @blueprint.get("/v1/nodes")
+@authorize("node:get")
 def list_nodes():
     return _list(detail=boolean_arg("detail") or False)
 
 
 @blueprint.get("/v1/nodes/detail")
+@authorize("node:get")
 def list_nodes_detail():
     return _list(detail=True)
 
@@ -160,6 +163,7 @@ def _list(detail: bool):
 
 
 @blueprint.get("/v1/nodes/<ident>")
+@authorize("node:get")
 def show_node(ident: str):
     fields = requested_fields(_FIELD_NAMES)
     with services().db.read() as session:
@@ -168,6 +172,7 @@ def show_node(ident: str):
 
 
 @blueprint.post("/v1/nodes")
+@authorize("node:create")
 def create_node():
     body = json_object()
     unknown = sorted(set(body) - set(WRITABLE) - {"uuid"} - {
@@ -202,6 +207,7 @@ def create_node():
 
 
 @blueprint.patch("/v1/nodes/<ident>")
+@authorize("node:update")
 def update_node(ident: str):
     patch = json_list()
     svc = services()
@@ -244,6 +250,7 @@ def update_node(ident: str):
 
 
 @blueprint.delete("/v1/nodes/<ident>")
+@authorize("node:delete")
 def delete_node(ident: str):
     svc = services()
     with svc.db.write() as session:

@@ -11,6 +11,7 @@ from sqlalchemy.exc import IntegrityError
 
 from labmetal import history
 from labmetal.api.app import services
+from labmetal.api.auth import authorize
 from labmetal.api.common import (boolean_arg, caller_name, find_node, is_uuid, isotime,
                                  json_list, json_object, links, page, requested_fields,
                                  select_fields)
@@ -58,6 +59,7 @@ def _mac_taken(address: str):
 
 @blueprint.get("/v1/ports")
 @blueprint.get("/v1/ports/detail")
+@authorize("port:get")
 def list_ports():
     detail = request.path.endswith("/detail") or bool(boolean_arg("detail"))
     fields = requested_fields(_FIELD_NAMES)
@@ -78,6 +80,7 @@ def list_ports():
 
 
 @blueprint.get("/v1/ports/<ident>")
+@authorize("port:get")
 def show_port(ident: str):
     fields = requested_fields(_FIELD_NAMES)
     with services().db.read() as session:
@@ -87,6 +90,7 @@ def show_port(ident: str):
 
 
 @blueprint.post("/v1/ports")
+@authorize("port:create")
 def create_port():
     body = json_object()
     unknown = sorted(set(body) - {"address", "node_uuid", "pxe_enabled", "extra", "uuid",
@@ -123,6 +127,7 @@ def create_port():
 
 
 @blueprint.patch("/v1/ports/<ident>")
+@authorize("port:update")
 def update_port(ident: str):
     patch = json_list()
     try:
@@ -154,6 +159,7 @@ def update_port(ident: str):
 
 
 @blueprint.delete("/v1/ports/<ident>")
+@authorize("port:delete")
 def delete_port(ident: str):
     with services().db.write() as session:
         port = _find_port(session, ident)

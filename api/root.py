@@ -4,6 +4,7 @@ from __future__ import annotations
 from flask import Blueprint
 
 from labmetal.api import microversion
+from labmetal.api.auth import public
 from labmetal.api.common import base_url
 
 blueprint = Blueprint("root", __name__)
@@ -16,6 +17,7 @@ def _version() -> dict:
 
 
 @blueprint.get("/")
+@public("version discovery, as in Ironic")
 def root():
     return {"name": "labmetal (OpenStack Ironic API compatible)",
             "description": "Bare-metal provisioning for teaching labs. The /v1 API follows "
@@ -25,6 +27,7 @@ def root():
 
 @blueprint.get("/v1")
 @blueprint.get("/v1/")
+@public("version discovery, as in Ironic")
 def v1():
     base = base_url()
     document = {"id": "v1", "links": [{"href": f"{base}/v1/", "rel": "self"}],

@@ -29,10 +29,10 @@ from tests.support import Processes
 FILL_FROM = Path("/usr/bin")
 
 
-def make_image(work: Path, size_mib: int) -> Path:
-    """msdos label + one ext4 partition filled from FILL_FROM (as much as fits)."""
+def make_image(work: Path, size_mib: int, fill_from: Path = FILL_FROM) -> Path:
+    """msdos label + one ext4 partition holding a copy of ``fill_from``."""
     rootfs = work / "rootfs.img"
-    subprocess.run(["mkfs.ext4", "-q", "-F", "-d", str(FILL_FROM), str(rootfs),
+    subprocess.run(["mkfs.ext4", "-q", "-F", "-d", str(fill_from), str(rootfs),
                     f"{size_mib - 2}M"], check=True, capture_output=True)
     disk = work / "bench.disk.img"
     with open(disk, "wb") as out:

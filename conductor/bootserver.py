@@ -7,6 +7,7 @@ serves static files only. Both are off unless configured (tftp_listen, dhcp_inte
 from __future__ import annotations
 
 import logging
+import subprocess
 
 from sqlalchemy import select
 
@@ -41,7 +42,9 @@ class BootServer:
                 interface=settings.dhcp_interface, server_ip=self.boot_server_ip,
                 boot_script_url=f"{settings.seat_base_url}/boot.ipxe",
                 network=settings.dhcp_network, mode=settings.dhcp_mode,  # type: ignore[arg-type]
-                pool=pool, enrolled_only=not settings.self_registration)  # type: ignore[arg-type]
+                pool=pool, enrolled_only=not settings.self_registration,  # type: ignore[arg-type]
+                router_advertisements=settings.dhcp_mode == "server" and has_global_ipv6(
+                    settings.dhcp_interface, settings.dhcp_namespace))
             self._hosts = self._enrolled()
             self.dhcp = Dnsmasq(config, settings.state_dir / "dhcp",
                                 namespace=settings.dhcp_namespace or None).start(self._hosts)
@@ -82,3 +85,13 @@ class BootServer:
             self.dhcp.stop()
         if self.tftp is not None:
             self.tftp.stop()
+
+
+def has_global_ipv6(interface: str, namespace: str = "") -> bool:
+    """iPXE waits ~16 s for IPv6 autoconfiguration on a network where no router advertises;
+    a DHCP server whose interface has a global IPv6 address announces it (RA only, no
+    routes), and iPXE goes on at once."""
+    argv = ["ip", *(["-n", namespace] if namespace else []), "-o", "-6", "addr", "show",
+            "dev", interface, "scope", "global"]
+    result = subprocess.run(argv, capture_output=True, text=True, timeout=10)
+    return result.returncode == 0 and bool(result.stdout.strip())

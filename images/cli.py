@@ -2,7 +2,8 @@
 
 The API is found with ``--url`` or ``LABMETAL_URL``; HTTP basic credentials come from
 ``LABMETAL_USER`` and ``LABMETAL_PASSWORD`` when set (never from the command line, where
-other users of the machine would see them).
+other users of the machine would see them). Otherwise the token `labmetal login` saved is
+used, for the URL it was issued by (the default URL then).
 """
 from __future__ import annotations
 
@@ -19,6 +20,7 @@ from urllib.parse import urlsplit
 import requests
 
 from labmetal.images.ramdisk import Recipe
+from labmetal.profile import load_profile
 
 DEFAULT_URL = "http://127.0.0.1:6385"
 KINDS = ("whole-disk", "partition", "kernel", "ramdisk")
@@ -37,8 +39,11 @@ class CliError(Exception):
 class Client:
     url: str
     auth: tuple[str, str] | None
+    token: str | None = None  # an API token, sent as X-Auth-Token
 
     def call(self, method: str, path: str, **kwargs: Any) -> Any:
+        if self.token:
+            kwargs["headers"] = {**kwargs.get("headers", {}), "X-Auth-Token": self.token}
         try:
             response = requests.request(method, self.url.rstrip("/") + path, auth=self.auth,
                                         timeout=(10, 3600), **kwargs)
@@ -250,9 +255,20 @@ def print_fields(image: dict[str, Any]) -> None:
         print(f"{key.ljust(width)}  {shown}")
 
 
-def run(args: argparse.Namespace) -> int:
+def make_client(url: str | None) -> Client:
+    """Basic credentials from the environment, else the login profile's token when it was
+    issued by this URL (a token is never sent to another server)."""
     user, password = os.environ.get("LABMETAL_USER"), os.environ.get("LABMETAL_PASSWORD")
-    client = Client(args.url, (user, password or "") if user else None)
+    if user:
+        return Client(url or DEFAULT_URL, (user, password or ""))
+    profile = load_profile()
+    url = url or (profile.url if profile else DEFAULT_URL)
+    same = profile is not None and profile.url.rstrip("/") == url.rstrip("/")
+    return Client(url, None, profile.token if same else None)
+
+
+def run(args: argparse.Namespace) -> int:
+    client = make_client(args.url)
     try:
         result = args.images_func(client, args)
     except CliError as error:
@@ -272,8 +288,9 @@ def run(args: argparse.Namespace) -> int:
 def register(subparsers: argparse._SubParsersAction) -> None:
     """Add ``labmetal images ...`` to the labmetal command."""
     common = argparse.ArgumentParser(add_help=False)
-    common.add_argument("--url", default=os.environ.get("LABMETAL_URL", DEFAULT_URL),
-                        help="the labmetal API (default: $LABMETAL_URL or %(default)s)")
+    common.add_argument("--url", default=os.environ.get("LABMETAL_URL"),
+                        help=f"the labmetal API (default: $LABMETAL_URL, the URL of "
+                             f"`labmetal login`, or {DEFAULT_URL})")
     common.add_argument("--json", action="store_true", help="print JSON instead of a table")
 
     images = subparsers.add_parser("images", help="the image store: upload, list, show, delete")

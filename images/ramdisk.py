@@ -161,7 +161,7 @@ def build_ramdisk(cache_dir: Path, source_root: Path, *, force: bool = False,
     key = version_key(recipe, inputs)
     target = cache_dir / key
     cache_dir.mkdir(parents=True, exist_ok=True)
-    with _locked(cache_dir / ".lock"):
+    with exclusive_lock(cache_dir / ".lock"):
         if not force and (target / RECORD).is_file():
             progress(f"deploy ramdisk {key}: reusing {target}")
             return RamdiskBuild(target / KERNEL, target / INITRAMFS, key, reused=True)
@@ -190,20 +190,20 @@ def _build(recipe: Recipe, inputs: Inputs, work: Path, key: str,
     env = _build_env(recipe)
     progress(f"deploy ramdisk {key}: mmdebstrap {recipe.suite} ({recipe.variant}) "
              f"and {recipe.kernel_package}")
-    _run(_mmdebstrap_command(recipe, rootfs, debs), env, progress)
+    run_step(_mmdebstrap_command(recipe, rootfs, debs), env, progress)
     (deb,) = debs.glob("*.deb")
-    _run(["dpkg-deb", "--extract", str(deb), str(kernel_tree)], env)
+    run_step(["dpkg-deb", "--extract", str(deb), str(kernel_tree)], env)
     (modules_dir,) = (kernel_tree / "lib" / "modules").iterdir()
     kernel_version = modules_dir.name
     # The package has no modules.dep: its postinst makes one.
-    _run(["depmod", "--basedir", str(kernel_tree), kernel_version], env)
+    run_step(["depmod", "--basedir", str(kernel_tree), kernel_version], env)
     modules = select_modules(modules_dir, recipe.modules)
     if modules.missing:
         progress(f"{kernel_version} has no {', '.join(modules.missing)}: not in the ramdisk")
     _install_modules(modules, modules_dir, rootfs, env)
     _install_labmetal(inputs, rootfs)
     _finish_userland(rootfs, env)
-    packages = _run(["chroot", str(rootfs), "dpkg-query", "--show",
+    packages = run_step(["chroot", str(rootfs), "dpkg-query", "--show",
                      "--showformat=${Package}=${Version}\\n"], env).split()
 
     shutil.copyfile(kernel_tree / "boot" / f"vmlinuz-{kernel_version}", out / KERNEL)
@@ -287,18 +287,18 @@ def _install_modules(modules: KernelModules, modules_dir: Path, rootfs: Path,
                      env: dict[str, str]) -> None:
     target = rootfs / "usr" / "lib" / "modules" / modules_dir.name
     for name in (*modules.files, "modules.order", "modules.builtin", "modules.builtin.modinfo"):
-        _install(target / name, (modules_dir / name).read_bytes(), 0o644)
-    _run(["chroot", str(rootfs), "depmod", modules_dir.name], env)
-    _install(rootfs / "etc" / "labmetal" / "modules",
+        install_file(target / name, (modules_dir / name).read_bytes(), 0o644)
+    run_step(["chroot", str(rootfs), "depmod", modules_dir.name], env)
+    install_file(rootfs / "etc" / "labmetal" / "modules",
              "".join(f"{name}\n" for name in modules.loadable).encode(), 0o644)
 
 
 def _install_labmetal(inputs: Inputs, rootfs: Path) -> None:
     site = rootfs / "usr" / "lib" / "python3" / "dist-packages"
     for name, content in inputs.labmetal.items():
-        _install(site / name, content, 0o644)
-    _install(rootfs / "init", inputs.init, 0o755)
-    _install(rootfs / "usr" / "lib" / "labmetal" / "udhcpc.sh", inputs.udhcpc, 0o755)
+        install_file(site / name, content, 0o644)
+    install_file(rootfs / "init", inputs.init, 0o755)
+    install_file(rootfs / "usr" / "lib" / "labmetal" / "udhcpc.sh", inputs.udhcpc, 0o755)
 
 
 def _finish_userland(rootfs: Path, env: dict[str, str]) -> None:
@@ -306,8 +306,8 @@ def _finish_userland(rootfs: Path, env: dict[str, str]) -> None:
     Python's bytecode."""
     for leftover in (*rootfs.glob("var/cache/debconf/*-old"), *rootfs.glob("var/lib/dpkg/*-old")):
         leftover.unlink()
-    _install(rootfs / "etc" / "hostname", b"labmetal-ramdisk\n", 0o644)
-    _install(rootfs / "etc" / "resolv.conf", b"", 0o644)  # the DHCP client writes it
+    install_file(rootfs / "etc" / "hostname", b"labmetal-ramdisk\n", 0o644)
+    install_file(rootfs / "etc" / "resolv.conf", b"", 0o644)  # the DHCP client writes it
     # No init system, so no poweroff or reboot: busybox's (with -f they call the kernel
     # directly) are what the agent runs to power the seat off.
     for command in ("poweroff", "reboot"):
@@ -316,11 +316,11 @@ def _finish_userland(rootfs: Path, env: dict[str, str]) -> None:
     # mtimes would make stale: Python would compile those modules again at every boot, slowly
     # under TCG. Hash-checked bytecode holds whatever the mtimes.
     python_dirs = [f"/{path.relative_to(rootfs)}" for path in sorted(rootfs.glob("usr/lib/python3*"))]
-    _run(["chroot", str(rootfs), "python3", "-m", "compileall", "-q", "-f",
+    run_step(["chroot", str(rootfs), "python3", "-m", "compileall", "-q", "-f",
           "--invalidation-mode", "checked-hash", *python_dirs], env)
 
 
-def _install(path: Path, content: bytes, mode: int) -> None:
+def install_file(path: Path, content: bytes, mode: int) -> None:
     """Write a file into the image with the given mode, and any new directory with 0755:
     modes land in the archive, the caller's umask must not."""
     missing = [parent for parent in path.parents if not parent.exists()]
@@ -394,7 +394,7 @@ def _padding(length: int) -> bytes:
     return b"\0" * (-length % 4)
 
 
-def _run(command: list[str], env: dict[str, str],
+def run_step(command: list[str], env: dict[str, str],
          progress: Callable[[str], None] | None = None) -> str:
     """Run a build step at low priority (other jobs share the cores) with umask 022
     (permissions land in the image); its output goes to ``progress`` if given."""
@@ -413,7 +413,7 @@ def _run(command: list[str], env: dict[str, str],
 
 
 @contextlib.contextmanager
-def _locked(path: Path) -> Iterator[None]:
+def exclusive_lock(path: Path) -> Iterator[None]:
     """Hold an exclusive lock: a second build waits, then reuses the first one's result
     (and two builds never share the cores)."""
     with open(path, "a") as handle:

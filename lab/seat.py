@@ -14,6 +14,7 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 
 from labmetal.lab.network import in_namespace
+from labmetal.lab.qemu_seat import QemuSeat, QemuSeatSpec
 
 
 @dataclass(frozen=True)
@@ -104,3 +105,31 @@ class LightSeat:
 
     def set_boot_device(self, device: str) -> None:
         self.boot_device = device
+
+
+SEAT_KINDS: dict[str, type] = {"light": LightSeatSpec, "qemu": QemuSeatSpec}
+SeatSpec = LightSeatSpec | QemuSeatSpec
+
+
+def load_seats(path: Path) -> list[SeatSpec]:
+    """A seats file of either kind; entries without ``kind`` are light seats (older files)."""
+    specs: list[SeatSpec] = []
+    for entry in json.loads(Path(path).read_text()):
+        kind = entry.pop("kind", "light")
+        if kind not in SEAT_KINDS:
+            raise ValueError(f"{path}: unknown seat kind {kind!r} (light or qemu)")
+        specs.append(SEAT_KINDS[kind](**entry))
+    return specs
+
+
+def save_seats(path: Path, specs: list[SeatSpec]) -> None:
+    Path(path).write_text(json.dumps([{"kind": seat_kind(spec), **asdict(spec)}
+                                      for spec in specs], indent=1))
+
+
+def seat_kind(spec: SeatSpec) -> str:
+    return "qemu" if isinstance(spec, QemuSeatSpec) else "light"
+
+
+def make_seat(spec: SeatSpec) -> LightSeat | QemuSeat:
+    return QemuSeat(spec) if isinstance(spec, QemuSeatSpec) else LightSeat(spec)

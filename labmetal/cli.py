@@ -5,6 +5,7 @@ import argparse
 import getpass
 import json
 import signal
+import socket
 import sys
 import threading
 
@@ -15,7 +16,7 @@ SERVICE_OPTIONS = ("listen", "database", "auth", "state_dir", "hostname", "secre
                    "public_url", "wake_listen", "log_file", "log_level", "power_sync_interval",
                    "heartbeat_interval", "conductor_dead_after", "seat_url", "image_dir",
                    "tftp_listen", "dhcp_interface", "dhcp_network", "dhcp_pool", "dhcp_mode",
-                   "dhcp_namespace")
+                   "dhcp_namespace", "policy_file")
 
 
 def _service_parser(sub, name: str, help_text: str) -> argparse.ArgumentParser:
@@ -46,6 +47,8 @@ def _service_parser(sub, name: str, help_text: str) -> argparse.ArgumentParser:
     parser.add_argument("--dhcp-mode", choices=("server", "proxy"),
                         help="proxy: the room already has a DHCP server")
     parser.add_argument("--dhcp-namespace", help="run dnsmasq in this network namespace")
+    parser.add_argument("--policy-file", help="JSON or TOML: action -> roles, over the "
+                                              "defaults (`labmetal policy show`)")
     return parser
 
 
@@ -69,26 +72,100 @@ def cmd_db_upgrade(args: argparse.Namespace) -> int:
     return 0
 
 
-def cmd_user_set(args: argparse.Namespace) -> int:
+def _user_db(args: argparse.Namespace):
     from labmetal.db import Database
+    db = Database(_settings(args).database_url)
+    db.upgrade()
+    return db
+
+
+def cmd_user_set(args: argparse.Namespace) -> int:
     from labmetal.users import set_user
-    if args.password_stdin:
+    if args.ldap:
+        password = None
+    elif args.password_stdin:
         password = sys.stdin.readline().rstrip("\n")
     else:
         password = getpass.getpass(f"password for {args.name}: ")
-    settings = _settings(args)
-    db = Database(settings.database_url)
-    db.upgrade()
-    set_user(db, args.name, password, args.role)
-    print(f"user {args.name} ({args.role}) saved")
+    set_user(_user_db(args), args.name, password, args.role,
+             source="ldap" if args.ldap else "local")
+    print(f"user {args.name} ({args.role}{', LDAP' if args.ldap else ''}) saved")
     return 0
 
 
-def _light_seats(path: str | None):
+def cmd_user_list(args: argparse.Namespace) -> int:
+    from labmetal.users import list_users
+    rows = [{"name": u.name, "role": u.role, "source": u.source, "disabled": u.disabled,
+             "last_login_at": u.last_login_at.isoformat() if u.last_login_at else None}
+            for u in list_users(_user_db(args))]
+    if args.json:
+        print(json.dumps(rows, indent=1))
+    for row in [] if args.json else rows:
+        state = " disabled" if row["disabled"] else ""
+        print(f"{row['name']:24} {row['role']:8} {row['source']:6}{state}")
+    return 0
+
+
+def cmd_user_delete(args: argparse.Namespace) -> int:
+    from labmetal.users import delete_user
+    try:
+        delete_user(_user_db(args), args.name)
+    except LookupError:
+        raise ValueError(f"no user {args.name}") from None
+    print(f"user {args.name} deleted (and its tokens and sessions)")
+    return 0
+
+
+def cmd_login(args: argparse.Namespace) -> int:
+    """Trade the password for an API token once; later commands send the token."""
+    import requests
+
+    from labmetal.profile import Profile, save_profile
+    password = (sys.stdin.readline().rstrip("\n") if args.password_stdin
+                else getpass.getpass(f"password for {args.user} at {args.url}: "))
+    response = requests.post(args.url.rstrip("/") + "/v1/auth/tokens", timeout=30,
+                             auth=(args.user, password),
+                             json={"description": f"labmetal login on {socket.gethostname()}"})
+    if response.status_code != 201:
+        from labmetal.images.cli import server_message
+        raise ValueError(f"login refused: {server_message(response)}")
+    token = response.json()
+    path = save_profile(Profile(args.url.rstrip("/"), args.user, token["token"],
+                                token["uuid"], token["expires_at"]))
+    print(f"logged in as {args.user}; token saved in {path} (expires {token['expires_at']})")
+    return 0
+
+
+def cmd_logout(args: argparse.Namespace) -> int:
+    import requests
+
+    from labmetal.profile import load_profile, remove_profile
+    profile = load_profile()
+    if profile is None:
+        print("not logged in")
+        return 0
+    try:
+        requests.delete(f"{profile.url}/v1/auth/tokens/{profile.token_uuid}", timeout=30,
+                        headers={"X-Auth-Token": profile.token})
+    except requests.RequestException as error:
+        print(f"labmetal: warning: could not revoke the token at {profile.url}: {error}",
+              file=sys.stderr)
+    remove_profile()
+    print(f"logged out of {profile.url}")
+    return 0
+
+
+def cmd_policy_show(args: argparse.Namespace) -> int:
+    from labmetal.policy import Policy
+    print(json.dumps(Policy.load(_settings(args).policy_file).table(), indent=1))
+    return 0
+
+
+def _seats(path: str | None):
     from pathlib import Path
 
-    from labmetal.lab.seat import LightSeat, LightSeatSpec
-    return [LightSeat(spec) for spec in LightSeatSpec.load_all(Path(path))] if path else []
+    from labmetal.lab.seat import load_seats, make_seat
+    return [make_seat(spec) for spec in load_seats(Path(path))] if path else []
 
 
 def cmd_lab_bmc(args: argparse.Namespace) -> int:
@@ -97,7 +174,7 @@ def cmd_lab_bmc(args: argparse.Namespace) -> int:
     from labmetal.lab.machine import MemoryMachine
     logs.setup("INFO", name="lab-bmc")
     signal.signal(signal.SIGTERM, lambda *_: sys.exit(0))  # so the seats are powered off
-    seats = _light_seats(args.seats)
+    seats = _seats(args.seats)
     if seats:
         bmcs = [VirtualBmc(seat, args.user, args.password, seat.spec.bmc_port,
                            address=args.address) for seat in seats if seat.spec.bmc_port]
@@ -119,7 +196,7 @@ def cmd_lab_bmc(args: argparse.Namespace) -> int:
 def cmd_lab_wol(args: argparse.Namespace) -> int:
     from labmetal.lab.wol import WolListener
     signal.signal(signal.SIGTERM, lambda *_: sys.exit(0))  # so the seats are powered off
-    seats = {seat.spec.mac: seat for seat in _light_seats(args.seats)}
+    seats = {seat.spec.mac: seat for seat in _seats(args.seats)}
 
     def woke(mac: str) -> None:
         print(json.dumps({"woke": mac}), flush=True)
@@ -137,11 +214,54 @@ def cmd_lab_wol(args: argparse.Namespace) -> int:
     return 0
 
 
+def _say(line: str) -> None:
+    print(line, flush=True)
+
+
+def cmd_lab_up(args: argparse.Namespace) -> int:
+    from pathlib import Path
+
+    from labmetal.lab.room import RoomPlan, up
+    if args.seats is not None and (args.qemu is not None or args.light is not None):
+        raise ValueError("give --seats (with --kind) or --qemu/--light, not both")
+    if args.seats is not None:
+        qemu, light = (args.seats, 0) if args.kind == "qemu" else (0, args.seats)
+    else:
+        qemu, light = args.qemu or 0, args.light or 0
+    password = {"bmc_password": args.bmc_password} if args.bmc_password else {}
+    plan = RoomPlan(name=args.name, state_dir=Path(args.state_dir), qemu_seats=qemu,
+                    light_seats=light, power=args.power, subnet=args.subnet,
+                    seat_rate=None if args.seat_rate == "off" else args.seat_rate,
+                    uplink_rate=args.uplink_rate, labmetal_port=args.port,
+                    disk_mib=args.disk_mib, memory_mib=args.memory, keep_disks=args.keep_disks,
+                    bmc_user=args.bmc_user, **password)
+    return up(plan, api=args.api, deploy_kernel=args.deploy_kernel,
+              deploy_ramdisk=args.deploy_ramdisk, api_wait=args.api_wait, out=_say)
+
+
+def cmd_lab_down(args: argparse.Namespace) -> int:
+    from pathlib import Path
+
+    from labmetal.lab.room import down
+    return down(Path(args.state_dir), timeout=args.timeout, out=_say)
+
+
+def cmd_lab_status(args: argparse.Namespace) -> int:
+    from pathlib import Path
+
+    from labmetal.lab.room import format_status, status
+    report = status(Path(args.state_dir))
+    print(json.dumps(report, indent=1) if args.json else format_status(report))
+    return 0
+
+
 def cmd_demo(args: argparse.Namespace) -> int:
     from pathlib import Path
 
-    from labmetal.lab.demo import run
-    return run(args.seats, args.listen, Path(args.state_dir), keep_running=not args.once)
+    from labmetal.lab.demo import DemoOptions, run
+    return run(DemoOptions(Path(args.state_dir), qemu=args.qemu, light=args.light,
+                           power=args.power, subnet=args.subnet, port=args.port,
+                           seat_rate=args.seat_rate, keep_running=not args.once))
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -152,11 +272,18 @@ def build_parser() -> argparse.ArgumentParser:
                        ("conductor", "run a conductor only")):
         _service_parser(sub, name, text).set_defaults(func=cmd_service)
 
-    demo = sub.add_parser("demo", help="bring a simulated room under labmetal's control")
-    demo.add_argument("--seats", type=int, default=8)
-    demo.add_argument("--listen", default="127.0.0.1:6385")
+    demo = sub.add_parser("demo", help="provision a simulated room end to end: QEMU seats "
+                                       "that PXE-boot and light seats, deployed with an OS")
+    demo.add_argument("--qemu", type=int, default=2, help="QEMU seats (default 2)")
+    demo.add_argument("--light", type=int, default=2, help="light seats (default 2)")
+    demo.add_argument("--power", choices=("ipmi", "wol"), default="ipmi")
+    demo.add_argument("--subnet", default="10.99.200.0/24", help="the room's network; "
+                      "labmetal listens on its .2")
+    demo.add_argument("--port", type=int, default=6385)
+    demo.add_argument("--seat-rate", default="100mbit", help="each seat's link (uplink: 10x)")
     demo.add_argument("--state-dir", default="var/demo")
-    demo.add_argument("--once", action="store_true", help="stop when the room is ready")
+    demo.add_argument("--once", action="store_true",
+                      help="stop once every seat is deployed (exit 1 if one failed)")
     demo.set_defaults(func=cmd_demo)
 
     db = sub.add_parser("db", help="database schema")
@@ -174,17 +301,42 @@ def build_parser() -> argparse.ArgumentParser:
     user_set.add_argument("--role", default="admin", choices=("admin", "teacher", "student"))
     user_set.add_argument("--password-stdin", action="store_true",
                           help="read the password from the first line of standard input")
-    user_set.add_argument("--config")
-    user_set.add_argument("--database")
-    user_set.add_argument("--state-dir")
+    user_set.add_argument("--ldap", action="store_true",
+                          help="an LDAP account: no password here, the directory checks it")
+    user_list = user_sub.add_parser("list", help="the users, their roles and sources")
+    user_list.add_argument("--json", action="store_true")
+    user_delete = user_sub.add_parser("delete", help="delete a user and its tokens")
+    user_delete.add_argument("name")
+    for command in (user_set, user_list, user_delete):
+        command.add_argument("--config")
+        command.add_argument("--database")
+        command.add_argument("--state-dir")
     user_set.set_defaults(func=cmd_user_set)
+    user_list.set_defaults(func=cmd_user_list)
+    user_delete.set_defaults(func=cmd_user_delete)
+
+    login = sub.add_parser("login", help="get an API token; `labmetal images` then uses it")
+    login.add_argument("--url", required=True, help="the labmetal API")
+    login.add_argument("--user", required=True)
+    login.add_argument("--password-stdin", action="store_true",
+                       help="read the password from the first line of standard input")
+    login.set_defaults(func=cmd_login)
+    logout = sub.add_parser("logout", help="revoke the saved token and forget it")
+    logout.set_defaults(func=cmd_logout)
+
+    policy = sub.add_parser("policy", help="who may do what")
+    policy_sub = policy.add_subparsers(dest="policy_command", required=True)
+    policy_show = policy_sub.add_parser("show", help="the rules in force, as a policy file")
+    policy_show.add_argument("--config")
+    policy_show.add_argument("--policy-file")
+    policy_show.set_defaults(func=cmd_policy_show)
 
     lab = sub.add_parser("lab", help="parts of the simulated lab")
     lab_sub = lab.add_subparsers(dest="lab_command", required=True)
     bmc = lab_sub.add_parser("bmc", help="virtual BMCs speaking IPMI over UDP")
     bmc.add_argument("--port", type=int, default=0, help="UDP port of the first BMC")
-    bmc.add_argument("--seats", help="JSON list of light seats (lab/seat.py) with their "
-                                     "bmc_port, instead of in-memory machines")
+    bmc.add_argument("--seats", help="JSON list of seats (lab/seat.py: light or qemu) with "
+                                     "their bmc_port, instead of in-memory machines")
     bmc.add_argument("--count", type=int, default=1, help="BMCs on consecutive ports")
     bmc.add_argument("--address", default="127.0.0.1")
     bmc.add_argument("--user", required=True)
@@ -195,8 +347,47 @@ def build_parser() -> argparse.ArgumentParser:
     wol = lab_sub.add_parser("wol", help="listen for Wake-on-LAN magic packets")
     wol.add_argument("--port", type=int, default=9)
     wol.add_argument("--address", default="0.0.0.0")
-    wol.add_argument("--seats", help="JSON list of light seats to power on by their MAC")
+    wol.add_argument("--seats", help="JSON list of seats (light or qemu) to power on by MAC")
     wol.set_defaults(func=cmd_lab_wol)
+
+    lab_up = lab_sub.add_parser("up", help="run a simulated room in the foreground")
+    lab_up.add_argument("--name", required=True, help="the room's name (1-11 of a-z, 0-9, -)")
+    lab_up.add_argument("--state-dir", required=True, help="where the room's state file, "
+                                                           "seat disks and consoles go")
+    lab_up.add_argument("--seats", type=int, help="number of seats, all of --kind")
+    lab_up.add_argument("--kind", choices=("qemu", "light"), default="qemu")
+    lab_up.add_argument("--qemu", type=int, help="QEMU seats, for a mixed room")
+    lab_up.add_argument("--light", type=int, help="light seats, for a mixed room")
+    lab_up.add_argument("--power", choices=("ipmi", "wol"), default="ipmi")
+    lab_up.add_argument("--subnet", default="10.99.1.0/24",
+                        help="the room's network: .1 the room, .2 this host (labmetal)")
+    lab_up.add_argument("--seat-rate", default="100mbit", help="tc rate of each seat's link "
+                                                               "(off: not shaped)")
+    lab_up.add_argument("--uplink-rate", help="tc rate of the uplink (default: 10 x seat rate)")
+    lab_up.add_argument("--port", type=int, default=6385,
+                        help="labmetal's port in the printed settings")
+    lab_up.add_argument("--disk-mib", type=int, default=8192, help="size of each sparse disk "
+                        "(the agent installs to disks of 4 GiB or more)")
+    lab_up.add_argument("--memory", type=int, default=1024, help="MiB per QEMU seat")
+    lab_up.add_argument("--keep-disks", action="store_true",
+                        help="leave the seat disks in the state dir when the room stops")
+    lab_up.add_argument("--bmc-user", default="admin")
+    lab_up.add_argument("--bmc-password", help="default: a random one, in the state file")
+    lab_up.add_argument("--api", help="labmetal's URL: enroll the seats there")
+    lab_up.add_argument("--api-wait", type=float, default=300,
+                        help="seconds to wait for --api to answer")
+    lab_up.add_argument("--deploy-kernel", help="image name for the nodes' driver_info")
+    lab_up.add_argument("--deploy-ramdisk", help="image name for the nodes' driver_info")
+    lab_up.set_defaults(func=cmd_lab_up)
+    lab_down = lab_sub.add_parser("down", help="stop the room `lab up` runs (or clean up "
+                                               "after one that crashed)")
+    lab_down.add_argument("--state-dir", required=True)
+    lab_down.add_argument("--timeout", type=float, default=90)
+    lab_down.set_defaults(func=cmd_lab_down)
+    lab_status = lab_sub.add_parser("status", help="the room's seats: power, BMC, console")
+    lab_status.add_argument("--state-dir", required=True)
+    lab_status.add_argument("--json", action="store_true")
+    lab_status.set_defaults(func=cmd_lab_status)
 
     register_images(sub)
     return parser

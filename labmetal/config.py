@@ -24,7 +24,7 @@ def default_state_dir() -> Path:
 class Settings:
     listen: str = "127.0.0.1:6385"
     database: str = ""  # default: sqlite under state_dir
-    auth: str = "noauth"  # noauth | http_basic
+    auth: str = "noauth"  # noauth | http_basic (labmetal's users: basic, tokens, web login)
     state_dir: Path = field(default_factory=default_state_dir)
     secret_key_file: Path | None = None  # default: state_dir/secret.key
     hostname: str = field(default_factory=socket.gethostname)
@@ -60,6 +60,15 @@ class Settings:
     dhcp_pool: str = ""  # first,last address handed out (server mode)
     dhcp_mode: str = "server"  # server | proxy (the room already has a DHCP server)
     dhcp_namespace: str = ""  # run dnsmasq in this network namespace (the simulated lab)
+    policy_file: Path | None = None  # JSON or TOML {action: [roles]} over the defaults
+    token_lifetime: float = 7 * 86400.0  # API tokens (POST /v1/auth/tokens), seconds
+    session_idle_timeout: float = 8 * 3600.0  # a web login ends after this long unused
+    ldap_url: str = ""  # ldap://host[:port] or ldaps://...; empty: local accounts only
+    ldap_user_dn_template: str = ""  # uid={user},ou=people,dc=lab,dc=test
+    ldap_role_attribute: str = ""  # e.g. memberOf; empty: LDAP users get ldap_default_role
+    ldap_role_map: str = ""  # "teachers=teacher; labadmins=admin" (value, or a group's cn)
+    ldap_default_role: str = "student"
+    ldap_timeout: float = 5.0  # connect and each answer, seconds
 
     @property
     def database_url(self) -> str:

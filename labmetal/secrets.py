@@ -1,6 +1,8 @@
 """Credentials in driver_info: sealed at rest with a key outside the database, masked in the API."""
 from __future__ import annotations
 
+import hashlib
+import hmac
 import os
 from pathlib import Path
 from typing import Any
@@ -20,6 +22,12 @@ def is_secret_key(key: str) -> bool:
 class SecretBox:
     def __init__(self, key: bytes):
         self._fernet = Fernet(key)
+        self._key = key
+
+    def derive(self, purpose: str) -> bytes:
+        """A key of its own for another use (e.g. signing web session cookies), so the
+        sealing key itself is used for nothing else."""
+        return hmac.new(self._key, f"labmetal {purpose}".encode(), hashlib.sha256).digest()
 
     @classmethod
     def from_file(cls, path: Path) -> SecretBox:

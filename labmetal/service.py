@@ -16,6 +16,7 @@ from labmetal.conductor.service import ConductorService
 from labmetal.config import Settings
 from labmetal.db import Database
 from labmetal.images.store import ImageStore
+from labmetal.policy import Policy
 from labmetal.secrets import SecretBox
 
 LOG = logging.getLogger(__name__)
@@ -24,6 +25,12 @@ LOG = logging.getLogger(__name__)
 def run(settings: Settings, api: bool = True, conductor: bool = True) -> None:
     role = "+".join(part for part, on in (("api", api), ("conductor", conductor)) if on)
     logs.setup(settings.log_level, settings.log_file, name=f"{role}[{settings.hostname}]")
+    # A wrong policy file or LDAP setting stops the start, before anything runs.
+    policy = Policy.load(settings.policy_file) if api else None
+    directory = None
+    if api and settings.ldap_url:
+        from labmetal.directory import Directory
+        directory = Directory.from_settings(settings)
     db = Database(settings.database_url)
     db.upgrade()
     box = SecretBox.from_file(settings.secret_key_path)
@@ -45,7 +52,7 @@ def run(settings: Settings, api: bool = True, conductor: bool = True) -> None:
         if api:
             app = create_app(Services(settings, db, registry,
                                       ConductorAPI(db, registry, settings, local=engine),
-                                      drivers, box))
+                                      drivers, box, policy, directory))
             host, port = settings.listen_host_port
             # Image uploads are bounded by the image size limit (checked by the API, with a
             # clear error), not by waitress's 1 GiB default.

@@ -2,7 +2,6 @@
 the simulated room; enrolling a port reaches dnsmasq's host list without a restart."""
 from __future__ import annotations
 
-import time
 from pathlib import Path
 
 import requests
@@ -46,6 +45,6 @@ def test_labmetal_serves_dhcp_and_tftp_to_a_room(procs, tmp_path):
         assert "nothing to do" in requests.get(
             f"{service.url}/boot/52-54-00-30-00-01.ipxe", timeout=10).text
         service.proc.stop()
-        time.sleep(0.5)
-        assert not run_in(room.namespace, ["pgrep", "-f", "dnsmasq.conf"],
-                          check=False).stdout.strip()
+        conf = str(service.state_dir / "dhcp")  # this service's dnsmasq, not another's
+        wait_for(lambda: not run_in(room.namespace, ["pgrep", "-f", conf],
+                                    check=False).stdout.strip(), 10, "dnsmasq to stop")

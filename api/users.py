@@ -1,0 +1,139 @@
+"""/v1/users: accounts, for admins; everybody may read themself and change their own password
+(giving the old one). Password hashes never leave the database."""
+from __future__ import annotations
+
+import logging
+from typing import Any
+
+from flask import Blueprint, current_app, g
+
+from labmetal import tokens
+from labmetal.api.app import services
+from labmetal.api.auth import authorize
+from labmetal.api.common import isotime, json_object, links
+from labmetal.api.errors import ApiError, bad_request, conflict, not_found
+from labmetal.models import User
+from labmetal.users import (SOURCES, AccountError, UserChange, change_user, delete_user,
+                            find_user, list_users, password_matches, set_user)
+
+LOG = logging.getLogger(__name__)
+blueprint = Blueprint("users", __name__)
+CREATE_FIELDS = ("name", "role", "password", "source")
+CHANGE_FIELDS = ("role", "disabled", "password", "old_password")
+
+
+def user_view(user: User) -> dict[str, Any]:
+    return {"name": user.name, "role": user.role, "source": user.source,
+            "disabled": user.disabled, "created_at": isotime(user.created_at),
+            "last_login_at": isotime(user.last_login_at), "links": links("users", user.name)}
+
+
+def _user(name: str) -> User:
+    user = find_user(services().db, name)
+    if user is None:
+        raise not_found(f"User {name} could not be found.")
+    return user
+
+
+def _itself(name: str) -> str:
+    return name
+
+
+def _forget(name: str) -> None:
+    authenticator = current_app.extensions.get("labmetal.auth")
+    if authenticator is not None:
+        authenticator.forget(name)
+
+
+@blueprint.get("/v1/users")
+@authorize("user:list")
+def list_all():
+    return {"users": [user_view(user) for user in list_users(services().db)]}
+
+
+@blueprint.get("/v1/users/<name>")
+@authorize("user:get", owner=_itself)
+def show(name: str):
+    return user_view(_user(name))
+
+
+@blueprint.post("/v1/users")
+@authorize("user:create")
+def create():
+    """``{"name", "role", "password"}``, or ``"source": "ldap"`` and no password for an
+    account the directory checks."""
+    body = json_object()
+    unknown = sorted(set(body) - set(CREATE_FIELDS))
+    if unknown:
+        raise bad_request(f"Unknown attribute(s) for a new user: {', '.join(unknown)}")
+    name, source = str(body.get("name") or ""), body.get("source", "local")
+    if source not in SOURCES:
+        raise bad_request(f"source must be one of {', '.join(SOURCES)}")
+    if source == "ldap" and body.get("password"):
+        raise bad_request("an LDAP account has no password here: the directory checks it")
+    if find_user(services().db, name) is not None:
+        raise conflict(f"A user with name {name} already exists (field: name).")
+    try:
+        set_user(services().db, name, body.get("password"), body.get("role", "student"), source)
+    except AccountError as error:
+        raise bad_request(str(error)) from None
+    LOG.info("user %s (%s) created by %s", name, body.get("role", "student"), g.caller.name)
+    view = user_view(_user(name))
+    return view, 201, {"Location": view["links"][0]["href"]}
+
+
+@blueprint.patch("/v1/users/<name>")
+@authorize("user:update", owner=_itself)
+def update(name: str):
+    """A JSON object of the fields to change: ``role``, ``disabled``, ``password``. Changing
+    one's own password needs ``old_password``; it ends one's other sessions and tokens."""
+    body = json_object()
+    unknown = sorted(set(body) - set(CHANGE_FIELDS))
+    if unknown:
+        raise bad_request(f"Unknown or read-only attribute(s): {', '.join(unknown)}; the "
+                          f"changeable ones are {', '.join(CHANGE_FIELDS[:3])}")
+    caller = g.caller
+    if g.as_owner and set(body) - {"password", "old_password"}:
+        raise ApiError(403, f"Access was denied to this resource: as role {caller.role} you "
+                            "may change only your own password")
+    if "disabled" in body and not isinstance(body["disabled"], bool):
+        raise bad_request("disabled must be true or false")
+    password = body.get("password")
+    if password is not None and not isinstance(password, str):
+        raise bad_request("password must be a string")
+    user = _user(name)
+    if password is not None and user.source != "local":
+        raise bad_request(f"User {name} is an LDAP account: its password is changed in the "
+                          "directory, not here")
+    itself = caller.name == name
+    if password is not None and itself and not password_matches(
+            str(body.get("old_password") or ""), user.password_hash):
+        raise ApiError(403, "Access was denied to this resource: to change your own password, "
+                            "give the current one as old_password")
+    try:
+        user = change_user(services().db, name, UserChange(
+            role=body.get("role"), password=password, disabled=body.get("disabled")))
+    except AccountError as error:
+        raise bad_request(str(error)) from None
+    if password is not None or body.get("disabled"):
+        ended = tokens.revoke_all(services().db, user.id,
+                                  keep=caller.token_uuid if itself else None)
+        LOG.info("%d token(s) and session(s) of %s ended", ended, name)
+    _forget(name)
+    changed = ", ".join(key for key in CHANGE_FIELDS[:3] if key in body)
+    LOG.info("user %s changed (%s) by %s", name, changed, caller.name)
+    return user_view(user)
+
+
+@blueprint.delete("/v1/users/<name>")
+@authorize("user:delete")
+def delete(name: str):
+    try:
+        delete_user(services().db, name)
+    except LookupError:
+        raise not_found(f"User {name} could not be found.") from None
+    except AccountError as error:
+        raise conflict(str(error)) from None
+    _forget(name)
+    LOG.info("user %s deleted by %s", name, g.caller.name)
+    return "", 204

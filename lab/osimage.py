@@ -1,0 +1,431 @@
+"""Test OS images for the simulated lab: what a seat boots after a deploy, to prove it worked.
+
+Two kinds, as labmetal deploys them:
+
+* a whole-disk image: an msdos label, one bootable FAT partition with syslinux, the kernel
+  and a busybox initramfs whose /init prints a marker line with the image's name (baked in
+  at build time) and the seat's MAC address;
+* a partition image: an ext4 root filesystem, and its kernel and initrd as separate files.
+  The agent writes the filesystem into partition 1, copies the kernel and initrd into its
+  /boot and boots them with extlinux and ``root=PARTUUID=<disk signature>-01``. The initrd
+  mounts that root and switches to its /sbin/init, which prints the marker with the name
+  it reads from the filesystem and the device it was mounted from: the line proves the
+  deployed filesystem is what runs.
+
+Either stays up after the marker, like a real OS; a test kills QEMU once it has seen it.
+The marker goes to ttyS0 (and to the console, if that is elsewhere).
+
+Everything comes from Debian packages: the cloud kernel (``apt-get download``, unpacked
+with ``dpkg-deb``; it boots in about 2 s under TCG) and the host's busybox-static. Nothing
+is mounted: parted, mkfs.fat --offset, mcopy and syslinux --offset make the disk,
+mkfs.ext4 -d the root filesystem. A build is named by a hash of its inputs (package
+versions, the image's name, this file) and kept in a cache directory::
+
+    <cache>/debs/<kernel package>_<version>/*.deb     the kernel package, as downloaded
+    <cache>/whole-disk-<name>-<key>/disk.img, build.json
+    <cache>/partition-<name>-<key>/rootfs.img, vmlinuz, initrd.img, build.json
+
+Each entry is built in a temporary directory next to it and renamed into place whole.
+Timestamps, the FAT volume id, the filesystem UUID and the disk signature are fixed
+(derived from the key), so the same inputs give the same bytes; the one exception is the
+time syslinux stamps on ldlinux.sys in the whole-disk image's FAT (mtools takes the clock).
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import re
+import shutil
+import subprocess
+import tempfile
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable
+
+from labmetal.agent.bootloader import MBR_CODE, write_mbr_code
+from labmetal.images.ramdisk import (exclusive_lock, install_file, run_step, select_modules,
+                                      write_initramfs)
+
+KERNEL_PACKAGE = "linux-image-cloud-amd64"
+BUSYBOX = Path("/bin/busybox")
+DEFAULT_CACHE = Path("/var/cache/labmetal/osimage")
+RECORD = "build.json"
+MIB = 1024 * 1024
+PARTITION_START = MIB  # as the agent's partition.START
+DISK_SIZE = 32 * MIB  # whole-disk image: kernel 13.5 MiB, initramfs 1 MiB, syslinux
+ROOTFS_SIZE = 32 * MIB  # room for the kernel, initrd and extlinux the agent adds to /boot
+EPOCH = 1735689600  # 2025-01-01: every timestamp in the images
+NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,62}")
+MARKER_PREFIX = "labmetal-os:"
+
+# Tool -> Debian package, per kind of image; the packages' versions go into the key.
+COMMON_TOOLS = {"apt-get": "apt", "dpkg-deb": "dpkg", "depmod": "kmod",
+                str(BUSYBOX): "busybox-static"}
+WHOLE_DISK_TOOLS = {**COMMON_TOOLS, "parted": "parted", "mkfs.fat": "dosfstools",
+                    "mcopy": "mtools", "syslinux": "syslinux", str(MBR_CODE): "syslinux-common"}
+PARTITION_TOOLS = {**COMMON_TOOLS, "mkfs.ext4": "e2fsprogs", "debugfs": "e2fsprogs"}
+# What the initramfs loads, if the kernel has it as a module: a NIC for the MAC; the root
+# disk and its filesystem for the partition image.
+WHOLE_DISK_MODULES = ("virtio_pci", "virtio_net")
+PARTITION_MODULES = ("virtio_pci", "virtio_blk", "virtio_net", "ext4")
+
+
+class MissingToolError(RuntimeError):
+    """A tool, package or package list the build needs is not on this machine."""
+
+
+@dataclass(frozen=True)
+class WholeDiskImage:
+    path: Path  # raw disk image; copy it before booting, the cache is shared
+    name: str
+    marker: str  # the start of the marker line: "labmetal-os: image=<name> "
+
+
+@dataclass(frozen=True)
+class PartitionImage:
+    rootfs: Path  # raw ext4 image, for partition 1
+    kernel: Path
+    initrd: Path
+    name: str
+    marker: str
+
+
+def marker_line(image_name: str, mac: str, root: str | None = None) -> str:
+    """The exact line a seat prints once booted: ``root`` is the device the partition image's
+    root filesystem was mounted from (e.g. /dev/vda1); the whole-disk image has none."""
+    where = f" root={root}" if root else ""
+    return f"{MARKER_PREFIX} image={image_name} mac={mac.lower()}{where} booted"
+
+
+def build_whole_disk(name: str, cache_dir: Path | None = None,
+                     progress: Callable[[str], None] = print) -> WholeDiskImage:
+    """The whole-disk image called ``name``, from the cache or built there."""
+    entry = _cached("whole-disk", name, WHOLE_DISK_TOOLS, _build_whole_disk, cache_dir, progress)
+    return WholeDiskImage(entry / "disk.img", name, f"{MARKER_PREFIX} image={name} ")
+
+
+def build_partition(name: str, cache_dir: Path | None = None,
+                    progress: Callable[[str], None] = print) -> PartitionImage:
+    """The partition image called ``name``, from the cache or built there."""
+    entry = _cached("partition", name, PARTITION_TOOLS, _build_partition, cache_dir, progress)
+    return PartitionImage(entry / "rootfs.img", entry / "vmlinuz", entry / "initrd.img", name,
+                          f"{MARKER_PREFIX} image={name} ")
+
+
+# ---------------------------------------------------------------- the cache
+
+@dataclass(frozen=True)
+class _Inputs:
+    kind: str
+    name: str
+    kernel: tuple[str, str]  # the versioned image package the metapackage points to, version
+    packages: dict[str, str]  # host package -> version
+
+    def key(self) -> str:
+        digest = hashlib.sha256(json.dumps(
+            [self.kind, self.name, self.kernel, self.packages], sort_keys=True).encode())
+        digest.update(Path(__file__).read_bytes())
+        return digest.hexdigest()[:16]
+
+
+def _cached(kind: str, name: str, tools: dict[str, str],
+            build: Callable[[_Inputs, str, Path, Path, Callable[[str], None]], None],
+            cache_dir: Path | None, progress: Callable[[str], None]) -> Path:
+    if not NAME.fullmatch(name):
+        raise ValueError(f"image name {name!r}: use letters, digits, '.', '_' and '-' "
+                         "(it goes into file names and the boot scripts)")
+    missing = sorted({package for tool, package in tools.items()
+                      if not (Path(tool).exists() if "/" in tool else shutil.which(tool))})
+    if missing:
+        raise MissingToolError(f"building the {kind} test image needs these Debian packages: "
+                               f"apt-get install {' '.join(missing)}")
+    packages = sorted(set(tools.values()))
+    inputs = _Inputs(kind, name, _kernel_package(),
+                     {package: _installed_version(package) for package in packages})
+    key = inputs.key()
+    cache = Path(cache_dir or os.environ.get("LABMETAL_OSIMAGE_CACHE") or DEFAULT_CACHE)
+    target = cache / f"{kind}-{name}-{key}"
+    cache.mkdir(parents=True, exist_ok=True)
+    with exclusive_lock(cache / ".lock"):
+        if (target / RECORD).is_file():
+            progress(f"{kind} image {name} ({key}): reusing {target}")
+            return target
+        progress(f"{kind} image {name} ({key}): building in {cache}")
+        started = time.monotonic()
+        work = Path(tempfile.mkdtemp(prefix=f".build-{kind}-{name}-", dir=cache))
+        try:
+            out = work / "out"
+            out.mkdir()
+            build(inputs, key, work, out, progress)
+            record = {"kind": kind, "name": name, "key": key, "kernel": "=".join(inputs.kernel),
+                      "packages": inputs.packages,
+                      "files": {path.name: {"size": path.stat().st_size,
+                                            "sha256": _sha256(path)}
+                                for path in sorted(out.iterdir())},
+                      "build_seconds": round(time.monotonic() - started, 1)}
+            (out / RECORD).write_text(json.dumps(record, indent=2) + "\n")
+            out.chmod(0o755)
+            out.rename(target)
+        finally:
+            shutil.rmtree(work)
+    progress(f"{kind} image {name} ({key}): built in {record['build_seconds']} s")
+    return target
+
+
+def _kernel_package() -> tuple[str, str]:
+    """The versioned package the metapackage depends on (linux-image-6.1.0-NN-cloud-amd64)
+    and its version, from the host's package lists: one apt-cache call, about 0.5 s here."""
+    result = subprocess.run(["apt-cache", "show", "--no-all-versions", KERNEL_PACKAGE],
+                            capture_output=True, text=True)
+    found = re.search(r"^Depends: .*?(linux-image-\d\S*) \(= (\S+)\)", result.stdout,
+                      re.MULTILINE)
+    if not found:
+        raise MissingToolError(f"apt knows no {KERNEL_PACKAGE} (run apt-get update): "
+                               f"{result.stderr.strip()}")
+    return found.group(1), found.group(2)
+
+
+def _installed_version(package: str) -> str:
+    result = subprocess.run(["dpkg-query", "--show", "--showformat=${Version}", package],
+                            capture_output=True, text=True)
+    if result.returncode != 0 or not result.stdout:
+        raise MissingToolError(f"Debian package {package} is not installed: "
+                               f"apt-get install {package}")
+    return result.stdout
+
+
+# ---------------------------------------------------------------- the builds
+
+def _build_whole_disk(inputs: _Inputs, key: str, work: Path, out: Path,
+                      progress: Callable[[str], None]) -> None:
+    kernel = _kernel(inputs, work, progress)
+    files = work / "fat"
+    shutil.copyfile(kernel, _new(files / "vmlinuz"))
+    _initramfs(work, WHOLE_DISK_INIT.replace("@NAME@", inputs.name), WHOLE_DISK_MODULES,
+               files / "initrd.img")
+    (files / "syslinux.cfg").write_text(SYSLINUX_CFG)
+
+    disk = out / "disk.img"
+    with open(disk, "wb") as stream:
+        stream.truncate(DISK_SIZE)
+    run_step(["parted", "--script", "--align", "none", str(disk), "unit", "B", "mklabel", "msdos",
+          "mkpart", "primary", "fat16", f"{PARTITION_START}B", f"{DISK_SIZE - 1}B",
+          "set", "1", "boot", "on"], _env())
+    _write_at(disk, 440, bytes.fromhex(key[:8]))  # parted's disk signature is random
+    write_mbr_code(str(disk))
+    sector, image = PARTITION_START // 512, f"{disk}@@{PARTITION_START}"
+    run_step(["mkfs.fat", "--offset", str(sector), "-h", str(sector), "-n", "LABMETAL",
+          "-i", key[8:16], str(disk), str((DISK_SIZE - PARTITION_START) // 1024)], _env())
+    for path in files.iterdir():
+        os.utime(path, (EPOCH, EPOCH))
+    run_step(["mcopy", "-m", "-i", image, *sorted(str(path) for path in files.iterdir()), "::/"],
+         _env())
+    run_step(["syslinux", "--offset", str(PARTITION_START), "--install", str(disk)], _env())
+
+
+def _build_partition(inputs: _Inputs, key: str, work: Path, out: Path,
+                     progress: Callable[[str], None]) -> None:
+    shutil.copyfile(_kernel(inputs, work, progress), out / "vmlinuz")
+    _initramfs(work, PARTITION_INITRD_INIT, PARTITION_MODULES, out / "initrd.img")
+    root = work / "rootfs"
+    _busybox(root)
+    install_file(root / "sbin" / "init", ROOTFS_INIT.encode(), 0o755)
+    install_file(root / "etc" / "labmetal-os" / "name", f"{inputs.name}\n".encode(), 0o644)
+    install_file(root / "etc" / "hostname", b"labmetal-os\n", 0o644)
+    paths = [root, *sorted(root.rglob("*"))]
+    for path in paths:
+        os.utime(path, (EPOCH, EPOCH), follow_symlinks=False)
+    uuid = f"{key[:8]}-{key[8:12]}-4{key[13:16]}-8{key[1:4]}-{key[4:16]}"
+    rootfs = out / "rootfs.img"
+    run_step(["mkfs.ext4", "-q", "-F", "-L", "labmetal-root", "-U", uuid, "-E",
+          f"hash_seed={uuid},root_owner=0:0", "-d", str(root), str(rootfs),
+          f"{ROOTFS_SIZE // 1024}k"], _env())
+    # mkfs.ext4 -d copies each file's ctime, which no one can set: fix them afterwards.
+    commands = work / "ctimes.debugfs"
+    commands.write_text("".join(f"sif /{path.relative_to(root)} ctime @{EPOCH}\n"
+                                for path in paths))
+    run_step(["debugfs", "-w", "-f", str(commands), str(rootfs)], _env())
+
+
+def _kernel(inputs: _Inputs, work: Path, progress: Callable[[str], None]) -> Path:
+    """Unpack the kernel package (kept in the cache, which holds ``work``) into ``work/kernel``,
+    with a modules.dep made there; its vmlinuz."""
+    package, version = inputs.kernel
+    tree = work / "kernel"
+    run_step(["dpkg-deb", "--extract", str(_download(package, version, work.parent, progress)),
+          str(tree)], _env())
+    (modules,) = (tree / "lib" / "modules").iterdir()
+    run_step(["depmod", "--basedir", str(tree), modules.name], _env())
+    return tree / "boot" / f"vmlinuz-{modules.name}"
+
+
+def _download(package: str, version: str, cache: Path, progress: Callable[[str], None]) -> Path:
+    folder = cache / "debs" / f"{package}_{version}"
+    if not list(folder.glob("*.deb")):
+        progress(f"downloading {package} {version}")
+        folder.parent.mkdir(exist_ok=True)
+        work = Path(tempfile.mkdtemp(prefix=".download-", dir=folder.parent))
+        try:
+            run_step(["env", "--chdir", str(work), "apt-get", "-q", "-o", "APT::Sandbox::User=root",
+                  "download", f"{package}={version}"], _env())
+            work.chmod(0o755)
+            work.rename(folder)
+        finally:
+            shutil.rmtree(work, ignore_errors=True)
+    (deb,) = folder.glob("*.deb")
+    return deb
+
+
+def _initramfs(work: Path, init: str, wanted: tuple[str, ...], target: Path) -> None:
+    """busybox, the kernel's ``wanted`` modules (with what they depend on, per modules.dep)
+    and ``init``, as a zstd cpio archive."""
+    root = work / "initramfs"
+    _busybox(root)
+    (source,) = (work / "kernel" / "lib" / "modules").iterdir()
+    modules = select_modules(source, wanted)
+    target_dir = root / "lib" / "modules" / source.name
+    for name in (*modules.files, "modules.order", "modules.builtin", "modules.builtin.modinfo"):
+        install_file(target_dir / name, (source / name).read_bytes(), 0o644)
+    run_step(["depmod", "--basedir", str(root), source.name], _env())
+    install_file(root / "etc" / "labmetal-os" / "modules",
+             "".join(f"{name}\n" for name in modules.loadable).encode(), 0o644)
+    (root / "newroot").mkdir(mode=0o755)
+    install_file(root / "init", init.encode(), 0o755)
+    with open(_new(target), "wb") as stream:
+        write_initramfs(root, stream, EPOCH, 19)
+
+
+def _busybox(root: Path) -> None:
+    """/bin/busybox and a link for each of its applets, and the mount points."""
+    install_file(root / "bin" / "busybox", BUSYBOX.read_bytes(), 0o755)
+    applets = run_step([str(BUSYBOX), "--list"], _env()).split()
+    for applet in applets:
+        if applet != "busybox":
+            (root / "bin" / applet).symlink_to("busybox")
+    for directory in ("dev", "proc", "sys", "etc", "tmp"):
+        (root / directory).mkdir(mode=0o755, exist_ok=True)
+    (root / "sbin").mkdir(mode=0o755, exist_ok=True)
+
+
+def _new(path: Path) -> Path:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    return path
+
+
+def _write_at(path: Path, offset: int, data: bytes) -> None:
+    with open(path, "r+b") as stream:
+        stream.seek(offset)
+        stream.write(data)
+
+
+def _sha256(path: Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as stream:
+        for block in iter(lambda: stream.read(MIB), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def _env() -> dict[str, str]:
+    """Fixed timestamps for the tools that take them; mtools would refuse the FAT's
+    geometry (a partition, not a floppy)."""
+    return {**os.environ, "LC_ALL": "C", "SOURCE_DATE_EPOCH": str(EPOCH),
+            "E2FSPROGS_FAKE_TIME": str(EPOCH), "MTOOLS_SKIP_CHECK": "1"}
+
+# ---------------------------------------------------------------- what runs on the seat
+
+SYSLINUX_CFG = """\
+SERIAL 0 115200
+DEFAULT labmetal
+PROMPT 0
+TIMEOUT 0
+LABEL labmetal
+  LINUX /vmlinuz
+  INITRD /initrd.img
+  APPEND console=tty0 console=ttyS0,115200n8
+"""
+
+# Shared by every init: PATH, the marker's output and the seat's MAC address.
+_SHELL_COMMON = """\
+export PATH=/bin
+say() {  # on ttyS0, where tests read, and on the console if that is another device
+    echo "$1" > /dev/ttyS0 2>/dev/null
+    grep -q '^ttyS0 .*(.*C.*)' /proc/consoles || echo "$1"
+}
+first_mac() {  # of the first Ethernet NIC; it appears shortly after its driver loads
+    for i in $(seq 50); do
+        for nic in /sys/class/net/*; do
+            [ "$(cat "$nic/type" 2>/dev/null)" = 1 ] && { cat "$nic/address"; return; }
+        done
+        sleep 0.1
+    done
+    echo none
+}
+"""
+
+_INITRAMFS_START = """\
+#!/bin/sh
+{comment}
+{common}
+mount -t devtmpfs dev /dev
+exec </dev/console >/dev/console 2>&1
+mount -t proc proc /proc
+mount -t sysfs sys /sys
+modprobe -a $(cat /etc/labmetal-os/modules)
+"""
+
+WHOLE_DISK_INIT = _INITRAMFS_START.format(
+    comment="# labmetal test OS, whole-disk image: say it booted, then stay up like an OS.",
+    common=_SHELL_COMMON) + """\
+say "labmetal-os: image=@NAME@ mac=$(first_mac) booted"
+while :; do sleep 3600; done
+"""
+
+PARTITION_INITRD_INIT = _INITRAMFS_START.format(
+    comment="# labmetal test OS, partition image's initrd: mount root= and switch to it.",
+    common=_SHELL_COMMON) + """\
+fail() { say "labmetal-os: error: $1"; sleep 1; poweroff -f; }
+resolve() {  # root= as a device node; PARTUUID= of msdos partitions only (not GPT)
+    case $1 in
+    /dev/*) [ -b "$1" ] && echo "$1" ;;
+    PARTUUID=*)
+        want=$(echo "${1#PARTUUID=}" | tr A-F a-f)
+        for part in /sys/class/block/*; do
+            [ -e "$part/partition" ] || continue
+            disk=$(basename "$(dirname "$(readlink -f "$part")")")
+            signature=$(od -A n -t x1 -j 440 -N 4 "/dev/$disk" | awk '{print $4 $3 $2 $1}')
+            number=$(printf %02x "$(cat "$part/partition")")
+            [ "$signature-$number" = "$want" ] && { echo "/dev/${part##*/}"; return; }
+        done
+        return 1 ;;
+    *) findfs "$1" ;;
+    esac
+}
+root= mode=ro
+for arg in $(cat /proc/cmdline); do
+    case $arg in root=*) root=${arg#root=} ;; ro|rw) mode=$arg ;; esac
+done
+[ -n "$root" ] || fail "no root= on the kernel command line"
+device=
+for i in $(seq 100); do device=$(resolve "$root") && [ -n "$device" ] && break; sleep 0.1; done
+[ -n "$device" ] || fail "root $root not found"
+mount -o "$mode" "$device" /newroot || fail "cannot mount $device"
+[ -x /newroot/sbin/init ] || fail "$device has no /sbin/init"
+for fs in dev proc sys; do mount --move "/$fs" "/newroot/$fs"; done
+exec switch_root /newroot /sbin/init
+"""
+
+ROOTFS_INIT = f"""\
+#!/bin/sh
+# labmetal test OS, partition image: say which image booted from which root, then stay up.
+{_SHELL_COMMON}
+[ -e /proc/self ] || mount -t proc proc /proc
+[ -d /sys/class ] || mount -t sysfs sys /sys
+[ -e /dev/null ] || mount -t devtmpfs dev /dev
+name=$(cat /etc/labmetal-os/name)
+root=$(awk '$2 == "/" {{ device = $1 }} END {{ print device }}' /proc/mounts)
+say "labmetal-os: image=$name mac=$(first_mac) root=$root booted"
+while :; do sleep 3600; done
+"""

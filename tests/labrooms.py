@@ -1,0 +1,120 @@
+"""Rooms made by `labmetal lab up` for tests, and a labmetal service started with the
+settings the room printed (DHCP in the room, listening on its uplink)."""
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import requests
+
+from labmetal.lab.network import namespaces, remove_namespace
+from labmetal.lab.room import STATE_FILE, recover
+from tests.support import LABMETAL, Proc, Processes, service_env, wait_for
+
+BMC_PASSWORD = "room-pw"
+LATEST = {"X-OpenStack-Ironic-API-Version": "latest"}
+BOOT_TIMEOUT = 420  # TCG on 2 shared cores; most boots take under a minute
+
+
+@dataclass
+class UpRoom:
+    proc: Proc
+    state_dir: Path
+    state: dict[str, Any]
+
+    def seat(self, kind: str) -> dict[str, Any]:
+        return next(seat for seat in self.state["seats"] if seat["kind"] == kind)
+
+    def console(self, seat: dict[str, Any]) -> str:
+        path = Path(seat["console_log"])
+        return path.read_text(errors="replace") if path.exists() else ""
+
+
+def lab_up(procs: Processes, state_dir: Path, name: str, subnet: str, *options: str,
+           log_name: str = "lab-up") -> UpRoom:
+    proc = procs.start([LABMETAL, "lab", "up", "--name", name, "--subnet", subnet,
+                        "--state-dir", str(state_dir), "--bmc-password", BMC_PASSWORD,
+                        *options], log_name)
+    proc.wait_for_output(f"room {name} is up", timeout=60)
+    return UpRoom(proc, state_dir, json.loads((state_dir / STATE_FILE).read_text()))
+
+
+def tear_down(room: UpRoom) -> None:
+    """SIGTERM to `lab up` (it tears its room down), then whatever a crash left: the
+    processes it recorded and its namespaces (named after its PID)."""
+    room.proc.stop(timeout=60)
+    if (room.state_dir / STATE_FILE).exists():
+        recover(room.state_dir, out=lambda line: None)
+    for namespace in namespaces():
+        if namespace.startswith(f"lmt-{room.state['pid']}-"):
+            remove_namespace(namespace)
+
+
+def start_labmetal(procs: Processes, workdir: Path, settings: dict[str, Any],
+                   name: str = "labmetal") -> Proc:
+    """`labmetal serve` with the settings `lab up` printed (listen, DHCP in the room)."""
+    env = service_env(state_dir=workdir / name, log_file=workdir / f"{name}.log",
+                      hostname=f"{name}-service", **settings)
+    proc = procs.start([LABMETAL, "serve"], name, env)
+    proc.wait_for_output("listening on http://", timeout=60)
+    return proc
+
+
+class Labmetal:
+    """The API of the service serving one room."""
+
+    def __init__(self, url: str):
+        self.url = url
+
+    def call(self, method: str, path: str, **kwargs: Any) -> requests.Response:
+        return requests.request(method, self.url + path, headers=LATEST, timeout=60, **kwargs)
+
+    def node(self, name: str) -> dict[str, Any]:
+        response = self.call("GET", f"/v1/nodes/{name}")
+        assert response.status_code == 200, response.text
+        return response.json()
+
+    def upload(self, name: str, kind: str, path: Path, **links: str) -> None:
+        created = self.call("POST", "/v1/images", json={"name": name, "kind": kind, **links})
+        assert created.status_code == 201, created.text
+        with open(path, "rb") as data:
+            uploaded = self.call("PUT", f"/v1/images/{name}/data", data=data)
+        assert uploaded.status_code == 200, uploaded.text
+
+    def enroll(self, room: UpRoom, seat: dict[str, Any], provide: bool = True) -> None:
+        if room.state["power"] == "ipmi":
+            driver, info = "ipmi", {"ipmi_address": "127.0.0.1", "ipmi_port": seat["bmc_port"],
+                                    "ipmi_username": "admin", "ipmi_password": BMC_PASSWORD}
+        else:
+            driver, info = "wol", {"wol_host": room.state["broadcast"], "wol_port": 9}
+        node = self.call("POST", "/v1/nodes", json={"driver": driver, "name": seat["name"],
+                                                     "driver_info": info})
+        assert node.status_code == 201, node.text
+        port = self.call("POST", "/v1/ports", json={"address": seat["mac"],
+                                                    "node_uuid": node.json()["uuid"]})
+        assert port.status_code == 201, port.text
+        self.provision(seat["name"], "manage", "manageable")
+        if provide:
+            self.provision(seat["name"], "provide", "available")
+
+    def provision(self, name: str, verb: str, *goals: str, timeout: float = 60,
+                  **body: Any) -> dict[str, Any]:
+        response = self.call("PUT", f"/v1/nodes/{name}/states/provision",
+                             json={"target": verb, **body})
+        assert response.status_code == 202, response.text
+        return self.wait(name, *goals, timeout=timeout)
+
+    def wait(self, name: str, *goals: str, timeout: float = BOOT_TIMEOUT) -> dict[str, Any]:
+        node = wait_for(lambda: (lambda n: n if n["provision_state"] in goals and not
+                                 n["reservation"] else None)(self.node(name)),
+                        timeout, f"{name} to reach {' or '.join(goals)}", interval=0.5)
+        return node
+
+    def deploy(self, name: str, image: str, interface: str = "direct") -> dict[str, Any]:
+        patched = self.call("PATCH", f"/v1/nodes/{name}", json=[
+            {"op": "add", "path": "/instance_info/image_source", "value": image},
+            {"op": "replace", "path": "/deploy_interface", "value": interface}])
+        assert patched.status_code == 200, patched.text
+        return self.provision(name, "active", "active", "deploy failed", timeout=BOOT_TIMEOUT)
