@@ -259,6 +259,8 @@ def cmd_demo(args: argparse.Namespace) -> int:
     from pathlib import Path
 
     from labmetal.lab.demo import DemoOptions, run
+    if args.seats is not None:  # --seats N --kind K: a room of one kind
+        args.qemu, args.light = (args.seats, 0) if args.kind == "qemu" else (0, args.seats)
     return run(DemoOptions(Path(args.state_dir), qemu=args.qemu, light=args.light,
                            power=args.power, subnet=args.subnet, port=args.port,
                            seat_rate=args.seat_rate, keep_running=not args.once))
@@ -276,6 +278,9 @@ def build_parser() -> argparse.ArgumentParser:
                                        "that PXE-boot and light seats, deployed with an OS")
     demo.add_argument("--qemu", type=int, default=2, help="QEMU seats (default 2)")
     demo.add_argument("--light", type=int, default=2, help="light seats (default 2)")
+    demo.add_argument("--seats", type=int, help="instead of --qemu/--light: N seats of --kind")
+    demo.add_argument("--kind", choices=("qemu", "light"), default="light",
+                      help="the kind of the --seats (default light)")
     demo.add_argument("--power", choices=("ipmi", "wol"), default="ipmi")
     demo.add_argument("--subnet", default="10.99.200.0/24", help="the room's network; "
                       "labmetal listens on its .2")
