@@ -1,13 +1,15 @@
 """What a virtual BMC or WoL listener switches on and off: a seat of the simulated lab.
 
-Only the in-memory machine exists for now; QEMU guests and agent seats implement the same
-small interface later.
+The in-memory machine is for BMC-only rooms; light seats (lab/seat.py) and QEMU seats
+(lab/qemu_seat.py) are processes, powered through :class:`SeatPower`.
 """
 from __future__ import annotations
 
 import threading
 import time
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Protocol
 
 
@@ -71,3 +73,47 @@ class MemoryMachine:
     def set_boot_device(self, device: str) -> None:
         self.boot_device = device
         self.events.append((time.time(), f"boot device {device}"))
+
+
+class SeatPower:
+    """The power side every seat process shares. Power changes run in the seat's own
+    worker thread, in order: a BMC answers at once while the seat starts or stops (which
+    may take seconds), as real hardware does. Subclasses start and stop the process."""
+
+    def __init__(self, name: str, state_dir: str):
+        self.name = name
+        self.boot_device = "network"
+        self._lock = threading.Lock()
+        self._worker = ThreadPoolExecutor(max_workers=1, thread_name_prefix=f"seat-{name}")
+        Path(state_dir).mkdir(parents=True, exist_ok=True)
+        self.console_log = Path(state_dir) / "console.log"
+
+    def power_on(self) -> None:
+        self._worker.submit(self._start)
+
+    def power_off(self) -> None:
+        self._worker.submit(self._stop)
+
+    def reset(self) -> None:
+        self._worker.submit(self._reset)
+
+    def shutdown(self) -> None:
+        """Stop the seat now and wait for it (when the lab itself stops)."""
+        self._worker.shutdown(wait=True, cancel_futures=True)
+        self._stop()
+
+    def get_boot_device(self) -> str:
+        return self.boot_device
+
+    def set_boot_device(self, device: str) -> None:
+        self.boot_device = device
+
+    def _start(self) -> None:
+        raise NotImplementedError
+
+    def _stop(self) -> None:
+        raise NotImplementedError
+
+    def _reset(self) -> None:
+        self._stop()
+        self._start()

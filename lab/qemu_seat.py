@@ -9,11 +9,10 @@ import os
 import signal
 import socket
 import subprocess
-import threading
-from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 
+from labmetal.lab.machine import SeatPower
 from labmetal.lab.network import in_namespace
 
 QEMU = "qemu-system-x86_64"
@@ -35,28 +34,19 @@ class QemuSeatSpec:
     bmc_port: int | None = None
 
 
-class QemuSeat:
-    """Power changes run in the seat's own worker thread, in order, so a BMC answers at once
-    (as on real hardware) while QEMU starts or stops; the state reported follows the QEMU
-    process: a guest that powers itself off ends the process, a guest reboot does not.
+class QemuSeat(SeatPower):
+    """The state reported follows the QEMU process: a guest that powers itself off ends
+    the process, a guest reboot does not.
 
     Hard power off and reset go through QMP (``quit``, ``system_reset``); the boot device
     becomes QEMU's ``-boot order`` at the next power on, or at a reset (which then starts a
     new QEMU, as the order of a running QEMU is fixed)."""
 
     def __init__(self, spec: QemuSeatSpec):
+        super().__init__(spec.name, spec.state_dir)
         self.spec = spec
-        self.name = spec.name
-        self.boot_device = "network"
         self._process: subprocess.Popen | None = None
         self._order = ""  # the boot order the running QEMU was started with
-        self._lock = threading.Lock()
-        self._worker = ThreadPoolExecutor(max_workers=1, thread_name_prefix=f"seat-{spec.name}")
-        Path(spec.state_dir).mkdir(parents=True, exist_ok=True)
-
-    @property
-    def console_log(self) -> Path:
-        return Path(self.spec.state_dir) / "console.log"
 
     @property
     def pid(self) -> int | None:
@@ -65,26 +55,6 @@ class QemuSeat:
 
     def is_on(self) -> bool:
         return self.pid is not None
-
-    def power_on(self) -> None:
-        self._worker.submit(self._start)
-
-    def power_off(self) -> None:
-        self._worker.submit(self._stop)
-
-    def reset(self) -> None:
-        self._worker.submit(self._reset)
-
-    def shutdown(self) -> None:
-        """Stop the seat now and wait for it (when the lab itself stops)."""
-        self._worker.shutdown(wait=True, cancel_futures=True)
-        self._stop()
-
-    def get_boot_device(self) -> str:
-        return self.boot_device
-
-    def set_boot_device(self, device: str) -> None:
-        self.boot_device = device
 
     def argv(self, order: str) -> list[str]:
         spec = self.spec

@@ -8,11 +8,10 @@ import os
 import signal
 import subprocess
 import sys
-import threading
-from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
+from labmetal.lab.machine import SeatPower
 from labmetal.lab.network import in_namespace
 from labmetal.lab.qemu_seat import QemuSeat, QemuSeatSpec
 
@@ -37,41 +36,17 @@ class LightSeatSpec:
         Path(path).write_text(json.dumps([asdict(spec) for spec in specs], indent=1))
 
 
-class LightSeat:
-    """Power changes happen in the seat's own worker thread, in order: a BMC answers at once
-    while the seat shuts down (which may take seconds: the agent stops its exports), as
-    real hardware does; the state reported follows the real process."""
+class LightSeat(SeatPower):
+    """The state reported follows the firmware process (shutting down may take seconds:
+    the agent stops its exports)."""
 
     def __init__(self, spec: LightSeatSpec):
+        super().__init__(spec.name, spec.state_dir)
         self.spec = spec
-        self.name = spec.name
-        self.boot_device = "network"
         self._process: subprocess.Popen | None = None
-        self._lock = threading.Lock()
-        self._worker = ThreadPoolExecutor(max_workers=1, thread_name_prefix=f"seat-{spec.name}")
-        Path(spec.state_dir).mkdir(parents=True, exist_ok=True)
-
-    @property
-    def console_log(self) -> Path:
-        return Path(self.spec.state_dir) / "console.log"
 
     def is_on(self) -> bool:
         return self._process is not None and self._process.poll() is None
-
-    def power_on(self) -> None:
-        self._worker.submit(self._start)
-
-    def power_off(self) -> None:
-        self._worker.submit(self._stop)
-
-    def reset(self) -> None:
-        self._worker.submit(self._stop)
-        self._worker.submit(self._start)
-
-    def shutdown(self) -> None:
-        """Stop the seat now and wait for it (when the lab itself stops)."""
-        self._worker.shutdown(wait=True, cancel_futures=True)
-        self._stop()
 
     def _start(self) -> None:
         with self._lock:
@@ -99,12 +74,6 @@ class LightSeat:
         except subprocess.TimeoutExpired:
             os.killpg(process.pid, signal.SIGKILL)
             process.wait(timeout=10)
-
-    def get_boot_device(self) -> str:
-        return self.boot_device
-
-    def set_boot_device(self, device: str) -> None:
-        self.boot_device = device
 
 
 SEAT_KINDS: dict[str, type] = {"light": LightSeatSpec, "qemu": QemuSeatSpec}
