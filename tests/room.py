@@ -125,6 +125,16 @@ class TestRoom:
                                        and not n["reservation"], timeout=30, what=goal)
         return self.service.node(spec.name)
 
+    def choose_image(self, seat: LightSeatSpec, image: str, deploy_interface: str | None = None
+                     ) -> None:
+        """What the next deploy of ``seat`` writes (and how)."""
+        patch = [{"op": "add", "path": "/instance_info/image_source", "value": image}]
+        if deploy_interface:
+            patch.append({"op": "replace", "path": "/deploy_interface",
+                          "value": deploy_interface})
+        response = self.api("PATCH", f"/v1/nodes/{seat.name}", json=patch)
+        assert response.status_code == 200, response.text
+
     def provision(self, name: str, verb: str, **body: Any) -> requests.Response:
         return self.api("PUT", f"/v1/nodes/{name}/states/provision", json={"target": verb, **body})
 

@@ -57,8 +57,7 @@ def test_checksum_mismatch_fails_the_deploy_and_a_redeploy_succeeds(lab, procs, 
     image = room.upload("img", "whole-disk", disk_image)
     seat = room.seats[0]
     room.enroll(seat)
-    room.api("PATCH", f"/v1/nodes/{seat.name}", json=[
-        {"op": "add", "path": "/instance_info/image_source", "value": "img"}])
+    room.choose_image(seat, "img")
     packed = room.service.state_dir / "images" / image["uuid"] / "packed"
     original = packed.read_bytes()
     damaged = bytearray(original)
@@ -84,8 +83,7 @@ def test_a_disk_smaller_than_the_image_fails_before_writing(lab, procs, tmp_path
     seat = room.seats[0]
     before = sha256_of(Path(seat.disk))
     room.enroll(seat)
-    room.api("PATCH", f"/v1/nodes/{seat.name}", json=[
-        {"op": "add", "path": "/instance_info/image_source", "value": "img"}])
+    room.choose_image(seat, "img")
     room.provision(seat.name, "active")
     node = room.wait_state(seat.name, "active", "deploy failed")
     assert node["provision_state"] == "deploy failed"
@@ -101,8 +99,7 @@ def test_an_agent_killed_mid_write_fails_the_deploy_never_active(lab, procs, tmp
     room.upload_deploy_ramdisk()
     room.upload("big", "whole-disk", big)
     room.enroll(seat)
-    room.api("PATCH", f"/v1/nodes/{seat.name}", json=[
-        {"op": "add", "path": "/instance_info/image_source", "value": "big"}])
+    room.choose_image(seat, "big")
     room.provision(seat.name, "active")
     room.service.wait_node(seat.name, lambda n: (n["deploy_step"] or {}).get("done", 0) > 0,
                            timeout=60, what="the write under way")
@@ -137,8 +134,7 @@ def test_undeploy_erases_the_disk_and_returns_the_seat(lab, procs, tmp_path, dis
     room.upload("img", "whole-disk", disk_image)
     seat = room.seats[0]
     room.enroll(seat)
-    room.api("PATCH", f"/v1/nodes/{seat.name}", json=[
-        {"op": "add", "path": "/instance_info/image_source", "value": "img"}])
+    room.choose_image(seat, "img")
     room.provision(seat.name, "active")
     assert room.wait_state(seat.name, "active", "deploy failed")["provision_state"] == "active"
     assert room.provision(seat.name, "deleted").status_code == 202
@@ -161,8 +157,7 @@ def test_a_partition_image_gets_a_bootloader(lab, procs, tmp_path):
     room.upload("tp-part", "partition", rootfs, kernel="tp-kernel", ramdisk="tp-initrd")
     seat = room.seats[0]
     room.enroll(seat)
-    room.api("PATCH", f"/v1/nodes/{seat.name}", json=[
-        {"op": "add", "path": "/instance_info/image_source", "value": "tp-part"}])
+    room.choose_image(seat, "tp-part")
     room.provision(seat.name, "active")
     node = room.wait_state(seat.name, "active", "deploy failed")
     assert node["provision_state"] == "active", node["last_error"]
@@ -186,9 +181,7 @@ def test_iscsi_deploy_writes_the_image_through_the_seats_export(lab, procs, tmp_
     image = room.upload("img", "whole-disk", disk_image)
     seat = room.seats[0]
     room.enroll(seat)
-    room.api("PATCH", f"/v1/nodes/{seat.name}", json=[
-        {"op": "add", "path": "/instance_info/image_source", "value": "img"},
-        {"op": "replace", "path": "/deploy_interface", "value": "iscsi"}])
+    room.choose_image(seat, "img", deploy_interface="iscsi")
     room.provision(seat.name, "active")
     node = room.wait_state(seat.name, "active", "deploy failed")
     assert node["provision_state"] == "active", node["last_error"]
@@ -241,8 +234,7 @@ def test_a_wake_on_lan_seat_is_deployed_and_rebooted_in_band(lab, procs, tmp_pat
     image = room.upload("img", "whole-disk", disk_image)
     seat = room.seats[0]
     room.enroll(seat)
-    room.api("PATCH", f"/v1/nodes/{seat.name}", json=[
-        {"op": "add", "path": "/instance_info/image_source", "value": "img"}])
+    room.choose_image(seat, "img")
     room.provision(seat.name, "active")
     node = room.wait_state(seat.name, "active", "deploy failed")
     assert node["provision_state"] == "active", node["last_error"]
@@ -277,8 +269,7 @@ def test_a_teacher_captures_a_reference_pc_and_deploys_it_elsewhere(lab, procs, 
     assert manifest.raw_sha256 == image["raw_sha256"]
 
     room.enroll(student)
-    room.api("PATCH", f"/v1/nodes/{student.name}", json=[
-        {"op": "add", "path": "/instance_info/image_source", "value": "tp3-reference"}])
+    room.choose_image(student, "tp3-reference")
     room.provision(student.name, "active")
     assert room.wait_state(student.name, "active", "deploy failed")["provision_state"] == "active"
     assert sha256_of(Path(student.disk)) == sha256_of(Path(reference.disk))

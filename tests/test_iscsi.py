@@ -8,7 +8,6 @@ rtslib-fb in the one place that needs LIO to look present.
 """
 from __future__ import annotations
 
-import hashlib
 import importlib.util
 import logging
 import os
@@ -26,6 +25,7 @@ from labmetal.agent.iscsi import (Chap, ExportError, LioExporter, LioUnavailable
                                   exporter_for_host, lio_status)
 from labmetal.conductor.iscsi_writer import (IscsiWriteError, capture_over_iscsi,
                                              write_image_over_iscsi)
+from tests.room import sha256_of as sha256
 from tests.support import free_port
 
 MiB = 2**20
@@ -50,18 +50,6 @@ def sparse_disk(path: Path, size: int) -> Path:
     with open(path, "wb") as disk:
         disk.truncate(size)
     return path
-
-
-def sha256(path: Path, length: int | None = None) -> str:
-    digest, left = hashlib.sha256(), length if length is not None else path.stat().st_size
-    with open(path, "rb") as source:
-        while left > 0:
-            block = source.read(min(MiB, left))
-            if not block:
-                break
-            digest.update(block)
-            left -= len(block)
-    return digest.hexdigest()
 
 
 def make_ext4_image(directory: Path, size: int, payload_budget: int) -> Path:
