@@ -52,8 +52,8 @@ class SessionCookies(SecureCookieSessionInterface):
 
 
 def create_app(svc: Services) -> Flask:
-    from labmetal.api import (agent, boot, conductors, drivers, images,  # blueprints
-                              login, node_states, nodes, ports, root, users)
+    from labmetal.api import (agent, boot, conductors, drivers, images, rooms,  # blueprints
+                              login, node_states, nodes, pages, ports, root, users)
 
     app = Flask("labmetal.api", static_folder=None)  # every route is a view of ours
     app.extensions["labmetal"] = svc
@@ -118,12 +118,17 @@ def create_app(svc: Services) -> Flask:
 
     for blueprint in (root.blueprint, nodes.blueprint, node_states.blueprint, ports.blueprint,
                       drivers.blueprint, conductors.blueprint, images.blueprint,
-                      agent.blueprint, boot.blueprint, login.blueprint, users.blueprint):
+                      agent.blueprint, boot.blueprint, login.blueprint, users.blueprint,
+                      pages.blueprint, rooms.blueprint):
         app.register_blueprint(blueprint)
     return app
 
 
 def _challenge(message: str) -> Response:
+    """401 with a Basic challenge, except to the web pages' own requests (marked with
+    ``X-Requested-With``): a challenge would pop the browser's password dialog over the page,
+    which sends the user to /login instead."""
     response = error_response(401, message)
-    response.headers["WWW-Authenticate"] = 'Basic realm="labmetal"'
+    if request.headers.get("X-Requested-With") != "XMLHttpRequest":
+        response.headers["WWW-Authenticate"] = 'Basic realm="labmetal"'
     return response

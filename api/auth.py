@@ -5,7 +5,9 @@ With ``auth = noauth`` every caller is an anonymous admin (the embedded and demo
 Otherwise a request names a labmetal user by, in this order: an API token (``X-Auth-Token``
 or ``Authorization: Bearer``), HTTP basic credentials (local or LDAP), or the web login's
 session cookie. A cookie is sent by the browser on its own, so a state-changing request that
-relies on it must also carry the session's CSRF token; the others need none.
+relies on it must also carry the session's CSRF token; the others need none. A page's
+timer-driven refresh says so (``X-Labmetal-Background: 1``): its session is checked but not
+counted as used, so a page left open still ends after ``session_idle_timeout``.
 
 Every view is marked either ``@authorize("action")`` or ``@public("why")``; the test over the
 URL map fails for a view with neither.
@@ -36,6 +38,9 @@ SAFE_METHODS = ("GET", "HEAD", "OPTIONS")
 FORM_TYPES = ("application/x-www-form-urlencoded", "multipart/form-data")
 CSRF_HEADER = "X-CSRF-Token"
 CSRF_FIELD = "csrf_token"
+# Sent by the pages on their timer-driven refreshes: checked like any request, but not
+# counted as use, so a page left open does not keep its session alive forever.
+BACKGROUND_HEADER = "X-Labmetal-Background"
 
 
 @dataclass(frozen=True)
@@ -80,7 +85,8 @@ class Authenticator:
             return caller
         if session.get("sid"):
             holder = tokens.resolve(self.svc.db, session["sid"], tokens.WEB,
-                                    idle_timeout=self.svc.settings.session_idle_timeout)
+                                    idle_timeout=self.svc.settings.session_idle_timeout,
+                                    touch=not is_background(request))
             if holder is None:
                 session.pop("sid", None)
                 raise Unauthenticated("Your session has ended (logged out or unused for too "
@@ -124,6 +130,12 @@ class Authenticator:
 
 def _caller(user: User, via: str, token_uuid: str | None = None) -> Caller:
     return Caller(user.name, user.role, user.id, via, token_uuid)
+
+
+def is_background(request: Request) -> bool:
+    """A page's own periodic refresh (``X-Labmetal-Background: 1``), not something the user
+    did: it must not extend the web session's idle timer."""
+    return request.headers.get(BACKGROUND_HEADER, "").strip() == "1"
 
 
 def bearer_token(request: Request) -> str | None:
@@ -181,6 +193,15 @@ def authorize(action: str, owner: Callable[..., str | None] | None = None,
         checked.policy_action = action  # type: ignore[attr-defined]
         return checked
     return wrap
+
+
+def check_allowed(action: str) -> None:
+    """The policy check of ``authorize`` for a second action one view may also carry out
+    (a room job that powers the room off needs room:power as well as room:deploy)."""
+    caller: Caller = g.caller
+    if current_app.extensions["labmetal"].policy.verdict(action, caller.role) \
+            is not Verdict.ALLOWED:
+        raise forbidden(action, caller)
 
 
 def public(reason: str) -> Callable[[Callable], Callable]:

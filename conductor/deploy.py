@@ -223,8 +223,11 @@ def _instance_image(work: NodeWork) -> Image:
 
 def _write_direct(work: NodeWork, image: Image) -> None:
     ctx = work.ctx
+    info = work.node.instance_info or {}
     params = {"manifest_url": ctx.manifest_url(image), "packed_url": ctx.file_url(image, "packed"),
-              "readback": bool((work.node.instance_info or {}).get("verify_readback"))}
+              "readback": bool(info.get("verify_readback"))}
+    if info.get("multicast"):  # a room job's seat: the chunks come from the job's group
+        params["multicast"] = info["multicast"]
     if image.kind == "whole-disk":
         result = run_agent_command(work, "write_image", params, "write image")
     else:
@@ -237,7 +240,9 @@ def _write_direct(work: NodeWork, image: Image) -> None:
                       kernel_cmdline=(work.node.instance_info or {}).get(
                           "kernel_append_params", "console=ttyS0"))
         result = run_agent_command(work, "deploy_partition_image", params, "write image")
-    if result.get("raw_sha256") not in (None, image.raw_sha256):
+    if not (result or {}).get("raw_sha256"):
+        raise DeployError("the agent reported no sha256 of what it wrote: no receipt, no done")
+    if result.get("raw_sha256") != image.raw_sha256:
         raise DeployError(f"the disk reads back as sha256 {result.get('raw_sha256')}, the "
                           f"image is {image.raw_sha256}")
 

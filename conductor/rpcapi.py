@@ -84,6 +84,11 @@ class ConductorAPI:
         self.wake(owner)
         return owner
 
+    def wake_all(self) -> None:
+        """Room jobs are owned by one conductor, which any of them may be: wake them all."""
+        for hostname in self.registry.live(force=True):
+            self.wake(hostname)
+
     def wake(self, hostname: str) -> None:
         if self.local is not None and self.local.hostname == hostname:
             self.local.wake()

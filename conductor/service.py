@@ -23,6 +23,8 @@ from labmetal.conductor.deploy import DEPLOY_ACTIONS, DeployContext
 from labmetal.conductor.drivers import HardwareType
 from labmetal.conductor.power.base import InvalidDriverInfo, PowerError, PowerTarget
 from labmetal.conductor.registry import ConductorRegistry
+from labmetal.conductor.roomjobs import RoomJobRunner
+from labmetal.conductor.rpcapi import ConductorAPI
 from labmetal.conductor.wakeup import WakeServer
 from labmetal.config import Settings
 from labmetal.db import Database
@@ -69,6 +71,9 @@ class ConductorService:
         self.wake_server = WakeServer(settings.wake_listen, settings.hostname, self.wake,
                                       self.status)
         self.boot_server = BootServer(settings, db)
+        self.room_jobs = RoomJobRunner(settings, db, self.registry, store, settings.hostname,
+                                       ConductorAPI(db, self.registry, settings, local=self))
+        self._room_wake = threading.Event()
 
     # -- life cycle ------------------------------------------------------------------
     def start(self) -> None:
@@ -76,7 +81,8 @@ class ConductorService:
         self.boot_server.start()
         self._register()
         self._release_own_stale_locks()
-        for loop in (self._heartbeat_loop, self._scan_loop, self._power_sync_loop):
+        for loop in (self._heartbeat_loop, self._scan_loop, self._power_sync_loop,
+                     self._room_job_loop):
             thread = threading.Thread(target=loop, daemon=True, name=loop.__name__.strip("_"))
             thread.start()
             self._threads.append(thread)
@@ -86,6 +92,7 @@ class ConductorService:
         """Finish running actions, then leave the ring so peers take the rest over at once."""
         self._stop.set()
         self._wake.set()
+        self._room_wake.set()
         self._actions.shutdown(wait=True, cancel_futures=True)
         self._sync_pool.shutdown(wait=True, cancel_futures=True)
         for thread in self._threads:
@@ -95,10 +102,12 @@ class ConductorService:
                             .values(online=False))
         self.wake_server.stop()
         self.boot_server.stop()
+        self.room_jobs.stop()
         LOG.info("conductor %s stopped", self.hostname)
 
     def wake(self) -> None:
         self._wake.set()
+        self._room_wake.set()
 
     def status(self) -> dict[str, Any]:
         with self._in_flight_lock:
@@ -150,6 +159,20 @@ class ConductorService:
                 self.scan()
             except Exception:
                 LOG.exception("scan failed")
+
+    def _room_job_loop(self) -> None:
+        while not self._stop.is_set():
+            self._room_wake.wait(self.settings.room_job_interval)
+            self._room_wake.clear()
+            if self._stop.is_set() or not self._heartbeat_fresh():
+                continue
+            try:
+                self.room_jobs.tick()
+            except Exception:
+                LOG.exception("room jobs pass failed")
+
+    def _heartbeat_fresh(self) -> bool:
+        return time.monotonic() - self._heartbeat_ok_at <= self.settings.conductor_dead_after
 
     def _power_sync_loop(self) -> None:
         while not self._stop.wait(self.settings.power_sync_interval):

@@ -11,6 +11,7 @@ import threading
 
 from labmetal.config import load_settings
 from labmetal.images.cli import register as register_images
+from labmetal.room_cli import register as register_room
 
 SERVICE_OPTIONS = ("listen", "database", "auth", "state_dir", "hostname", "secret_key_file",
                    "public_url", "wake_listen", "log_file", "log_level", "power_sync_interval",
@@ -395,6 +396,7 @@ def build_parser() -> argparse.ArgumentParser:
     lab_status.set_defaults(func=cmd_lab_status)
 
     register_images(sub)
+    register_room(sub)
     return parser
 
 

@@ -69,6 +69,15 @@ class Settings:
     ldap_role_map: str = ""  # "teachers=teacher; labadmins=admin" (value, or a group's cn)
     ldap_default_role: str = "student"
     ldap_timeout: float = 5.0  # connect and each answer, seconds
+    timezone: str = ""  # the lab's, for "--at 08:00"; empty: the machine's
+    room_job_interval: float = 1.0  # how often the owning conductor advances its room jobs
+    # Room deploys: multicast from this many seats up ("auto"). Below it unicast wins: N
+    # seats share an uplink of about 10 seat links, multicast runs at one seat link.
+    multicast_min_seats: int = 10
+    multicast_groups: str = "239.255.77.0/24"  # one group per running job
+    multicast_port: int = 47700  # data; requests (NACKs) come back to port + 1
+    multicast_rate: int = 90_000_000  # bit/s ceiling: below the slowest seat link
+    multicast_ttl: int = 1
 
     @property
     def database_url(self) -> str:

@@ -5,7 +5,8 @@ import uuid as uuidlib
 from datetime import datetime, timezone
 from typing import Any
 
-from sqlalchemy import JSON, BigInteger, Boolean, DateTime, ForeignKey, String, Text
+from sqlalchemy import (JSON, BigInteger, Boolean, DateTime, ForeignKey, String, Text,
+                        UniqueConstraint)
 from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column, relationship
 
 
@@ -172,3 +173,75 @@ class Image(Base):
     description: Mapped[str | None] = mapped_column(Text)
     created_at: Mapped[datetime] = mapped_column(default=utcnow)
     updated_at: Mapped[datetime | None] = mapped_column(onupdate=utcnow)
+
+
+class Room(Base):
+    """A teaching room: the seats (nodes) a teacher acts on together."""
+    __tablename__ = "rooms"
+
+    id: Mapped[int] = mapped_column(primary_key=True)
+    uuid: Mapped[str] = mapped_column(String(36), unique=True, default=new_uuid)
+    name: Mapped[str] = mapped_column(String(64), unique=True)
+    description: Mapped[str | None] = mapped_column(Text)
+    created_at: Mapped[datetime] = mapped_column(default=utcnow)
+    updated_at: Mapped[datetime | None] = mapped_column(onupdate=utcnow)
+
+
+class Seat(Base):
+    """A node's place in a room (label such as A07). A node sits in one room at most."""
+    __tablename__ = "seats"
+    __table_args__ = (UniqueConstraint("room_id", "label"),)
+
+    id: Mapped[int] = mapped_column(primary_key=True)
+    room_id: Mapped[int] = mapped_column(ForeignKey("rooms.id", ondelete="CASCADE"), index=True)
+    label: Mapped[str] = mapped_column(String(32))
+    node_id: Mapped[int] = mapped_column(ForeignKey("nodes.id", ondelete="CASCADE"), unique=True)
+
+
+class RoomJob(Base):
+    """"Image X on room Y, now or at 08:00 (every week)", or "power room Y off at 18:00".
+    The job and its per-seat rows are the whole truth: any process may die, the conductor
+    that owns the job next reads them and carries on."""
+    __tablename__ = "room_jobs"
+
+    id: Mapped[int] = mapped_column(primary_key=True)
+    uuid: Mapped[str] = mapped_column(String(36), unique=True, default=new_uuid)
+    room_id: Mapped[int] = mapped_column(ForeignKey("rooms.id", ondelete="CASCADE"), index=True)
+    action: Mapped[str] = mapped_column(String(16))  # deploy | power-off
+    image_id: Mapped[int | None] = mapped_column(ForeignKey("images.id", ondelete="SET NULL"))
+    image_name: Mapped[str | None] = mapped_column(String(255))  # kept if the image goes
+    # scheduled -> running -> done | failed (some seats failed after their retries) | cancelled
+    state: Mapped[str] = mapped_column(String(16), default="scheduled", index=True)
+    transport: Mapped[str] = mapped_column(String(16), default="auto")  # as requested
+    chosen_transport: Mapped[str | None] = mapped_column(String(16))  # unicast | multicast
+    multicast: Mapped[dict[str, Any]] = mapped_column(default=dict)  # group, port, sender
+    retries: Mapped[int] = mapped_column(default=2)
+    scheduled_at: Mapped[datetime] = mapped_column(default=utcnow, index=True)
+    repeat: Mapped[str | None] = mapped_column(String(16))  # daily | weekly
+    owner: Mapped[str | None] = mapped_column(String(255))  # the conductor running it
+    created_by: Mapped[str | None] = mapped_column(String(255))
+    created_at: Mapped[datetime] = mapped_column(default=utcnow)
+    started_at: Mapped[datetime | None]
+    finished_at: Mapped[datetime | None]
+    last_error: Mapped[str | None] = mapped_column(Text)
+
+    seats: Mapped[list[RoomJobSeat]] = relationship(passive_deletes=True,
+                                                    order_by="RoomJobSeat.label")
+
+
+class RoomJobSeat(Base):
+    """One seat of a room job, with the state a teacher sees on the seat's tile."""
+    __tablename__ = "room_job_seats"
+
+    id: Mapped[int] = mapped_column(primary_key=True)
+    job_id: Mapped[int] = mapped_column(ForeignKey("room_jobs.id", ondelete="CASCADE"),
+                                        index=True)
+    node_id: Mapped[int] = mapped_column(ForeignKey("nodes.id", ondelete="CASCADE"))
+    label: Mapped[str] = mapped_column(String(32))
+    # queued | powering | booting | writing | verifying | done | failed | cancelled
+    state: Mapped[str] = mapped_column(String(16), default="queued")
+    progress: Mapped[int] = mapped_column(default=0)  # percent
+    attempts: Mapped[int] = mapped_column(default=0)
+    error: Mapped[str | None] = mapped_column(Text)
+    requested_at: Mapped[datetime | None]  # the current attempt's request to the node
+    updated_at: Mapped[datetime | None] = mapped_column(default=utcnow, onupdate=utcnow)

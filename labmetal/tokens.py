@@ -53,10 +53,12 @@ def issue(db: Database, user_id: int, kind: str, lifetime: float | None,
     return Issued(secret, token)
 
 
-def resolve(db: Database, secret: str, kind: str, idle_timeout: float | None = None
-            ) -> Holder | None:
+def resolve(db: Database, secret: str, kind: str, idle_timeout: float | None = None,
+            touch: bool = True) -> Holder | None:
     """The token and its (enabled) user, or None if unknown, expired, idle too long or the
-    user is disabled. Expired and idle rows are deleted as they are found."""
+    user is disabled. Expired and idle rows are deleted as they are found. ``touch=False``
+    (a page's background refresh, not the user's doing) checks without counting as use, so
+    the idle timer is not extended."""
     now = utcnow()
     with db.read() as session:
         found = session.execute(select(AuthToken, User).join(User).where(
@@ -71,7 +73,8 @@ def resolve(db: Database, secret: str, kind: str, idle_timeout: float | None = N
         return None
     if user.disabled:
         return None
-    if (now - last_used).total_seconds() >= min(TOUCH_EVERY, (idle_timeout or TOUCH_EVERY) / 4):
+    every = min(TOUCH_EVERY, (idle_timeout or TOUCH_EVERY) / 4)
+    if touch and (now - last_used).total_seconds() >= every:
         with db.write() as session:
             session.execute(update(AuthToken).where(AuthToken.id == token.id)
                             .values(last_used_at=now))

@@ -180,9 +180,10 @@ def service_env(**settings: Any) -> dict[str, str]:
 
 def start_service(procs: Processes, name: str, command: str = "serve", database: str | None = None,
                   state_dir: Path | None = None, host: str = "127.0.0.1",
-                  **settings: Any) -> Service:
+                  port: int | None = None, **settings: Any) -> Service:
+    """``port`` and ``state_dir`` of an earlier service start it again as it was."""
     state_dir = state_dir or procs.workdir / f"{name}-state"
-    port = free_port()
+    port = port or free_port()
     database = database or f"sqlite:///{state_dir / 'labmetal.db'}"
     env = service_env(state_dir=state_dir, database=database, listen=f"{host}:{port}",
                       hostname=settings.pop("hostname", name),

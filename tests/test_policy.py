@@ -25,6 +25,8 @@ PUBLIC_ENDPOINTS = {
     "agent.lookup", "agent.heartbeat", "agent.discovery",  # the agent token protects them
     "boot.chain", "boot.per_mac", "images.image_file",  # what seats boot and download
     "login.login_form", "login.login", "login.logout", "login.session_info",
+    # page shells (they check the caller themselves; data comes from the API) and their CSS/JS
+    "pages.home", "pages.page", "pages.detail", "pages.static_file",
 }
 USERS = {"ada": "admin", "tom": "teacher", "sue": "student"}
 PASSWORDS = {name: f"{name} pass phrase" for name in USERS}

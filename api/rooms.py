@@ -1,0 +1,468 @@
+"""/v1/rooms and /v1/room-jobs: a teacher's view of a room as seats, and the jobs that
+image or power a whole room, now or at a set time.
+
+The API only writes intent (a room job and its seat rows); the conductor that owns the
+job (conductor/roomjobs.py) carries it out, so a job survives restarts of any process.
+"""
+from __future__ import annotations
+
+import csv
+import io
+import re
+from datetime import datetime, timedelta
+from typing import Any
+
+from flask import Blueprint, request
+from sqlalchemy import delete, func, select, update
+from sqlalchemy.exc import IntegrityError
+from sqlalchemy.orm import Session
+
+from labmetal import history, schedule, states
+from labmetal.api.app import services
+from labmetal.api.auth import authorize, check_allowed
+from labmetal.api.common import caller_name, find_node, is_uuid, isotime, json_object, links
+from labmetal.api.errors import bad_request, conflict, not_found
+from labmetal.api.nodes import check_fields
+from labmetal.api.ports import normalize_mac
+from labmetal.conductor.roomjobs import cancel_waits
+from labmetal.models import (Image, Node, Port, Room, RoomJob, RoomJobSeat, Seat, new_uuid,
+                             utcnow)
+
+blueprint = Blueprint("rooms", __name__)
+
+ROOM_NAME = re.compile(r"^[A-Za-z0-9._-]{1,64}$")
+SEAT_LABEL = re.compile(r"^[A-Za-z0-9._-]{1,32}$")
+TRANSPORTS = ("auto", "unicast", "multicast")
+ACTIONS = ("deploy", "power-off")
+ACTIVE_JOB_STATES = ("scheduled", "running")
+FINISHED_SEAT_STATES = ("done", "failed", "cancelled")
+MAX_RETRIES = 10
+CSV_COLUMNS = ("seat", "name", "mac", "driver", "ipmi_address", "ipmi_port", "ipmi_username",
+               "ipmi_password", "wol_host", "wol_port", "deploy_kernel", "deploy_ramdisk")
+
+
+# -- views -------------------------------------------------------------------------------
+def room_view(room: Room, seat_count: int) -> dict[str, Any]:
+    return {"uuid": room.uuid, "name": room.name, "description": room.description,
+            "seat_count": seat_count, "created_at": isotime(room.created_at),
+            "links": links("rooms", room.name)}
+
+
+def job_view(job: RoomJob, room_name: str) -> dict[str, Any]:
+    counts: dict[str, int] = {}
+    for seat in job.seats:
+        counts[seat.state] = counts.get(seat.state, 0) + 1
+    return {"uuid": job.uuid, "room": room_name, "action": job.action,
+            "image": job.image_name, "state": job.state, "transport": job.transport,
+            "chosen_transport": job.chosen_transport, "retries": job.retries,
+            "scheduled_at": isotime(job.scheduled_at), "repeat": job.repeat,
+            "conductor": job.owner, "created_by": job.created_by,
+            "started_at": isotime(job.started_at), "finished_at": isotime(job.finished_at),
+            "last_error": job.last_error, "counts": counts,
+            "seats": [{"label": seat.label, "state": seat.state, "progress": seat.progress,
+                       "attempts": seat.attempts, "error": seat.error} for seat in job.seats],
+            "links": links("room-jobs", job.uuid)}
+
+
+def _find_room(session: Session, ident: str) -> Room:
+    column = Room.uuid if is_uuid(ident) else Room.name
+    room = session.scalar(select(Room).where(column == ident))
+    if room is None:
+        raise not_found(f"Room {ident} could not be found.")
+    return room
+
+
+def _find_job(session: Session, ident: str) -> RoomJob:
+    job = session.scalar(select(RoomJob).where(RoomJob.uuid == ident.lower())) \
+        if is_uuid(ident) else None
+    if job is None:
+        raise not_found(f"Room job {ident} could not be found.")
+    return job
+
+
+def _seat_count(session: Session, room: Room) -> int:
+    return session.scalar(select(func.count(Seat.id)).where(Seat.room_id == room.id)) or 0
+
+
+def _current_job(session: Session, room: Room) -> RoomJob | None:
+    """The running job, else the most recent one started; scheduled ones are listed apart."""
+    return session.scalar(select(RoomJob).where(RoomJob.room_id == room.id,
+                                                RoomJob.state != "scheduled")
+                          .order_by((RoomJob.state == "running").desc(),
+                                    RoomJob.started_at.desc(), RoomJob.id.desc()).limit(1))
+
+
+# -- rooms -------------------------------------------------------------------------------
+@blueprint.get("/v1/rooms")
+@authorize("room:get")
+def list_rooms():
+    with services().db.read() as session:
+        counts = dict(session.execute(select(Seat.room_id, func.count(Seat.id))
+                                      .group_by(Seat.room_id)).all())
+        rooms = session.scalars(select(Room).order_by(Room.name)).all()
+        return {"rooms": [room_view(room, counts.get(room.id, 0)) for room in rooms]}
+
+
+@blueprint.post("/v1/rooms")
+@authorize("room:create")
+def create_room():
+    body = json_object()
+    unknown = sorted(set(body) - {"name", "description"})
+    if unknown:
+        raise bad_request(f"Unknown attribute(s) for a room: {', '.join(unknown)}")
+    name = body.get("name")
+    if not isinstance(name, str) or not ROOM_NAME.match(name) or is_uuid(name):
+        raise bad_request(f"Invalid room name {name!r}: 1-64 of letters, digits and '._-'")
+    description = body.get("description")
+    if description is not None and not isinstance(description, str):
+        raise bad_request("Invalid description: expected a string")
+    try:
+        with services().db.write() as session:
+            if session.scalar(select(Room.id).where(Room.name == name)):
+                raise conflict(f"A room named {name} already exists.")
+            room = Room(name=name, description=description)
+            session.add(room)
+            session.flush()
+            view = room_view(room, 0)
+    except IntegrityError:
+        raise conflict(f"A room named {name} already exists.") from None
+    return view, 201, {"Location": view["links"][0]["href"]}
+
+
+@blueprint.get("/v1/rooms/<ident>")
+@authorize("room:get")
+def show_room(ident: str):
+    """The room as its seat grid: each seat's node state and its state in the current job."""
+    svc = services()
+    with svc.db.read() as session:
+        room = _find_room(session, ident)
+        rows = session.execute(select(Seat.label, Node).join(Node, Node.id == Seat.node_id)
+                               .where(Seat.room_id == room.id).order_by(Seat.label)).all()
+        job = _current_job(session, room)
+        in_job = {seat.node_id: seat for seat in job.seats} if job else {}
+        scheduled = session.scalars(select(RoomJob).where(RoomJob.room_id == room.id,
+                                                          RoomJob.state == "scheduled")
+                                    .order_by(RoomJob.scheduled_at)).all()
+        seats = []
+        for label, node in rows:
+            seat = in_job.get(node.id)
+            step = node.deploy_step or {}
+            seats.append({"label": label, "node_uuid": node.uuid, "node_name": node.name,
+                          "power_state": node.power_state,
+                          "provision_state": node.provision_state,
+                          "last_error": node.last_error, "step": step.get("step"),
+                          "state": seat.state if seat else "idle",
+                          "progress": seat.progress if seat else 0,
+                          "attempts": seat.attempts if seat else 0,
+                          "error": seat.error if seat else None})
+        view = room_view(room, len(rows))
+        view.update(seats=seats, job=job_view(job, room.name) if job else None,
+                    scheduled=[job_view(each, room.name) for each in scheduled])
+    return view
+
+
+@blueprint.patch("/v1/rooms/<ident>")
+@authorize("room:update")
+def update_room(ident: str):
+    body = json_object()
+    unknown = sorted(set(body) - {"description"})
+    if unknown:
+        raise bad_request(f"Only description can be changed; not {', '.join(unknown)}")
+    with services().db.write() as session:
+        room = _find_room(session, ident)
+        if body.get("description") is not None and not isinstance(body["description"], str):
+            raise bad_request("Invalid description: expected a string")
+        room.description = body.get("description")
+        session.flush()
+        return room_view(room, _seat_count(session, room))
+
+
+@blueprint.delete("/v1/rooms/<ident>")
+@authorize("room:delete")
+def delete_room(ident: str):
+    """The nodes stay enrolled; only the room, its seat labels and its job history go."""
+    with services().db.write() as session:
+        room = _find_room(session, ident)
+        running = session.scalar(select(RoomJob.uuid).where(RoomJob.room_id == room.id,
+                                                            RoomJob.state == "running"))
+        if running:
+            raise conflict(f"Room {room.name} has a running job ({running}); cancel it first")
+        session.delete(room)
+    return "", 204
+
+
+@blueprint.put("/v1/rooms/<ident>/seats/<label>")
+@authorize("room:update")
+def put_seat(ident: str, label: str):
+    body = json_object()
+    if not SEAT_LABEL.match(label):
+        raise bad_request(f"Invalid seat label {label!r}: 1-32 of letters, digits and '._-'")
+    if not isinstance(body.get("node"), str):
+        raise bad_request("Mandatory field missing: node (a node name or UUID)")
+    with services().db.write() as session:
+        room = _find_room(session, ident)
+        node = find_node(session, body["node"])
+        _place(session, room, label, node)
+        return {"label": label, "node_uuid": node.uuid, "node_name": node.name}
+
+
+@blueprint.delete("/v1/rooms/<ident>/seats/<label>")
+@authorize("room:update")
+def delete_seat(ident: str, label: str):
+    with services().db.write() as session:
+        room = _find_room(session, ident)
+        if not session.execute(delete(Seat).where(Seat.room_id == room.id,
+                                                  Seat.label == label)).rowcount:
+            raise not_found(f"Room {room.name} has no seat {label}")
+    return "", 204
+
+
+def _place(session: Session, room: Room, label: str, node: Node) -> None:
+    """Seat ``node`` at ``label``: a node moved from elsewhere leaves its old seat."""
+    taken = session.scalar(select(Seat).where(Seat.room_id == room.id, Seat.label == label))
+    if taken is not None and taken.node_id != node.id:
+        other = session.get(Node, taken.node_id)
+        raise conflict(f"Seat {label} of room {room.name} is taken by node "
+                       f"{other.name or other.uuid}; free it first")
+    session.execute(delete(Seat).where(Seat.node_id == node.id))
+    session.add(Seat(room_id=room.id, label=label, node_id=node.id))
+    session.flush()
+
+
+# -- CSV import --------------------------------------------------------------------------
+@blueprint.post("/v1/rooms/<ident>/import")
+@authorize("room:update")
+def import_room(ident: str):
+    """Seats from CSV (a header row, columns of CSV_COLUMNS): a MAC not known yet becomes a
+    node with its port, a known MAC keeps its node and takes the seat. All rows or none:
+    one bad row and nothing changes, and every bad row is named."""
+    text = request.get_data(as_text=True)
+    if not text.strip():
+        raise bad_request(f"Send the room as CSV with a header row: {','.join(CSV_COLUMNS)}")
+    rows, errors = _parse_csv(text)
+    if errors:
+        raise bad_request("The CSV was not imported: " + "; ".join(errors))
+    svc = services()
+    created = updated = 0
+    with svc.db.write() as session:
+        room = _find_room(session, ident)
+        for line, row in rows:
+            port = session.scalar(select(Port).where(Port.address == row["mac"]))
+            if port is not None:
+                node = session.get(Node, port.node_id)
+                updated += 1
+            else:
+                if row["name"] and session.scalar(select(Node.id).where(Node.name == row["name"])):
+                    raise conflict(f"line {line}: a node named {row['name']} already exists "
+                                   "with another MAC; nothing was imported")
+                node = Node(uuid=new_uuid(), name=row["name"] or None, driver=row["driver"],
+                            driver_info=svc.box.seal_changed(row["driver_info"], {}),
+                            provision_state=states.ENROLL, deploy_interface="direct")
+                session.add(node)
+                session.flush()
+                session.add(Port(address=row["mac"], node_id=node.id))
+                history.record(session, node.id, "provisioning",
+                               f"node enrolled with driver '{node.driver}' by the import of "
+                               f"room {room.name}", user=caller_name())
+                created += 1
+            try:
+                _place(session, room, row["seat"], node)
+            except Exception as error:
+                raise conflict(f"line {line}: {getattr(error, 'message', error)}; nothing "
+                               "was imported") from None
+    return {"created": created, "updated": updated, "errors": []}
+
+
+def _parse_csv(text: str) -> tuple[list[tuple[int, dict[str, Any]]], list[str]]:
+    reader = csv.DictReader(io.StringIO(text))
+    header = [name.strip() for name in reader.fieldnames or []]
+    reader.fieldnames = header
+    unknown = sorted(set(header) - set(CSV_COLUMNS))
+    missing = [name for name in ("seat", "mac") if name not in header]
+    if unknown or missing:
+        return [], [f"header: unknown column(s) {', '.join(unknown)}" if unknown else
+                    f"header: missing column(s) {', '.join(missing)}"]
+    rows, errors, macs, labels = [], [], {}, {}
+    for line, raw in enumerate(reader, start=2):
+        cells = {key: (value or "").strip() for key, value in raw.items() if key}
+        try:
+            rows.append((line, _row(cells)))
+        except Exception as error:
+            errors.append(f"line {line}: {getattr(error, 'message', error)}")
+            continue
+        row = rows[-1][1]
+        for seen, key, what in ((macs, "mac", "MAC"), (labels, "seat", "seat")):
+            if row[key] in seen:
+                errors.append(f"line {line}: {what} {row[key]} is also on line {seen[row[key]]}")
+            seen[row[key]] = line
+    return rows, errors
+
+
+def _row(cells: dict[str, str]) -> dict[str, Any]:
+    if not SEAT_LABEL.match(cells.get("seat", "")):
+        raise ValueError(f"invalid seat label {cells.get('seat')!r}")
+    mac = normalize_mac(cells.get("mac", ""))
+    driver = cells.get("driver") or ("ipmi" if cells.get("ipmi_address") else "wol")
+    info: dict[str, Any] = {}
+    for key in CSV_COLUMNS[4:]:
+        if cells.get(key):
+            info[key] = int(cells[key]) if key.endswith("_port") and cells[key].isdigit() \
+                else cells[key]
+    values = {"name": cells.get("name") or None, "driver": driver, "driver_info": info}
+    check_fields(values)
+    return {"seat": cells["seat"], "mac": mac, **values}
+
+
+# -- room jobs ---------------------------------------------------------------------------
+@blueprint.post("/v1/rooms/<ident>/jobs")
+@authorize("room:deploy")
+def create_job(ident: str):
+    body = json_object()
+    unknown = sorted(set(body) - {"action", "image", "at", "repeat", "transport", "retries",
+                                  "seats"})
+    if unknown:
+        raise bad_request(f"Unknown attribute(s) for a room job: {', '.join(unknown)}")
+    action = body.get("action", "deploy")
+    if action not in ACTIONS:
+        raise bad_request(f"Invalid action {action!r}; expected one of {', '.join(ACTIONS)}")
+    if action == "power-off":
+        check_allowed("room:power")
+    transport = body.get("transport", "auto")
+    if transport not in TRANSPORTS:
+        raise bad_request(f"Invalid transport {transport!r}; expected one of "
+                          f"{', '.join(TRANSPORTS)}")
+    retries = body.get("retries", 2)
+    if not isinstance(retries, int) or isinstance(retries, bool) or not 0 <= retries <= MAX_RETRIES:
+        raise bad_request(f"Invalid retries {retries!r}: a whole number from 0 to {MAX_RETRIES}")
+    try:
+        at = schedule.parse_at(body.get("at"), services().settings.timezone)
+        repeat = schedule.check_repeat(body.get("repeat"))
+    except ValueError as error:
+        raise bad_request(str(error)) from None
+    labels = body.get("seats")
+    if labels is not None and (not isinstance(labels, list) or not labels
+                               or not all(isinstance(label, str) for label in labels)):
+        raise bad_request("Invalid seats: a non-empty list of seat labels, or null for all")
+    svc = services()
+    with svc.db.write() as session:
+        room = _find_room(session, ident)
+        image = _job_image(session, body.get("image")) if action == "deploy" else None
+        seats = session.execute(select(Seat.label, Seat.node_id).where(Seat.room_id == room.id)
+                                .order_by(Seat.label)).all()
+        if labels is not None:
+            unknown_labels = sorted(set(labels) - {label for label, _ in seats})
+            if unknown_labels:
+                raise bad_request(f"Room {room.name} has no seat(s) {', '.join(unknown_labels)}")
+            seats = [seat for seat in seats if seat[0] in set(labels)]
+        if not seats:
+            raise bad_request(f"Room {room.name} has no seats: import them first "
+                              f"(POST /v1/rooms/{room.name}/import)")
+        if at is None and action == "deploy":
+            _refuse_overlap(session, room, [node_id for _, node_id in seats])
+        job = RoomJob(room_id=room.id, action=action, image_id=image.id if image else None,
+                      image_name=image.name if image else None, transport=transport,
+                      retries=retries, scheduled_at=at or utcnow(), repeat=repeat,
+                      created_by=caller_name())
+        session.add(job)
+        session.flush()
+        for label, node_id in seats:
+            session.add(RoomJobSeat(job_id=job.id, node_id=node_id, label=label))
+        session.flush()
+        session.refresh(job)
+        view = job_view(job, room.name)
+    svc.conductors.wake_all()
+    return view, 201, {"Location": view["links"][0]["href"]}
+
+
+def _job_image(session: Session, ident: Any) -> Image:
+    if not isinstance(ident, str) or not ident:
+        raise bad_request("Mandatory field missing: image (a whole-disk or partition image)")
+    column = Image.uuid if is_uuid(ident) else Image.name
+    image = session.scalar(select(Image).where(column == ident))
+    if image is None:
+        raise bad_request(f"No image {ident!r} in the image store")
+    if image.status != "active" or image.kind not in ("whole-disk", "partition"):
+        raise bad_request(f"Image {image.name} is a {image.status} {image.kind} image; "
+                          "expected an active whole-disk or partition image")
+    return image
+
+
+def _refuse_overlap(session: Session, room: Room, node_ids: list[int]) -> None:
+    busy = session.execute(select(RoomJob.uuid, RoomJobSeat.label)
+                           .join(RoomJobSeat, RoomJobSeat.job_id == RoomJob.id)
+                           .where(RoomJob.state == "running",
+                                  RoomJobSeat.node_id.in_(node_ids),
+                                  RoomJobSeat.state.not_in(FINISHED_SEAT_STATES))).first()
+    if busy:
+        raise conflict(f"Seat {busy[1]} of room {room.name} is busy in room job {busy[0]}; "
+                       "cancel that job or wait for it to finish")
+
+
+@blueprint.get("/v1/rooms/<ident>/jobs")
+@authorize("room:get")
+def list_jobs(ident: str):
+    with services().db.read() as session:
+        room = _find_room(session, ident)
+        jobs = session.scalars(select(RoomJob).where(RoomJob.room_id == room.id)
+                               .order_by(RoomJob.scheduled_at.desc()).limit(100)).all()
+        return {"jobs": [job_view(job, room.name) for job in jobs]}
+
+
+@blueprint.get("/v1/room-jobs/<ident>")
+@authorize("room:get")
+def show_job(ident: str):
+    with services().db.read() as session:
+        job = _find_job(session, ident)
+        return job_view(job, session.get(Room, job.room_id).name)
+
+
+@blueprint.post("/v1/room-jobs/<ident>/cancel")
+@authorize("room:deploy")
+def cancel_job(ident: str):
+    """Seats not finished are cancelled; the conductor aborts the deploys it can stop."""
+    svc = services()
+    with svc.db.write() as session:
+        job = _find_job(session, ident)
+        if job.state not in ACTIVE_JOB_STATES:
+            raise conflict(f"Room job {job.uuid} is {job.state}; only scheduled or running "
+                           "jobs can be cancelled")
+        session.execute(update(RoomJob).where(RoomJob.id == job.id)
+                        .values(state="cancelled", finished_at=utcnow(), repeat=None,
+                                last_error=f"cancelled by {caller_name() or 'a user'}"))
+        session.execute(update(RoomJobSeat).where(RoomJobSeat.job_id == job.id,
+                                                  RoomJobSeat.state.not_in(FINISHED_SEAT_STATES))
+                        .values(state="cancelled"))
+        session.flush()
+        cancel_waits(session, job.id, caller_name())
+        session.refresh(job)
+        view = job_view(job, session.get(Room, job.room_id).name)
+    svc.conductors.wake_all()
+    return view
+
+
+@blueprint.post("/v1/room-jobs/<ident>/seats/<label>/retry")
+@authorize("room:deploy")
+def retry_seat(ident: str, label: str):
+    """Re-image one seat: it is queued again with fresh attempts, and a finished job runs
+    again for that seat alone."""
+    svc = services()
+    with svc.db.write() as session:
+        job = _find_job(session, ident)
+        if job.action != "deploy":
+            raise conflict("Only deploy jobs re-image seats")
+        if job.state in ("scheduled", "cancelled"):
+            raise conflict(f"Room job {job.uuid} is {job.state}; start a new job instead")
+        seat = session.scalar(select(RoomJobSeat).where(RoomJobSeat.job_id == job.id,
+                                                        RoomJobSeat.label == label))
+        if seat is None:
+            raise not_found(f"Room job {job.uuid} has no seat {label}")
+        if seat.state not in FINISHED_SEAT_STATES:
+            raise conflict(f"Seat {label} is {seat.state}; wait for it to finish or fail")
+        seat.state, seat.progress, seat.attempts, seat.error = "queued", 0, 0, None
+        seat.requested_at = None
+        job.state, job.finished_at, job.last_error = "running", None, None
+        session.flush()
+        session.refresh(job)
+        view = job_view(job, session.get(Room, job.room_id).name)
+    svc.conductors.wake_all()
+    return view

@@ -1,0 +1,239 @@
+"""`labmetal room ...`: rooms, their CSV import, and room jobs with a live per-seat view.
+
+Credentials and the API URL are found as for `labmetal images` (images/cli.make_client).
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import time
+from pathlib import Path
+from typing import Any, TextIO
+
+from labmetal.images.cli import DEFAULT_URL, CliError, Client, make_client
+
+FINISHED_JOB_STATES = ("done", "failed", "cancelled")
+BAR_WIDTH = 20
+
+
+def cmd_list(client: Client, args: argparse.Namespace) -> Any:
+    rooms = client.call("GET", "/v1/rooms")["rooms"]
+    if args.json:
+        return rooms
+    _table(["ROOM", "SEATS", "DESCRIPTION"],
+           [[room["name"], str(room["seat_count"]), room["description"] or ""] for room in rooms])
+    return None
+
+
+def cmd_create(client: Client, args: argparse.Namespace) -> Any:
+    return client.call("POST", "/v1/rooms", json={"name": args.room,
+                                                  "description": args.description})
+
+
+def cmd_import(client: Client, args: argparse.Namespace) -> Any:
+    text = sys.stdin.read() if args.csv == "-" else Path(args.csv).read_text()
+    return client.call("POST", f"/v1/rooms/{args.room}/import", data=text.encode(),
+                       headers={"Content-Type": "text/csv"})
+
+
+def cmd_show(client: Client, args: argparse.Namespace) -> Any:
+    room = client.call("GET", f"/v1/rooms/{args.room}")
+    if args.json:
+        return room
+    print_room(room, sys.stdout)
+    return None
+
+
+def cmd_deploy(client: Client, args: argparse.Namespace) -> Any:
+    body: dict[str, Any] = {"image": args.image, "at": args.at, "repeat": args.repeat,
+                            "transport": args.transport, "retries": args.retries}
+    if args.seats:
+        body["seats"] = args.seats.split(",")
+    return _submit(client, args, body)
+
+
+def cmd_power_off(client: Client, args: argparse.Namespace) -> Any:
+    return _submit(client, args, {"action": "power-off", "at": args.at, "repeat": args.repeat})
+
+
+def _submit(client: Client, args: argparse.Namespace, body: dict[str, Any]) -> Any:
+    job = client.call("POST", f"/v1/rooms/{args.room}/jobs", json=body)
+    if not args.watch:
+        return job
+    if not args.json:
+        print(f"room job {job['uuid']}: {job['action']} {job['image'] or ''} on "
+              f"{args.room}, {len(job['seats'])} seats, at {job['scheduled_at']}")
+    return watch(client, job["uuid"], args.json)
+
+
+def cmd_job(client: Client, args: argparse.Namespace) -> Any:
+    if args.watch:
+        return watch(client, args.job, args.json)
+    return client.call("GET", f"/v1/room-jobs/{args.job}")
+
+
+def cmd_jobs(client: Client, args: argparse.Namespace) -> Any:
+    jobs = client.call("GET", f"/v1/rooms/{args.room}/jobs")["jobs"]
+    if args.json:
+        return jobs
+    _table(["JOB", "ACTION", "IMAGE", "STATE", "AT", "REPEAT", "SEATS"],
+           [[job["uuid"], job["action"], job["image"] or "", job["state"],
+             job["scheduled_at"][:16], job["repeat"] or "", _counts(job)] for job in jobs])
+    return None
+
+
+def cmd_cancel(client: Client, args: argparse.Namespace) -> Any:
+    return client.call("POST", f"/v1/room-jobs/{args.job}/cancel")
+
+
+def cmd_retry(client: Client, args: argparse.Namespace) -> Any:
+    job = client.call("POST", f"/v1/room-jobs/{args.job}/seats/{args.seat}/retry")
+    return watch(client, job["uuid"], args.json) if args.watch else job
+
+
+def watch(client: Client, job_uuid: str, as_json: bool, out: TextIO = sys.stdout,
+          interval: float = 1.0) -> Any:
+    """Redraw the job's seats until it ends; the exit status says whether every seat is done."""
+    live = out.isatty() and not as_json
+    drawn = 0
+    while True:
+        job = client.call("GET", f"/v1/room-jobs/{job_uuid}")
+        if live:
+            if drawn:
+                out.write(f"\x1b[{drawn}F\x1b[J")
+            drawn = print_job(job, out)
+        if job["state"] in FINISHED_JOB_STATES:
+            break
+        time.sleep(interval)
+    if as_json:
+        return job
+    if not live:
+        print_job(job, out)
+    if job["state"] != "done":
+        raise CliError(f"room job {job['state']}: {job['last_error'] or _counts(job)}")
+    return None
+
+
+def print_job(job: dict[str, Any], out: TextIO) -> int:
+    """The job's seat lines; returns how many lines were written (to redraw over them)."""
+    lines = [f"{job['action']} {job['image'] or ''} — {job['state']}"
+             f"{' via ' + job['chosen_transport'] if job.get('chosen_transport') else ''}"
+             f" — {_counts(job)}"]
+    for seat in job["seats"]:
+        lines.append(_seat_line(seat["label"], seat["state"], seat["progress"],
+                                seat["attempts"], seat["error"]))
+    out.write("\n".join(lines) + "\n")
+    out.flush()
+    return len(lines)
+
+
+def print_room(room: dict[str, Any], out: TextIO) -> None:
+    out.write(f"room {room['name']}: {room['seat_count']} seats"
+              f"{' — ' + room['description'] if room['description'] else ''}\n")
+    job = room.get("job")
+    if job:
+        out.write(f"last job {job['uuid']}: {job['action']} {job['image'] or ''} "
+                  f"{job['state']} ({_counts(job)})\n")
+    for scheduled in room.get("scheduled", []):
+        out.write(f"scheduled {scheduled['uuid']}: {scheduled['action']} "
+                  f"{scheduled['image'] or ''} at {scheduled['scheduled_at']}"
+                  f"{' every ' + scheduled['repeat'][:-2] if scheduled['repeat'] else ''}\n")
+    for seat in room["seats"]:
+        node = f"{seat['node_name'] or seat['node_uuid']} ({seat['provision_state']}, " \
+               f"{seat['power_state'] or 'power unknown'})"
+        out.write(_seat_line(seat["label"], seat["state"], seat["progress"], seat["attempts"],
+                             seat["error"] or seat["last_error"]) + f"  {node}\n")
+
+
+def _seat_line(label: str, state: str, progress: int, attempts: int, error: str | None) -> str:
+    filled = BAR_WIDTH * progress // 100
+    bar = "#" * filled + "." * (BAR_WIDTH - filled)
+    tries = f" try {attempts}" if attempts > 1 else ""
+    reason = f"  {error[:70]}" if error and state in ("failed", "writing", "powering",
+                                                       "booting") else ""
+    return f"  {label:<8} {state:<10} [{bar}] {progress:3d}%{tries}{reason}"
+
+
+def _counts(job: dict[str, Any]) -> str:
+    return ", ".join(f"{count} {state}" for state, count in sorted(job["counts"].items()))
+
+
+def _table(header: list[str], rows: list[list[str]]) -> None:
+    widths = [max(len(str(cell)) for cell in column) for column in zip(header, *rows)]
+    for row in [header, *rows]:
+        print("  ".join(str(cell).ljust(width) for cell, width in zip(row, widths)).rstrip())
+
+
+def run(args: argparse.Namespace) -> int:
+    client = make_client(args.url)
+    try:
+        result = args.room_func(client, args)
+    except CliError as error:
+        print(f"labmetal room {args.room_command}: {error}", file=sys.stderr)
+        return 1
+    except OSError as error:
+        print(f"labmetal room {args.room_command}: {error}", file=sys.stderr)
+        return 1
+    if result is not None:
+        print(json.dumps(result, indent=2))
+    return 0
+
+
+def register(subparsers: argparse._SubParsersAction) -> None:
+    common = argparse.ArgumentParser(add_help=False)
+    common.add_argument("--url", default=os.environ.get("LABMETAL_URL"),
+                        help=f"the labmetal API (default: $LABMETAL_URL, the URL of "
+                             f"`labmetal login`, or {DEFAULT_URL})")
+    common.add_argument("--json", action="store_true", help="print JSON")
+    when = argparse.ArgumentParser(add_help=False)
+    when.add_argument("--at", help="HH:MM (the next one, lab time) or an ISO time; default now")
+    when.add_argument("--repeat", choices=("daily", "weekly"), help="run again every day/week")
+    when.add_argument("--watch", action="store_true", help="show each seat live until the end")
+
+    room = subparsers.add_parser("room", help="rooms and room jobs (deploy, power off)")
+    room.set_defaults(func=run)
+    sub = room.add_subparsers(dest="room_command", required=True)
+
+    sub.add_parser("list", parents=[common], help="the rooms").set_defaults(room_func=cmd_list)
+    create = sub.add_parser("create", parents=[common], help="a new, empty room")
+    create.add_argument("room")
+    create.add_argument("--description")
+    create.set_defaults(room_func=cmd_create)
+    imp = sub.add_parser("import", parents=[common],
+                         help="seats from CSV: seat,name,mac,driver,ipmi_address,ipmi_port,"
+                              "ipmi_username,ipmi_password (or wol_host)")
+    imp.add_argument("room")
+    imp.add_argument("csv", help="CSV file, or - for standard input")
+    imp.set_defaults(room_func=cmd_import)
+    show = sub.add_parser("show", parents=[common], help="the room's seats and last job")
+    show.add_argument("room")
+    show.set_defaults(room_func=cmd_show)
+
+    deploy = sub.add_parser("deploy", parents=[common, when], help="image the room's seats")
+    deploy.add_argument("room")
+    deploy.add_argument("--image", required=True, help="whole-disk or partition image")
+    deploy.add_argument("--transport", default="auto", choices=("auto", "unicast", "multicast"))
+    deploy.add_argument("--retries", type=int, default=2, help="per failed seat (default 2)")
+    deploy.add_argument("--seats", help="only these seats, e.g. A01,A02")
+    deploy.set_defaults(room_func=cmd_deploy)
+    power_off = sub.add_parser("power-off", parents=[common, when], help="power the room off")
+    power_off.add_argument("room")
+    power_off.set_defaults(room_func=cmd_power_off)
+
+    jobs = sub.add_parser("jobs", parents=[common], help="the room's jobs, newest first")
+    jobs.add_argument("room")
+    jobs.set_defaults(room_func=cmd_jobs)
+    job = sub.add_parser("job", parents=[common], help="one room job")
+    job.add_argument("job", help="job UUID")
+    job.add_argument("--watch", action="store_true")
+    job.set_defaults(room_func=cmd_job)
+    cancel = sub.add_parser("cancel", parents=[common], help="cancel a scheduled or running job")
+    cancel.add_argument("job")
+    cancel.set_defaults(room_func=cmd_cancel)
+    retry = sub.add_parser("retry", parents=[common], help="re-image one seat of a job")
+    retry.add_argument("job")
+    retry.add_argument("seat", help="seat label")
+    retry.add_argument("--watch", action="store_true")
+    retry.set_defaults(room_func=cmd_retry)
