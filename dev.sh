@@ -9,7 +9,7 @@ cd "$(dirname "$0")"
 DEBIAN_PACKAGES=(python3 python3-venv python3-dev gcc ipmitool postgresql iproute2
     qemu-utils qemu-block-extra qemu-system-x86 tgt parted e2fsprogs dosfstools mtools
     extlinux syslinux syslinux-common util-linux dnsmasq-base ipxe busybox-static tftp-hpa
-    mmdebstrap zstd cpio slapd ldap-utils)
+    mmdebstrap zstd cpio slapd ldap-utils chromium chromium-driver nftables udpcast)
 
 as_root() { if [ "$(id -u)" -eq 0 ]; then "$@"; else sudo "$@"; fi; }
 
