@@ -16,10 +16,11 @@ from typing import Any, Callable
 
 import requests
 
-from labmetal.agent import bootloader, fetch, partition, power, wipe, writer
+from labmetal.agent import bootloader, delta, fetch, partition, power, wipe, writer
 from labmetal.agent.disk import as_block_device
 from labmetal.agent.identity import Identity
 from labmetal.agent.writer import Progress
+from labmetal.images.manifest import Manifest
 
 LOG = logging.getLogger(__name__)
 
@@ -139,9 +140,26 @@ class Commands:
     def _write_image(self, command: Command) -> dict[str, Any]:
         session = requests.Session()
         manifest = fetch.manifest(session, command.params["manifest_url"])
-        return asdict(writer.write_image(session, manifest, command.params["packed_url"],
-                                         self._disk(), command.progress,
-                                         bool(command.params.get("readback"))))
+        return asdict(self._write(command, session, manifest, self._disk()))
+
+    @staticmethod
+    def _write(command: Command, session: requests.Session, manifest: Manifest,
+               target: str) -> writer.WriteResult:
+        """The image onto ``target``: over HTTP, or from a room job's multicast group (the
+        chunks the disk already holds are skipped either way, unless delta is off)."""
+        params = command.params
+        use_delta = bool(params.get("delta", True))
+        group = params.get("multicast")
+        if not group:
+            return writer.write_image(session, manifest, params["packed_url"], target,
+                                      command.progress, bool(params.get("readback")), use_delta)
+        from labmetal.agent import multicast  # zfec is needed for multicast only
+        have = delta.matching_chunks(target, manifest, command.progress) if use_delta \
+            else frozenset()
+        host, _, port = str(group["sender"]).rpartition(":")
+        return multicast.receive_image(manifest, group["group"], int(group["port"]),
+                                       (host, int(port)), target, command.progress,
+                                       group["job"], have=have)
 
     def _deploy_partition_image(self, command: Command) -> dict[str, Any]:
         params = command.params
@@ -158,8 +176,10 @@ class Commands:
         with as_block_device(target) as device:
             wipe.wipe_metadata(device)
             root = partition.make_root_partition(device, manifest.raw_size)
-            written = writer.write_image(session, manifest, params["packed_url"], root.node,
-                                         command.progress, bool(params.get("readback")))
+            # Delta stays valid here: the root partition is made again at the same place
+            # (partition.START), and the scan runs after wipe_metadata, so whatever the wipe
+            # erased inside the partition (the file system's magic) just fails its check.
+            written = self._write(command, session, manifest, root.node)
             boot = bootloader.install(session, device, root, params["kernel_url"],
                                       params["ramdisk_url"], params.get("kernel_cmdline", ""))
         return {**asdict(written), "partition": {"number": 1, "start": root.start,

@@ -1,8 +1,11 @@
-"""The first stage of the image pipeline: the manifest, then the packed chunks off one HTTP stream.
+"""The first stage of the image pipeline: the manifest, then the packed chunks off HTTP streams.
 
 The packed file holds the data chunks back to back in manifest order, so one GET delivers
-them all. When the connection breaks, the stream resumes with a Range request at the
-first chunk not yet delivered: a break costs at most one chunk, never the whole image.
+them all. A delta re-image wants only some of them: each run of wanted chunks that lie back
+to back in the packed file is one Range request (on the same kept-alive connection), so
+what crosses the network is what the disk lacks. When a connection breaks, the stream
+resumes with a Range request at the first chunk not yet delivered: a break costs at most
+one chunk, never the whole image.
 """
 from __future__ import annotations
 
@@ -53,12 +56,15 @@ def download(session: requests.Session, url: str, target: Path) -> int:
     return size
 
 
-def packed_chunks(session: requests.Session, url: str,
-                  chunks: list[Chunk]) -> Iterator[tuple[Chunk, bytes]]:
-    """(chunk, compressed bytes) for every chunk in order; zero chunks come with b"" and cost
-    no transfer. The first data chunk opens the stream."""
+def packed_chunks(session: requests.Session, url: str, chunks: list[Chunk],
+                  packed_size: int | None = None) -> Iterator[tuple[Chunk, bytes]]:
+    """(chunk, compressed bytes) for each of ``chunks`` (in manifest order, any subset) in
+    order; zero chunks come with b"" and cost no transfer. ``packed_size``, the packed file's
+    size, lets a run that goes to the end of the file be asked open-ended (``bytes=N-``, or
+    no Range at all from 0), as a plain stream; other runs are asked with both ends."""
     position = failures = 0
     response: requests.Response | None = None
+    delivers = 0  # the packed offset the open response delivers next
     try:
         while position < len(chunks):
             chunk = chunks[position]
@@ -67,9 +73,16 @@ def packed_chunks(session: requests.Session, url: str,
                 yield chunk, b""
                 continue
             try:
+                if response is not None and delivers != chunk.packed_offset:
+                    _finish(response)  # the run before is all read: the connection stays up
+                    response = None
                 if response is None:
-                    response = _open(session, url, chunk.packed_offset)
+                    end = _run_end(chunks, position)
+                    response = _open(session, url, chunk.packed_offset,
+                                     None if end == packed_size else end)
+                    delivers = chunk.packed_offset
                 data = _read_exactly(response.raw, chunk.packed_length)
+                delivers += chunk.packed_length
             except _BROKEN as error:
                 if response is not None:
                     response.close()
@@ -90,17 +103,44 @@ def packed_chunks(session: requests.Session, url: str,
             response.close()
 
 
-def _open(session: requests.Session, url: str, start: int) -> requests.Response:
-    response = session.get(url, headers={"Range": f"bytes={start}-"} if start else {},
+def _run_end(chunks: list[Chunk], position: int) -> int:
+    """Where the run of back-to-back data chunks starting at ``chunks[position]`` ends in
+    the packed file (zero chunks are not stored there, so they never break a run)."""
+    end = chunks[position].packed_offset
+    for chunk in chunks[position:]:
+        if chunk.zero:
+            continue
+        if chunk.packed_offset != end:
+            break
+        end += chunk.packed_length
+    return end
+
+
+def _open(session: requests.Session, url: str, start: int,
+          end: int | None = None) -> requests.Response:
+    """The packed file from ``start`` to ``end`` (excluded), or to its end when None."""
+    wanted = f"bytes={start}-{'' if end is None else end - 1}"
+    ranged = start > 0 or end is not None
+    response = session.get(url, headers={"Range": wanted} if ranged else {},
                            stream=True, timeout=TIMEOUT)
-    expected = 206 if start else 200
+    expected = 206 if ranged else 200
     if response.status_code == expected:
         return response
     response.close()
     if response.status_code >= 500:
         raise _Broken(f"HTTP {response.status_code}")
-    raise FetchError(f"{url}: HTTP {response.status_code} (expected {expected} for bytes "
-                     f"{start}-)")
+    raise FetchError(f"{url}: HTTP {response.status_code} (expected {expected} for "
+                     f"{wanted})")
+
+
+def _finish(response: requests.Response) -> None:
+    """Read the (empty) rest of a run's body, so that the connection goes back to the pool
+    for the next run instead of being closed."""
+    try:
+        response.raw.read(decode_content=False)
+    except _BROKEN:
+        pass
+    response.close()
 
 
 def _read_exactly(raw: urllib3.response.HTTPResponse, length: int) -> bytes:

@@ -312,13 +312,14 @@ class RoomJobRunner:
     def _ensure_sender(self, job_uuid: str, image: Image, multicast: dict[str, Any]) -> None:
         if job_uuid in self.senders:
             return
-        from labmetal.conductor.multicast import MulticastSender, SenderConfig
+        from labmetal.conductor.multicast import MulticastConfig, MulticastSender
         from labmetal.images.manifest import Manifest
         manifest = Manifest.from_json(self.store.manifest_path(image.uuid).read_text())
-        config = SenderConfig(group=multicast["group"], port=int(multicast["port"]),
-                              control_port=int(multicast["sender"].rpartition(":")[2]),
-                              interface=multicast["interface"],
-                              rate=self.settings.multicast_rate, ttl=self.settings.multicast_ttl)
+        config = MulticastConfig(group=multicast["group"], port=int(multicast["port"]),
+                                 control_port=int(multicast["sender"].rpartition(":")[2]),
+                                 interface_ip=multicast["interface"],
+                                 rate_ceiling=self.settings.multicast_rate,
+                                 ttl=self.settings.multicast_ttl)
         sender = MulticastSender(manifest, self.store.packed_path(image.uuid), config,
                                  int(multicast["job"]))
         sender.start()

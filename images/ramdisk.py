@@ -41,7 +41,7 @@ INITRAMFS = "initramfs.img"
 RECORD = "build.json"
 
 PACKAGES = (
-    "python3", "python3-requests", "python3-pyudev", "python3-zstandard",
+    "python3", "python3-requests", "python3-pyudev", "python3-zstandard", "python3-zfec",
     "tgt", "parted", "e2fsprogs", "dosfstools", "syslinux", "extlinux", "syslinux-common",
     "util-linux", "mount", "iproute2", "busybox", "kmod",
 )

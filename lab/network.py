@@ -131,6 +131,12 @@ def remove_leftovers(prefix: str = PREFIX) -> list[str]:
             continue
         remove_namespace(namespace)
         removed.append(namespace)
+    links = subprocess.run(["ip", "-o", "link", "show"], capture_output=True, text=True,
+                           timeout=30).stdout
+    for link, owner in re.findall(r"^\d+: (lmu(\d+)x\d+)[@:]", links, re.M):
+        if not _alive(int(owner)):  # an uplink whose room went with a crashed run
+            subprocess.run(["ip", "link", "del", link], capture_output=True, timeout=30)
+            removed.append(link)
     return removed
 
 
@@ -174,7 +180,7 @@ class Lab:
         address6 = ipaddress.IPv6Interface(server6) if server6 else None
         namespace = self._namespace(name)
         _ip("-n", namespace, "link", "add", BRIDGE, "type", "bridge")
-        _ip("-n", namespace, "addr", "add", str(address), "dev", BRIDGE)
+        _ip("-n", namespace, "addr", "add", str(address), "brd", "+", "dev", BRIDGE)
         if address6 is not None:
             _ip("-n", namespace, "addr", "add", str(address6), "dev", BRIDGE, "nodad")
         _ip("-n", namespace, "link", "set", BRIDGE, "up")
@@ -197,8 +203,8 @@ class Lab:
         _ip("-n", room.namespace, "link", "set", port, "master", room.bridge, "up")
         _ip("-n", namespace, "link", "set", SEAT_INTERFACE, "up")
         if address:
-            _ip("-n", namespace, "addr", "add", str(ipaddress.IPv4Interface(address)), "dev",
-                SEAT_INTERFACE)
+            _ip("-n", namespace, "addr", "add", str(ipaddress.IPv4Interface(address)),
+                "brd", "+", "dev", SEAT_INTERFACE)
         if rate:
             shape(room.namespace, port, rate)
             shape(namespace, SEAT_INTERFACE, rate)
@@ -214,7 +220,8 @@ class Lab:
             room.namespace)
         _ip("-n", room.namespace, "link", "set", peer, "master", room.bridge, "up")
         self.uplinks.append(interface)
-        _ip("addr", "add", str(ipaddress.IPv4Interface(address)), "dev", interface)
+        _ip("addr", "add", str(ipaddress.IPv4Interface(address)), "brd", "+", "dev",
+            interface)
         _ip("link", "set", interface, "up")
         if rate:
             subprocess.run(["tc", "qdisc", "replace", "dev", interface, "root", "handle", "1:",
@@ -247,3 +254,30 @@ class Lab:
 def _check_name(name: str) -> None:
     if not _NAME.match(name):
         raise ValueError(f"room and seat names are 1-11 of a-z, 0-9 and '-': {name!r}")
+
+
+LOSS_TABLE = "labmetal_loss"
+
+
+def add_loss(namespace: str, percent: float) -> None:
+    """Drop ``percent`` % of the frames the room's switch forwards, at random and
+    independently per frame and per port (a multicast frame flooded to 40 seats is 40
+    draws): an nftables ``bridge`` table in ``namespace``. Replaces an earlier setting."""
+    if not 0 <= percent <= 100:
+        raise ValueError(f"loss is a percentage, not {percent!r}")
+    remove_loss(namespace)
+    rules = (f"table bridge {LOSS_TABLE} {{\n"
+             "  chain forward {\n"
+             "    type filter hook forward priority 0; policy accept;\n"
+             f"    numgen random mod 10000 < {round(percent * 100)} drop\n"
+             "  }\n"
+             "}\n")
+    result = subprocess.run(in_namespace(namespace, ["nft", "-f", "-"]), input=rules,
+                            capture_output=True, text=True, timeout=30)
+    if result.returncode != 0:
+        raise RuntimeError(f"nft: {result.stderr.strip()} (apt-get install nftables)")
+
+
+def remove_loss(namespace: str) -> None:
+    subprocess.run(in_namespace(namespace, ["nft", "delete", "table", "bridge", LOSS_TABLE]),
+                   capture_output=True, timeout=30)

@@ -485,7 +485,7 @@ def format_status(report: dict[str, Any]) -> str:
 def seat_pids(seat: dict[str, Any]) -> list[int]:
     """The processes that make a seat "on": its QEMU (found by ``-name`` in the room's
     namespace), or whatever runs in a light seat's own namespace."""
-    pids = _namespace_pids(seat["namespace"])
+    pids = namespace_pids(seat["namespace"])
     if seat["kind"] != "qemu":
         return pids
     wanted = f"\0-name\0{seat['name']}\0".encode()
@@ -515,7 +515,7 @@ def last_console_line(path: Path) -> str:
 
 # -- processes ------------------------------------------------------------------------------
 
-def _namespace_pids(namespace: str) -> list[int]:
+def namespace_pids(namespace: str) -> list[int]:
     result = subprocess.run(["ip", "netns", "pids", namespace], capture_output=True, text=True,
                             timeout=30)
     return [int(pid) for pid in result.stdout.split()] if result.returncode == 0 else []

@@ -5,12 +5,14 @@ from __future__ import annotations
 
 import json
 import os
+import signal
 import subprocess
 from pathlib import Path
 
 import pytest
 
 from labmetal.lab.network import Lab, run_in, shape
+from labmetal.lab.room import namespace_pids
 from tests.room import MIB, make_rootfs, make_whole_disk, open_room, sha256_of
 from labmetal.images.manifest import Manifest
 from tests.support import LABMETAL, error_text, wait_for
@@ -103,7 +105,9 @@ def test_an_agent_killed_mid_write_fails_the_deploy_never_active(lab, procs, tmp
     room.provision(seat.name, "active")
     room.service.wait_node(seat.name, lambda n: (n["deploy_step"] or {}).get("done", 0) > 0,
                            timeout=60, what="the write under way")
-    run_in(seat.namespace, ["pkill", "-KILL", "-f", "labmetal.agent"], check=False)
+    for pid in namespace_pids(seat.namespace):  # by PID: pkill -f would hit other rooms' agents
+        if b"labmetal.agent" in Path(f"/proc/{pid}/cmdline").read_bytes():
+            os.kill(pid, signal.SIGKILL)
     node = room.wait_state(seat.name, "active", "deploy failed", timeout=90)
     assert node["provision_state"] == "deploy failed"
     assert "the agent vanished during write_image" in node["last_error"]

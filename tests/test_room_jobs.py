@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 
-from labmetal.lab.network import Lab
+from labmetal.lab.network import Lab, add_loss
 from tests.room import BMC_PASSWORD, MIB, make_whole_disk, open_room, sha256_of
 from tests.support import LABMETAL, error_text, start_service, wait_for
 
@@ -208,3 +208,40 @@ def test_weekly_jobs_keep_their_wall_clock_time_across_daylight_saving():
     assert schedule.parse_at("now") is None
     with pytest.raises(ValueError, match="time zone"):
         schedule.zone("Mars/Olympus")
+
+
+def test_a_room_deploy_over_multicast_with_loss_and_a_delta_reimage(lab, procs, tmp_path,
+                                                                     disk_image):
+    room = open_room(lab, procs, tmp_path, index=33, seats=10, multicast_groups="239.255.33.0/28")
+    add_loss(room.room.namespace, 5)  # every frame the switch forwards, 1 in 20 is lost
+    room.upload_deploy_ramdisk()
+    image = room.upload("debian12-reseaux", "whole-disk", disk_image)
+    service = room.service
+    service.post("/v1/rooms", {"name": "TPR-4"})
+    service.post("/v1/rooms/TPR-4/import", None, data=csv_of(room, room.seats).encode(),
+                 headers={"Content-Type": "text/csv"})
+    job = service.post("/v1/rooms/TPR-4/jobs", {"image": "debian12-reseaux",
+                                                "transport": "multicast"})
+    assert job.status_code == 201, job.text
+    finished = wait_job(service, job.json()["uuid"])
+    assert finished["state"] == "done", finished
+    assert finished["chosen_transport"] == "multicast"
+    for seat in room.seats:
+        assert sha256_of(Path(seat.disk), image["virtual_size"]) == image["raw_sha256"]
+    log = (room.procs.workdir / "room33.service.log").read_text()
+    assert "multicast sender on 239.255.33.1" in log and "multicast sender stopped" in log
+
+    # between two classes: a seat's disk changed in places; re-imaging it rewrites only those
+    damaged = Path(room.seats[1].disk)
+    with open(damaged, "r+b") as disk:
+        disk.seek(9 * MIB)
+        disk.write(os.urandom(MIB))
+    retried = service.post(f"/v1/room-jobs/{finished['uuid']}/seats/A02/retry", None)
+    assert retried.status_code == 200, retried.text
+    assert wait_job(service, finished["uuid"])["state"] == "done"
+    assert sha256_of(damaged, image["virtual_size"]) == image["raw_sha256"]
+    events = [event["event"] for event in service.history(room.seats[1].name)
+              if "written and verified" in event["event"]]
+    total = -(-image["virtual_size"] // (4 * MIB))
+    assert f"of {total} chunks written from multicast" in events[0]  # the first deploy
+    assert f"; 1 of {total} chunks written from multicast" in events[-1], events[-1]
