@@ -12,6 +12,7 @@ import threading
 from labmetal.config import load_settings
 from labmetal.images.cli import register as register_images
 from labmetal.room_cli import register as register_room
+from labmetal.session_cli import register as register_sessions
 
 SERVICE_OPTIONS = ("listen", "database", "auth", "state_dir", "hostname", "secret_key_file",
                    "public_url", "wake_listen", "log_file", "log_level", "power_sync_interval",
@@ -128,7 +129,7 @@ def cmd_login(args: argparse.Namespace) -> int:
                              auth=(args.user, password),
                              json={"description": f"labmetal login on {socket.gethostname()}"})
     if response.status_code != 201:
-        from labmetal.images.cli import server_message
+        from labmetal.client import server_message
         raise ValueError(f"login refused: {server_message(response)}")
     token = response.json()
     path = save_profile(Profile(args.url.rstrip("/"), args.user, token["token"],
@@ -397,6 +398,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     register_images(sub)
     register_room(sub)
+    register_sessions(sub)
     return parser
 
 

@@ -1,18 +1,17 @@
 """`labmetal room ...`: rooms, their CSV import, and room jobs with a live per-seat view.
 
-Credentials and the API URL are found as for `labmetal images` (images/cli.make_client).
+The API and credentials are found as labmetal/client.py says.
 """
 from __future__ import annotations
 
 import argparse
 import json
-import os
 import sys
 import time
 from pathlib import Path
 from typing import Any, TextIO
 
-from labmetal.images.cli import DEFAULT_URL, CliError, Client, make_client
+from labmetal.client import CliError, Client, common_options, make_client
 
 FINISHED_JOB_STATES = ("done", "failed", "cancelled")
 BAR_WIDTH = 20
@@ -182,11 +181,7 @@ def run(args: argparse.Namespace) -> int:
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
-    common = argparse.ArgumentParser(add_help=False)
-    common.add_argument("--url", default=os.environ.get("LABMETAL_URL"),
-                        help=f"the labmetal API (default: $LABMETAL_URL, the URL of "
-                             f"`labmetal login`, or {DEFAULT_URL})")
-    common.add_argument("--json", action="store_true", help="print JSON")
+    common = common_options()
     when = argparse.ArgumentParser(add_help=False)
     when.add_argument("--at", help="HH:MM (the next one, lab time) or an ISO time; default now")
     when.add_argument("--repeat", choices=("daily", "weekly"), help="run again every day/week")
