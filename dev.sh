@@ -9,7 +9,8 @@ cd "$(dirname "$0")"
 DEBIAN_PACKAGES=(python3 python3-venv python3-dev gcc ipmitool postgresql iproute2
     qemu-utils qemu-block-extra qemu-system-x86 tgt parted e2fsprogs dosfstools mtools
     extlinux syslinux syslinux-common util-linux dnsmasq-base ipxe busybox-static tftp-hpa
-    mmdebstrap zstd cpio slapd ldap-utils chromium chromium-driver nftables udpcast)
+    mmdebstrap zstd cpio slapd ldap-utils chromium chromium-driver nftables udpcast
+    ceph-mon ceph-osd ceph-common python3-rbd tgt-rbd)
 
 as_root() { if [ "$(id -u)" -eq 0 ]; then "$@"; else sudo "$@"; fi; }
 
@@ -33,6 +34,8 @@ setup() {
         .venv/bin/pip install -q -e '.[test]'
         touch .venv/.installed
     fi
+    # python3-rbd/rados are built for Debian's Python 3.11 only: the venv links them in.
+    .venv/bin/python -m labmetal.images.overlays.ceph link-debian-modules
 }
 
 # The deploy ramdisk is built once from Debian packages and kept here between runs.

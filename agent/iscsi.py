@@ -183,9 +183,13 @@ class TgtExporter(DiskExporter):
         return Path(f"{self._socket_base}.{self.control_port}")
 
     def export(self, disk_path, iqn, portal_ip="0.0.0.0", port=3260, allowed_initiators=None,
-               chap=None) -> Export:
+               chap=None, bstype: str = "rdwr", bsopts: str | None = None) -> Export:
+        """As ``DiskExporter.export``; ``bstype``/``bsopts`` choose tgt's backing store:
+        ``rdwr`` (the default) serves a file or block device, checked here; another type
+        (``rbd``: ``disk_path`` is ``pool/image``, ``bsopts`` ``conf=...;id=...``) is handed
+        to tgtd as it is, which says what is wrong with it."""
         _check_iqn(iqn)
-        disk = check_disk(disk_path)
+        disk = check_disk(disk_path) if bstype == "rdwr" else disk_path
         addresses, names = split_initiators(allowed_initiators or [])
         if iqn in self._targets:
             raise ExportError(f"{iqn} is already exported")
@@ -200,7 +204,7 @@ class TgtExporter(DiskExporter):
                          "--targetname", iqn)
             self._tgtadm("--lld", "iscsi", "--mode", "logicalunit", "--op", "new", "--tid",
                          str(tid), "--lun", str(LUN), "--backing-store", str(disk),
-                         "--bstype", "rdwr")
+                         "--bstype", bstype, *(["--bsopts", bsopts] if bsopts else []))
             for address in addresses or ([] if names else ["ALL"]):
                 self._tgtadm("--lld", "iscsi", "--mode", "target", "--op", "bind", "--tid",
                              str(tid), "--initiator-address", address)
@@ -215,7 +219,10 @@ class TgtExporter(DiskExporter):
                 self._tgtadm("--lld", "iscsi", "--mode", "account", "--op", "bind", "--tid",
                              str(tid), "--user", chap.user)
         except ExportError:
-            self.unexport(iqn)
+            try:
+                self.unexport(iqn)
+            except ExportError:  # the target was never made: nothing to remove in tgtd
+                self._forget(iqn)
             raise
         LOG.info("exported %s as %s LUN %d on %s via tgtd (initiators: %s%s)", disk, iqn, LUN,
                  portal, ", ".join(addresses + names) or "any", f"; CHAP user {chap.user}"
@@ -223,17 +230,24 @@ class TgtExporter(DiskExporter):
         return Export(iqn, portal, LUN)
 
     def unexport(self, iqn: str) -> None:
-        target = self._targets.pop(iqn, None)
+        """Remove the target. The record goes only once tgtd has removed it: if tgtadm
+        fails, the target may still serve, and a later unexport (or close) tries again."""
+        target = self._targets.get(iqn)
         if target is None:
             raise ExportError(f"{iqn} is not exported by this tgtd")
         self._tgtadm("--lld", "iscsi", "--mode", "target", "--op", "delete", "--force",
-                     "--tid", str(target.tid), check=False)
-        user = target.chap_user
+                     "--tid", str(target.tid))
+        self._forget(iqn)
+        LOG.info("unexported %s", iqn)
+
+    def _forget(self, iqn: str) -> None:
+        """Drop the target's record, and its CHAP account once no other target uses it."""
+        target = self._targets.pop(iqn, None)
+        user = target.chap_user if target else None
         if user and all(t.chap_user != user for t in self._targets.values()):
             self._tgtadm("--lld", "iscsi", "--mode", "account", "--op", "delete", "--user", user,
                          check=False)
             self._accounts.pop(user, None)
-        LOG.info("unexported %s", iqn)
 
     def close(self) -> None:
         """Stop tgtd for good. It ignores SIGTERM: go offline, drop the targets, ask it to

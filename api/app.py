@@ -53,7 +53,7 @@ class SessionCookies(SecureCookieSessionInterface):
 
 def create_app(svc: Services) -> Flask:
     from labmetal.api import (agent, boot, conductors, drivers, images, rooms,  # blueprints
-                              login, node_states, nodes, pages, ports, root, users)
+                              login, node_states, nodes, pages, ports, root, sessions, users)
 
     app = Flask("labmetal.api", static_folder=None)  # every route is a view of ours
     app.extensions["labmetal"] = svc
@@ -119,7 +119,7 @@ def create_app(svc: Services) -> Flask:
     for blueprint in (root.blueprint, nodes.blueprint, node_states.blueprint, ports.blueprint,
                       drivers.blueprint, conductors.blueprint, images.blueprint,
                       agent.blueprint, boot.blueprint, login.blueprint, users.blueprint,
-                      pages.blueprint, rooms.blueprint):
+                      pages.blueprint, rooms.blueprint, sessions.blueprint):
         app.register_blueprint(blueprint)
     return app
 

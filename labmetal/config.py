@@ -6,12 +6,15 @@ Environment variables are the setting's name in upper case with a ``LABMETAL_`` 
 from __future__ import annotations
 
 import dataclasses
+import hashlib
 import os
 import socket
+import tempfile
 import tomllib
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Mapping
+from urllib.parse import urlsplit
 
 
 def default_state_dir() -> Path:
@@ -78,6 +81,18 @@ class Settings:
     multicast_port: int = 47700  # data; requests (NACKs) come back to port + 1
     multicast_rate: int = 90_000_000  # bit/s ceiling: below the slowest seat link
     multicast_ttl: int = 1
+    # Students' sessions of TP templates (images/overlays, api/sessions.py): where their
+    # disks live and the iSCSI portal the seats boot them from.
+    overlay_backend: str = "local"  # local (qcow2 overlays) | ceph (RBD clones)
+    overlay_dir: Path | None = None  # the local store; default: state_dir/overlays
+    overlay_run_dir: Path | None = None  # sockets, FUSE mounts, tgtd; default: short, in /tmp
+    ceph_conf: Path = Path("/etc/ceph/ceph.conf")
+    ceph_pool: str = "labmetal"
+    ceph_client: str = "admin"  # the cephx client id (client.admin)
+    ceph_timeout: float = 10.0  # seconds before Ceph counts as unavailable
+    iscsi_portal: str = ""  # HOST:PORT seats reach session targets at; default seat_url's host:3260
+    session_quota_mib: int = 0  # what one session may use (its changes and saves); 0: no limit
+    class_quota_mib: int = 0  # what all sessions of one template may use together; 0: no limit
 
     @property
     def database_url(self) -> str:
@@ -93,6 +108,25 @@ class Settings:
             return (self.seat_url or self.public_url).rstrip("/")
         host, port = self.listen_host_port
         return f"http://{host}:{port}"
+
+    @property
+    def overlay_path(self) -> Path:
+        return self.overlay_dir or self.state_dir / "overlays"
+
+    @property
+    def overlay_run_path(self) -> Path:
+        """Unix socket paths are limited to 107 bytes: the default is short and stable
+        for a state directory."""
+        if self.overlay_run_dir:
+            return self.overlay_run_dir
+        digest = hashlib.sha256(str(self.overlay_path.resolve()).encode()).hexdigest()[:10]
+        return Path(tempfile.gettempdir()) / f"labmetal-ov-{digest}"
+
+    @property
+    def iscsi_portal_host_port(self) -> tuple[str, int]:
+        if self.iscsi_portal:
+            return split_host_port(self.iscsi_portal)
+        return urlsplit(self.seat_base_url).hostname or "127.0.0.1", 3260
 
     @property
     def secret_key_path(self) -> Path:
@@ -156,4 +190,11 @@ def load_settings(overrides: Mapping[str, Any] | None = None, config_file: str |
     if settings.auth not in ("noauth", "http_basic"):
         raise ValueError(f"auth must be noauth or http_basic, not {settings.auth!r}")
     split_host_port(settings.listen)
+    if settings.overlay_backend not in ("local", "ceph"):
+        raise ValueError(f"overlay_backend must be local or ceph, not "
+                         f"{settings.overlay_backend!r}")
+    if settings.iscsi_portal:
+        split_host_port(settings.iscsi_portal)
+    if settings.session_quota_mib < 0 or settings.class_quota_mib < 0:
+        raise ValueError("session_quota_mib and class_quota_mib are MiB, 0 for no limit")
     return settings

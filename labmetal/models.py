@@ -245,3 +245,97 @@ class RoomJobSeat(Base):
     error: Mapped[str | None] = mapped_column(Text)
     requested_at: Mapped[datetime | None]  # the current attempt's request to the node
     updated_at: Mapped[datetime | None] = mapped_column(default=utcnow, onupdate=utcnow)
+
+
+class Template(Base):
+    """A teacher's TP template: a name for a series of frozen versions of a disk image.
+    A new version never changes the sessions made from an older one."""
+    __tablename__ = "templates"
+
+    id: Mapped[int] = mapped_column(primary_key=True)
+    uuid: Mapped[str] = mapped_column(String(36), unique=True, default=new_uuid)
+    name: Mapped[str] = mapped_column(String(63), unique=True)
+    description: Mapped[str | None] = mapped_column(Text)
+    owner: Mapped[str | None] = mapped_column(String(255))  # the teacher who made it
+    created_at: Mapped[datetime] = mapped_column(default=utcnow)
+    updated_at: Mapped[datetime | None] = mapped_column(onupdate=utcnow)
+
+    versions: Mapped[list[TemplateVersion]] = relationship(
+        back_populates="template", cascade="all, delete-orphan", passive_deletes=True,
+        order_by="TemplateVersion.version")
+
+
+class TemplateVersion(Base):
+    """Version n of a template: the image it was frozen from and where the storage backend
+    keeps the frozen copy (``backend``, ``backend_key`` with ``version``)."""
+    __tablename__ = "template_versions"
+    __table_args__ = (UniqueConstraint("template_id", "version"),)
+
+    id: Mapped[int] = mapped_column(primary_key=True)
+    template_id: Mapped[int] = mapped_column(ForeignKey("templates.id", ondelete="CASCADE"),
+                                             index=True)
+    version: Mapped[int]
+    image_id: Mapped[int | None] = mapped_column(ForeignKey("images.id", ondelete="SET NULL"))
+    image_name: Mapped[str | None] = mapped_column(String(255))  # kept if the image goes
+    backend: Mapped[str] = mapped_column(String(16))  # local | ceph
+    backend_key: Mapped[str] = mapped_column(String(63))  # the backend's template name
+    size: Mapped[int] = mapped_column(BigInteger)  # virtual size, bytes
+    description: Mapped[str | None] = mapped_column(Text)
+    created_by: Mapped[str | None] = mapped_column(String(255))
+    created_at: Mapped[datetime] = mapped_column(default=utcnow)
+
+    template: Mapped[Template] = relationship(back_populates="versions")
+
+
+class StudentSession(Base):
+    """A student's session of a TP template version: their own copy-on-write disk, which
+    a seat boots over iSCSI. ``running`` means exported to ``seat_node_id`` by the API
+    process's storage backend; one seat at a time."""
+    __tablename__ = "student_sessions"
+
+    id: Mapped[int] = mapped_column(primary_key=True)
+    uuid: Mapped[str] = mapped_column(String(36), unique=True, default=new_uuid)
+    user_id: Mapped[int] = mapped_column(ForeignKey("users.id", ondelete="CASCADE"),
+                                         index=True)
+    template_version_id: Mapped[int] = mapped_column(
+        ForeignKey("template_versions.id", ondelete="RESTRICT"), index=True)
+    backend: Mapped[str] = mapped_column(String(16))  # local | ceph
+    # stopped | starting | running | failed | deleted
+    state: Mapped[str] = mapped_column(String(16), default="stopped", index=True)
+    seat_node_id: Mapped[int | None] = mapped_column(ForeignKey("nodes.id",
+                                                                ondelete="SET NULL"))
+    target_iqn: Mapped[str | None] = mapped_column(String(223))
+    target_portal: Mapped[str | None] = mapped_column(String(64))
+    # One-way CHAP for the seat's initiator; the secret is sealed (labmetal.secrets) and
+    # never returned by the API or logged.
+    chap_user: Mapped[str] = mapped_column(String(64))
+    chap_secret: Mapped[str] = mapped_column(Text)
+    used_bytes: Mapped[int] = mapped_column(BigInteger, default=0)
+    last_saved_at: Mapped[datetime | None]
+    started_at: Mapped[datetime | None]
+    last_error: Mapped[str | None] = mapped_column(Text)
+    created_by: Mapped[str | None] = mapped_column(String(255))
+    created_at: Mapped[datetime] = mapped_column(default=utcnow)
+    updated_at: Mapped[datetime | None] = mapped_column(onupdate=utcnow)
+
+    user: Mapped[User] = relationship()
+    template_version: Mapped[TemplateVersion] = relationship()
+    seat: Mapped[Node | None] = relationship()
+    saves: Mapped[list[SessionSave]] = relationship(cascade="all, delete-orphan",
+                                                    passive_deletes=True,
+                                                    order_by="SessionSave.number")
+
+
+class SessionSave(Base):
+    """A save point of a session (the backend's snapshot ``backend_save_id``)."""
+    __tablename__ = "session_saves"
+
+    id: Mapped[int] = mapped_column(primary_key=True)
+    uuid: Mapped[str] = mapped_column(String(36), unique=True, default=new_uuid)
+    session_id: Mapped[int] = mapped_column(ForeignKey("student_sessions.id",
+                                                       ondelete="CASCADE"), index=True)
+    number: Mapped[int]
+    label: Mapped[str] = mapped_column(String(64))
+    backend_save_id: Mapped[str] = mapped_column(String(128))
+    created_by: Mapped[str | None] = mapped_column(String(255))
+    created_at: Mapped[datetime] = mapped_column(default=utcnow)

@@ -74,7 +74,8 @@ ACTIONS: dict[str, Action] = {action.name: action for action in (
            description="start a session of a template"),
     Action("session:resume", (ADMIN, OWN[1]), ownable=True),
     Action("session:save", (ADMIN, OWN[1]), ownable=True),
-    Action("session:reset", (ADMIN, OWN[1]), ownable=True, description="back to the template"),
+    Action("session:reset", (ADMIN, TEACHER, OWN[1]), ownable=True,
+           description="back to the template (teachers: any of their class's)"),
     Action("session:delete", (ADMIN, OWN[1]), ownable=True),
     # Accounts: admins manage users; everybody reads themself and changes their password.
     Action("user:list", (ADMIN,)),

@@ -1,0 +1,757 @@
+"""/v1/templates and /v1/sessions: teachers' TP templates (frozen versions of a disk image)
+and students' sessions of them, each a copy-on-write disk that a seat boots over iSCSI
+(DESIGN §5, issue 7).
+
+The storage backend (images/overlays: ``local`` qcow2 overlays or ``ceph`` RBD clones) and
+the iSCSI target server it starts live in this API process: one backend object, made from
+the settings on first use, used under one lock (backends are not thread-safe), closed when
+the process exits. So ``running`` in the database means "exported by this process": a
+running session whose target is gone (tgtd killed, or labmetal restarted) is marked
+``failed`` (by a watcher every few seconds and before every request here), and is started
+again with its data. One API process serves sessions: several would each start their own
+target server on the same portal.
+
+Session states: ``stopped`` -> ``starting`` -> ``running`` -> ``stopped``; ``failed`` when
+its target died under it (start it again); ``deleted``. A backend refusal leaves the state
+as it was: Ceph down is a 503 with Ceph's clear message, a quota a 413 with the numbers.
+The CHAP secret of a session is sealed at rest and never returned or logged.
+"""
+from __future__ import annotations
+
+import atexit
+import logging
+import re
+import secrets
+import string
+import threading
+from collections.abc import Iterator
+from contextlib import contextmanager
+from datetime import UTC
+from typing import Any
+
+from flask import Blueprint, current_app, g, request
+from sqlalchemy import delete, select, update
+from sqlalchemy.exc import IntegrityError
+from sqlalchemy.orm import Session
+
+from labmetal.api.app import services
+from labmetal.api.auth import authorize
+from labmetal.api.common import find_node, is_uuid, isotime, json_object, links
+from labmetal.api.errors import ApiError, bad_request, conflict, not_found
+from labmetal.api.images import find_image, image_store
+from labmetal.config import Settings
+from labmetal.db import Database
+from labmetal.images.overlays.base import OverlayBackend, OverlayError, Quota, Reason
+from labmetal.images.overlays.tgt import SessionTargets
+from labmetal.images.registry import ACTIVE
+from labmetal.models import (Image, Node, SessionSave, StudentSession, Template,
+                             TemplateVersion, User, new_uuid, utcnow)
+
+LOG = logging.getLogger(__name__)
+blueprint = Blueprint("sessions", __name__)
+
+MiB = 2**20
+IQN_PREFIX = "iqn.2026-11.org.labmetal"
+TEMPLATE_NAME = re.compile(r"[a-z0-9][a-z0-9-]{0,53}")  # + "-" + 8 = the backend's 63
+LIVE = ("stopped", "starting", "running", "failed")  # not deleted
+BUSY = ("starting", "running")
+WATCH_INTERVAL = 3.0
+STATUS = {Reason.UNAVAILABLE: 503, Reason.QUOTA: 413, Reason.NOT_FOUND: 404,
+          Reason.BUSY: 409, Reason.INVALID: 400, Reason.FAILED: 500}
+
+
+def seat_iqn(node_uuid: str) -> str:
+    """The initiator name a seat's iPXE uses (the deploy agent's target name scheme)."""
+    return f"{IQN_PREFIX}:{node_uuid}"
+
+
+def session_iqn(session_uuid: str) -> str:
+    return f"{IQN_PREFIX}:session.{session_uuid}"
+
+
+def mib(size: int) -> str:
+    return f"{size / MiB:.1f} MiB"
+
+
+# -- the storage backend of this process ------------------------------------------------
+class Storage:
+    """The backend, its lock, and the watcher that marks sessions whose target died."""
+
+    def __init__(self, settings: Settings, db: Database):
+        self.settings = settings
+        self.db = db
+        self.lock = threading.RLock()
+        self.starting: set[str] = set()  # sessions this process is starting now
+        self._backend: OverlayBackend | None = None
+        self._stop = threading.Event()
+        self._watcher: threading.Thread | None = None
+
+    @property
+    def name(self) -> str:
+        return self.settings.overlay_backend
+
+    @contextmanager
+    def backend(self) -> Iterator[OverlayBackend]:
+        """The backend, made on first use, held for the caller alone."""
+        with self.lock:
+            if self._backend is None:
+                self._backend = self._make()
+                atexit.register(self.close)
+                self._watcher = threading.Thread(target=self._watch, name="session-watcher",
+                                                 daemon=True)
+                self._watcher.start()
+            yield self._backend
+
+    def _make(self) -> OverlayBackend:
+        settings = self.settings
+        host, port = settings.iscsi_portal_host_port
+        run_dir = settings.overlay_run_path
+        targets = SessionTargets(run_dir / "tgt", host, port)
+        quota = Quota(per_session=settings.session_quota_mib * MiB or None)
+        backend: OverlayBackend
+        if settings.overlay_backend == "ceph":
+            from labmetal.images.overlays.ceph import CephOverlays
+            backend = CephOverlays(settings.ceph_conf, settings.ceph_pool, targets,
+                                   client_id=settings.ceph_client, quota=quota,
+                                   timeout=settings.ceph_timeout)
+        else:
+            from labmetal.images.overlays.local import LocalOverlays
+            backend = LocalOverlays(settings.overlay_path, targets, run_dir=run_dir / "qsd",
+                                    quota=quota)
+            backend.validate()  # tools and FUSE; Ceph is reached when first used instead
+        LOG.info("session store: %s, iSCSI portal %s:%d", backend.name, host, port)
+        return backend
+
+    def close(self) -> None:
+        """Stop the target server and what serves the disks (not the data)."""
+        self._stop.set()
+        with self.lock:
+            backend, self._backend = self._backend, None
+            if backend is not None:
+                backend.close()
+
+    def _watch(self) -> None:
+        while not self._stop.wait(WATCH_INTERVAL):
+            try:
+                self.reconcile(wait=True)
+            except Exception:  # noqa: BLE001 - a watcher that dies would hide every fault
+                LOG.exception("checking the running sessions failed")
+
+    def reconcile(self, wait: bool = False) -> None:
+        """Mark ``failed`` the running sessions no longer exported by this process, and the
+        ``starting`` ones no request of this process is starting."""
+        with self.db.read() as session:
+            rows = session.execute(
+                select(StudentSession.uuid, StudentSession.state, Node.name, Node.uuid)
+                .outerjoin(Node, Node.id == StudentSession.seat_node_id)
+                .where(StudentSession.state.in_(BUSY),
+                       StudentSession.backend == self.name)).all()
+        if not rows:
+            return
+        if not self.lock.acquire(timeout=30 if wait else 0):
+            return  # a long backend call runs; the watcher checks again soon
+        try:
+            gone = []
+            for uuid, state, seat_name, seat_uuid in rows:
+                if state == "starting":
+                    if uuid not in self.starting:
+                        gone.append((uuid, "starting", "its start was interrupted (labmetal "
+                                     "restarted)"))
+                elif self._backend is None or not self._backend.is_exported(uuid):
+                    gone.append((uuid, "running", f"its iSCSI target on seat "
+                                 f"{seat_name or seat_uuid} stopped (the target server died "
+                                 "or labmetal restarted); start it again to resume it with "
+                                 "its data"))
+        finally:
+            self.lock.release()
+        for uuid, state, why in gone:
+            with self.db.write() as session:
+                changed = session.execute(
+                    update(StudentSession)
+                    .where(StudentSession.uuid == uuid, StudentSession.state == state)
+                    .values(state="failed", seat_node_id=None, target_iqn=None,
+                            target_portal=None, last_error=f"Session {uuid} failed: {why}")
+                ).rowcount
+            if changed:
+                LOG.warning("session %s failed: %s", uuid, why)
+
+
+_storage_lock = threading.Lock()
+
+
+def storage() -> Storage:
+    extensions = current_app.extensions
+    with _storage_lock:
+        if "labmetal.storage" not in extensions:
+            svc = services()
+            extensions["labmetal.storage"] = Storage(svc.settings, svc.db)
+        return extensions["labmetal.storage"]
+
+
+def backend_error(error: OverlayError) -> ApiError:
+    return ApiError(STATUS.get(error.reason, 500), str(error))
+
+
+@contextmanager
+def backend_call() -> Iterator[OverlayBackend]:
+    """The backend for one step; its refusals and failures as API errors."""
+    try:
+        with storage().backend() as backend:
+            yield backend
+    except OverlayError as error:
+        LOG.warning("session store: %s", error)
+        raise backend_error(error) from None
+
+
+# -- views -------------------------------------------------------------------------------
+def version_view(version: TemplateVersion) -> dict[str, Any]:
+    return {"version": version.version, "image": version.image_name,
+            "backend": version.backend, "backend_key": version.backend_key,
+            "size": version.size, "description": version.description,
+            "created_by": version.created_by, "created_at": isotime(version.created_at)}
+
+
+def template_view(template: Template) -> dict[str, Any]:
+    versions = template.versions
+    return {"uuid": template.uuid, "name": template.name,
+            "description": template.description, "owner": template.owner,
+            "latest_version": versions[-1].version if versions else None,
+            "versions": [version_view(v) for v in versions],
+            "created_at": isotime(template.created_at), "links": links("templates",
+                                                                        template.name)}
+
+
+def session_view(ses: StudentSession) -> dict[str, Any]:
+    version = ses.template_version
+    running = ses.state == "running"
+    return {"uuid": ses.uuid, "student": ses.user.name, "template": version.template.name,
+            "template_version": version.version, "backend": ses.backend, "state": ses.state,
+            "seat": (ses.seat.name or ses.seat.uuid) if ses.seat is not None else None,
+            "target": {"iqn": ses.target_iqn, "portal": ses.target_portal, "lun": 1}
+            if running else None,
+            "used_bytes": ses.used_bytes, "used_mib": round(ses.used_bytes / MiB, 1),
+            "size": version.size, "last_saved_at": isotime(ses.last_saved_at),
+            "started_at": isotime(ses.started_at), "last_error": ses.last_error,
+            "created_by": ses.created_by, "created_at": isotime(ses.created_at),
+            "links": links("sessions", ses.uuid)}
+
+
+def save_view(save: SessionSave, session_uuid: str) -> dict[str, Any]:
+    return {"uuid": save.uuid, "session": session_uuid, "number": save.number,
+            "label": save.label, "save_id": save.backend_save_id,
+            "created_by": save.created_by, "created_at": isotime(save.created_at)}
+
+
+# -- lookups -----------------------------------------------------------------------------
+def find_template(session: Session, ident: str) -> Template:
+    column = Template.uuid if is_uuid(ident) else Template.name
+    template = session.scalar(select(Template).where(column == ident.lower()))
+    if template is None:
+        raise not_found(f"Template {ident} could not be found.")
+    return template
+
+
+def find_session(session: Session, ident: str) -> StudentSession:
+    ses = session.scalar(select(StudentSession).where(StudentSession.uuid == ident.lower())) \
+        if is_uuid(ident) else None
+    if ses is None or ses.state == "deleted":
+        raise not_found(f"Session {ident} could not be found.")
+    return ses
+
+
+def session_owner(ident: str) -> str | None:
+    """The student a session belongs to (the policy's owner of ``session:*``)."""
+    if not is_uuid(ident):
+        return None
+    with services().db.read() as session:
+        return session.scalar(select(User.name).join(StudentSession,
+                                                     StudentSession.user_id == User.id)
+                              .where(StudentSession.uuid == ident.lower()))
+
+
+def new_session_owner() -> str | None:
+    """Whom a new session is for: the student named in the body, else the caller."""
+    body = request.get_json(silent=True)
+    student = body.get("student") if isinstance(body, dict) else None
+    return student if isinstance(student, str) else g.caller.name
+
+
+def template_image(session: Session, ident: Any) -> Image:
+    if not isinstance(ident, str):
+        raise bad_request("Mandatory field missing: image (a whole-disk image's name or UUID)")
+    image = find_image(session, ident)
+    if image.kind != "whole-disk":
+        raise bad_request(f"Image {image.name} is a {image.kind} image: a template is made "
+                          "from a whole-disk image")
+    if image.status != ACTIVE:
+        raise bad_request(f"Image {image.name} has no data yet (status {image.status}); "
+                          "upload it first")
+    return image
+
+
+def optional_text(body: dict[str, Any], name: str) -> str | None:
+    value = body.get(name)
+    if value is not None and not isinstance(value, str):
+        raise bad_request(f"Invalid {name}: expected a string")
+    return value
+
+
+def refresh_used(backend: OverlayBackend, ses: StudentSession) -> None:
+    try:
+        ses.used_bytes = backend.used_bytes(ses.uuid)
+    except OverlayError as error:
+        LOG.warning("cannot measure session %s: %s", ses.uuid, error)
+
+
+# -- templates ---------------------------------------------------------------------------
+@blueprint.get("/v1/templates")
+@authorize("template:get")
+def list_templates():
+    with services().db.read() as session:
+        templates = session.scalars(select(Template).order_by(Template.name)).all()
+        return {"templates": [template_view(t) for t in templates]}
+
+
+@blueprint.get("/v1/templates/<ident>")
+@authorize("template:get")
+def show_template(ident: str):
+    with services().db.read() as session:
+        return template_view(find_template(session, ident))
+
+
+@blueprint.post("/v1/templates")
+@authorize("template:create")
+def create_template():
+    """A template from an active whole-disk image: version 1, frozen in the backend."""
+    body = json_object()
+    unknown = sorted(set(body) - {"name", "description", "image"})
+    if unknown:
+        raise bad_request(f"Unknown attribute(s) for a template: {', '.join(unknown)}")
+    name = body.get("name")
+    if not isinstance(name, str) or not TEMPLATE_NAME.fullmatch(name):
+        raise bad_request(f"Invalid template name {name!r}: 1-54 lower-case letters, digits "
+                          "and '-', starting with a letter or digit")
+    description = optional_text(body, "description")
+    svc = services()
+    with svc.db.read() as session:
+        if session.scalar(select(Template.id).where(Template.name == name)):
+            raise conflict(f"A template named {name} already exists; add a version to it.")
+        image = template_image(session, body.get("image"))
+    template_uuid = new_uuid()
+    key = f"{name}-{template_uuid[:8]}"
+    with backend_call() as backend:
+        frozen = backend.make_template(key, 1, image_store().raw_path(image.uuid))
+        try:
+            with svc.db.write() as session:
+                template = Template(uuid=template_uuid, name=name, description=description,
+                                    owner=g.caller.name)
+                session.add(template)
+                session.flush()
+                session.add(TemplateVersion(template_id=template.id, version=1,
+                                            image_id=image.id, image_name=image.name,
+                                            backend=backend.name, backend_key=key,
+                                            size=frozen.size, created_by=g.caller.name))
+                session.flush()
+                session.refresh(template)
+                view = template_view(template)
+        except IntegrityError:
+            raise conflict(f"A template named {name} already exists.") from None
+    LOG.info("template %s version 1 made from image %s by %s", name, image.name,
+             g.caller.name)
+    return view, 201, {"Location": view["links"][0]["href"]}
+
+
+@blueprint.post("/v1/templates/<ident>/versions")
+@authorize("template:update")
+def add_template_version(ident: str):
+    """A new frozen version; the sessions made from older ones do not change."""
+    body = json_object()
+    unknown = sorted(set(body) - {"description", "image"})
+    if unknown:
+        raise bad_request(f"Unknown attribute(s) for a template version: {', '.join(unknown)}")
+    description = optional_text(body, "description")
+    svc = services()
+    with svc.db.read() as session:
+        template = find_template(session, ident)
+        image = template_image(session, body.get("image"))
+        key = template.versions[0].backend_key if template.versions \
+            else f"{template.name}-{template.uuid[:8]}"
+    with backend_call() as backend:  # the lock also keeps version numbers in turn
+        with svc.db.read() as session:
+            number = 1 + max((v.version for v in find_template(session, ident).versions),
+                             default=0)
+        frozen = backend.make_template(key, number, image_store().raw_path(image.uuid))
+        with svc.db.write() as session:
+            template = find_template(session, ident)
+            session.add(TemplateVersion(template_id=template.id, version=number,
+                                        image_id=image.id, image_name=image.name,
+                                        backend=backend.name, backend_key=key,
+                                        size=frozen.size, description=description,
+                                        created_by=g.caller.name))
+            template.updated_at = utcnow()
+            session.flush()
+            session.refresh(template)
+            view = template_view(template)
+    LOG.info("template %s version %d made from image %s by %s", template.name, number,
+             image.name, g.caller.name)
+    return view, 201
+
+
+@blueprint.delete("/v1/templates/<ident>")
+@authorize("template:delete")
+def delete_template(ident: str):
+    with services().db.write() as session:
+        template = find_template(session, ident)
+        version_ids = [v.id for v in template.versions]
+        live = session.scalars(select(StudentSession.uuid).where(
+            StudentSession.template_version_id.in_(version_ids),
+            StudentSession.state != "deleted")).all()
+        if live:
+            raise conflict(f"Template {template.name} has {len(live)} session(s); delete "
+                           "them first.")
+        session.execute(delete(StudentSession).where(
+            StudentSession.template_version_id.in_(version_ids)))
+        session.delete(template)
+    LOG.info("template %s deleted", template.name)
+    return "", 204
+
+
+# -- sessions ----------------------------------------------------------------------------
+@blueprint.get("/v1/sessions")
+@authorize("session:get", lists_own=True)
+def list_sessions():
+    """Students see their own only. Filters: ``student``, ``template``, ``state``
+    (``deleted`` ones are listed only when asked for)."""
+    storage().reconcile()
+    statement = select(StudentSession).join(User, User.id == StudentSession.user_id)
+    student = g.caller.name if g.as_owner else request.args.get("student")
+    if student:
+        statement = statement.where(User.name == student)
+    state = request.args.get("state")
+    if state:
+        if state not in (*LIVE, "deleted"):
+            raise bad_request(f"Unknown state {state!r}")
+        statement = statement.where(StudentSession.state == state)
+    else:
+        statement = statement.where(StudentSession.state != "deleted")
+    with services().db.read() as session:
+        template = request.args.get("template")
+        if template:
+            versions = [v.id for v in find_template(session, template).versions]
+            statement = statement.where(StudentSession.template_version_id.in_(versions))
+        rows = session.scalars(statement.order_by(User.name, StudentSession.created_at)).all()
+        return {"sessions": [session_view(ses) for ses in rows]}
+
+
+@blueprint.get("/v1/sessions/<ident>")
+@authorize("session:get", owner=session_owner)
+def show_session(ident: str):
+    storage().reconcile()
+    with services().db.read() as session:
+        return session_view(find_session(session, ident))
+
+
+@blueprint.post("/v1/sessions")
+@authorize("session:create", owner=new_session_owner)
+def create_session():
+    """``{"template", "version"?, "student"?}``: a new session of the template (its latest
+    version by default) for the caller, or for the student named (admins; teachers where the
+    policy allows). One live session per student and template."""
+    body = json_object()
+    unknown = sorted(set(body) - {"template", "version", "student"})
+    if unknown:
+        raise bad_request(f"Unknown attribute(s) for a session: {', '.join(unknown)}")
+    if not isinstance(body.get("template"), str):
+        raise bad_request("Mandatory field missing: template (its name or UUID)")
+    student_name = new_session_owner()
+    if not student_name:
+        raise bad_request("Mandatory field missing: student (the user the session is for)")
+    version_number = body.get("version")
+    if version_number is not None and (not isinstance(version_number, int)
+                                       or isinstance(version_number, bool)):
+        raise bad_request("Invalid version: expected an integer")
+    svc = services()
+    with svc.db.read() as session:
+        template = find_template(session, body["template"])
+        student = session.scalar(select(User).where(User.name == student_name))
+        if student is None or student.disabled:
+            raise bad_request(f"No user {student_name} (field: student)")
+        versions = {v.version: v for v in template.versions}
+        if not versions:
+            raise conflict(f"Template {template.name} has no version yet.")
+        version = versions.get(version_number or max(versions))
+        if version is None:
+            raise not_found(f"Template {template.name} has no version {version_number} "
+                            f"(versions: {', '.join(map(str, sorted(versions)))})")
+        if version.backend != storage().name:
+            raise conflict(f"Template {template.name} version {version.version} is kept by "
+                           f"the {version.backend} store, and sessions are made in the "
+                           f"{storage().name} store (overlay_backend)")
+        existing = session.scalar(select(StudentSession.uuid).where(
+            StudentSession.user_id == student.id, StudentSession.state.in_(LIVE),
+            StudentSession.template_version_id.in_([v.id for v in template.versions])))
+        if existing:
+            raise conflict(f"{student.name} already has a session of template "
+                           f"{template.name}: {existing}; start it, or delete it first")
+    session_uuid = new_uuid()
+    with backend_call() as backend:
+        check_class_quota(backend, template.id, f"cannot create a session of {template.name}")
+        disk = backend.create_session(session_uuid, version.backend_key, version.version)
+        try:
+            with svc.db.write() as session:
+                if session.scalar(select(StudentSession.uuid).where(  # a racing request's
+                        StudentSession.user_id == student.id, StudentSession.state.in_(LIVE),
+                        StudentSession.template_version_id.in_(
+                            [v.id for v in template.versions]))):
+                    raise conflict(f"{student.name} already has a session of template "
+                                   f"{template.name}")
+                ses = StudentSession(
+                    uuid=session_uuid, user_id=student.id, template_version_id=version.id,
+                    backend=backend.name, state="stopped", used_bytes=disk.used_bytes,
+                    chap_user=f"lm{session_uuid.replace('-', '')[:16]}",
+                    chap_secret=svc.box.seal(chap_secret()), created_by=g.caller.name)
+                session.add(ses)
+                session.flush()
+                view = session_view(ses)
+        except Exception:
+            try:  # nothing of it is kept if it is not recorded
+                backend.delete(session_uuid)
+            except OverlayError as error:
+                LOG.warning("removing unrecorded session %s: %s", session_uuid, error)
+            raise
+    LOG.info("session %s of template %s version %d created for %s by %s", session_uuid,
+             template.name, version.version, student.name, g.caller.name)
+    return view, 201, {"Location": view["links"][0]["href"]}
+
+
+def chap_secret() -> str:
+    alphabet = string.ascii_letters + string.digits
+    return "".join(secrets.choice(alphabet) for _ in range(20))
+
+
+def check_class_quota(backend: OverlayBackend, template_id: int, what: str) -> None:
+    """Every live session of the template together under ``class_quota_mib``."""
+    limit = services().settings.class_quota_mib * MiB
+    if not limit:
+        return
+    with services().db.read() as session:
+        name = session.scalar(select(Template.name).where(Template.id == template_id))
+        rows = session.execute(
+            select(StudentSession.uuid, StudentSession.state, StudentSession.used_bytes)
+            .join(TemplateVersion, TemplateVersion.id == StudentSession.template_version_id)
+            .where(TemplateVersion.template_id == template_id,
+                   StudentSession.state.in_(LIVE))).all()
+    used = 0
+    for uuid, state, stored in rows:
+        used += backend.used_bytes(uuid) if state == "running" else stored
+    if used >= limit:
+        raise OverlayError(f"{what}: the sessions of template {name} use "
+                           f"{mib(used)} of their class quota of {mib(limit)} "
+                           "(class_quota_mib); a teacher can reset or delete some",
+                           Reason.QUOTA)
+
+
+@blueprint.delete("/v1/sessions/<ident>")
+@authorize("session:delete", owner=session_owner)
+def delete_session(ident: str):
+    svc = services()
+    with svc.db.read() as session:
+        ses = find_session(session, ident)
+        refuse_if_busy(ses, "deleted")
+    with backend_call() as backend:
+        try:
+            backend.delete(ses.uuid)
+        except OverlayError as error:
+            if error.reason is not Reason.NOT_FOUND:
+                raise
+        with svc.db.write() as session:
+            ses = find_session(session, ident)
+            ses.state = "deleted"
+            ses.used_bytes = 0
+            session.execute(delete(SessionSave).where(SessionSave.session_id == ses.id))
+    LOG.info("session %s deleted by %s", ses.uuid, g.caller.name)
+    return "", 204
+
+
+def refuse_if_busy(ses: StudentSession, what: str) -> None:
+    if ses.state in BUSY:
+        seat = (ses.seat.name or ses.seat.uuid) if ses.seat is not None else "?"
+        raise conflict(f"Session {ses.uuid} is {ses.state} on seat {seat} and cannot be "
+                       f"{what}; stop it first (power off or log out)")
+
+
+@blueprint.post("/v1/sessions/<ident>/start")
+@authorize("session:resume", owner=session_owner)
+def start_session(ident: str):
+    """``{"seat": node}``: export the session to that seat alone (its initiator name
+    ``iqn.2026-11.org.labmetal:<node uuid>`` and the session's CHAP account)."""
+    body = json_object()
+    if not isinstance(body.get("seat"), str):
+        raise bad_request("Mandatory field missing: seat (the node's name or UUID)")
+    svc = services()
+    store = storage()
+    store.reconcile()
+    with svc.db.read() as session:
+        session_uuid = find_session(session, ident).uuid
+    store.starting.add(session_uuid)
+    try:
+        with svc.db.write() as session:
+            ses = find_session(session, ident)
+            node = find_node(session, body["seat"])
+            if ses.state in BUSY:
+                seat = (ses.seat.name or ses.seat.uuid) if ses.seat is not None else "?"
+                raise conflict(f"Session {ses.uuid} is already {ses.state} on seat {seat}; "
+                               "one seat at a time: stop it there first")
+            other = session.scalar(select(StudentSession.uuid).where(
+                StudentSession.seat_node_id == node.id, StudentSession.state.in_(BUSY)))
+            if other:
+                raise conflict(f"Seat {node.name or node.uuid} is in use by another session")
+            previous = ses.state
+            ses.state, ses.seat_node_id = "starting", node.id
+            seat_name, seat_uuid = node.name or node.uuid, node.uuid
+            template_id = ses.template_version.template_id
+            chap_user, secret = ses.chap_user, svc.box.open(ses.chap_secret)
+        try:
+            with backend_call() as backend:
+                check_class_quota(backend, template_id,
+                                  f"cannot start session {session_uuid}")
+                export = backend.export(session_uuid, session_iqn(session_uuid), chap_user,
+                                        secret, [seat_iqn(seat_uuid)])
+                used = backend.used_bytes(session_uuid)
+        except Exception as error:
+            message = error.message if isinstance(error, ApiError) \
+                else f"{type(error).__name__}, see the API log"
+            with svc.db.write() as session:  # as it was: the session did not start
+                ses = find_session(session, ident)
+                ses.state, ses.seat_node_id = previous, None
+                ses.last_error = f"Starting on seat {seat_name} failed: {message}"
+            raise
+        with svc.db.write() as session:
+            ses = find_session(session, ident)
+            ses.state, ses.started_at, ses.last_error = "running", utcnow(), None
+            ses.target_iqn, ses.target_portal, ses.used_bytes = export.iqn, export.portal, used
+            session.flush()
+            view = session_view(ses)
+    finally:
+        store.starting.discard(session_uuid)
+    LOG.info("session %s running on seat %s (%s)", session_uuid, seat_name, export.iqn)
+    return view
+
+
+@blueprint.post("/v1/sessions/<ident>/stop")
+@authorize("session:resume", owner=session_owner)
+def stop_session(ident: str):
+    """The seat is done with it (powered off, logged out): its target goes, the data
+    stays in the session."""
+    svc = services()
+    with svc.db.read() as session:
+        ses = find_session(session, ident)
+    if ses.state == "starting":
+        raise conflict(f"Session {ses.uuid} is being started; try again in a moment")
+    if ses.state == "stopped":
+        with svc.db.read() as session:
+            return session_view(find_session(session, ident))
+    with backend_call() as backend:
+        backend.unexport(ses.uuid)
+        if backend.is_exported(ses.uuid):
+            raise ApiError(500, f"Session {ses.uuid}'s iSCSI target could not be removed; "
+                                "see the API log")
+        with svc.db.write() as session:
+            ses = find_session(session, ident)
+            ses.state, ses.seat_node_id = "stopped", None
+            ses.target_iqn = ses.target_portal = None
+            refresh_used(backend, ses)
+            session.flush()
+            view = session_view(ses)
+    LOG.info("session %s stopped by %s", ses.uuid, g.caller.name)
+    return view
+
+
+@blueprint.post("/v1/sessions/<ident>/save")
+@authorize("session:save", owner=session_owner)
+def save_session(ident: str):
+    """``{"label"}``: a save point (running or not: what the seat wrote is flushed first)."""
+    body = json_object()
+    label = body.get("label")
+    if not isinstance(label, str):
+        raise bad_request("Mandatory field missing: label")
+    svc = services()
+    with svc.db.read() as session:
+        ses = find_session(session, ident)
+        if ses.state == "starting":
+            raise conflict(f"Session {ses.uuid} is being started; try again in a moment")
+    with backend_call() as backend:
+        point = backend.save(ses.uuid, label)
+        with svc.db.write() as session:
+            ses = find_session(session, ident)
+            created = point.created_at.astimezone(UTC).replace(tzinfo=None)
+            save = SessionSave(session_id=ses.id, number=point.number, label=label,
+                               backend_save_id=point.save_id, created_by=g.caller.name,
+                               created_at=created)
+            session.add(save)
+            ses.last_saved_at = utcnow()
+            refresh_used(backend, ses)
+            session.flush()
+            view = save_view(save, ses.uuid)
+    LOG.info("session %s saved as %s by %s", ses.uuid, point.save_id, g.caller.name)
+    return view, 201
+
+
+@blueprint.get("/v1/sessions/<ident>/saves")
+@authorize("session:get", owner=session_owner)
+def list_saves(ident: str):
+    with services().db.read() as session:
+        ses = find_session(session, ident)
+        return {"saves": [save_view(save, ses.uuid) for save in ses.saves]}
+
+
+@blueprint.post("/v1/sessions/<ident>/revert")
+@authorize("session:reset", owner=session_owner)
+def revert_session(ident: str):
+    """``{"save"}`` (its UUID, number or label; the latest of that label): back to that save
+    point; the changes since are lost, later save points stay."""
+    body = json_object()
+    wanted = body.get("save")
+    if not isinstance(wanted, (str, int)) or isinstance(wanted, bool):
+        raise bad_request("Mandatory field missing: save (its UUID, number or label)")
+    svc = services()
+    with svc.db.read() as session:
+        ses = find_session(session, ident)
+        refuse_if_busy(ses, "reverted")
+        matches = [s for s in ses.saves if str(wanted) in (s.uuid, str(s.number), s.label,
+                                                           s.backend_save_id)]
+        if not matches:
+            raise not_found(f"Session {ses.uuid} has no save point {wanted}")
+        save = matches[-1]
+    with backend_call() as backend:
+        backend.revert(ses.uuid, save.backend_save_id)
+        with svc.db.write() as session:
+            ses = find_session(session, ident)
+            ses.last_error = None
+            refresh_used(backend, ses)
+            session.flush()
+            view = session_view(ses)
+    LOG.info("session %s reverted to %s by %s", ses.uuid, save.backend_save_id,
+             g.caller.name)
+    return view
+
+
+@blueprint.post("/v1/sessions/<ident>/reset")
+@authorize("session:reset", owner=session_owner)
+def reset_session(ident: str):
+    """Back to its template version: the session's changes and save points go."""
+    svc = services()
+    with svc.db.read() as session:
+        ses = find_session(session, ident)
+        refuse_if_busy(ses, "reset")
+    with backend_call() as backend:
+        backend.reset(ses.uuid)
+        with svc.db.write() as session:
+            ses = find_session(session, ident)
+            session.execute(delete(SessionSave).where(SessionSave.session_id == ses.id))
+            ses.last_saved_at = ses.last_error = None
+            refresh_used(backend, ses)
+            session.flush()
+            view = session_view(ses)
+    LOG.info("session %s reset to its template by %s", ses.uuid, g.caller.name)
+    return view

@@ -1,0 +1,2 @@
+"""Students' session disks: the storage backends (local qcow2 overlays, Ceph RBD clones)
+behind one interface, ``base.OverlayBackend``."""

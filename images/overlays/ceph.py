@@ -1,0 +1,434 @@
+"""The ``ceph`` session store (for scale): templates and sessions are RBD images in one pool,
+used through python3-rbd; sessions are served by tgtd's rbd backing store (Debian tgt-rbd;
+LIO on a krbd device is the real-server alternative, not available on this kernel).
+
+Names in the pool::
+
+    tpl.<template>            one image per template, its content = the latest version
+    tpl.<template>@v<N>       a protected snapshot per version: what sessions clone
+    ses.<session>             an RBD clone of tpl.<template>@v<N> (copy-on-write, 4 MiB objects)
+    ses.<session>@save.<n>.<label>   a save point
+
+A new template version overwrites the template image's head and snapshots it: the older
+versions live on in their snapshots, and their clones never see the change. A save is one
+RBD snapshot (made atomically by the OSD holding the image header; while tgtd has the image
+open with its exclusive lock, librbd has the lock owner flush its cache and make the
+snapshot). A revert is a rollback of the head, a reset a new clone swapped in by renames.
+
+python3-rbd / python3-rados are built for Debian's /usr/bin/python3 (3.11); a virtualenv
+on another 3.11 uses them once the two extension modules are linked into its
+site-packages: ``python -m labmetal.images.overlays.ceph link-debian-modules``.
+"""
+from __future__ import annotations
+
+import argparse
+import contextlib
+import logging
+import os
+import sys
+import sysconfig
+from collections.abc import Iterator
+from datetime import UTC
+from pathlib import Path
+from typing import Any
+
+from labmetal.agent.iscsi import Chap, Export, ExportError
+from labmetal.images.overlays.base import (OverlayBackend, OverlayError, Quota, Reason,
+                                           SavePoint, SessionDisk, TemplateVersion,
+                                           check_raw_image, parse_save_name)
+from labmetal.images.overlays.tgt import SessionTargets
+
+LOG = logging.getLogger(__name__)
+
+DEBIAN_DIST_PACKAGES = Path("/usr/lib/python3/dist-packages")
+MODULES = ("rados", "rbd")
+CHUNK = 4 * 2**20  # RBD's default object size
+
+
+def link_debian_modules(site_packages: str | os.PathLike | None = None) -> list[Path]:
+    """Link Debian's rados and rbd extension modules into this interpreter's site-packages
+    (the virtualenv's); returns the links made."""
+    target = Path(site_packages or sysconfig.get_paths()["platlib"])
+    suffix = sysconfig.get_config_var("EXT_SUFFIX")  # .cpython-311-x86_64-linux-gnu.so
+    links = []
+    for module in MODULES:
+        source = DEBIAN_DIST_PACKAGES / f"{module}{suffix}"
+        if not source.exists():
+            raise OverlayError(f"{source} is missing: install the Debian package python3-rbd "
+                               f"(built for Python {sys.version_info.major}."
+                               f"{sys.version_info.minor} as this one must be)",
+                               Reason.UNAVAILABLE)
+        link = target / source.name
+        link.unlink(missing_ok=True)
+        link.symlink_to(source)
+        links.append(link)
+    return links
+
+
+def _libraries() -> tuple[Any, Any]:
+    try:
+        import rados
+        import rbd
+    except ImportError as error:
+        raise OverlayError(f"the ceph session store needs python3-rbd ({error}); install the "
+                           "Debian package python3-rbd, then run `python -m labmetal.images."
+                           "overlays.ceph link-debian-modules` with the service's Python",
+                           Reason.UNAVAILABLE) from None
+    return rados, rbd
+
+
+def _template_image(name: str) -> str:
+    return f"tpl.{name}"
+
+
+def _session_image(session_id: str) -> str:
+    return f"ses.{session_id}"
+
+
+class CephOverlays(OverlayBackend):
+    name = "ceph"
+
+    def __init__(self, conf_path: str | os.PathLike, pool: str, targets: SessionTargets,
+                 client_id: str = "admin", quota: Quota | None = None, timeout: float = 10.0):
+        super().__init__(quota)
+        self.conf_path = Path(conf_path)
+        self.pool = pool
+        self.targets = targets
+        self.client_id = client_id
+        self.timeout = timeout
+        self._cluster: Any = None
+
+    # -- the cluster --
+
+    def validate(self) -> None:
+        with self._ioctx("reach the pool"):
+            pass
+        if not Path("/usr/lib/tgt/backing-store/bs_rbd.so").exists():
+            raise OverlayError("tgtd cannot serve RBD images: install the Debian package "
+                               "tgt-rbd", Reason.UNAVAILABLE)
+
+    def _connect(self) -> Any:
+        rados, _ = _libraries()
+        if self._cluster is not None:
+            return self._cluster
+        timeout = str(int(self.timeout))
+        cluster = rados.Rados(conffile=str(self.conf_path), rados_id=self.client_id, conf={
+            "client_mount_timeout": timeout, "rados_mon_op_timeout": timeout,
+            "rados_osd_op_timeout": timeout})
+        try:
+            cluster.connect(timeout=int(self.timeout))
+        except rados.Error as error:
+            cluster.shutdown()
+            raise OverlayError(self._unreachable(f"connect ({error})"), Reason.UNAVAILABLE) \
+                from None
+        self._cluster = cluster
+        return cluster
+
+    def _unreachable(self, what: str) -> str:
+        return (f"Ceph is unavailable: could not {what} within {self.timeout:g} s (config "
+                f"{self.conf_path}, client {self.client_id}, pool {self.pool}); is the "
+                "cluster running?")
+
+    @contextlib.contextmanager
+    def _ioctx(self, what: str) -> Iterator[Any]:
+        """An I/O context on the pool, every librados/librbd error turned into an
+        OverlayError that says what was being done."""
+        rados, rbd = _libraries()
+        try:
+            with self._connect().open_ioctx(self.pool) as ioctx:
+                yield ioctx
+        except OverlayError:
+            raise
+        except (rados.TimedOut, rbd.Timeout, rados.ConnectionShutdown,
+                rbd.ConnectionShutdown, rados.NotConnected):
+            self._disconnect()
+            raise OverlayError(self._unreachable(what), Reason.UNAVAILABLE) from None
+        except (rbd.ImageNotFound, rados.ObjectNotFound) as error:
+            if "open_ioctx" in str(error) or "pool" in str(error):
+                raise OverlayError(f"cannot {what}: the pool {self.pool} does not exist",
+                                   Reason.UNAVAILABLE) from None
+            raise OverlayError(f"cannot {what}: not found ({error})", Reason.NOT_FOUND) \
+                from None
+        except (rbd.ImageExists, rbd.ImageBusy, rbd.ImageHasSnapshots) as error:
+            raise OverlayError(f"cannot {what}: {error}", Reason.BUSY) from None
+        except (rbd.DiskQuotaExceeded, rbd.NoSpace, rados.NoSpace) as error:
+            raise OverlayError(f"cannot {what}: the pool {self.pool} is full or over its "
+                               f"quota ({error})", Reason.QUOTA) from None
+        except (rados.Error, rbd.Error) as error:
+            raise OverlayError(f"cannot {what}: {error}") from None
+
+    def _disconnect(self) -> None:
+        cluster, self._cluster = self._cluster, None
+        if cluster is not None:
+            with contextlib.suppress(Exception):
+                cluster.shutdown()
+
+    def _image(self, ioctx: Any, name: str, snapshot: str | None = None) -> Any:
+        _, rbd = _libraries()
+        return rbd.Image(ioctx, name, snapshot=snapshot, read_only=snapshot is not None)
+
+    # -- templates --
+
+    def _make_template(self, name, version, raw_image_path) -> TemplateVersion:
+        _, rbd = _libraries()
+        size = check_raw_image(raw_image_path)
+        image_name, snap = _template_image(name), f"v{version}"
+        with self._ioctx(f"import template {name} version {version}") as ioctx:
+            if image_name not in rbd.RBD().list(ioctx):
+                rbd.RBD().create(ioctx, image_name, size, old_format=False)
+            with self._image(ioctx, image_name) as image:
+                if any(s["name"] == snap for s in image.list_snaps()):
+                    raise OverlayError(f"template {name} version {version} exists and is "
+                                       "frozen; make a new version", Reason.BUSY)
+                if image.size() != size:
+                    image.resize(size)
+                # The head is rewritten whole; the earlier versions are in their snapshots.
+                # An import that dies here leaves no snapshot: run it again.
+                image.discard(0, size)
+                with open(raw_image_path, "rb") as source:
+                    for offset, data in _data_chunks(source, size):
+                        image.write(data, offset)
+                image.flush()
+                image.create_snap(snap)
+                image.protect_snap(snap)
+        LOG.info("template %s version %d imported into %s/%s@%s (%d bytes)", name, version,
+                 self.pool, image_name, snap, size)
+        return TemplateVersion(name, version, size)
+
+    def templates(self) -> list[TemplateVersion]:
+        _, rbd = _libraries()
+        found = []
+        with self._ioctx("list the templates") as ioctx:
+            for image_name in rbd.RBD().list(ioctx):
+                if not image_name.startswith("tpl."):
+                    continue
+                with self._image(ioctx, image_name) as image:
+                    for snap in image.list_snaps():
+                        if snap["name"][:1] == "v" and snap["name"][1:].isdigit():
+                            found.append(TemplateVersion(image_name[4:], int(snap["name"][1:]),
+                                                         snap["size"]))
+        return sorted(found, key=lambda t: (t.name, t.version))
+
+    # -- sessions --
+
+    def sessions(self) -> list[str]:
+        _, rbd = _libraries()
+        with self._ioctx("list the sessions") as ioctx:
+            names = set(rbd.RBD().list(ioctx))
+            for name in sorted(names):
+                if name.startswith("ses.") and name.endswith(".old"):
+                    self._finish_reset(ioctx, name[4:-4], names)
+            names = set(rbd.RBD().list(ioctx))
+        return sorted(n[4:] for n in names if n.startswith("ses.") and n.count(".") == 1)
+
+    def describe(self, session_id: str) -> SessionDisk:
+        with self._ioctx(f"describe session {session_id}") as ioctx:
+            with self._image(ioctx, _session_image(session_id)) as image:
+                _, parent, snap = image.parent_info()
+                size = image.size()
+        return SessionDisk(session_id, self.name, parent[4:], int(snap[1:]), size,
+                           self.used_bytes(session_id))
+
+    def _create_session(self, session_id, template, version) -> SessionDisk:
+        _, rbd = _libraries()
+        with self._ioctx(f"create session {session_id}") as ioctx:
+            self._require_template(ioctx, template, version)
+            if _session_image(session_id) in rbd.RBD().list(ioctx):
+                raise OverlayError(f"session {session_id} exists already", Reason.BUSY)
+            rbd.RBD().clone(ioctx, _template_image(template), f"v{version}", ioctx,
+                            _session_image(session_id))
+        LOG.info("session %s cloned from %s/%s@v%d", session_id, self.pool,
+                 _template_image(template), version)
+        return self.describe(session_id)
+
+    def _require_template(self, ioctx: Any, template: str, version: int) -> None:
+        _, rbd = _libraries()
+        try:
+            with self._image(ioctx, _template_image(template)) as image:
+                if any(s["name"] == f"v{version}" for s in image.list_snaps()):
+                    return
+        except rbd.ImageNotFound:
+            pass
+        raise OverlayError(f"no template {template} version {version}", Reason.NOT_FOUND)
+
+    def used_bytes(self, session_id: str) -> int:
+        """The clone's own objects, at the head and in each save point, without the
+        template's (RBD's object granularity: 4 MiB per touched object)."""
+        _, rbd = _libraries()
+        total = 0
+
+        def count(offset: int, length: int, exists: bool) -> None:
+            nonlocal total
+            if exists:
+                total += length
+
+        with self._ioctx(f"measure session {session_id}") as ioctx:
+            name = _session_image(session_id)
+            try:
+                with self._image(ioctx, name) as image:
+                    snaps = sorted(image.list_snaps(), key=lambda s: s["id"])
+                    size = image.size()
+            except rbd.ImageNotFound:
+                raise OverlayError(f"no session {session_id} in the ceph store",
+                                   Reason.NOT_FOUND) from None
+            previous = None
+            for snap in [s["name"] for s in snaps] + [None]:
+                with self._image(ioctx, name, snapshot=snap) as image:
+                    image.diff_iterate(0, size, previous, count, include_parent=False,
+                                       whole_object=True)
+                previous = snap
+        return total
+
+    # -- serving --
+
+    def is_exported(self, session_id: str) -> bool:
+        return self.targets.is_exported(session_id)
+
+    def _export(self, session_id, iqn, chap: Chap, allowed) -> Export:
+        name = _session_image(session_id)
+        self._break_stale_locks(session_id)
+        try:
+            return self.targets.export_rbd(session_id, self.pool, name, self.conf_path,
+                                           self.client_id, iqn, chap, allowed)
+        except ExportError as error:
+            raise OverlayError(f"cannot export session {session_id}: {error}",
+                               Reason.BUSY if "already exported" in str(error)
+                               else Reason.FAILED) from None
+
+    def _break_stale_locks(self, session_id: str) -> None:
+        """The exclusive lock of a tgtd that was killed while serving the session stays
+        until its watch times out (``osd_client_watch_timeout``, 30 s by default), and
+        writes through the next tgtd wait for it: it is broken (and that client
+        blocklisted) first. Only for a session whose tgtd is known dead: a live owner is
+        never fenced."""
+        if session_id not in self.targets.orphaned:
+            return
+        with self._ioctx(f"check session {session_id}'s lock") as ioctx:
+            with self._image(ioctx, _session_image(session_id)) as image:
+                for owner in image.lock_get_owners():
+                    LOG.warning("session %s: breaking the stale lock of %s", session_id,
+                                owner["owner"])
+                    image.lock_break(owner["mode"], owner["owner"])
+        self.targets.orphaned.discard(session_id)
+
+    def _unexport(self, session_id) -> None:
+        try:
+            self.targets.unexport(session_id)
+        except ExportError as error:
+            LOG.warning("removing session %s's target: %s", session_id, error)
+
+    def close(self) -> None:
+        """tgtd first (it has the images open), then the cluster connection."""
+        self.targets.close()
+        self._disconnect()
+
+    # -- save points --
+
+    def list_saves(self, session_id: str) -> list[SavePoint]:
+        with self._ioctx(f"list session {session_id}'s save points") as ioctx:
+            with self._image(ioctx, _session_image(session_id)) as image:
+                saves = []
+                for snap in image.list_snaps():
+                    parsed = parse_save_name(snap["name"])
+                    if parsed:
+                        created = image.get_snap_timestamp(snap["id"])
+                        saves.append(SavePoint(session_id, snap["name"], parsed[1],
+                                               created.replace(tzinfo=UTC)))
+        return sorted(saves, key=lambda s: s.number)
+
+    def _save(self, session_id, save_id) -> SavePoint:
+        _, rbd = _libraries()
+        with self._ioctx(f"save session {session_id}") as ioctx:
+            with self._image(ioctx, _session_image(session_id)) as image:
+                # No quiesce round (a notify every watcher must answer, for rbd-nbd's
+                # freeze hooks): tgtd has none, and a watcher that died mid-save would hold
+                # the image's I/O until its watch times out (30 s). The lock owner still
+                # flushes its cache and blocks writes for the snapshot.
+                image.create_snap(save_id, flags=rbd.RBD_SNAP_CREATE_SKIP_QUIESCE)
+        LOG.info("session %s saved as %s", session_id, save_id)
+        return next(s for s in self.list_saves(session_id) if s.save_id == save_id)
+
+    def _revert(self, session_id, save_id) -> None:
+        self._break_stale_locks(session_id)
+        with self._ioctx(f"revert session {session_id}") as ioctx:
+            with self._image(ioctx, _session_image(session_id)) as image:
+                image.rollback_to_snap(save_id)
+        LOG.info("session %s reverted to %s", session_id, save_id)
+
+    def _reset(self, session_id) -> SessionDisk:
+        """A new clone, swapped in by two renames (``.old`` marks a swap in progress, which
+        ``sessions()`` finishes if this one is interrupted)."""
+        _, rbd = _libraries()
+        disk = self.describe(session_id)
+        name = _session_image(session_id)
+        self._break_stale_locks(session_id)
+        with self._ioctx(f"reset session {session_id}") as ioctx:
+            self._remove(ioctx, f"{name}.new")
+            rbd.RBD().clone(ioctx, _template_image(disk.template), f"v{disk.version}", ioctx,
+                            f"{name}.new")
+            rbd.RBD().rename(ioctx, name, f"{name}.old")
+            rbd.RBD().rename(ioctx, f"{name}.new", name)
+            self._remove(ioctx, f"{name}.old")
+        LOG.info("session %s reset to template %s version %d", session_id, disk.template,
+                 disk.version)
+        return self.describe(session_id)
+
+    def _finish_reset(self, ioctx: Any, session_id: str, names: set[str]) -> None:
+        _, rbd = _libraries()
+        name = _session_image(session_id)
+        if name not in names:
+            rbd.RBD().rename(ioctx, f"{name}.new" if f"{name}.new" in names
+                             else f"{name}.old", name)
+        self._remove(ioctx, f"{name}.old")
+        self._remove(ioctx, f"{name}.new")
+
+    def _delete(self, session_id) -> None:
+        self._break_stale_locks(session_id)
+        with self._ioctx(f"delete session {session_id}") as ioctx:
+            self._remove(ioctx, _session_image(session_id))
+        LOG.info("session %s deleted", session_id)
+
+    def _remove(self, ioctx: Any, name: str) -> None:
+        """Remove an image and its snapshots (save points are never protected)."""
+        _, rbd = _libraries()
+        try:
+            with self._image(ioctx, name) as image:
+                for snap in list(image.list_snaps()):
+                    image.remove_snap(snap["name"])
+        except rbd.ImageNotFound:
+            return
+        rbd.RBD().remove(ioctx, name)
+
+
+def _data_chunks(source, size: int) -> Iterator[tuple[int, bytes]]:
+    """(offset, bytes) of the file's chunks that hold anything but zeros: holes are skipped
+    with SEEK_DATA/SEEK_HOLE, all-zero chunks are not sent."""
+    fd = source.fileno()
+    offset = 0
+    while offset < size:
+        try:
+            offset = os.lseek(fd, offset, os.SEEK_DATA)
+        except OSError:  # ENXIO: nothing but a hole up to the end
+            return
+        end = min(os.lseek(fd, offset, os.SEEK_HOLE), size)
+        while offset < end:
+            length = min(CHUNK - offset % CHUNK, end - offset)
+            data = os.pread(fd, length, offset)
+            if data.count(0) != len(data):
+                yield offset, data
+            offset += length
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m labmetal.images.overlays.ceph")
+    parser.add_argument("command", choices=["link-debian-modules"])
+    parser.add_argument("--site-packages", help="default: this interpreter's")
+    args = parser.parse_args(argv)
+    for link in link_debian_modules(args.site_packages):
+        print(f"{link} -> {os.readlink(link)}")
+    _libraries()
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,276 @@
+"""`labmetal template ...` and `labmetal session ...`: TP templates (teachers) and students'
+sessions of them, through the REST API (/v1/templates, /v1/sessions).
+
+A session is named by its UUID, or by its template's name: the caller's session of that
+template (`--student NAME` for a teacher's or admin's look at someone else's).
+`session start TP --seat NODE` makes the session first if the student has none yet.
+Credentials and the API URL are found as for `labmetal images` (images/cli.make_client).
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import uuid as uuidlib
+from typing import Any
+
+from labmetal.client import DEFAULT_URL, CliError, Client, make_client
+
+
+def _is_uuid(value: str) -> bool:
+    try:
+        return str(uuidlib.UUID(value)) == value.lower()
+    except ValueError:
+        return False
+
+
+def _mib(size: int | None) -> str:
+    return "-" if size is None else f"{size / 2**20:.1f} MiB"
+
+
+def _table(header: list[str], rows: list[list[str]]) -> None:
+    widths = [max(len(str(cell)) for cell in column) for column in zip(header, *rows)]
+    for row in [header, *rows]:
+        print("  ".join(str(cell).ljust(width) for cell, width in zip(row, widths)).rstrip())
+
+
+# -- templates ---------------------------------------------------------------------------
+def cmd_template_create(client: Client, args: argparse.Namespace) -> Any:
+    return client.call("POST", "/v1/templates", json={
+        "name": args.name, "image": args.image, "description": args.description})
+
+
+def cmd_template_version(client: Client, args: argparse.Namespace) -> Any:
+    return client.call("POST", f"/v1/templates/{args.name}/versions", json={
+        "image": args.image, "description": args.description})
+
+
+def cmd_template_list(client: Client, args: argparse.Namespace) -> Any:
+    templates = client.call("GET", "/v1/templates")["templates"]
+    if args.json:
+        return templates
+    _table(["TEMPLATE", "VERSION", "IMAGE", "SIZE", "OWNER", "DESCRIPTION"],
+           [[t["name"], str(t["latest_version"] or "-"),
+             (t["versions"][-1]["image"] or "-") if t["versions"] else "-",
+             _mib(t["versions"][-1]["size"]) if t["versions"] else "-", t["owner"] or "",
+             t["description"] or ""] for t in templates])
+    return None
+
+
+def cmd_template_show(client: Client, args: argparse.Namespace) -> Any:
+    template = client.call("GET", f"/v1/templates/{args.name}")
+    if args.json:
+        return template
+    print(f"template {template['name']} ({template['uuid']}), owner {template['owner']}"
+          f"{' — ' + template['description'] if template['description'] else ''}")
+    _table(["VERSION", "IMAGE", "SIZE", "CREATED", "BY"],
+           [[str(v["version"]), v["image"] or "-", _mib(v["size"]), v["created_at"][:19],
+             v["created_by"] or ""] for v in template["versions"]])
+    return None
+
+
+def cmd_template_delete(client: Client, args: argparse.Namespace) -> Any:
+    client.call("DELETE", f"/v1/templates/{args.name}")
+    if not args.json:
+        print(f"template {args.name} deleted")
+    return None
+
+
+# -- sessions ----------------------------------------------------------------------------
+def find_session(client: Client, ident: str, student: str | None,
+                 create: bool = False) -> dict[str, Any]:
+    """The session named by UUID, or the (caller's or ``student``'s) session of the
+    template named ``ident``; made if ``create`` and there is none."""
+    if _is_uuid(ident):
+        return client.call("GET", f"/v1/sessions/{ident}")
+    query = {"template": ident, **({"student": student} if student else {})}
+    sessions = client.call("GET", "/v1/sessions", params=query)["sessions"]
+    if len(sessions) > 1:
+        names = ", ".join(sorted({s["student"] for s in sessions}))
+        raise CliError(f"several sessions of {ident} ({names}): name the student with "
+                       "--student, or the session by its UUID")
+    if sessions:
+        return sessions[0]
+    if not create:
+        raise CliError(f"no session of template {ident}"
+                       f"{' for ' + student if student else ''}")
+    return client.call("POST", "/v1/sessions", json={"template": ident,
+                                                     **({"student": student} if student
+                                                        else {})})
+
+
+def cmd_session_list(client: Client, args: argparse.Namespace) -> Any:
+    query = {key: value for key, value in (("student", args.student),
+                                           ("template", args.template),
+                                           ("state", args.state)) if value}
+    sessions = client.call("GET", "/v1/sessions", params=query)["sessions"]
+    if args.json:
+        return sessions
+    _table(["SESSION", "STUDENT", "TEMPLATE", "STATE", "SEAT", "USED", "LAST SAVED"],
+           [[s["uuid"], s["student"], f"{s['template']} v{s['template_version']}",
+             s["state"], s["seat"] or "", _mib(s["used_bytes"]),
+             (s["last_saved_at"] or "")[:19]] for s in sessions])
+    for failed in (s for s in sessions if s["last_error"] and s["state"] == "failed"):
+        print(f"  {failed['uuid']}: {failed['last_error']}")
+    return None
+
+
+def cmd_session_show(client: Client, args: argparse.Namespace) -> Any:
+    return find_session(client, args.session, args.student)
+
+
+def cmd_session_create(client: Client, args: argparse.Namespace) -> Any:
+    body: dict[str, Any] = {"template": args.template}
+    if args.student:
+        body["student"] = args.student
+    if args.version:
+        body["version"] = args.version
+    return client.call("POST", "/v1/sessions", json=body)
+
+
+def cmd_session_start(client: Client, args: argparse.Namespace) -> Any:
+    ses = find_session(client, args.session, args.student, create=True)
+    started = client.call("POST", f"/v1/sessions/{ses['uuid']}/start",
+                          json={"seat": args.seat})
+    if args.json:
+        return started
+    target = started["target"]
+    print(f"session {started['uuid']} ({started['template']} v{started['template_version']}"
+          f", {started['student']}) running on seat {started['seat']}: "
+          f"{target['iqn']} on {target['portal']}, LUN {target['lun']}")
+    return None
+
+
+def _action(path: str, body: dict[str, Any] | None = None):
+    def run(client: Client, args: argparse.Namespace) -> Any:
+        ses = find_session(client, args.session, args.student)
+        result = client.call("POST", f"/v1/sessions/{ses['uuid']}/{path}", json=body or {})
+        if args.json:
+            return result
+        print(f"session {ses['uuid']}: {path} done"
+              f"{'; state ' + result['state'] if 'state' in result else ''}")
+        return None
+    return run
+
+
+def cmd_session_save(client: Client, args: argparse.Namespace) -> Any:
+    ses = find_session(client, args.session, args.student)
+    save = client.call("POST", f"/v1/sessions/{ses['uuid']}/save", json={"label": args.label})
+    if args.json:
+        return save
+    print(f"session {ses['uuid']} saved: #{save['number']} {save['label']}")
+    return None
+
+
+def cmd_session_saves(client: Client, args: argparse.Namespace) -> Any:
+    ses = find_session(client, args.session, args.student)
+    saves = client.call("GET", f"/v1/sessions/{ses['uuid']}/saves")["saves"]
+    if args.json:
+        return saves
+    _table(["#", "LABEL", "SAVED", "UUID"],
+           [[str(s["number"]), s["label"], s["created_at"][:19], s["uuid"]] for s in saves])
+    return None
+
+
+def cmd_session_revert(client: Client, args: argparse.Namespace) -> Any:
+    ses = find_session(client, args.session, args.student)
+    result = client.call("POST", f"/v1/sessions/{ses['uuid']}/revert",
+                         json={"save": args.save})
+    if args.json:
+        return result
+    print(f"session {ses['uuid']} reverted to save point {args.save}")
+    return None
+
+
+def cmd_session_delete(client: Client, args: argparse.Namespace) -> Any:
+    ses = find_session(client, args.session, args.student)
+    client.call("DELETE", f"/v1/sessions/{ses['uuid']}")
+    if not args.json:
+        print(f"session {ses['uuid']} deleted")
+    return None
+
+
+def run(args: argparse.Namespace) -> int:
+    client = make_client(args.url)
+    try:
+        result = args.session_func(client, args)
+    except (CliError, OSError) as error:
+        print(f"labmetal {args.command} {args.sub_command}: {error}", file=sys.stderr)
+        return 1
+    if result is not None:
+        print(json.dumps(result, indent=2))
+    return 0
+
+
+def register(subparsers: argparse._SubParsersAction) -> None:
+    common = argparse.ArgumentParser(add_help=False)
+    common.add_argument("--url", default=os.environ.get("LABMETAL_URL"),
+                        help=f"the labmetal API (default: $LABMETAL_URL, the URL of "
+                             f"`labmetal login`, or {DEFAULT_URL})")
+    common.add_argument("--json", action="store_true", help="print JSON")
+    whose = argparse.ArgumentParser(add_help=False, parents=[common])
+    whose.add_argument("session", help="the session's UUID, or its template's name")
+    whose.add_argument("--student", help="whose session of the template (teachers, admins)")
+
+    template = subparsers.add_parser("template", help="TP templates: frozen versions of an "
+                                                      "image that sessions start from")
+    template.set_defaults(func=run)
+    sub = template.add_subparsers(dest="sub_command", required=True)
+    create = sub.add_parser("create", parents=[common],
+                            help="a template from a whole-disk image (version 1)")
+    create.add_argument("name", help="lower-case letters, digits and '-'")
+    create.add_argument("--image", required=True, help="an active whole-disk image")
+    create.add_argument("--description")
+    create.set_defaults(session_func=cmd_template_create)
+    version = sub.add_parser("version", parents=[common],
+                             help="a new version from an image; existing sessions keep theirs")
+    version.add_argument("name")
+    version.add_argument("--image", required=True)
+    version.add_argument("--description")
+    version.set_defaults(session_func=cmd_template_version)
+    sub.add_parser("list", parents=[common], help="the templates and their latest versions") \
+        .set_defaults(session_func=cmd_template_list)
+    show = sub.add_parser("show", parents=[common], help="a template and its versions")
+    show.add_argument("name")
+    show.set_defaults(session_func=cmd_template_show)
+    remove = sub.add_parser("delete", parents=[common], help="a template without sessions")
+    remove.add_argument("name")
+    remove.set_defaults(session_func=cmd_template_delete)
+
+    session = subparsers.add_parser("session", help="students' sessions of TP templates")
+    session.set_defaults(func=run)
+    sub = session.add_subparsers(dest="sub_command", required=True)
+    listing = sub.add_parser("list", parents=[common],
+                             help="sessions (a student sees their own)")
+    listing.add_argument("--student")
+    listing.add_argument("--template")
+    listing.add_argument("--state", choices=("stopped", "starting", "running", "failed",
+                                             "deleted"))
+    listing.set_defaults(session_func=cmd_session_list)
+    show = sub.add_parser("show", parents=[whose], help="one session")
+    show.set_defaults(session_func=cmd_session_show)
+    create = sub.add_parser("create", parents=[common], help="a new session of a template")
+    create.add_argument("template")
+    create.add_argument("--student", help="for this student (admins)")
+    create.add_argument("--version", type=int, help="default: the latest")
+    create.set_defaults(session_func=cmd_session_create)
+    start = sub.add_parser("start", parents=[whose],
+                           help="start or resume the session on a seat (made if none yet)")
+    start.add_argument("--seat", required=True, help="the seat's node name or UUID")
+    start.set_defaults(session_func=cmd_session_start)
+    stop = sub.add_parser("stop", parents=[whose], help="end it on its seat (data kept)")
+    stop.set_defaults(session_func=_action("stop"))
+    save = sub.add_parser("save", parents=[whose], help="a save point")
+    save.add_argument("label")
+    save.set_defaults(session_func=cmd_session_save)
+    saves = sub.add_parser("saves", parents=[whose], help="its save points")
+    saves.set_defaults(session_func=cmd_session_saves)
+    revert = sub.add_parser("revert", parents=[whose], help="back to a save point (stopped)")
+    revert.add_argument("save", help="the save point's number, label or UUID")
+    revert.set_defaults(session_func=cmd_session_revert)
+    reset = sub.add_parser("reset", parents=[whose],
+                           help="back to the template (changes and save points go)")
+    reset.set_defaults(session_func=_action("reset"))
+    remove = sub.add_parser("delete", parents=[whose], help="delete it and its data")
+    remove.set_defaults(session_func=cmd_session_delete)
