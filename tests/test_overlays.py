@@ -21,10 +21,10 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
-from labmetal.agent.iscsi import Export
 from labmetal.images.overlays.base import OverlayBackend, OverlayError, Quota, Reason
 from labmetal.images.overlays.tgt import SessionTargets, process_alive
 
+from tests.iscsi_seat import IscsiSeat
 from tests.ceph import CephCluster, missing_tools
 from tests.support import free_port
 
@@ -145,41 +145,14 @@ def qemu_storage_daemons(run_dir: Path) -> list[int]:
 
 # -- a seat: qemu-io over iSCSI --
 
-@dataclass
-class Seat:
-    name: str
-    export: Export
-    chap_user: str
-    secret_file: Path
-
-    def io(self, command: str, initiator: str | None = None) -> subprocess.CompletedProcess:
-        opts = ",".join([
-            "driver=iscsi", "transport=tcp", f"portal={self.export.portal}",
-            f"target={self.export.iqn}", f"lun={self.export.lun}", f"user={self.chap_user}",
-            "password-secret=chap",
-            f"initiator-name={initiator or seat_initiator(self.name)}"])
-        return subprocess.run(["qemu-io", "--object", f"secret,id=chap,file={self.secret_file}",
-                               "--image-opts", opts, "-c", command],
-                              capture_output=True, text=True, timeout=120)
-
-    def write(self, byte: int, offset: int, length: int) -> None:
-        result = self.io(f"write -P {byte:#x} {offset} {length}")
-        assert result.returncode == 0 and "wrote" in result.stdout, result.stderr
-
-    def holds(self, byte: int, offset: int, length: int) -> bool:
-        result = self.io(f"read -P {byte:#x} {offset} {length}")
-        assert "Pattern verification failed" in result.stdout or result.returncode == 0, \
-            result.stdout + result.stderr
-        return result.returncode == 0
-
-
-def seat_for(store: Store, session_id: str, seat: str, secret: str | None = None) -> Seat:
+def seat_for(store: Store, session_id: str, seat: str, secret: str | None = None) -> IscsiSeat:
     secret = secret or f"{session_id}-chap-secret"
     export = store.backend.export(session_id, iqn(session_id), f"student-{session_id}",
                                   secret, seat_initiator(seat))
     secret_file = store.work / f"secret-{session_id}-{seat}"
     secret_file.write_text(secret)
-    return Seat(seat, export, f"student-{session_id}", secret_file)
+    return IscsiSeat(seat_initiator(seat), export.portal, export.iqn, f"student-{session_id}",
+                     secret_file, export.lun)
 
 
 def raw_template(path: Path, size: int = 64 * MiB, byte: int = TEMPLATE_BYTE) -> Path:
@@ -225,7 +198,8 @@ def test_each_student_writes_only_their_own_session(store, tmp_path):
     # the right seat with a wrong password
     guess = tmp_path / "guess"
     guess.write_text("not-her-secret")
-    wrong_password = Seat("a01", alice.export, alice.chap_user, guess).io("read 0 512")
+    wrong_password = IscsiSeat(alice.initiator, alice.portal, alice.iqn, alice.chap_user,
+                               guess).io("read 0 512")
     assert wrong_password.returncode != 0 and "Authentication failure" in wrong_password.stderr
     with pytest.raises(OverlayError, match="alice-tp3 is already exported") as busy:
         seat_for(store, "alice-tp3", "a03")

@@ -27,6 +27,7 @@ import requests
 
 from labmetal.secrets import SecretBox
 from tests.ceph import CephCluster, missing_tools
+from tests.iscsi_seat import IscsiSeat
 from tests.support import LABMETAL, Service, error_text, free_port, start_service, wait_for
 
 MiB = 2**20
@@ -97,40 +98,13 @@ class Lab:
         box = SecretBox.from_file(self.service.state_dir / "secret.key")
         return user, box.open(sealed)
 
-    def seat(self, ses: dict[str, Any], seat: str, secret: str | None = None) -> Seat:
+    def seat(self, ses: dict[str, Any], seat: str, secret: str | None = None) -> IscsiSeat:
         user, real_secret = self.chap(ses["uuid"])
         secret_file = self.work / f"secret-{ses['uuid']}-{seat}{'-given' if secret else ''}"
         secret_file.write_text(secret or real_secret)
         target = ses["target"]
-        return Seat(f"iqn.2026-11.org.labmetal:{self.seats[seat]}", target["portal"],
+        return IscsiSeat(f"iqn.2026-11.org.labmetal:{self.seats[seat]}", target["portal"],
                     target["iqn"], user, secret_file)
-
-
-@dataclass
-class Seat:
-    initiator: str
-    portal: str
-    iqn: str
-    chap_user: str
-    secret_file: Path
-
-    def io(self, command: str) -> subprocess.CompletedProcess:
-        opts = ",".join(["driver=iscsi", "transport=tcp", f"portal={self.portal}",
-                         f"target={self.iqn}", "lun=1", f"user={self.chap_user}",
-                         "password-secret=chap", f"initiator-name={self.initiator}"])
-        return subprocess.run(["qemu-io", "--object", f"secret,id=chap,file={self.secret_file}",
-                               "--image-opts", opts, "-c", command],
-                              capture_output=True, text=True, timeout=120)
-
-    def write(self, byte: int, offset: int, length: int) -> None:
-        result = self.io(f"write -P {byte:#x} {offset} {length}")
-        assert result.returncode == 0 and "wrote" in result.stdout, result.stderr
-
-    def holds(self, byte: int, offset: int, length: int) -> bool:
-        result = self.io(f"read -P {byte:#x} {offset} {length}")
-        assert "Pattern verification failed" in result.stdout or result.returncode == 0, \
-            result.stdout + result.stderr
-        return result.returncode == 0
 
 
 def add_user(state_dir: Path, name: str) -> None:
