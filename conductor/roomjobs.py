@@ -168,8 +168,8 @@ class RoomJobRunner:
             job = session.get(RoomJob, job_id)
             if job is None or job.state != "running":
                 return
-            seats = [(seat.id, seat.state, seat.requested_at, seat.attempts, seat.node_id)
-                     for seat in job.seats]
+            seats = [(seat.id, SeatUpdate(seat.state, seat.progress), seat.requested_at,
+                      seat.attempts, seat.node_id) for seat in job.seats]
             image = session.get(Image, job.image_id) if job.image_id else None
             action, retries, uuid = job.action, job.retries, job.uuid
             multicast = dict(job.multicast or {})
@@ -178,8 +178,8 @@ class RoomJobRunner:
             return
         if multicast:
             self._ensure_sender(uuid, image, multicast)
-        for seat_id, state, requested_at, attempts, node_id in seats:
-            if state in FINISHED:
+        for seat_id, shown, requested_at, attempts, node_id in seats:
+            if shown.state in FINISHED:
                 continue
             with self.db.read() as session:
                 node = session.get(Node, node_id)
@@ -188,8 +188,8 @@ class RoomJobRunner:
             elif action == "power-off":
                 self._power_off_seat(seat_id, node, requested_at)
             else:
-                self._deploy_seat(seat_id, node, requested_at, attempts, retries, image,
-                                  uuid, multicast)
+                self._deploy_seat(seat_id, shown, node, requested_at, attempts, retries,
+                                  image, uuid, multicast)
         with self.db.read() as session:
             left = [seat.state for seat in session.get(RoomJob, job_id).seats]
         if all(state in FINISHED for state in left):
@@ -197,8 +197,9 @@ class RoomJobRunner:
             self._finish(job_id, "failed" if failed else "done",
                          f"{failed} of {len(left)} seats failed" if failed else None)
 
-    def _deploy_seat(self, seat_id: int, node: Node, requested_at: Any, attempts: int,
-                     retries: int, image: Image, job_uuid: str, multicast: dict) -> None:
+    def _deploy_seat(self, seat_id: int, shown: SeatUpdate, node: Node, requested_at: Any,
+                     attempts: int, retries: int, image: Image, job_uuid: str,
+                     multicast: dict) -> None:
         if requested_at is None:
             self._begin_deploy(seat_id, node, attempts, image, job_uuid, multicast, None)
             return
@@ -212,9 +213,9 @@ class RoomJobRunner:
             else:
                 self._set_seat(seat_id, SeatUpdate("failed", error=reason))
             return
-        update_ = seat_from_node(node)
-        if update_ is not None:
-            self._set_seat(seat_id, update_)
+        seen = seat_from_node(node)
+        if seen is not None and (seen.state, seen.progress) != (shown.state, shown.progress):
+            self._set_seat(seat_id, seen)
 
     def _begin_deploy(self, seat_id: int, node: Node, attempts: int, image: Image,
                       job_uuid: str, multicast: dict, previous_error: str | None) -> None:

@@ -1,8 +1,9 @@
 """The web pages, in a real headless Chromium against a real service: each role logs in
 through the login page and finds its pages with real data (the admin's nodes, images, users
-and conductors, the teacher's room grid, the student's placeholder), a teacher deploys a
+and conductors, the teacher's room grid, the student's sessions), a teacher deploys a
 simulated room of light seats (real agents, disks and BMCs) and watches its seats reach done,
-a student is refused admin pages and data, a request without the CSRF token is refused, an
+a student is refused admin pages and data, a student resumes, saves, reverts and resets a
+session of a TP template (local overlay store, as tests/test_sessions.py), a request without the CSRF token is refused, an
 idle session goes back to the login page even while its page polls. Screenshots of every
 page land in /tmp/labmetal-pages/."""
 from __future__ import annotations
@@ -10,7 +11,9 @@ from __future__ import annotations
 import hashlib
 import os
 import shutil
+import signal
 import subprocess
+import tempfile
 import time
 from pathlib import Path
 from urllib.parse import urlsplit
@@ -26,7 +29,8 @@ from selenium.webdriver.common.by import By
 from selenium.webdriver.support.ui import Select, WebDriverWait
 
 from tests.room import BMC_PASSWORD, MIB, make_whole_disk, open_room, sha256_of
-from tests.support import LABMETAL, Processes, start_service
+from tests.support import LABMETAL, Processes, free_port, start_service
+from tests.test_sessions import our_processes
 
 SHOTS = Path("/tmp/labmetal-pages")
 ADA = ("ada", "ada's long pass phrase")
@@ -443,7 +447,8 @@ def test_student_sees_only_their_sessions_page_and_no_admin_data(lab, browser):
     log_in(browser, lab, SUE)
     assert path_of(browser) == "/ui/sessions"
     assert nav(browser) == ["My sessions"]
-    assert "issue 7" in find(browser, "main").text
+    wait(browser, lambda d: find(d, "#empty").is_displayed(), what="the empty list")
+    assert "You have no session yet" in find(browser, "#empty").text
     shot(browser, "student-sessions")
     for page in ("nodes", "images", "users", "conductors", "rooms"):
         browser.get(f"{lab.url}/ui/{page}")
@@ -523,3 +528,168 @@ def test_an_idle_session_ends_even_while_its_page_polls_and_the_login_page_retur
     assert time.monotonic() - opened >= idle - 1.5  # not before the idle timeout
     assert path_of(browser) == "/login?next=%2Fui%2Frooms%2Fidle"
     shot(browser, "login")
+
+
+def test_a_student_resumes_saves_and_resets_a_session(procs, browser):
+    """The sessions page against the local overlay store (qcow2 overlays, tgtd), as
+    tests/test_sessions.py starts it: a student creates a session of a template, starts it
+    on a seat typed in (a busy seat is refused, naming it), saves, stops, reverts, resets;
+    the API agrees after each step; another student does not see it; a teacher sees
+    everybody's and may reset; an admin picks the seat from the nodes."""
+    una = ("una", "una's long pass phrase")
+    state_dir = procs.workdir / "ses-state"
+    local_users(state_dir, (ADA, "admin"), (TOM, "teacher"), (SUE, "student"), (una, "student"))
+    run_dir = Path(tempfile.mkdtemp(prefix="lm-pg-"))  # short: unix socket paths
+    service = start_service(procs, "ses", auth="http_basic", state_dir=state_dir,
+                            overlay_backend="local", overlay_run_dir=run_dir,
+                            iscsi_portal=f"127.0.0.4:{free_port()}")
+    try:
+        for seat in ("a01", "a02"):
+            assert service.post("/v1/nodes", {"name": seat, "driver": "wol"},
+                                auth=ADA).status_code == 201
+        disk = bytes([0x54]) * (8 * MIB) + bytes(8 * MIB)
+        image = service.post("/v1/images", {"name": "tp3-v1", "kind": "whole-disk",
+                                            "disk_format": "raw"}, auth=ADA)
+        assert image.status_code == 201, image.text
+        uploaded = requests.put(f"{service.url}/v1/images/tp3-v1/data", data=disk, auth=ADA,
+                                timeout=60)
+        assert uploaded.ok, uploaded.text
+        made = service.post("/v1/templates", {"name": "tp3-reseaux", "image": "tp3-v1",
+                                              "description": "TP3 networks"}, auth=TOM)
+        assert made.status_code == 201, made.text
+        # another student's session runs on a02: that seat is busy
+        theirs = service.post("/v1/sessions", {"template": "tp3-reseaux"}, auth=una).json()
+        assert service.post(f"/v1/sessions/{theirs['uuid']}/start", {"seat": "a02"},
+                            auth=una).json()["state"] == "running"
+
+        def mine() -> list[dict]:
+            return service.get("/v1/sessions", auth=SUE).json()["sessions"]
+
+        def flash_says(text: str, error: bool = False):
+            wait(browser, lambda d: text in find(d, "#flash").text
+                 and ("error" in find(d, "#flash").get_attribute("class")) == error,
+                 what=f"the message {text!r}")
+
+        def accept_confirm() -> str:
+            alert = WebDriverWait(browser, 10).until(lambda d: d.switch_to.alert)
+            question = alert.text
+            alert.accept()
+            return question
+
+        # create: the template select, then the open session's panel
+        log_in(browser, service, SUE)
+        assert path_of(browser) == "/ui/sessions"
+        wait(browser, lambda d: "tp3-reseaux (version 1)" in find(d, "#template").text,
+             what="the templates")
+        assert find(browser, "label[for=template]").text == "Template"
+        find(browser, "#create button").click()
+        flash_says("Session of tp3-reseaux version 1 created")
+        [ses] = mine()
+        assert (ses["template"], ses["template_version"], ses["state"]) == \
+            ("tp3-reseaux", 1, "stopped")
+        uuid = ses["uuid"]
+        path = f"/v1/sessions/{uuid}"
+        row = f'tr[data-key="{uuid}"]'
+        wait(browser, lambda d: find(d, "#panel").is_displayed()
+             and d.switch_to.active_element == find(d, "#panel-h"), what="the panel, focused")
+        assert find(browser, "#panel-h").text == "Session tp3-reseaux v1"
+        assert texts(browser, "table.data thead th")[:5] == ["Template", "State", "Seat",
+                                                             "Last saved", "Used"]
+        assert "never" in find(browser, row).text
+
+        # start: the busy seat is refused naming it, a02 stays theirs; a01 runs
+        assert "name" in find(browser, "#seat-help").text  # a text field: no node list
+        find(browser, "#seat").send_keys("a02")
+        find(browser, "#start button").click()
+        flash_says("Conflict: Seat a02 is in use by another session", error=True)
+        assert find(browser, "#flash").get_attribute("role") == "alert"
+        assert mine()[0]["state"] == "stopped"
+        find(browser, "#seat").clear()
+        find(browser, "#seat").send_keys("a01")
+        find(browser, "#start button").click()
+        flash_says("is running on seat a01")
+        running = service.get(path, auth=SUE).json()
+        assert (running["state"], running["seat"]) == ("running", "a01")
+        wait(browser, lambda d: "running" in find(d, row).text and "a01" in find(d, row).text,
+             what="the running row")
+        assert browser.switch_to.active_element == find(browser, "#stop")
+        assert find(browser, "#reset").get_attribute("disabled") is not None
+
+        # save with a label: in the save points, last saved in the row
+        find(browser, "#label").send_keys("exercise 1")
+        find(browser, "#save button").click()
+        flash_says('Saved as "exercise 1"')
+        saves = service.get(f"{path}/saves", auth=SUE).json()["saves"]
+        assert [(s["number"], s["label"]) for s in saves] == [(1, "exercise 1")]
+        assert service.get(path, auth=SUE).json()["last_saved_at"]
+        wait(browser, lambda d: "exercise 1" in find(d, "#saves").text, what="the save point")
+        wait(browser, lambda d: "never" not in find(d, row).text, what="last saved")
+        shot(browser, "sessions-running")
+
+        # stop: the data stays, the seat is free
+        find(browser, "#stop").click()
+        flash_says("stopped; its data stays")
+        stopped = service.get(path, auth=SUE).json()
+        assert (stopped["state"], stopped["seat"]) == ("stopped", None)
+        wait(browser, lambda d: "stopped" in find(d, row).text, what="the stopped row")
+
+        # revert to the save (confirmed)
+        wait(browser, lambda d: find(d, f'[data-revert="{saves[0]["uuid"]}"]').is_enabled(),
+             what="the revert button")
+        find(browser, f'[data-revert="{saves[0]["uuid"]}"]').click()
+        assert "exercise 1" in accept_confirm()
+        flash_says('reverted to save "exercise 1"')
+        log = (procs.workdir / "ses.service.log").read_text()
+        assert f"session {uuid} reverted to" in log
+        assert service.get(path, auth=SUE).json()["state"] == "stopped"
+
+        # reset to the template (confirmed): the save points go
+        find(browser, "#reset").click()
+        assert "template" in accept_confirm()
+        flash_says("reset to its template")
+        assert service.get(f"{path}/saves", auth=SUE).json()["saves"] == []
+        assert service.get(path, auth=SUE).json()["last_saved_at"] is None
+        wait(browser, lambda d: find(d, "#no-saves").is_displayed(), what="no save point")
+        wait(browser, lambda d: "never" in find(d, row).text, what="never saved")
+        shot(browser, "sessions")
+
+        # another student sees only their own
+        log_out(browser)
+        log_in(browser, service, una)
+        wait(browser, lambda d: d.find_elements(By.CSS_SELECTOR,
+                                                f'tr[data-key="{theirs["uuid"]}"]'),
+             what="una's session")
+        assert not browser.find_elements(By.CSS_SELECTOR, row)
+        assert fetch(browser, "GET", path)["status"] == 403
+
+        # a teacher sees everybody's, with the student column, and may reset but not start
+        log_out(browser)
+        log_in(browser, service, TOM, "/ui/sessions")
+        wait(browser, lambda d: len(d.find_elements(By.CSS_SELECTOR, "#sessions tr")) == 2,
+             what="both sessions")
+        assert texts(browser, "table.data thead th")[:2] == ["Template", "Student"]
+        assert "sue" in find(browser, row).text
+        assert not find(browser, "#create-section").is_displayed()
+        find(browser, f'[data-open="{uuid}"]').click()
+        wait(browser, lambda d: find(d, "#panel-h").text == "Session tp3-reseaux v1 of sue",
+             what="sue's session")
+        assert find(browser, "#reset").is_displayed()
+        assert not find(browser, "#start").is_displayed()
+        shot(browser, "sessions-teacher")
+
+        # an admin, who may list the nodes, picks the seat from a select of them
+        log_out(browser)
+        log_in(browser, service, ADA, "/ui/sessions")
+        wait(browser, lambda d: d.find_elements(By.CSS_SELECTOR, f'[data-open="{uuid}"]'),
+             what="sue's session")
+        find(browser, f'[data-open="{uuid}"]').click()
+        wait(browser, lambda d: find(d, "#seat").tag_name == "select"
+             and texts(d, "#seat option") == ["a01", "a02"], what="the seat select")
+        assert service.post(f"/v1/sessions/{theirs['uuid']}/stop", {}, auth=una).ok
+    finally:
+        service.proc.stop()
+        left = our_processes(run_dir)
+        for pid in left:
+            os.kill(pid, signal.SIGKILL)
+        shutil.rmtree(run_dir, ignore_errors=True)
+        assert not left, f"the service left storage processes running: {left}"
