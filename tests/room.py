@@ -12,6 +12,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+import pytest
 import requests
 
 from labmetal.lab.network import Lab, Room, in_namespace
@@ -181,3 +182,17 @@ def open_room(lab: Lab, procs: Processes, workdir: Path, index: int, seats: int,
         listener.wait_for_output("listening for magic packets", timeout=30)
     wait_for(lambda: requests.get(service.url + "/", timeout=5).ok, 10, "the API")
     return test_room
+
+
+# -- fixtures the deploy tests share (import them into the test module) --
+
+@pytest.fixture
+def lab():
+    with Lab() as made:
+        yield made
+
+
+@pytest.fixture(scope="module")
+def disk_image(tmp_path_factory) -> Path:
+    """A 40 MiB whole-disk image, built once per test module."""
+    return make_whole_disk(tmp_path_factory.mktemp("images"), size_mib=40)

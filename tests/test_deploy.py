@@ -9,24 +9,12 @@ import signal
 import subprocess
 from pathlib import Path
 
-import pytest
-
-from labmetal.lab.network import Lab, run_in, shape
+from labmetal.lab.network import run_in, shape
 from labmetal.lab.room import namespace_pids
+from tests.room import disk_image, lab  # noqa: F401 (fixtures)
 from tests.room import MIB, make_rootfs, make_whole_disk, open_room, sha256_of
 from labmetal.images.manifest import Manifest
 from tests.support import LABMETAL, error_text, wait_for
-
-
-@pytest.fixture
-def lab():
-    with Lab() as made:
-        yield made
-
-
-@pytest.fixture(scope="module")
-def disk_image(tmp_path_factory) -> Path:
-    return make_whole_disk(tmp_path_factory.mktemp("images"), size_mib=40)
 
 
 def test_teacher_deploys_a_whole_disk_image_and_the_seat_boots_it(lab, procs, tmp_path,

@@ -24,7 +24,7 @@ import pytest
 from labmetal.images.overlays.base import OverlayBackend, OverlayError, Quota, Reason
 from labmetal.images.overlays.tgt import SessionTargets, process_alive
 
-from tests.iscsi_seat import IscsiSeat
+from tests.iscsi_seat import IscsiSeat, storage_tools  # noqa: F401 (autouse fixture)
 from tests.ceph import CephCluster, missing_tools
 from tests.support import free_port
 
@@ -43,15 +43,6 @@ def seat_initiator(seat: str) -> str:
 
 
 # -- fixtures --
-
-@pytest.fixture(scope="module", autouse=True)
-def storage_tools():
-    missing = [t for t in ("tgtd", "tgtadm", "qemu-img", "qemu-io", "qemu-storage-daemon")
-               if shutil.which(t) is None]
-    if missing:
-        pytest.fail(f"missing {', '.join(missing)}: install the Debian packages tgt, "
-                    "qemu-utils, qemu-block-extra, qemu-system-common")
-
 
 @pytest.fixture(scope="module")
 def ceph_cluster():

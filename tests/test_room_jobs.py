@@ -11,23 +11,13 @@ from pathlib import Path
 
 import pytest
 
-from labmetal.lab.network import Lab, add_loss
-from tests.room import BMC_PASSWORD, MIB, make_whole_disk, open_room, sha256_of
+from labmetal.lab.network import add_loss
+from tests.room import disk_image, lab  # noqa: F401 (fixtures)
+from tests.room import BMC_PASSWORD, MIB, open_room, sha256_of
 from tests.support import LABMETAL, error_text, start_service, wait_for
 
 HEADER = "seat,name,mac,driver,ipmi_address,ipmi_port,ipmi_username,ipmi_password," \
          "deploy_kernel,deploy_ramdisk\n"
-
-
-@pytest.fixture
-def lab():
-    with Lab() as made:
-        yield made
-
-
-@pytest.fixture(scope="module")
-def disk_image(tmp_path_factory) -> Path:
-    return make_whole_disk(tmp_path_factory.mktemp("images"), size_mib=40)
 
 
 def csv_of(room, seats) -> str:

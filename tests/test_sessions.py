@@ -27,7 +27,7 @@ import requests
 
 from labmetal.secrets import SecretBox
 from tests.ceph import CephCluster, missing_tools
-from tests.iscsi_seat import IscsiSeat
+from tests.iscsi_seat import IscsiSeat, storage_tools  # noqa: F401 (autouse fixture)
 from tests.support import LABMETAL, Service, error_text, free_port, start_service, wait_for
 
 MiB = 2**20
@@ -40,15 +40,6 @@ ROLES = {"ada": "admin", "tom": "teacher", "sam": "student", "una": "student"}
 
 def auth(name: str) -> tuple[str, str]:
     return name, PASSWORDS[name]
-
-
-@pytest.fixture(scope="module", autouse=True)
-def storage_tools():
-    missing = [t for t in ("tgtd", "tgtadm", "qemu-img", "qemu-io", "qemu-storage-daemon")
-               if shutil.which(t) is None]
-    if missing:
-        pytest.fail(f"missing {', '.join(missing)}: install the Debian packages tgt, "
-                    "qemu-utils, qemu-block-extra, qemu-system-common")
 
 
 @pytest.fixture(scope="module")
