@@ -11,6 +11,7 @@ import threading
 
 from labmetal.config import load_settings
 from labmetal.images.cli import register as register_images
+from labmetal.node_cli import register as register_nodes
 from labmetal.room_cli import register as register_room
 from labmetal.session_cli import register as register_sessions
 
@@ -399,6 +400,7 @@ def build_parser() -> argparse.ArgumentParser:
     register_images(sub)
     register_room(sub)
     register_sessions(sub)
+    register_nodes(sub)
     return parser
 
 
