@@ -10,15 +10,15 @@ import hmac
 import re
 from typing import Any
 
-from flask import Blueprint, request
+from flask import Blueprint
 from sqlalchemy import select, update
 
 from labmetal import history, states
 from labmetal.api.app import services
 from labmetal.api.auth import public
-from labmetal.api.common import json_object
 from labmetal.api.errors import ApiError, bad_request, conflict, not_found
-from labmetal.api.ports import normalize_mac
+from labmetal.api.ports import mac_field, normalize_mac
+from labmetal.api.validation import Field, body, obj, query
 from labmetal.conductor.deploy import (CONTINUE_ACTION, inventory_macs,
                                        inventory_properties)
 from labmetal.conductor.rpcapi import NoConductor, NodeLocked, Unchanged
@@ -28,6 +28,22 @@ blueprint = Blueprint("agent", __name__)
 HEARTBEAT_TIMEOUT = 30  # seconds; the agent beats about every third of it
 MASKED_TOKEN = "******"
 _CALLBACK = re.compile(r"^https?://[A-Za-z0-9.\-\[\]:]+(/.*)?$")
+_INVENTORY = "the hardware inventory: interfaces (with MAC addresses), CPU, memory, disks"
+# The agent may send more than labmetal reads (Ironic's agent does): extra=True.
+HEARTBEAT = obj("a heartbeat",
+                Field("callback_url", str, required=True, pattern=_CALLBACK.pattern,
+                      description="the agent's own http(s) URL",
+                      example="http://10.0.0.21:9999",
+                      error="callback_url must be the agent's http(s) URL"),
+                Field("agent_token", str | None, description="the token lookup handed out"),
+                Field("agent_version", str | None),
+                Field("inventory", dict | None, description=_INVENTORY + "; on the first beat",
+                      error="inventory must be a JSON object"),
+                extra=True)
+DISCOVERY = obj("a discovery",
+                Field("inventory", dict, required=True, description=_INVENTORY,
+                      error="discovery needs an inventory object"),
+                extra=True)
 
 
 def _node_for_macs(session: Any, macs: list[str]) -> Node | None:
@@ -37,14 +53,11 @@ def _node_for_macs(session: Any, macs: list[str]) -> Node | None:
 
 @blueprint.get("/v1/lookup")
 @public("the deploy agent; protected by the agent token")
-def lookup():
-    raw = request.args.get("addresses", "")
-    try:
-        macs = [normalize_mac(mac) for mac in raw.split(",") if mac.strip()]
-    except ApiError:
-        raise bad_request(f"Invalid MAC address list: {raw!r}") from None
-    if not macs:
-        raise bad_request("lookup needs addresses=<MAC>[,<MAC>...]")
+@query(Field("addresses", list, required=True, min_items=1,
+             description="the seat's MAC addresses, comma-separated",
+             items=mac_field("address", error="Invalid MAC address {value!r} in addresses")))
+def lookup(query: dict[str, Any]):
+    macs = query["addresses"]
     svc = services()
     with svc.db.write() as session:
         node = _node_for_macs(session, macs)
@@ -71,14 +84,9 @@ def _check_token(node: Node, given: Any) -> None:
 
 @blueprint.post("/v1/heartbeat/<node_uuid>")
 @public("the deploy agent; protected by the agent token")
-def heartbeat(node_uuid: str):
-    body = json_object()
-    callback_url = body.get("callback_url")
-    if not isinstance(callback_url, str) or not _CALLBACK.match(callback_url):
-        raise bad_request("callback_url must be the agent's http(s) URL")
-    inventory = body.get("inventory")
-    if inventory is not None and not isinstance(inventory, dict):
-        raise bad_request("inventory must be a JSON object")
+@body(HEARTBEAT)
+def heartbeat(node_uuid: str, body: dict[str, Any]):
+    callback_url, inventory = body["callback_url"], body.get("inventory")
     svc = services()
     with svc.db.write() as session:
         node = session.scalar(select(Node).where(Node.uuid == node_uuid))
@@ -111,15 +119,14 @@ def heartbeat(node_uuid: str):
 
 @blueprint.post("/v1/discovery")
 @public("self-registration of unknown PCs (off unless set)")
-def discovery():
+@body(DISCOVERY)
+def discovery(body: dict[str, Any]):
     """Self-registration: an unknown PC that PXE-booted the ramdisk enrolls itself."""
     svc = services()
     if not svc.settings.self_registration:
         raise ApiError(403, "Self-registration is off on this labmetal "
                             "(LABMETAL_SELF_REGISTRATION=true turns it on)")
-    inventory = json_object().get("inventory")
-    if not isinstance(inventory, dict):
-        raise bad_request("discovery needs an inventory object")
+    inventory = body["inventory"]
     macs = inventory_macs(inventory)
     if not macs:
         raise bad_request("the inventory lists no network interface with a MAC address")

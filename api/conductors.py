@@ -1,13 +1,16 @@
 """GET /v1/conductors (Ironic API 1.49 and later)."""
 from __future__ import annotations
 
-from flask import Blueprint, g, request
+from typing import Any
+
+from flask import Blueprint, g
 from sqlalchemy import select
 
 from labmetal.api.app import services
 from labmetal.api.auth import authorize
 from labmetal.api.common import isotime, links
 from labmetal.api.errors import not_found
+from labmetal.api.validation import DETAIL, query
 from labmetal.models import Conductor
 
 blueprint = Blueprint("conductors", __name__)
@@ -30,9 +33,10 @@ def _require_version() -> None:
 
 @blueprint.get("/v1/conductors")
 @authorize("conductor:get")
-def list_conductors():
+@query(DETAIL)
+def list_conductors(query: dict[str, Any]):
     _require_version()
-    detail = request.args.get("detail", "false").lower() == "true"
+    detail = query["detail"]
     live = set(services().registry.live(force=True))
     with services().db.read() as session:
         rows = session.scalars(select(Conductor).order_by(Conductor.hostname)).all()

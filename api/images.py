@@ -14,11 +14,11 @@ from sqlalchemy.orm import Session
 
 from labmetal.api.app import services
 from labmetal.api.auth import authorize, public
-from labmetal.api.common import base_url, is_uuid, isotime, json_object, links, page
+from labmetal.api.common import base_url, is_uuid, isotime, links, page
 from labmetal.api.errors import ApiError, bad_request, conflict, not_found
+from labmetal.api.validation import  Field, accepts, body, not_uuid, obj, paging, produces, query
 from labmetal.images.inspect import FORMATS, ImageRejected
-from labmetal.images.registry import (ACTIVE, DISK_KINDS, QUEUED, AlreadyActive, ImageGone,
-                                      ingest)
+from labmetal.images.registry import  ACTIVE, DISK_KINDS, QUEUED, AlreadyActive, ImageGone, ingest
 from labmetal.images.store import ImageStore, UploadTooLarge
 from labmetal.models import Image, Node
 
@@ -26,7 +26,6 @@ LOG = logging.getLogger(__name__)
 blueprint = Blueprint("images", __name__)
 
 KINDS = ("whole-disk", "partition", "kernel", "ramdisk")
-CREATE_FIELDS = ("name", "kind", "disk_format", "sha256", "kernel", "ramdisk", "description")
 SORT_KEYS = ("id", "uuid", "name", "kind", "status", "size", "created_at", "updated_at")
 NAME_PATTERN = re.compile(r"^[A-Za-z0-9._~-]{1,255}$")
 SHA256_PATTERN = re.compile(r"^[0-9a-fA-F]{64}$")
@@ -81,32 +80,36 @@ def linked_uuids(session: Session, images: list[Image]) -> dict[int, str]:
 
 
 # -- validation --------------------------------------------------------------------------
+_NAME_RULE = ("an image name uses letters, digits and '-._~' only (at most 255) and must not "
+              "look like a UUID")
+_BAD_NAME = "Invalid name {value!r}: " + _NAME_RULE + " (field: name)"
+
+
+NEW_IMAGE = obj(
+    "a new image",
+    Field("name", str, required=True, pattern=NAME_PATTERN.pattern, description=_NAME_RULE,
+          example="debian-12", error=_BAD_NAME, check=not_uuid(_BAD_NAME)),
+    Field("kind", str, required=True, enum=KINDS,
+          error=f"Unknown kind {{value!r}}; kinds: {', '.join(KINDS)} (field: kind)"),
+    Field("disk_format", str | None, enum=FORMATS,
+          description=f"{' and '.join(DISK_KINDS)} images only; found from the data if not given",
+          error=f"Unknown disk_format {{value!r}}; accepted: {', '.join(FORMATS)} "
+                "(field: disk_format)"),
+    Field("sha256", str | None, pattern=SHA256_PATTERN.pattern,
+          description="the checksum the upload must have", example="0" * 64,
+          error="Invalid sha256: expected 64 hexadecimal digits (field: sha256)"),
+    Field("kernel", str | None, description="partition images only: an active kernel image"),
+    Field("ramdisk", str | None, description="partition images only: an active ramdisk image"),
+    Field("description", str | None,
+          error="Invalid description: expected a string (field: description)"))
+
+
 def check_new_image(body: dict[str, Any]) -> None:
-    unknown = sorted(set(body) - set(CREATE_FIELDS))
-    if unknown:
-        raise bad_request(f"Unknown attribute(s) for a new image: {', '.join(unknown)}; "
-                          f"accepted: {', '.join(CREATE_FIELDS)}")
-    name = body.get("name")
-    if not isinstance(name, str) or not NAME_PATTERN.match(name) or is_uuid(name):
-        raise bad_request(f"Invalid name {name!r}: an image name uses letters, digits and "
-                          "'-._~' only (at most 255) and must not look like a UUID "
-                          "(field: name)")
-    kind = body.get("kind")
-    if kind not in KINDS:
-        raise bad_request(f"Unknown kind {kind!r}; kinds: {', '.join(KINDS)} (field: kind)")
-    disk_format = body.get("disk_format")
-    if disk_format is not None:
-        if kind not in DISK_KINDS:
-            raise bad_request(f"disk_format applies to {' and '.join(DISK_KINDS)} images, not "
-                              f"{kind} (field: disk_format)")
-        if disk_format not in FORMATS:
-            raise bad_request(f"Unknown disk_format {disk_format!r}; accepted: "
-                              f"{', '.join(FORMATS)} (field: disk_format)")
-    sha256 = body.get("sha256")
-    if sha256 is not None and (not isinstance(sha256, str) or not SHA256_PATTERN.match(sha256)):
-        raise bad_request("Invalid sha256: expected 64 hexadecimal digits (field: sha256)")
-    if body.get("description") is not None and not isinstance(body["description"], str):
-        raise bad_request("Invalid description: expected a string (field: description)")
+    """What NEW_IMAGE cannot say: which attributes go with which kind."""
+    kind = body["kind"]
+    if body.get("disk_format") is not None and kind not in DISK_KINDS:
+        raise bad_request(f"disk_format applies to {' and '.join(DISK_KINDS)} images, not "
+                          f"{kind} (field: disk_format)")
     for link in ("kernel", "ramdisk"):
         if kind == "partition" and not isinstance(body.get(link), str):
             raise bad_request(f"A partition image needs a {link}: the name or UUID of an "
@@ -153,15 +156,14 @@ def users_of(session: Session, image: Image) -> list[str]:
 # -- endpoints ---------------------------------------------------------------------------
 @blueprint.get("/v1/images")
 @authorize("image:get")
-def list_images():
+@query(Field("kind", str, enum=KINDS, description="only images of this kind",
+             error=f"Unknown kind {{value!r}}; kinds: {', '.join(KINDS)}"), *paging(SORT_KEYS))
+def list_images(query: dict[str, Any]):
     statement = select(Image)
-    kind = request.args.get("kind")
-    if kind:
-        if kind not in KINDS:
-            raise bad_request(f"Unknown kind {kind!r}; kinds: {', '.join(KINDS)}")
-        statement = statement.where(Image.kind == kind)
+    if "kind" in query:
+        statement = statement.where(Image.kind == query["kind"])
     with services().db.read() as session:
-        rows, extra = page(session, statement, Image, SORT_KEYS)
+        rows, extra = page(session, statement, Image, query)
         uuids = linked_uuids(session, rows)
     return {"images": [image_view(image, uuids) for image in rows], **extra}
 
@@ -176,8 +178,8 @@ def show_image(ident: str):
 
 @blueprint.post("/v1/images")
 @authorize("image:create")
-def create_image():
-    body = json_object()
+@body(NEW_IMAGE)
+def create_image(body: dict[str, Any]):
     check_new_image(body)
     name = body["name"]
     try:
@@ -201,6 +203,8 @@ def create_image():
 
 @blueprint.put("/v1/images/<ident>/data")
 @authorize("image:upload")
+@accepts("application/octet-stream", "the image file (raw, qcow2, a kernel or a ramdisk), "
+                                     "streamed; at most max_image_size bytes")
 def upload_image_data(ident: str):
     """The body is the image itself, read from the stream in pieces. The image's sha256,
     when given at creation, is the checksum the upload must have."""
@@ -266,6 +270,7 @@ def show_manifest(ident: str):
 
 @blueprint.get("/files/images/<uuid:image_uuid>/<any(raw, packed, manifest, file):name>")
 @public("seats download images without credentials")
+@produces("application/octet-stream", "application/json")
 def image_file(image_uuid: uuidlib.UUID, name: str):
     """Public, like the boot files: seats fetch these without credentials. Only published
     (complete) files exist under these paths."""

@@ -8,15 +8,17 @@ from __future__ import annotations
 
 import html
 import logging
+from typing import Any
 
 from flask import Blueprint, Response, current_app, g, redirect, request, session
 
 from labmetal import tokens
 from labmetal.api.app import services
-from labmetal.api.auth import (ANONYMOUS, CSRF_FIELD, authorize, csrf_ok, csrf_refused,
-                               csrf_token, public)
-from labmetal.api.common import isotime, json_object
+from labmetal.api.auth import (ANONYMOUS, CSRF_FIELD, CSRF_HEADER, authorize, csrf_ok,
+                               csrf_refused, csrf_token, public)
+from labmetal.api.common import isotime
 from labmetal.api.errors import ApiError, bad_request, not_found
+from labmetal.api.validation import Field, body, obj, produces
 from labmetal.models import AuthToken
 
 LOG = logging.getLogger(__name__)
@@ -44,6 +46,21 @@ LOGGED_IN_BODY = """<p>Logged in as <strong>{name}</strong> ({role}).</p>
 <button type="submit">Log out</button></form>"""
 
 
+LOGIN = obj("a login",
+            Field("user", str, required=True, description="the user name", example="ada"),
+            Field("password", str, required=True),
+            Field(CSRF_FIELD, str, description=f"the session's CSRF token, if not in the "
+                                               f"{CSRF_HEADER} header"))
+NEW_TOKEN = obj("a new token",
+                Field("description", str | None, max_length=255,
+                      description="what the token is for, shown in lists",
+                      error="description must be a string of at most 255 characters"),
+                Field("expires_in", float, minimum=1,
+                      description="seconds, at most the token_lifetime setting (the default)",
+                      error="expires_in must be a number of seconds from 1 to the "
+                            "token_lifetime setting"))
+
+
 def _page(body: str, status: int = 200) -> Response:
     csrf = html.escape(csrf_token())
     text = LOGIN_FORM.format(csrf=csrf, body=body.replace("{csrf}", csrf).replace(
@@ -64,6 +81,7 @@ def _noauth() -> ApiError:
 
 @blueprint.get("/login")
 @public("the login form")
+@produces("text/html")
 def login_form():
     caller = g.caller
     if caller.name:
@@ -74,18 +92,19 @@ def login_form():
 
 @blueprint.post("/login")
 @public("checks the password itself")
-def login():
+@body(LOGIN, form=True)
+def login(body: dict[str, Any]):
     """Form fields (or a JSON object) ``user`` and ``password``, with the CSRF token made for
     the anonymous session by ``GET /login`` or ``GET /v1/auth/session`` (form field or
-    header): without it, another site could log a browser in as the attacker."""
+    header): without it, another site could log a browser in as the attacker. A form gets
+    a redirect (303) to ``next``, JSON the user, role and the new session's CSRF token."""
     svc = services()
     if svc.settings.auth == "noauth":
         raise _noauth()
     as_json = request.is_json
-    fields = json_object() if as_json else request.form
     if not csrf_ok(request):
         raise csrf_refused()
-    name, password = str(fields.get("user") or ""), str(fields.get("password") or "")
+    name, password = body["user"], body["password"]
     user = current_app.extensions["labmetal.auth"].check_password(name, password)
     if user is None:
         if as_json:
@@ -142,7 +161,8 @@ def token_view(token: AuthToken, user: str | None) -> dict:
 
 @blueprint.post("/v1/auth/tokens")
 @authorize("token:create")
-def create_token():
+@body(NEW_TOKEN, optional=True)
+def create_token(body: dict[str, Any]):
     """A new API token for the caller, shown once. Body (optional): ``description``,
     ``expires_in`` (seconds, at most the ``token_lifetime`` setting)."""
     svc = services()
@@ -152,15 +172,12 @@ def create_token():
     if caller.via == "token":
         raise ApiError(403, "An API token cannot create other tokens: use your password "
                             "(HTTP basic) or a login session")
-    body = json_object() if request.content_length else {}
     lifetime = svc.settings.token_lifetime
     expires_in = body.get("expires_in", lifetime)
-    if not isinstance(expires_in, (int, float)) or not 0 < expires_in <= lifetime:
+    if expires_in > lifetime:
         raise bad_request(f"expires_in must be a number of seconds from 1 to {lifetime:g} "
                           "(the token_lifetime setting)")
     description = body.get("description")
-    if description is not None and (not isinstance(description, str) or len(description) > 255):
-        raise bad_request("description must be a string of at most 255 characters")
     issued = tokens.issue(svc.db, caller.user_id, tokens.API, expires_in, description)
     LOG.info("API token %s issued to %s", issued.token.uuid, caller.name)
     view = token_view(issued.token, caller.name) | {"token": issued.secret}

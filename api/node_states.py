@@ -2,16 +2,18 @@
 validation, its ports and its history."""
 from __future__ import annotations
 
+from typing import Any
+
 from flask import Blueprint, g, request
 from sqlalchemy import delete, select, update
 
 from labmetal import history, states
 from labmetal.api.app import services
 from labmetal.api.auth import authorize
-from labmetal.api.common import (caller_name, find_node, is_uuid, isotime, json_object, links,
-                                 requested_fields, select_fields)
+from labmetal.api.common import caller_name, find_node, is_uuid, isotime, links, select_fields
 from labmetal.api.errors import ApiError, bad_request, conflict, not_found
 from labmetal.api.ports import PORT_LIST_FIELDS, port_view
+from labmetal.api.validation import DETAIL, Field, body, fields_param, obj, query
 from labmetal.conductor.power.base import InvalidDriverInfo, PowerError, PowerTarget
 from labmetal.conductor.power.wol import IN_BAND_ONLY
 from labmetal.conductor.rpcapi import NoConductor, NodeLocked, Unchanged
@@ -19,6 +21,24 @@ from labmetal.models import Image, Node, NodeHistory, Port, utcnow
 
 blueprint = Blueprint("node_states", __name__)
 HISTORY_SINCE = (1, 78)
+_IGNORED = "sent by Ironic's client for what labmetal does not do; ignored"
+POWER = obj("a power state change",
+            Field("target", str, required=True, enum=tuple(sorted(states.POWER_TARGETS))),
+            Field("timeout", int | None, minimum=1, description=_IGNORED))
+PROVISION = obj(
+    "a provision state change",
+    Field("target", str, required=True,
+          enum=tuple(sorted({verb for (_, verb) in states.PROVISION_VERBS})),
+          description="the verb; which ones apply depends on the node's provision state"),
+    *(Field(key, Any, description=_IGNORED)
+      for key in ("configdrive", "clean_steps", "deploy_steps", "service_steps", "runbook",
+                  "rescue_password", "disable_ramdisk")))
+MAINTENANCE = obj("maintenance", Field("reason", str | None, description="shown in the node"))
+CAPTURE = obj("a capture",
+              Field("image", str, required=True, description="the new image's name",
+                    example="reference-pc"),
+              Field("description", str | None, description="the new image's description"))
+HISTORY_FIELDS = ("uuid", "created_at", "severity", "event", "event_type", "conductor", "user")
 
 
 def _locked(node: Node, holder: str) -> ApiError:
@@ -30,7 +50,7 @@ def _accepted(node: Node):
     return "", 202, {"Location": links("nodes", f"{node.uuid}/states")[0]["href"]}
 
 
-def _power_target(node: Node) -> PowerTarget:
+def power_target(node: Node) -> PowerTarget:
     with services().db.read() as session:
         macs = list(session.scalars(select(Port.address).where(Port.node_id == node.id)))
     return PowerTarget(node.uuid, services().box.open_all(node.driver_info), macs)
@@ -51,18 +71,15 @@ def node_states(ident: str):
 
 @blueprint.put("/v1/nodes/<ident>/states/power")
 @authorize("node:set_power_state")
-def set_power_state(ident: str):
-    body = json_object()
-    target = body.get("target")
-    if target not in states.POWER_TARGETS:
-        raise bad_request(f"Invalid power target {target!r}; expected one of "
-                          f"{', '.join(sorted(states.POWER_TARGETS))}")
+@body(POWER)
+def set_power_state(ident: str, body: dict[str, Any]):
+    target = body["target"]
     svc = services()
     with svc.db.read() as session:
         node = find_node(session, ident)
     driver = svc.drivers[node.driver]
     try:
-        driver.power.validate(_power_target(node))
+        driver.power.validate(power_target(node))
     except (InvalidDriverInfo, PowerError, ValueError) as error:
         raise bad_request(f"Cannot change the power state of node {node.uuid}: {error}") from None
     if driver.power.assumed_state and target != states.POWER_ON:
@@ -76,13 +93,13 @@ def set_power_state(ident: str):
 
 @blueprint.put("/v1/nodes/<ident>/states/provision")
 @authorize("node:set_provision_state")
-def set_provision_state(ident: str):
-    body = json_object()
-    verb = body.get("target")
+@body(PROVISION)
+def set_provision_state(ident: str, body: dict[str, Any]):
+    verb = body["target"]
     svc = services()
     with svc.db.read() as session:
         node = find_node(session, ident)
-    step = states.transition(node.provision_state, verb) if isinstance(verb, str) else None
+    step = states.transition(node.provision_state, verb)
     if step is None:
         allowed = states.allowed_verbs(node.provision_state)
         raise bad_request(
@@ -91,7 +108,7 @@ def set_provision_state(ident: str):
             f"{', '.join(allowed) if allowed else 'none'}.")
     if step.action is not None:
         try:
-            svc.drivers[node.driver].power.validate(_power_target(node))
+            svc.drivers[node.driver].power.validate(power_target(node))
         except (InvalidDriverInfo, PowerError, ValueError) as error:
             raise bad_request(f"Cannot {verb} node {node.uuid}: {error}") from None
     if step.action in RAMDISK_ACTIONS or (step.action == "clean" and svc.settings.automated_clean):
@@ -176,10 +193,9 @@ def _change_now(node: Node, values: dict, conditions: tuple, event: tuple) -> No
 
 @blueprint.put("/v1/nodes/<ident>/maintenance")
 @authorize("node:set_maintenance")
-def set_maintenance(ident: str):
-    body = json_object() if request.get_data() else {}
-    reason = body.get("reason")
-    _maintenance(ident, True, reason if isinstance(reason, str) else None)
+@body(MAINTENANCE, optional=True)
+def set_maintenance(ident: str, body: dict[str, Any]):
+    _maintenance(ident, True, body.get("reason"))
     return "", 202
 
 
@@ -210,7 +226,7 @@ def validate_node(ident: str):
         node = find_node(session, ident)
     result: dict[str, dict] = {}
     try:
-        svc.drivers[node.driver].power.validate(_power_target(node))
+        svc.drivers[node.driver].power.validate(power_target(node))
         result["power"] = {"result": True, "reason": None}
     except (InvalidDriverInfo, PowerError, ValueError) as error:
         result["power"] = {"result": False, "reason": str(error)}
@@ -243,12 +259,11 @@ def _history_view(row: NodeHistory, node_uuid: str, detail: bool) -> dict:
 
 @blueprint.get("/v1/nodes/<ident>/history")
 @authorize("node:history:get")
-def node_history(ident: str):
+@query(DETAIL, fields_param(HISTORY_FIELDS))
+def node_history(ident: str, query: dict[str, Any]):
     if g.version < HISTORY_SINCE:
         raise not_found("Node history needs API version 1.78 or later")
-    detail = request.args.get("detail", "false").lower() == "true"
-    fields = requested_fields(("uuid", "created_at", "severity", "event", "event_type",
-                               "conductor", "user"))
+    detail, fields = query["detail"], query.get("fields")
     with services().db.read() as session:
         node = find_node(session, ident)
         rows = session.scalars(select(NodeHistory).where(NodeHistory.node_id == node.id)
@@ -273,12 +288,12 @@ def node_history_event(ident: str, event: str):
 
 @blueprint.post("/v1/nodes/<ident>/capture")
 @authorize("node:capture")
-def capture_disk(ident: str):
+@body(CAPTURE)
+def capture_disk(ident: str, body: dict[str, Any]):
     """labmetal's own: read a manageable node's disk (a teacher's reference PC) over iSCSI
     into a new whole-disk image. 202 with the image, which turns active when done."""
-    body = json_object()
-    name = body.get("image")
-    if not isinstance(name, str) or not name.strip() or is_uuid(name):
+    name = body["image"]
+    if not name.strip() or is_uuid(name):
         raise bad_request("capture needs {\"image\": \"<new image name>\"}")
     svc = services()
     with svc.db.read() as session:
@@ -287,7 +302,7 @@ def capture_disk(ident: str):
         raise bad_request(f"Cannot capture node {node.uuid} in state "
                           f"'{node.provision_state}': capture works on manageable nodes")
     try:
-        svc.drivers[node.driver].power.validate(_power_target(node))
+        svc.drivers[node.driver].power.validate(power_target(node))
     except (InvalidDriverInfo, PowerError, ValueError) as error:
         raise bad_request(f"Cannot capture node {node.uuid}: {error}") from None
     _check_ramdisk(node)

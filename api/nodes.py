@@ -5,17 +5,17 @@ import re
 from typing import Any
 
 import jsonpatch
-from flask import Blueprint, request
+from flask import Blueprint
 from sqlalchemy import delete, or_, select
 from sqlalchemy.exc import IntegrityError
 
 from labmetal import history, states
 from labmetal.api.app import services
 from labmetal.api.auth import authorize
-from labmetal.api.common import (boolean_arg, caller_name, find_node, is_uuid, isotime,
-                                 json_list, json_object, links, page, requested_fields,
-                                 select_fields)
+from labmetal.api.common import  caller_name, find_node, isotime, links, page, select_fields
 from labmetal.api.errors import ApiError, bad_request, conflict
+from labmetal.api.validation import (DETAIL, PATCH, Field, body, fields_param, not_uuid, obj,
+                                     paging, query, validate)
 from labmetal.conductor.power.base import InvalidDriverInfo
 from labmetal.models import Node, new_uuid
 from labmetal.secrets import masked
@@ -85,31 +85,56 @@ _FIELD_NAMES = (
     "created_at", "updated_at", "links", "ports", "states")
 
 
+_NAME_RULE = ("a node name uses letters, digits and '-._~' only (at most 255) and must not look "
+              "like a UUID")
+_BAD_NAME = "Invalid name {value!r}: " + _NAME_RULE
+
+
+# What a node's writable fields must be, at creation and after a patch.
+_WRITABLE_FIELDS = (
+    Field("driver", str, required=True, example="wol",
+          description="the hardware type: one of GET /v1/drivers"),
+    Field("name", str | None, pattern=NAME_PATTERN.pattern, description=_NAME_RULE,
+          example="tpr2-a01",
+          error=_BAD_NAME, check=not_uuid(_BAD_NAME)),
+    *(Field(key, dict, description=f"the node's {key}, a JSON object") for key in DICT_FIELDS),
+    Field("instance_uuid", str | None),
+    Field("description", str | None),
+    Field("resource_class", str | None),
+    Field("deploy_interface", str, enum=DEPLOY_INTERFACES, default="direct",
+          description="how the image is written: direct (the agent) or iscsi"))
+NODE = obj("a node", *_WRITABLE_FIELDS)
+# Ironic's client may send these; labmetal's interfaces follow from the driver.
+_FIXED_INTERFACES = tuple(name for name in _FIELD_NAMES
+                          if name.endswith("_interface") and name != "deploy_interface")
+NEW_NODE = obj(
+    "a new node", *_WRITABLE_FIELDS,
+    Field("uuid", str | None, format="uuid", description="chosen by labmetal when not given"),
+    *(Field(key, str | None, description="accepted for Ironic's client; set by the driver")
+      for key in _FIXED_INTERFACES))
+LIST_QUERY = (
+    fields_param(_FIELD_NAMES),
+    *(Field(key, str, description=f"only nodes with this {key}")
+      for key in ("provision_state", "driver", "resource_class", "fault", "conductor")),
+    Field("maintenance", bool, description="only nodes in (or out of) maintenance"),
+    Field("associated", bool, description="only nodes with (or without) an instance_uuid"),
+    *paging(SORT_KEYS))
+
+
 def owner_of(node: Node) -> str | None:
     return services().registry.owner(node.uuid)
 
 
 # -- validation --------------------------------------------------------------------------
-def check_name(name: Any) -> None:
-    if name is None:
-        return
-    if not isinstance(name, str) or not NAME_PATTERN.match(name) or is_uuid(name):
-        raise bad_request(f"Invalid name {name!r}: a node name uses letters, digits and "
-                          "'-._~' only (at most 255) and must not look like a UUID")
-
-
 def check_fields(values: dict[str, Any]) -> None:
-    """Type checks for writable fields and driver_info values that are present but bad."""
-    for key in DICT_FIELDS:
-        if key in values and not isinstance(values[key], dict):
-            raise bad_request(f"Invalid {key}: expected a JSON object")
-    for key in ("description", "resource_class", "instance_uuid"):
-        if values.get(key) is not None and not isinstance(values[key], str):
-            raise bad_request(f"Invalid {key}: expected a string")
-    check_name(values.get("name"))
-    if values.get("deploy_interface", "direct") not in DEPLOY_INTERFACES:
-        raise bad_request(f"Invalid deploy_interface {values['deploy_interface']!r}; expected "
-                          f"one of {', '.join(DEPLOY_INTERFACES)}")
+    """A node's writable fields (after a patch, from a CSV row) as declared, and its driver."""
+    validate(NODE, {key: value for key, value in values.items() if key in WRITABLE})
+    check_driver(values)
+
+
+def check_driver(values: dict[str, Any]) -> None:
+    """What only the service knows: the driver exists and the driver_info values given are
+    well-formed (missing ones are for manage to name)."""
     drivers = services().drivers
     driver = drivers.get(values.get("driver"))
     if driver is None:
@@ -128,34 +153,34 @@ def _name_taken(name: str | None) -> ApiError:
 # -- endpoints ---------------------------------------------------------------------------
 @blueprint.get("/v1/nodes")
 @authorize("node:get")
-def list_nodes():
-    return _list(detail=boolean_arg("detail") or False)
+@query(DETAIL, *LIST_QUERY)
+def list_nodes(query: dict[str, Any]):
+    return _list(query, detail=query["detail"])
 
 
 @blueprint.get("/v1/nodes/detail")
 @authorize("node:get")
-def list_nodes_detail():
-    return _list(detail=True)
+@query(*LIST_QUERY)
+def list_nodes_detail(query: dict[str, Any]):
+    return _list(query, detail=True)
 
 
-def _list(detail: bool):
-    fields = requested_fields(_FIELD_NAMES)
+def _list(query: dict[str, Any], detail: bool):
+    fields = query.get("fields")
     if fields is None and not detail:
         fields = list(LIST_FIELDS)
     statement = select(Node)
     for name in ("provision_state", "driver", "resource_class", "fault"):
-        if request.args.get(name):
-            statement = statement.where(getattr(Node, name) == request.args[name])
-    maintenance = boolean_arg("maintenance")
-    if maintenance is not None:
-        statement = statement.where(Node.maintenance.is_(maintenance))
-    associated = boolean_arg("associated")
-    if associated is not None:
-        statement = statement.where(Node.instance_uuid.is_not(None) if associated
+        if name in query:
+            statement = statement.where(getattr(Node, name) == query[name])
+    if "maintenance" in query:
+        statement = statement.where(Node.maintenance.is_(query["maintenance"]))
+    if "associated" in query:
+        statement = statement.where(Node.instance_uuid.is_not(None) if query["associated"]
                                     else Node.instance_uuid.is_(None))
-    conductor = request.args.get("conductor")
+    conductor = query.get("conductor")
     with services().db.read() as session:
-        rows, extra = page(session, statement, Node, SORT_KEYS)
+        rows, extra = page(session, statement, Node, query)
     views = [node_view(node, owner_of(node)) for node in rows]
     if conductor:
         views = [view for view in views if view["conductor"] == conductor]
@@ -164,27 +189,18 @@ def _list(detail: bool):
 
 @blueprint.get("/v1/nodes/<ident>")
 @authorize("node:get")
-def show_node(ident: str):
-    fields = requested_fields(_FIELD_NAMES)
+@query(fields_param(_FIELD_NAMES))
+def show_node(ident: str, query: dict[str, Any]):
     with services().db.read() as session:
         node = find_node(session, ident)
-    return select_fields(node_view(node, owner_of(node)), fields)
+    return select_fields(node_view(node, owner_of(node)), query.get("fields"))
 
 
 @blueprint.post("/v1/nodes")
 @authorize("node:create")
-def create_node():
-    body = json_object()
-    unknown = sorted(set(body) - set(WRITABLE) - {"uuid"} - {
-        key for key in body if key.endswith("_interface") and key in _FIELD_NAMES})
-    body.setdefault("deploy_interface", "direct")
-    if unknown:
-        raise bad_request(f"Unknown or read-only attribute(s) for a new node: {', '.join(unknown)}")
-    if "driver" not in body:
-        raise bad_request("Mandatory field missing: driver")
-    check_fields(body)
-    if body.get("uuid") is not None and not is_uuid(str(body["uuid"])):
-        raise bad_request(f"Invalid uuid {body['uuid']!r}")
+@body(NEW_NODE)
+def create_node(body: dict[str, Any]):
+    check_driver(body)
     svc = services()
     values = {key: body[key] for key in WRITABLE if key in body}
     values["driver_info"] = svc.box.seal_changed(values.get("driver_info") or {}, {})
@@ -208,11 +224,13 @@ def create_node():
 
 @blueprint.patch("/v1/nodes/<ident>")
 @authorize("node:update")
-def update_node(ident: str):
-    patch = json_list()
+@body(PATCH)
+def update_node(ident: str, body: list[dict[str, Any]]):
+    """A JSON patch of the writable fields (WRITABLE); the result is checked as a whole."""
+    patch = body
     svc = services()
     for operation in patch:
-        path = operation.get("path", "") if isinstance(operation, dict) else ""
+        path = operation["path"]
         root = path.lstrip("/").split("/", 1)[0]
         if root not in WRITABLE:
             raise bad_request(f"'{path}' cannot be changed: the writable fields are "

@@ -23,6 +23,7 @@ from flask import (Blueprint, Response, g, redirect, render_template, request,
 from labmetal import states
 from labmetal.api.app import services
 from labmetal.api.auth import ANONYMOUS, CSRF_FIELD, csrf_token, public
+from labmetal.api.validation import produces
 from labmetal.policy import ACTIONS, Verdict
 
 blueprint = Blueprint("pages", __name__, template_folder="templates")
@@ -100,6 +101,7 @@ def _show(page: Page, template: str, **values) -> Response:
 @blueprint.get(UI)
 @blueprint.get(f"{UI}/")
 @public("a page shell: sends nobody-logged-in to /login, then to the role's first page")
+@produces("text/html")
 def home():
     if _logged_out():
         return _to_login()
@@ -109,6 +111,7 @@ def home():
 
 @blueprint.get(f"{UI}/<name>")
 @public("a page shell: checks the caller itself; its data comes from the authorized API")
+@produces("text/html")
 def page(name: str):
     found = BY_NAME.get(name)
     if found is None:
@@ -118,6 +121,7 @@ def page(name: str):
 
 @blueprint.get(f"{UI}/<name>/<ident>")
 @public("a page shell: checks the caller itself; its data comes from the authorized API")
+@produces("text/html")
 def detail(name: str, ident: str):
     found = BY_NAME.get(name)
     if found is None or found.detail is None:
@@ -136,6 +140,7 @@ def _not_found() -> Response:
 
 @blueprint.get("/static/<path:filename>")
 @public("the pages' CSS and JavaScript: the same for everybody, no data")
+@produces("text/css", "text/javascript")
 def static_file(filename: str):
     return send_from_directory(STATIC_DIR, filename, max_age=STATIC_MAX_AGE)
 
@@ -173,5 +178,6 @@ def _dress_the_login_form(state) -> None:
         return _render("login", None, logged_in=False, target=target if local else f"{UI}/")
 
     login_form.public_reason = bare.public_reason  # type: ignore[attr-defined]
+    login_form.produces = bare.produces  # type: ignore[attr-defined]
     login_form.__doc__ = bare.__doc__
     app.view_functions["login.login_form"] = login_form

@@ -12,17 +12,20 @@ from sqlalchemy.exc import IntegrityError
 from labmetal import history
 from labmetal.api.app import services
 from labmetal.api.auth import authorize
-from labmetal.api.common import (boolean_arg, caller_name, find_node, is_uuid, isotime,
-                                 json_list, json_object, links, page, requested_fields,
+from labmetal.api.common import (caller_name, find_node, is_uuid, isotime, links, page,
                                  select_fields)
 from labmetal.api.errors import bad_request, conflict, not_found
+from labmetal.api.validation import  DETAIL, PATCH, Field, body, fields_param, obj, paging, query
 from labmetal.models import Node, Port
 
 blueprint = Blueprint("ports", __name__)
 
 PORT_LIST_FIELDS = ("uuid", "address")
 SORT_KEYS = ("id", "uuid", "address", "created_at", "updated_at")
-_MAC = re.compile(r"^([0-9a-f]{2})([:-]?)([0-9a-f]{2})(\2[0-9a-f]{2}){4}$")
+# Six hex pairs, all separated by ':' or all by '-', or not at all; case and spaces around
+# do not matter (normalize_mac writes aa:bb:cc:dd:ee:ff).
+MAC_PATTERN = r"^\s*[0-9A-Fa-f]{2}([:-]?)[0-9A-Fa-f]{2}(\1[0-9A-Fa-f]{2}){4}\s*$"
+_MAC = re.compile(MAC_PATTERN)
 _FIELD_NAMES = ("uuid", "address", "node_uuid", "pxe_enabled", "extra", "local_link_connection",
                 "internal_info", "physical_network", "portgroup_uuid", "is_smartnic", "name",
                 "created_at", "updated_at", "links")
@@ -30,11 +33,36 @@ _FIELD_NAMES = ("uuid", "address", "node_uuid", "pxe_enabled", "extra", "local_l
 
 def normalize_mac(value: Any) -> str:
     """aa:bb:cc:dd:ee:ff in lower case; accepts '-' or no separators; refuses anything else."""
-    text = str(value).strip().lower() if isinstance(value, str) else ""
-    if not _MAC.match(text):
+    if not isinstance(value, str) or not _MAC.match(value):
         raise bad_request(f"Expected a MAC address but received {value!r} (field: address).")
-    digits = text.replace(":", "").replace("-", "")
+    digits = value.strip().lower().replace(":", "").replace("-", "")
     return ":".join(digits[i:i + 2] for i in range(0, 12, 2))
+
+
+def mac_field(name: str, **options: Any) -> Field:
+    """A MAC address, checked and handed to the view as aa:bb:cc:dd:ee:ff."""
+    options.setdefault("error", "Expected a MAC address but received {value!r} (field: "
+                                "address).")
+    return Field(name, str, pattern=MAC_PATTERN, check=normalize_mac, **options)
+
+
+NEW_PORT = obj(
+    "a new port",
+    mac_field("address", required=True, description="the MAC address, unique across nodes",
+              example="52:54:00:12:34:56"),
+    Field("node_uuid", str, required=True, description="the node's UUID or name",
+          example="tpr2-a01"),
+    Field("pxe_enabled", bool, default=True),
+    Field("extra", dict | None),
+    Field("uuid", str | None, format="uuid", description="chosen by labmetal when not given"),
+    *(Field(key, kind, description="accepted for Ironic's client; not used")
+      for key, kind in (("local_link_connection", dict | None),
+                        ("physical_network", str | None), ("is_smartnic", bool | None))))
+LIST_QUERY = (fields_param(_FIELD_NAMES),
+              Field("node", str, description="only the ports of this node (name or UUID)"),
+              Field("node_uuid", str, description="the same as node"),
+              mac_field("address", description="only the port with this MAC address"),
+              *paging(SORT_KEYS))
 
 
 def port_view(port: Port, node_uuid: str) -> dict[str, Any]:
@@ -60,19 +88,20 @@ def _mac_taken(address: str):
 @blueprint.get("/v1/ports")
 @blueprint.get("/v1/ports/detail")
 @authorize("port:get")
-def list_ports():
-    detail = request.path.endswith("/detail") or bool(boolean_arg("detail"))
-    fields = requested_fields(_FIELD_NAMES)
+@query(DETAIL, *LIST_QUERY)
+def list_ports(query: dict[str, Any]):
+    detail = request.path.endswith("/detail") or query["detail"]
+    fields = query.get("fields")
     if fields is None and not detail:
         fields = list(PORT_LIST_FIELDS)
     statement = select(Port)
     with services().db.read() as session:
-        node_ident = request.args.get("node") or request.args.get("node_uuid")
+        node_ident = query.get("node") or query.get("node_uuid")
         if node_ident:
             statement = statement.where(Port.node_id == find_node(session, node_ident).id)
-        if request.args.get("address"):
-            statement = statement.where(Port.address == normalize_mac(request.args["address"]))
-        rows, extra = page(session, statement, Port, SORT_KEYS)
+        if "address" in query:
+            statement = statement.where(Port.address == query["address"])
+        rows, extra = page(session, statement, Port, query)
         node_uuids = dict(session.execute(select(Node.id, Node.uuid).where(
             Node.id.in_({port.node_id for port in rows}))).all())
     return {"ports": [select_fields(port_view(port, node_uuids[port.node_id]), fields)
@@ -81,8 +110,9 @@ def list_ports():
 
 @blueprint.get("/v1/ports/<ident>")
 @authorize("port:get")
-def show_port(ident: str):
-    fields = requested_fields(_FIELD_NAMES)
+@query(fields_param(_FIELD_NAMES))
+def show_port(ident: str, query: dict[str, Any]):
+    fields = query.get("fields")
     with services().db.read() as session:
         port = _find_port(session, ident)
         node_uuid = session.scalar(select(Node.uuid).where(Node.id == port.node_id))
@@ -91,26 +121,12 @@ def show_port(ident: str):
 
 @blueprint.post("/v1/ports")
 @authorize("port:create")
-def create_port():
-    body = json_object()
-    unknown = sorted(set(body) - {"address", "node_uuid", "pxe_enabled", "extra", "uuid",
-                                  "local_link_connection", "physical_network", "is_smartnic"})
-    if unknown:
-        raise bad_request(f"Unknown or read-only attribute(s) for a new port: {', '.join(unknown)}")
-    if "address" not in body:
-        raise bad_request("Mandatory field missing: address")
-    if "node_uuid" not in body:
-        raise bad_request("Mandatory field missing: node_uuid")
-    address = normalize_mac(body["address"])
-    pxe_enabled = body.get("pxe_enabled", True)
-    if not isinstance(pxe_enabled, bool):
-        raise bad_request("Invalid pxe_enabled: expected true or false")
-    extra = body.get("extra") or {}
-    if not isinstance(extra, dict):
-        raise bad_request("Invalid extra: expected a JSON object")
+@body(NEW_PORT)
+def create_port(body: dict[str, Any]):
+    address, pxe_enabled, extra = body["address"], body["pxe_enabled"], body.get("extra") or {}
     try:
         with services().db.write() as session:
-            node = find_node(session, str(body["node_uuid"]))
+            node = find_node(session, body["node_uuid"])
             if session.scalar(select(Port.id).where(Port.address == address)):
                 raise _mac_taken(address)
             port = Port(address=address, node_id=node.id, pxe_enabled=pxe_enabled, extra=extra)
@@ -128,8 +144,9 @@ def create_port():
 
 @blueprint.patch("/v1/ports/<ident>")
 @authorize("port:update")
-def update_port(ident: str):
-    patch = json_list()
+@body(PATCH)
+def update_port(ident: str, body: list[dict[str, Any]]):
+    """A JSON patch of address, pxe_enabled, extra and node_uuid."""
     try:
         with services().db.write() as session:
             port = _find_port(session, ident)
@@ -137,7 +154,7 @@ def update_port(ident: str):
             before = {"address": port.address, "pxe_enabled": port.pxe_enabled,
                       "extra": port.extra or {}, "node_uuid": node_uuid}
             try:
-                after = jsonpatch.apply_patch(before, patch)
+                after = jsonpatch.apply_patch(before, body)
             except (jsonpatch.JsonPatchException, jsonpatch.JsonPointerException, TypeError) as e:
                 raise bad_request(f"Invalid patch: {e}") from None
             if set(after) - set(before):

@@ -1,11 +1,13 @@
-"""Version documents: GET / and GET /v1 (public, as in Ironic)."""
+"""The documents that describe the API: GET / and GET /v1 (versions, public as in Ironic)
+and GET /v1/openapi.json (every endpoint, built from the routes and their checks)."""
 from __future__ import annotations
 
-from flask import Blueprint
+from flask import Blueprint, current_app
 
 from labmetal.api import microversion
 from labmetal.api.auth import public
 from labmetal.api.common import base_url
+from labmetal.api.openapi import document as openapi_document
 
 blueprint = Blueprint("root", __name__)
 
@@ -38,3 +40,10 @@ def v1():
         document[collection] = [{"href": f"{base}/v1/{collection}/", "rel": "self"},
                                 {"href": f"{base}/{collection}/", "rel": "bookmark"}]
     return document
+
+
+@blueprint.get("/v1/openapi.json")
+@public("describes the API, like the version documents")
+def openapi():
+    """This document: the OpenAPI description of every endpoint."""
+    return openapi_document(current_app, base_url())

@@ -10,16 +10,33 @@ from flask import Blueprint, current_app, g
 from labmetal import tokens
 from labmetal.api.app import services
 from labmetal.api.auth import authorize
-from labmetal.api.common import isotime, json_object, links
+from labmetal.api.common import isotime, links
 from labmetal.api.errors import ApiError, bad_request, conflict, not_found
+from labmetal.api.validation import Field, body, obj
 from labmetal.models import User
-from labmetal.users import (SOURCES, AccountError, UserChange, change_user, delete_user,
-                            find_user, list_users, password_matches, set_user)
+from labmetal.users import (NAME_PATTERN, ROLES, SOURCES, AccountError, UserChange,
+                            change_user, delete_user, find_user, list_users, password_matches,
+                            set_user)
 
 LOG = logging.getLogger(__name__)
 blueprint = Blueprint("users", __name__)
-CREATE_FIELDS = ("name", "role", "password", "source")
-CHANGE_FIELDS = ("role", "disabled", "password", "old_password")
+CHANGED = ("role", "disabled", "password")  # what a change may change (old_password proves)
+NEW_USER = obj(
+    "a new user",
+    Field("name", str, required=True, pattern=NAME_PATTERN.pattern, example="sue",
+          description="1-64 of letters, digits, '.', '_', '@', '-' (a letter or digit first)",
+          error="Invalid user name {value!r}: a user name is 1-64 of letters, digits, '.', "
+                "'_', '@', '-'"),
+    Field("role", str, enum=ROLES, default="student"),
+    Field("password", str | None, description="a local account's; none for LDAP"),
+    Field("source", str, enum=SOURCES, default="local",
+          description="ldap: the directory checks the password"))
+USER_CHANGE = obj(
+    "a user's change",
+    Field("role", str, enum=ROLES),
+    Field("disabled", bool, description="a disabled user's sessions and tokens end"),
+    Field("password", str, description="a local account's new password"),
+    Field("old_password", str, description="the current password, to change one's own"))
 
 
 def user_view(user: User) -> dict[str, Any]:
@@ -59,48 +76,35 @@ def show(name: str):
 
 @blueprint.post("/v1/users")
 @authorize("user:create")
-def create():
-    """``{"name", "role", "password"}``, or ``"source": "ldap"`` and no password for an
+@body(NEW_USER)
+def create(body: dict[str, Any]):
+    """A local account with its password, or ``"source": "ldap"`` and no password for an
     account the directory checks."""
-    body = json_object()
-    unknown = sorted(set(body) - set(CREATE_FIELDS))
-    if unknown:
-        raise bad_request(f"Unknown attribute(s) for a new user: {', '.join(unknown)}")
-    name, source = str(body.get("name") or ""), body.get("source", "local")
-    if source not in SOURCES:
-        raise bad_request(f"source must be one of {', '.join(SOURCES)}")
+    name, source, role = body["name"], body["source"], body["role"]
     if source == "ldap" and body.get("password"):
         raise bad_request("an LDAP account has no password here: the directory checks it")
     if find_user(services().db, name) is not None:
         raise conflict(f"A user with name {name} already exists (field: name).")
     try:
-        set_user(services().db, name, body.get("password"), body.get("role", "student"), source)
+        set_user(services().db, name, body.get("password"), role, source)
     except AccountError as error:
         raise bad_request(str(error)) from None
-    LOG.info("user %s (%s) created by %s", name, body.get("role", "student"), g.caller.name)
+    LOG.info("user %s (%s) created by %s", name, role, g.caller.name)
     view = user_view(_user(name))
     return view, 201, {"Location": view["links"][0]["href"]}
 
 
 @blueprint.patch("/v1/users/<name>")
 @authorize("user:update", owner=_itself)
-def update(name: str):
-    """A JSON object of the fields to change: ``role``, ``disabled``, ``password``. Changing
-    one's own password needs ``old_password``; it ends one's other sessions and tokens."""
-    body = json_object()
-    unknown = sorted(set(body) - set(CHANGE_FIELDS))
-    if unknown:
-        raise bad_request(f"Unknown or read-only attribute(s): {', '.join(unknown)}; the "
-                          f"changeable ones are {', '.join(CHANGE_FIELDS[:3])}")
+@body(USER_CHANGE)
+def update(name: str, body: dict[str, Any]):
+    """The fields to change: ``role``, ``disabled``, ``password``. Changing one's own
+    password needs ``old_password``; it ends one's other sessions and tokens."""
     caller = g.caller
     if g.as_owner and set(body) - {"password", "old_password"}:
         raise ApiError(403, f"Access was denied to this resource: as role {caller.role} you "
                             "may change only your own password")
-    if "disabled" in body and not isinstance(body["disabled"], bool):
-        raise bad_request("disabled must be true or false")
     password = body.get("password")
-    if password is not None and not isinstance(password, str):
-        raise bad_request("password must be a string")
     user = _user(name)
     if password is not None and user.source != "local":
         raise bad_request(f"User {name} is an LDAP account: its password is changed in the "
@@ -120,7 +124,7 @@ def update(name: str):
                                   keep=caller.token_uuid if itself else None)
         LOG.info("%d token(s) and session(s) of %s ended", ended, name)
     _forget(name)
-    changed = ", ".join(key for key in CHANGE_FIELDS[:3] if key in body)
+    changed = ", ".join(key for key in CHANGED if key in body)
     LOG.info("user %s changed (%s) by %s", name, changed, caller.name)
     return user_view(user)
 
