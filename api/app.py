@@ -54,6 +54,7 @@ class SessionCookies(SecureCookieSessionInterface):
 def create_app(svc: Services) -> Flask:
     from labmetal.api import (agent, boot, conductors, drivers, images, rooms,  # blueprints
                               login, node_states, nodes, pages, ports, root, sessions, users)
+    from labmetal.api import room_tp, seat_login, session_export
 
     app = Flask("labmetal.api", static_folder=None)  # every route is a view of ours
     app.extensions["labmetal"] = svc
@@ -121,6 +122,9 @@ def create_app(svc: Services) -> Flask:
                       agent.blueprint, boot.blueprint, login.blueprint, users.blueprint,
                       pages.blueprint, rooms.blueprint, sessions.blueprint):
         app.register_blueprint(blueprint)
+    app.register_blueprint(session_export.blueprint)
+    app.register_blueprint(seat_login.blueprint)
+    app.register_blueprint(room_tp.blueprint)
     return app
 
 

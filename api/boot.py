@@ -9,34 +9,39 @@ from labmetal import states
 from labmetal.api.app import services
 from labmetal.api.auth import public
 from labmetal.api.errors import not_found
-from labmetal.models import Image, Node, Port
-from labmetal.pxe.ipxe import (BootScript, ChainScript, IdleScript, LocalDiskScript,
-                               RamdiskScript, script_mac)
+from labmetal.api.sessions import seat_iqn
+from labmetal.api.validation import produces
+from labmetal.models import Image, Node, Port, StudentSession, Template, User
+from labmetal.pxe.ipxe import (BootScript, ChainScript, IdleScript, LocalDiskScript, RamdiskScript,
+                               SanbootScript, SeatMenuScript, script_mac)
 
 blueprint = Blueprint("boot", __name__)
-RAMDISK_MODE = {states.DEPLOYING: "deploy", states.DEPLOY_WAIT: "deploy",
-                states.CLEANING: "clean", states.CLEAN_WAIT: "clean", states.DELETING: "clean",
-                states.INSPECTING: "inspect", states.INSPECT_WAIT: "inspect",
-                states.CAPTURING: "deploy", states.CAPTURE_WAIT: "deploy"}
 
 
-def _ipxe(script: BootScript) -> Response:
+def ipxe_response(script: BootScript) -> Response:
     return Response(script.render(), mimetype="text/plain")
+
+
+def mac_path(mac: str) -> str:
+    """The folder of a PC's scripts under the seat URL: boot/52-54-00-12-34-56."""
+    return f"boot/{mac.replace(':', '-')}"
 
 
 @blueprint.get("/boot.ipxe")
 @public("seats boot from it before anyone logs in")
+@produces("text/plain")
 def chain():
-    return _ipxe(ChainScript(services().settings.seat_base_url))
+    return ipxe_response(ChainScript(services().settings.seat_base_url))
 
 
 @blueprint.get("/boot/<name>")
 @public("seats boot from it before anyone logs in")
+@produces("text/plain")
 def per_mac(name: str):
     mac = script_mac(name)
     if mac is None:
         raise not_found(f"{name} is not a per-MAC boot script (expected aa-bb-cc-dd-ee-ff.ipxe)")
-    return _ipxe(script_for(mac))
+    return ipxe_response(script_for(mac))
 
 
 def script_for(mac: str) -> BootScript:
@@ -50,12 +55,49 @@ def script_for(mac: str) -> BootScript:
                 f"{mac} is not enrolled; self-registration needs the deploy_kernel and "
                 "deploy_ramdisk settings")
         return IdleScript(f"this PC ({mac}) is not enrolled in labmetal")
-    if node.provision_state in RAMDISK_MODE:
-        return _ramdisk(node, RAMDISK_MODE[node.provision_state], mac) or IdleScript(
+    if node.provision_state in states.RAMDISK_MODE:
+        return _ramdisk(node, states.RAMDISK_MODE[node.provision_state], mac) or IdleScript(
             f"node {node.name or node.uuid} needs a deploy kernel and ramdisk")
+    session_boot = _session(node)
+    if session_boot is not None:
+        return session_boot
+    name = node.name or node.uuid
+    default: LocalDiskScript | IdleScript
     if node.provision_state == states.ACTIVE:
-        return LocalDiskScript(node.name or node.uuid)
-    return IdleScript(f"node {node.name or node.uuid} is {node.provision_state}: nothing to do")
+        default, label = LocalDiskScript(name), "Boot the local disk"
+    else:
+        default = IdleScript(f"node {name} is {node.provision_state}: nothing to do")
+        label = "Continue without a session"
+    if not _offers_login():
+        return default
+    return SeatMenuScript(svc.settings.seat_base_url, mac_path(mac), name, default, label,
+                          svc.settings.seat_menu_timeout)
+
+
+def _offers_login() -> bool:
+    """The seat menu's login, where there are accounts and a template to start from."""
+    svc = services()
+    if svc.settings.auth == "noauth" or svc.settings.seat_menu_timeout <= 0:
+        return False
+    with svc.db.read() as session:
+        return session.scalar(select(Template.id).where(Template.versions.any())
+                              .limit(1)) is not None
+
+
+def _session(node: Node) -> SanbootScript | None:
+    """The student's session running on this seat, if any: the seat boots its disk."""
+    svc = services()
+    with svc.db.read() as session:
+        row = session.execute(
+            select(StudentSession, User.name).join(User, User.id == StudentSession.user_id)
+            .where(StudentSession.seat_node_id == node.id,
+                   StudentSession.state == "running")).first()
+    if row is None or not row[0].target_portal or not row[0].target_iqn:
+        return None
+    ses, student = row
+    host, _, port = ses.target_portal.rpartition(":")
+    return SanbootScript(host, int(port), ses.target_iqn, seat_iqn(node.uuid), ses.chap_user,
+                         svc.box.open(ses.chap_secret), student)
 
 
 def _ramdisk(node: Node | None, mode: str, mac: str) -> RamdiskScript | None:

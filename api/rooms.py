@@ -9,7 +9,6 @@ from __future__ import annotations
 import csv
 import io
 import re
-from datetime import datetime, timedelta
 from typing import Any
 
 from flask import Blueprint, request
@@ -20,13 +19,14 @@ from sqlalchemy.orm import Session
 from labmetal import history, schedule, states
 from labmetal.api.app import services
 from labmetal.api.auth import authorize, check_allowed
-from labmetal.api.common import caller_name, find_node, is_uuid, isotime, json_object, links
+from labmetal.api.common import caller_name, find_node, is_uuid, isotime, links
 from labmetal.api.errors import bad_request, conflict, not_found
 from labmetal.api.nodes import check_fields
 from labmetal.api.ports import normalize_mac
+from labmetal.api.validation import Field, accepts, body, not_uuid, obj
 from labmetal.conductor.roomjobs import cancel_waits
-from labmetal.models import (Image, Node, Port, Room, RoomJob, RoomJobSeat, Seat, new_uuid,
-                             utcnow)
+from labmetal.models import (Image, Node, Port, Room, RoomJob, RoomJobSeat, Seat, StudentSession,
+                             User, new_uuid, utcnow)
 
 blueprint = Blueprint("rooms", __name__)
 
@@ -40,11 +40,42 @@ MAX_RETRIES = 10
 CSV_COLUMNS = ("seat", "name", "mac", "driver", "ipmi_address", "ipmi_port", "ipmi_username",
                "ipmi_password", "wol_host", "wol_port", "deploy_kernel", "deploy_ramdisk")
 
+_DESCRIPTION = Field("description", str | None, description="free text, for people")
+_BAD_NAME = "Invalid room name {value!r}: 1-64 of letters, digits and '._-', not a UUID"
+NEW_ROOM = obj("a new room",
+               Field("name", str, required=True, pattern=ROOM_NAME.pattern,
+                     description="1-64 of letters, digits and '._-', not a UUID",
+                     example="TPR-2", error=_BAD_NAME, check=not_uuid(_BAD_NAME)),
+               _DESCRIPTION)
+ROOM_CHANGE = obj("a room's change (only its description)", _DESCRIPTION)
+SEAT = obj("a seat", Field("node", str, required=True, description="a node's name or UUID",
+                           example="tpr2-a01"))
+NEW_JOB = obj(
+    "a room job",
+    Field("action", str, enum=ACTIONS, default="deploy",
+          description="power-off also needs the room:power policy"),
+    Field("image", str | None,
+          description="deploy: the name or UUID of an active whole-disk or partition image"),
+    Field("at", str | None, description="when: null for now, \"HH:MM\" (the next one) or an "
+                                        "ISO 8601 time, in the lab's time zone unless given"),
+    Field("repeat", str | None, enum=("none", *schedule.REPEATS),
+          description="run again at the same time every day or week"),
+    Field("transport", str, enum=TRANSPORTS, default="auto",
+          description="how the image reaches the seats; auto picks multicast for many"),
+    Field("retries", int, minimum=0, maximum=MAX_RETRIES, default=2,
+          description="new attempts per failed seat",
+          error=f"Invalid retries {{value!r}}: a whole number from 0 to {MAX_RETRIES}"),
+    Field("seats", list | None, items=Field("label", str), min_items=1,
+          description="the seat labels, or null for every seat",
+          error="Invalid seats: a non-empty list of seat labels, or null for all"))
+
 
 # -- views -------------------------------------------------------------------------------
-def room_view(room: Room, seat_count: int) -> dict[str, Any]:
+def room_view(room: Room, seats: int) -> dict[str, Any]:
+    tp = {"template": room.tp_template.name, "started_by": room.tp_started_by,
+          "started_at": isotime(room.tp_started_at)} if room.tp_template else None
     return {"uuid": room.uuid, "name": room.name, "description": room.description,
-            "seat_count": seat_count, "created_at": isotime(room.created_at),
+            "seat_count": seats, "tp": tp, "created_at": isotime(room.created_at),
             "links": links("rooms", room.name)}
 
 
@@ -64,7 +95,7 @@ def job_view(job: RoomJob, room_name: str) -> dict[str, Any]:
             "links": links("room-jobs", job.uuid)}
 
 
-def _find_room(session: Session, ident: str) -> Room:
+def find_room(session: Session, ident: str) -> Room:
     column = Room.uuid if is_uuid(ident) else Room.name
     room = session.scalar(select(Room).where(column == ident))
     if room is None:
@@ -80,7 +111,7 @@ def _find_job(session: Session, ident: str) -> RoomJob:
     return job
 
 
-def _seat_count(session: Session, room: Room) -> int:
+def seat_count(session: Session, room: Room) -> int:
     return session.scalar(select(func.count(Seat.id)).where(Seat.room_id == room.id)) or 0
 
 
@@ -105,17 +136,9 @@ def list_rooms():
 
 @blueprint.post("/v1/rooms")
 @authorize("room:create")
-def create_room():
-    body = json_object()
-    unknown = sorted(set(body) - {"name", "description"})
-    if unknown:
-        raise bad_request(f"Unknown attribute(s) for a room: {', '.join(unknown)}")
-    name = body.get("name")
-    if not isinstance(name, str) or not ROOM_NAME.match(name) or is_uuid(name):
-        raise bad_request(f"Invalid room name {name!r}: 1-64 of letters, digits and '._-'")
-    description = body.get("description")
-    if description is not None and not isinstance(description, str):
-        raise bad_request("Invalid description: expected a string")
+@body(NEW_ROOM)
+def create_room(body: dict[str, Any]):
+    name, description = body["name"], body.get("description")
     try:
         with services().db.write() as session:
             if session.scalar(select(Room.id).where(Room.name == name)):
@@ -135,7 +158,7 @@ def show_room(ident: str):
     """The room as its seat grid: each seat's node state and its state in the current job."""
     svc = services()
     with svc.db.read() as session:
-        room = _find_room(session, ident)
+        room = find_room(session, ident)
         rows = session.execute(select(Seat.label, Node).join(Node, Node.id == Seat.node_id)
                                .where(Seat.room_id == room.id).order_by(Seat.label)).all()
         job = _current_job(session, room)
@@ -143,6 +166,11 @@ def show_room(ident: str):
         scheduled = session.scalars(select(RoomJob).where(RoomJob.room_id == room.id,
                                                           RoomJob.state == "scheduled")
                                     .order_by(RoomJob.scheduled_at)).all()
+        students = dict(session.execute(
+            select(StudentSession.seat_node_id, User.name)
+            .join(User, User.id == StudentSession.user_id)
+            .where(StudentSession.seat_node_id.in_([node.id for _, node in rows]),
+                   StudentSession.state.in_(("starting", "running")))).all())
         seats = []
         for label, node in rows:
             seat = in_job.get(node.id)
@@ -154,7 +182,8 @@ def show_room(ident: str):
                           "state": seat.state if seat else "idle",
                           "progress": seat.progress if seat else 0,
                           "attempts": seat.attempts if seat else 0,
-                          "error": seat.error if seat else None})
+                          "error": seat.error if seat else None,
+                          "student": students.get(node.id)})
         view = room_view(room, len(rows))
         view.update(seats=seats, job=job_view(job, room.name) if job else None,
                     scheduled=[job_view(each, room.name) for each in scheduled])
@@ -163,18 +192,13 @@ def show_room(ident: str):
 
 @blueprint.patch("/v1/rooms/<ident>")
 @authorize("room:update")
-def update_room(ident: str):
-    body = json_object()
-    unknown = sorted(set(body) - {"description"})
-    if unknown:
-        raise bad_request(f"Only description can be changed; not {', '.join(unknown)}")
+@body(ROOM_CHANGE)
+def update_room(ident: str, body: dict[str, Any]):
     with services().db.write() as session:
-        room = _find_room(session, ident)
-        if body.get("description") is not None and not isinstance(body["description"], str):
-            raise bad_request("Invalid description: expected a string")
+        room = find_room(session, ident)
         room.description = body.get("description")
         session.flush()
-        return room_view(room, _seat_count(session, room))
+        return room_view(room, seat_count(session, room))
 
 
 @blueprint.delete("/v1/rooms/<ident>")
@@ -182,7 +206,7 @@ def update_room(ident: str):
 def delete_room(ident: str):
     """The nodes stay enrolled; only the room, its seat labels and its job history go."""
     with services().db.write() as session:
-        room = _find_room(session, ident)
+        room = find_room(session, ident)
         running = session.scalar(select(RoomJob.uuid).where(RoomJob.room_id == room.id,
                                                             RoomJob.state == "running"))
         if running:
@@ -193,14 +217,12 @@ def delete_room(ident: str):
 
 @blueprint.put("/v1/rooms/<ident>/seats/<label>")
 @authorize("room:update")
-def put_seat(ident: str, label: str):
-    body = json_object()
+@body(SEAT)
+def put_seat(ident: str, label: str, body: dict[str, Any]):
     if not SEAT_LABEL.match(label):
         raise bad_request(f"Invalid seat label {label!r}: 1-32 of letters, digits and '._-'")
-    if not isinstance(body.get("node"), str):
-        raise bad_request("Mandatory field missing: node (a node name or UUID)")
     with services().db.write() as session:
-        room = _find_room(session, ident)
+        room = find_room(session, ident)
         node = find_node(session, body["node"])
         _place(session, room, label, node)
         return {"label": label, "node_uuid": node.uuid, "node_name": node.name}
@@ -210,7 +232,7 @@ def put_seat(ident: str, label: str):
 @authorize("room:update")
 def delete_seat(ident: str, label: str):
     with services().db.write() as session:
-        room = _find_room(session, ident)
+        room = find_room(session, ident)
         if not session.execute(delete(Seat).where(Seat.room_id == room.id,
                                                   Seat.label == label)).rowcount:
             raise not_found(f"Room {room.name} has no seat {label}")
@@ -232,6 +254,8 @@ def _place(session: Session, room: Room, label: str, node: Node) -> None:
 # -- CSV import --------------------------------------------------------------------------
 @blueprint.post("/v1/rooms/<ident>/import")
 @authorize("room:update")
+@accepts("text/csv", f"a header row, then a seat a line; columns: {', '.join(CSV_COLUMNS)} "
+                     "(seat and mac are needed)")
 def import_room(ident: str):
     """Seats from CSV (a header row, columns of CSV_COLUMNS): a MAC not known yet becomes a
     node with its port, a known MAC keeps its node and takes the seat. All rows or none:
@@ -245,7 +269,7 @@ def import_room(ident: str):
     svc = services()
     created = updated = 0
     with svc.db.write() as session:
-        room = _find_room(session, ident)
+        room = find_room(session, ident)
         for line, row in rows:
             port = session.scalar(select(Port).where(Port.address == row["mac"]))
             if port is not None:
@@ -316,36 +340,20 @@ def _row(cells: dict[str, str]) -> dict[str, Any]:
 # -- room jobs ---------------------------------------------------------------------------
 @blueprint.post("/v1/rooms/<ident>/jobs")
 @authorize("room:deploy")
-def create_job(ident: str):
-    body = json_object()
-    unknown = sorted(set(body) - {"action", "image", "at", "repeat", "transport", "retries",
-                                  "seats"})
-    if unknown:
-        raise bad_request(f"Unknown attribute(s) for a room job: {', '.join(unknown)}")
-    action = body.get("action", "deploy")
-    if action not in ACTIONS:
-        raise bad_request(f"Invalid action {action!r}; expected one of {', '.join(ACTIONS)}")
+@body(NEW_JOB)
+def create_job(ident: str, body: dict[str, Any]):
+    action, transport, retries = body["action"], body["transport"], body["retries"]
     if action == "power-off":
         check_allowed("room:power")
-    transport = body.get("transport", "auto")
-    if transport not in TRANSPORTS:
-        raise bad_request(f"Invalid transport {transport!r}; expected one of "
-                          f"{', '.join(TRANSPORTS)}")
-    retries = body.get("retries", 2)
-    if not isinstance(retries, int) or isinstance(retries, bool) or not 0 <= retries <= MAX_RETRIES:
-        raise bad_request(f"Invalid retries {retries!r}: a whole number from 0 to {MAX_RETRIES}")
     try:
         at = schedule.parse_at(body.get("at"), services().settings.timezone)
         repeat = schedule.check_repeat(body.get("repeat"))
     except ValueError as error:
         raise bad_request(str(error)) from None
     labels = body.get("seats")
-    if labels is not None and (not isinstance(labels, list) or not labels
-                               or not all(isinstance(label, str) for label in labels)):
-        raise bad_request("Invalid seats: a non-empty list of seat labels, or null for all")
     svc = services()
     with svc.db.write() as session:
-        room = _find_room(session, ident)
+        room = find_room(session, ident)
         image = _job_image(session, body.get("image")) if action == "deploy" else None
         seats = session.execute(select(Seat.label, Seat.node_id).where(Seat.room_id == room.id)
                                 .order_by(Seat.label)).all()
@@ -402,7 +410,7 @@ def _refuse_overlap(session: Session, room: Room, node_ids: list[int]) -> None:
 @authorize("room:get")
 def list_jobs(ident: str):
     with services().db.read() as session:
-        room = _find_room(session, ident)
+        room = find_room(session, ident)
         jobs = session.scalars(select(RoomJob).where(RoomJob.room_id == room.id)
                                .order_by(RoomJob.scheduled_at.desc()).limit(100)).all()
         return {"jobs": [job_view(job, room.name) for job in jobs]}

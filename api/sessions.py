@@ -34,18 +34,23 @@ from sqlalchemy import delete, select, update
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session
 
+from labmetal import states
 from labmetal.api.app import services
 from labmetal.api.auth import authorize
-from labmetal.api.common import find_node, is_uuid, isotime, json_object, links
+from labmetal.api.common import caller_name, find_node, is_uuid, isotime, links
 from labmetal.api.errors import ApiError, bad_request, conflict, not_found
 from labmetal.api.images import find_image, image_store
+from labmetal.api.node_states import power_target
+from labmetal.api.validation import Field, body, obj, query
+from labmetal.conductor.power.base import InvalidDriverInfo, PowerError
+from labmetal.conductor.rpcapi import NoConductor, NodeLocked, Unchanged
 from labmetal.config import Settings
 from labmetal.db import Database
 from labmetal.images.overlays.base import OverlayBackend, OverlayError, Quota, Reason
 from labmetal.images.overlays.tgt import SessionTargets
 from labmetal.images.registry import ACTIVE
-from labmetal.models import (Image, Node, SessionSave, StudentSession, Template,
-                             TemplateVersion, User, new_uuid, utcnow)
+from labmetal.models import (Image, Node, SessionSave, StudentSession, Template, TemplateVersion,
+                             User, new_uuid, utcnow)
 
 LOG = logging.getLogger(__name__)
 blueprint = Blueprint("sessions", __name__)
@@ -58,6 +63,36 @@ BUSY = ("starting", "running")
 WATCH_INTERVAL = 3.0
 STATUS = {Reason.UNAVAILABLE: 503, Reason.QUOTA: 413, Reason.NOT_FOUND: 404,
           Reason.BUSY: 409, Reason.INVALID: 400, Reason.FAILED: 500}
+
+
+_DESCRIPTION = Field("description", str | None, description="free text, for people")
+_IMAGE = Field("image", str, required=True, description="an active whole-disk image's name "
+               "or UUID, frozen into the version")
+NEW_TEMPLATE = obj("a template", Field(
+    "name", str, required=True, pattern=f"^{TEMPLATE_NAME.pattern}$", example="net-tp",
+    error="Invalid template name {value!r}: 1-54 lower-case letters, digits and '-', "
+          "starting with a letter or digit"), _IMAGE, _DESCRIPTION)
+NEW_VERSION = obj("a template version", _IMAGE, _DESCRIPTION)
+NEW_SESSION = obj("a session", Field("template", str, required=True,
+                                     description="the template's name or UUID"),
+                  Field("version", int | None, minimum=1,
+                        description="the template version; default: its latest"),
+                  Field("student", str | None, description="whom the session is for "
+                        "(admins, teachers where the policy allows); default: the caller"))
+SESSION_FILTERS = (Field("student", str, description="a student's name (ignored for "
+                         "students: they see their own)"),
+                   Field("template", str, description="a template's name or UUID"),
+                   Field("state", str, enum=(*LIVE, "deleted"),
+                         description="default: every state but deleted"))
+START = obj("where to start a session", Field("seat", str, required=True,
+                                              description="the seat's node name or UUID"),
+            Field("boot", bool, default=True, description="power the seat on (or reboot "
+                  "it) so it boots the session; false for a seat in iPXE's menu already"))
+SAVE = obj("a save point", Field("label", str, required=True, max_length=255,
+                                 description="a name for it; labels may repeat"))
+REVERT = obj("the save point to go back to", Field(
+    "save", str | int, required=True,
+    description="its UUID, number or label (the latest save with that label)"))
 
 
 def seat_iqn(node_uuid: str) -> str:
@@ -82,6 +117,7 @@ class Storage:
         self.db = db
         self.lock = threading.RLock()
         self.starting: set[str] = set()  # sessions this process is starting now
+        self.seen_on: set[str] = set()  # running sessions whose seat was seen powered on
         self._backend: OverlayBackend | None = None
         self._stop = threading.Event()
         self._watcher: threading.Thread | None = None
@@ -113,7 +149,8 @@ class Storage:
             from labmetal.images.overlays.ceph import CephOverlays
             backend = CephOverlays(settings.ceph_conf, settings.ceph_pool, targets,
                                    client_id=settings.ceph_client, quota=quota,
-                                   timeout=settings.ceph_timeout)
+                                   timeout=settings.ceph_timeout,
+                                   object_order=settings.ceph_object_order)
         else:
             from labmetal.images.overlays.local import LocalOverlays
             backend = LocalOverlays(settings.overlay_path, targets, run_dir=run_dir / "qsd",
@@ -137,15 +174,47 @@ class Storage:
             except Exception:  # noqa: BLE001 - a watcher that dies would hide every fault
                 LOG.exception("checking the running sessions failed")
 
+    def end(self, session_uuid: str, why: str) -> None:
+        """Remove the session's target (its seat can no longer reach the disk) and mark it
+        stopped; its data stays."""
+        with self.backend() as backend:
+            backend.unexport(session_uuid)
+            if backend.is_exported(session_uuid):
+                raise ApiError(500, f"Session {session_uuid}'s iSCSI target could not be "
+                                    "removed; see the API log")
+            with self.db.write() as session:
+                ses = session.scalar(select(StudentSession).where(
+                    StudentSession.uuid == session_uuid))
+                ses.state, ses.seat_node_id = "stopped", None
+                ses.target_iqn = ses.target_portal = None
+                refresh_used(backend, ses)
+        LOG.info("session %s ended: %s", session_uuid, why)
+
     def reconcile(self, wait: bool = False) -> None:
         """Mark ``failed`` the running sessions no longer exported by this process, and the
-        ``starting`` ones no request of this process is starting."""
+        ``starting`` ones no request of this process is starting; end the sessions whose
+        seat was seen on and is now off (powered off, or the OS shut down: the student
+        left)."""
         with self.db.read() as session:
             rows = session.execute(
-                select(StudentSession.uuid, StudentSession.state, Node.name, Node.uuid)
+                select(StudentSession.uuid, StudentSession.state, Node.name, Node.uuid,
+                       Node.power_state, Node.target_power_state)
                 .outerjoin(Node, Node.id == StudentSession.seat_node_id)
                 .where(StudentSession.state.in_(BUSY),
                        StudentSession.backend == self.name)).all()
+        self.seen_on &= {row[0] for row in rows}
+        for uuid, state, _, _, power, _ in rows:
+            if state == "running" and power == states.POWER_ON:
+                self.seen_on.add(uuid)
+        for uuid, state, seat_name, seat_uuid, power, target in rows:
+            if (state == "running" and uuid in self.seen_on and power == states.POWER_OFF
+                    and target is None):
+                self.seen_on.discard(uuid)
+                try:
+                    self.end(uuid, f"seat {seat_name or seat_uuid} was powered off")
+                except (ApiError, OverlayError) as error:
+                    LOG.warning("ending session %s: %s", uuid, error)
+        rows = [row[:4] for row in rows]
         if not rows:
             return
         if not self.lock.acquire(timeout=30 if wait else 0):
@@ -289,12 +358,6 @@ def template_image(session: Session, ident: Any) -> Image:
     return image
 
 
-def optional_text(body: dict[str, Any], name: str) -> str | None:
-    value = body.get(name)
-    if value is not None and not isinstance(value, str):
-        raise bad_request(f"Invalid {name}: expected a string")
-    return value
-
 
 def refresh_used(backend: OverlayBackend, ses: StudentSession) -> None:
     try:
@@ -321,17 +384,10 @@ def show_template(ident: str):
 
 @blueprint.post("/v1/templates")
 @authorize("template:create")
-def create_template():
+@body(NEW_TEMPLATE)
+def create_template(body: dict[str, Any]):
     """A template from an active whole-disk image: version 1, frozen in the backend."""
-    body = json_object()
-    unknown = sorted(set(body) - {"name", "description", "image"})
-    if unknown:
-        raise bad_request(f"Unknown attribute(s) for a template: {', '.join(unknown)}")
-    name = body.get("name")
-    if not isinstance(name, str) or not TEMPLATE_NAME.fullmatch(name):
-        raise bad_request(f"Invalid template name {name!r}: 1-54 lower-case letters, digits "
-                          "and '-', starting with a letter or digit")
-    description = optional_text(body, "description")
+    name, description = body["name"], body.get("description")
     svc = services()
     with svc.db.read() as session:
         if session.scalar(select(Template.id).where(Template.name == name)):
@@ -363,13 +419,10 @@ def create_template():
 
 @blueprint.post("/v1/templates/<ident>/versions")
 @authorize("template:update")
-def add_template_version(ident: str):
+@body(NEW_VERSION)
+def add_template_version(ident: str, body: dict[str, Any]):
     """A new frozen version; the sessions made from older ones do not change."""
-    body = json_object()
-    unknown = sorted(set(body) - {"description", "image"})
-    if unknown:
-        raise bad_request(f"Unknown attribute(s) for a template version: {', '.join(unknown)}")
-    description = optional_text(body, "description")
+    description = body.get("description")
     svc = services()
     with svc.db.read() as session:
         template = find_template(session, ident)
@@ -419,23 +472,22 @@ def delete_template(ident: str):
 # -- sessions ----------------------------------------------------------------------------
 @blueprint.get("/v1/sessions")
 @authorize("session:get", lists_own=True)
-def list_sessions():
+@query(*SESSION_FILTERS)
+def list_sessions(query: dict[str, Any]):
     """Students see their own only. Filters: ``student``, ``template``, ``state``
     (``deleted`` ones are listed only when asked for)."""
     storage().reconcile()
     statement = select(StudentSession).join(User, User.id == StudentSession.user_id)
-    student = g.caller.name if g.as_owner else request.args.get("student")
+    student = g.caller.name if g.as_owner else query.get("student")
     if student:
         statement = statement.where(User.name == student)
-    state = request.args.get("state")
+    state = query.get("state")
     if state:
-        if state not in (*LIVE, "deleted"):
-            raise bad_request(f"Unknown state {state!r}")
         statement = statement.where(StudentSession.state == state)
     else:
         statement = statement.where(StudentSession.state != "deleted")
     with services().db.read() as session:
-        template = request.args.get("template")
+        template = query.get("template")
         if template:
             versions = [v.id for v in find_template(session, template).versions]
             statement = statement.where(StudentSession.template_version_id.in_(versions))
@@ -453,26 +505,24 @@ def show_session(ident: str):
 
 @blueprint.post("/v1/sessions")
 @authorize("session:create", owner=new_session_owner)
-def create_session():
-    """``{"template", "version"?, "student"?}``: a new session of the template (its latest
-    version by default) for the caller, or for the student named (admins; teachers where the
-    policy allows). One live session per student and template."""
-    body = json_object()
-    unknown = sorted(set(body) - {"template", "version", "student"})
-    if unknown:
-        raise bad_request(f"Unknown attribute(s) for a session: {', '.join(unknown)}")
-    if not isinstance(body.get("template"), str):
-        raise bad_request("Mandatory field missing: template (its name or UUID)")
+@body(NEW_SESSION)
+def create_session(body: dict[str, Any]):
+    """A new session of the template (its latest version by default) for the caller, or
+    for the student named (admins; teachers where the policy allows). One live session per
+    student and template."""
     student_name = new_session_owner()
     if not student_name:
         raise bad_request("Mandatory field missing: student (the user the session is for)")
-    version_number = body.get("version")
-    if version_number is not None and (not isinstance(version_number, int)
-                                       or isinstance(version_number, bool)):
-        raise bad_request("Invalid version: expected an integer")
+    view = new_session(body["template"], student_name, body.get("version"))
+    return view, 201, {"Location": view["links"][0]["href"]}
+
+
+def new_session(template_ident: str, student_name: str,
+                version_number: int | None = None) -> dict[str, Any]:
+    """Make the student's session of the template (the caller is allowed to); its view."""
     svc = services()
     with svc.db.read() as session:
-        template = find_template(session, body["template"])
+        template = find_template(session, template_ident)
         student = session.scalar(select(User).where(User.name == student_name))
         if student is None or student.disabled:
             raise bad_request(f"No user {student_name} (field: student)")
@@ -521,7 +571,7 @@ def create_session():
             raise
     LOG.info("session %s of template %s version %d created for %s by %s", session_uuid,
              template.name, version.version, student.name, g.caller.name)
-    return view, 201, {"Location": view["links"][0]["href"]}
+    return view
 
 
 def chap_secret() -> str:
@@ -582,12 +632,18 @@ def refuse_if_busy(ses: StudentSession, what: str) -> None:
 
 @blueprint.post("/v1/sessions/<ident>/start")
 @authorize("session:resume", owner=session_owner)
-def start_session(ident: str):
-    """``{"seat": node}``: export the session to that seat alone (its initiator name
-    ``iqn.2026-11.org.labmetal:<node uuid>`` and the session's CHAP account)."""
-    body = json_object()
-    if not isinstance(body.get("seat"), str):
-        raise bad_request("Mandatory field missing: seat (the node's name or UUID)")
+@body(START)
+def start_session(ident: str, body: dict[str, Any]):
+    """Export the session to that seat alone (its initiator name
+    ``iqn.2026-11.org.labmetal:<node uuid>`` and the session's CHAP account), then power
+    the seat on (or reboot it) so its iPXE script sanboots the session's disk. ``"boot":
+    false`` for a seat someone powers on by hand, or one that is in iPXE already."""
+    return start_on_seat(ident, body["seat"], body["boot"])
+
+
+def start_on_seat(ident: str, seat_ident: str, boot: bool) -> dict[str, Any]:
+    """Export the session to the seat (the caller is allowed to), boot the seat if asked;
+    the session's view."""
     svc = services()
     store = storage()
     store.reconcile()
@@ -597,7 +653,7 @@ def start_session(ident: str):
     try:
         with svc.db.write() as session:
             ses = find_session(session, ident)
-            node = find_node(session, body["seat"])
+            node = find_node(session, seat_ident)
             if ses.state in BUSY:
                 seat = (ses.seat.name or ses.seat.uuid) if ses.seat is not None else "?"
                 raise conflict(f"Session {ses.uuid} is already {ses.state} on seat {seat}; "
@@ -606,11 +662,17 @@ def start_session(ident: str):
                 StudentSession.seat_node_id == node.id, StudentSession.state.in_(BUSY)))
             if other:
                 raise conflict(f"Seat {node.name or node.uuid} is in use by another session")
+            if node.provision_state in states.RAMDISK_MODE:
+                raise conflict(f"Seat {node.name or node.uuid} is {node.provision_state}: it "
+                               "boots labmetal's ramdisk until that is done")
             previous = ses.state
             ses.state, ses.seat_node_id = "starting", node.id
             seat_name, seat_uuid = node.name or node.uuid, node.uuid
             template_id = ses.template_version.template_id
-            chap_user, secret = ses.chap_user, svc.box.open(ses.chap_secret)
+            # A new CHAP secret at each start: one read from a seat's boot script while
+            # the session ran is worth nothing once it ended.
+            chap_user, secret = ses.chap_user, chap_secret()
+            ses.chap_secret = svc.box.seal(secret)
         try:
             with backend_call() as backend:
                 check_class_quota(backend, template_id,
@@ -635,7 +697,41 @@ def start_session(ident: str):
     finally:
         store.starting.discard(session_uuid)
     LOG.info("session %s running on seat %s (%s)", session_uuid, seat_name, export.iqn)
+    if boot:
+        why_not = boot_seat(seat_uuid, f"to boot session {session_uuid}")
+        if why_not:
+            with svc.db.write() as session:
+                ses = find_session(session, ident)
+                ses.last_error = f"Session running, but seat {seat_name} was not booted: " \
+                                 f"{why_not}; power it on by hand"
+                session.flush()
+                view = session_view(ses)
     return view
+
+
+def boot_seat(node_uuid: str, reason: str) -> str | None:
+    """Ask the seat's conductor to power it on, or to reboot it if it is on (its next iPXE
+    script is what it boots); why not, if it cannot be asked."""
+    svc = services()
+    with svc.db.read() as session:
+        node = find_node(session, node_uuid)
+    action = states.REBOOTING if node.power_state == states.POWER_ON else states.POWER_ON
+    power = svc.drivers[node.driver].power
+    try:
+        power.validate(power_target(node))
+    except (InvalidDriverInfo, PowerError, ValueError) as error:
+        return str(error)
+    if power.assumed_state and action != states.POWER_ON:
+        return "its power driver cannot reboot it (Wake-on-LAN only powers on)"
+    try:
+        svc.conductors.request(node, action, {"target_power_state": states.POWER_TARGETS[
+            action], "last_error": None}, (), ("power", f"'{action}' requested {reason}"),
+            caller_name())
+    except NodeLocked as error:
+        return f"it is locked by {error.holder}"
+    except (NoConductor, Unchanged) as error:
+        return str(error) or type(error).__name__
+    return None
 
 
 @blueprint.post("/v1/sessions/<ident>/stop")
@@ -643,38 +739,23 @@ def start_session(ident: str):
 def stop_session(ident: str):
     """The seat is done with it (powered off, logged out): its target goes, the data
     stays in the session."""
-    svc = services()
-    with svc.db.read() as session:
+    with services().db.read() as session:
         ses = find_session(session, ident)
     if ses.state == "starting":
         raise conflict(f"Session {ses.uuid} is being started; try again in a moment")
-    if ses.state == "stopped":
-        with svc.db.read() as session:
-            return session_view(find_session(session, ident))
-    with backend_call() as backend:
-        backend.unexport(ses.uuid)
-        if backend.is_exported(ses.uuid):
-            raise ApiError(500, f"Session {ses.uuid}'s iSCSI target could not be removed; "
-                                "see the API log")
-        with svc.db.write() as session:
-            ses = find_session(session, ident)
-            ses.state, ses.seat_node_id = "stopped", None
-            ses.target_iqn = ses.target_portal = None
-            refresh_used(backend, ses)
-            session.flush()
-            view = session_view(ses)
-    LOG.info("session %s stopped by %s", ses.uuid, g.caller.name)
-    return view
+    if ses.state != "stopped":
+        storage().end(ses.uuid, f"stopped by {g.caller.name}")
+    with services().db.read() as session:
+        return session_view(find_session(session, ident))
+
 
 
 @blueprint.post("/v1/sessions/<ident>/save")
 @authorize("session:save", owner=session_owner)
-def save_session(ident: str):
-    """``{"label"}``: a save point (running or not: what the seat wrote is flushed first)."""
-    body = json_object()
-    label = body.get("label")
-    if not isinstance(label, str):
-        raise bad_request("Mandatory field missing: label")
+@body(SAVE)
+def save_session(ident: str, body: dict[str, Any]):
+    """A save point (running or not: what the seat wrote is flushed first)."""
+    label = body["label"]
     svc = services()
     with svc.db.read() as session:
         ses = find_session(session, ident)
@@ -707,13 +788,10 @@ def list_saves(ident: str):
 
 @blueprint.post("/v1/sessions/<ident>/revert")
 @authorize("session:reset", owner=session_owner)
-def revert_session(ident: str):
-    """``{"save"}`` (its UUID, number or label; the latest of that label): back to that save
-    point; the changes since are lost, later save points stay."""
-    body = json_object()
-    wanted = body.get("save")
-    if not isinstance(wanted, (str, int)) or isinstance(wanted, bool):
-        raise bad_request("Mandatory field missing: save (its UUID, number or label)")
+@body(REVERT)
+def revert_session(ident: str, body: dict[str, Any]):
+    """Back to that save point; the changes since are lost, later save points stay."""
+    wanted = body["save"]
     svc = services()
     with svc.db.read() as session:
         ses = find_session(session, ident)

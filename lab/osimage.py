@@ -46,7 +46,7 @@ from typing import Callable
 
 from labmetal.agent.bootloader import MBR_CODE, write_mbr_code
 from labmetal.images.ramdisk import (exclusive_lock, install_file, run_step, select_modules,
-                                      write_initramfs)
+                                     write_initramfs)
 
 KERNEL_PACKAGE = "linux-image-cloud-amd64"
 BUSYBOX = Path("/bin/busybox")
@@ -66,6 +66,21 @@ COMMON_TOOLS = {"apt-get": "apt", "dpkg-deb": "dpkg", "depmod": "kmod",
 WHOLE_DISK_TOOLS = {**COMMON_TOOLS, "parted": "parted", "mkfs.fat": "dosfstools",
                     "mcopy": "mtools", "syslinux": "syslinux", str(MBR_CODE): "syslinux-common"}
 PARTITION_TOOLS = {**COMMON_TOOLS, "mkfs.ext4": "e2fsprogs", "debugfs": "e2fsprogs"}
+# The TP session disk (students' sessions, booted diskless by iSCSI sanboot): the iSCSI
+# initiator comes from Debian's open-iscsi, unpacked, not installed; it links against these
+# host libraries (their packages' versions go into the key).
+SESSION_DISK_TOOLS = {**WHOLE_DISK_TOOLS, "mkfs.ext4": "e2fsprogs", "ldd": "libc-bin",
+                      "/usr/lib/x86_64-linux-gnu/libcrypto.so.3": "libssl3",
+                      "/usr/lib/x86_64-linux-gnu/libkmod.so.2": "libkmod2",
+                      "/usr/lib/x86_64-linux-gnu/libzstd.so.1": "libzstd1",
+                      "/usr/lib/x86_64-linux-gnu/liblzma.so.5": "liblzma5",
+                      "/usr/lib/x86_64-linux-gnu/libc.so.6": "libc6"}
+SESSION_DISK_DOWNLOADS = ("open-iscsi", "libopeniscsiusr")
+SESSION_DISK_SIZE = 64 * MIB
+SESSION_ROOT_START = 33 * MIB  # partition 1 (FAT: syslinux, kernel, initrd) ends here
+SESSION_ROOT_LABEL = "labmetal-tp"
+SESSION_MARKER_PREFIX = "labmetal-tp:"
+SESSION_MODULES = ("virtio_pci", "virtio_net", "sd_mod", "iscsi_tcp", "iscsi_ibft")
 # What the initramfs loads, if the kernel has it as a module: a NIC for the MAC; the root
 # disk and its filesystem for the partition image.
 WHOLE_DISK_MODULES = ("virtio_pci", "virtio_net")
@@ -81,6 +96,13 @@ class WholeDiskImage:
     path: Path  # raw disk image; copy it before booting, the cache is shared
     name: str
     marker: str  # the start of the marker line: "labmetal-os: image=<name> "
+
+
+@dataclass(frozen=True)
+class SessionDiskImage:
+    path: Path  # raw disk image: a TP template's image
+    name: str
+    marker: str  # the start of the line the OS prints once its iSCSI root is mounted
 
 
 @dataclass(frozen=True)
@@ -114,6 +136,22 @@ def build_partition(name: str, cache_dir: Path | None = None,
                           f"{MARKER_PREFIX} image={name} ")
 
 
+def build_session_disk(name: str, cache_dir: Path | None = None,
+                       progress: Callable[[str], None] = print) -> SessionDiskImage:
+    """The TP session disk called ``name``: a seat boots it with iPXE's ``sanboot`` from
+    the session's iSCSI target; its initramfs logs in to that target again from the iBFT
+    (open-iscsi's ``iscsistart``), mounts partition 2 as its root and the OS counts its
+    boots in /var/lib/labmetal-tp/counter, on the student's own disk."""
+    entry = _cached("session-disk", name, SESSION_DISK_TOOLS, _build_session_disk, cache_dir,
+                    progress, downloads=SESSION_DISK_DOWNLOADS)
+    return SessionDiskImage(entry / "disk.img", name, f"{SESSION_MARKER_PREFIX} image={name} ")
+
+
+def session_counter_line(image_name: str, mac: str, counter: int) -> str:
+    """What the session OS prints after reading its counter (before adding one)."""
+    return f"{SESSION_MARKER_PREFIX} image={image_name} mac={mac.lower()} counter={counter}"
+
+
 # ---------------------------------------------------------------- the cache
 
 @dataclass(frozen=True)
@@ -122,17 +160,20 @@ class _Inputs:
     name: str
     kernel: tuple[str, str]  # the versioned image package the metapackage points to, version
     packages: dict[str, str]  # host package -> version
+    downloads: dict[str, str]  # package unpacked into the image (not installed) -> version
 
     def key(self) -> str:
         digest = hashlib.sha256(json.dumps(
-            [self.kind, self.name, self.kernel, self.packages], sort_keys=True).encode())
+            [self.kind, self.name, self.kernel, self.packages, self.downloads],
+            sort_keys=True).encode())
         digest.update(Path(__file__).read_bytes())
         return digest.hexdigest()[:16]
 
 
 def _cached(kind: str, name: str, tools: dict[str, str],
             build: Callable[[_Inputs, str, Path, Path, Callable[[str], None]], None],
-            cache_dir: Path | None, progress: Callable[[str], None]) -> Path:
+            cache_dir: Path | None, progress: Callable[[str], None],
+            downloads: tuple[str, ...] = ()) -> Path:
     if not NAME.fullmatch(name):
         raise ValueError(f"image name {name!r}: use letters, digits, '.', '_' and '-' "
                          "(it goes into file names and the boot scripts)")
@@ -143,7 +184,8 @@ def _cached(kind: str, name: str, tools: dict[str, str],
                                f"apt-get install {' '.join(missing)}")
     packages = sorted(set(tools.values()))
     inputs = _Inputs(kind, name, _kernel_package(),
-                     {package: _installed_version(package) for package in packages})
+                     {package: _installed_version(package) for package in packages},
+                     {package: _candidate_version(package) for package in downloads})
     key = inputs.key()
     cache = Path(cache_dir or os.environ.get("LABMETAL_OSIMAGE_CACHE") or DEFAULT_CACHE)
     target = cache / f"{kind}-{name}-{key}"
@@ -185,6 +227,14 @@ def _kernel_package() -> tuple[str, str]:
         raise MissingToolError(f"apt knows no {KERNEL_PACKAGE} (run apt-get update): "
                                f"{result.stderr.strip()}")
     return found.group(1), found.group(2)
+
+
+def _candidate_version(package: str) -> str:
+    result = subprocess.run(["apt-cache", "policy", package], capture_output=True, text=True)
+    found = re.search(r"^\s*Candidate: (\S+)", result.stdout, re.MULTILINE)
+    if not found or found.group(1) == "(none)":
+        raise MissingToolError(f"apt knows no {package} (run apt-get update)")
+    return found.group(1)
 
 
 def _installed_version(package: str) -> str:
@@ -249,6 +299,76 @@ def _build_partition(inputs: _Inputs, key: str, work: Path, out: Path,
     run_step(["debugfs", "-w", "-f", str(commands), str(rootfs)], _env())
 
 
+def _build_session_disk(inputs: _Inputs, key: str, work: Path, out: Path,
+                        progress: Callable[[str], None]) -> None:
+    kernel = _kernel(inputs, work, progress)
+    files = work / "fat"
+    shutil.copyfile(kernel, _new(files / "vmlinuz"))
+    _initramfs(work, SESSION_INITRD_INIT, SESSION_MODULES, files / "initrd.img",
+               extra=_iscsistart(inputs, work, progress))
+    (files / "syslinux.cfg").write_text(SYSLINUX_CFG)
+
+    root = work / "rootfs"
+    _busybox(root)
+    install_file(root / "sbin" / "init", SESSION_ROOTFS_INIT.encode(), 0o755)
+    install_file(root / "etc" / "labmetal-os" / "name", f"{inputs.name}\n".encode(), 0o644)
+    install_file(root / "var" / "lib" / "labmetal-tp" / "counter", b"0\n", 0o644)
+    for path in [root, *sorted(root.rglob("*"))]:
+        os.utime(path, (EPOCH, EPOCH), follow_symlinks=False)
+    uuid = f"{key[:8]}-{key[8:12]}-4{key[13:16]}-8{key[1:4]}-{key[4:16]}"
+    rootfs = work / "rootfs.img"
+    run_step(["mkfs.ext4", "-q", "-F", "-L", SESSION_ROOT_LABEL, "-U", uuid, "-E",
+              f"hash_seed={uuid},root_owner=0:0", "-d", str(root), str(rootfs),
+              f"{(SESSION_DISK_SIZE - SESSION_ROOT_START) // 1024}k"], _env())
+
+    disk = out / "disk.img"
+    with open(disk, "wb") as stream:
+        stream.truncate(SESSION_DISK_SIZE)
+    run_step(["parted", "--script", "--align", "none", str(disk), "unit", "B", "mklabel",
+              "msdos", "mkpart", "primary", "fat16", f"{PARTITION_START}B",
+              f"{SESSION_ROOT_START - 1}B", "set", "1", "boot", "on", "mkpart", "primary",
+              "ext4", f"{SESSION_ROOT_START}B", f"{SESSION_DISK_SIZE - 1}B"], _env())
+    _write_at(disk, 440, bytes.fromhex(key[:8]))
+    write_mbr_code(str(disk))
+    sector, image = PARTITION_START // 512, f"{disk}@@{PARTITION_START}"
+    run_step(["mkfs.fat", "--offset", str(sector), "-h", str(sector), "-n", "LABMETAL",
+              "-i", key[8:16], str(disk), str((SESSION_ROOT_START - PARTITION_START) // 1024)],
+             _env())
+    for path in files.iterdir():
+        os.utime(path, (EPOCH, EPOCH))
+    run_step(["mcopy", "-m", "-i", image, *sorted(str(path) for path in files.iterdir()),
+              "::/"], _env())
+    run_step(["syslinux", "--offset", str(PARTITION_START), "--install", str(disk)], _env())
+    with open(rootfs, "rb") as source, open(disk, "r+b") as target:
+        target.seek(SESSION_ROOT_START)
+        shutil.copyfileobj(source, target, MIB)
+
+
+def _iscsistart(inputs: _Inputs, work: Path, progress: Callable[[str], None]) -> dict[str, bytes]:
+    """open-iscsi's iscsistart and the shared libraries it links (libopeniscsiusr from its
+    own downloaded package, the rest from the host, same Debian release), by path."""
+    unpacked = work / "open-iscsi"
+    for package, version in sorted(inputs.downloads.items()):
+        run_step(["dpkg-deb", "--extract", str(_download(package, version, work.parent,
+                                                         progress)), str(unpacked)], _env())
+    binary = unpacked / "sbin" / "iscsistart"
+    libraries = sorted({str(path.parent) for path in unpacked.rglob("*.so*")})
+    linked = run_step(["ldd", str(binary)],
+                      {**_env(), "LD_LIBRARY_PATH": ":".join(libraries)})
+    files = {"/bin/iscsistart": binary.read_bytes()}
+    for line in linked.splitlines():
+        found = re.search(r"(?:=>\s*)?(/\S+) \(0x", line)
+        if found is None:
+            if "not found" in line:
+                raise MissingToolError(f"iscsistart needs a library this host lacks: {line}")
+            continue
+        path = Path(found.group(1))
+        into = f"/lib/{path.name}" if path.name != "ld-linux-x86-64.so.2" \
+            else "/lib64/ld-linux-x86-64.so.2"
+        files[into] = path.resolve().read_bytes()
+    return files
+
+
 def _kernel(inputs: _Inputs, work: Path, progress: Callable[[str], None]) -> Path:
     """Unpack the kernel package (kept in the cache, which holds ``work``) into ``work/kernel``,
     with a modules.dep made there; its vmlinuz."""
@@ -278,11 +398,15 @@ def _download(package: str, version: str, cache: Path, progress: Callable[[str],
     return deb
 
 
-def _initramfs(work: Path, init: str, wanted: tuple[str, ...], target: Path) -> None:
-    """busybox, the kernel's ``wanted`` modules (with what they depend on, per modules.dep)
-    and ``init``, as a zstd cpio archive."""
+def _initramfs(work: Path, init: str, wanted: tuple[str, ...], target: Path,
+               extra: dict[str, bytes] | None = None) -> None:
+    """busybox, the kernel's ``wanted`` modules (with what they depend on, per modules.dep),
+    ``init`` and ``extra`` executables (path in the image -> content), as a zstd cpio
+    archive."""
     root = work / "initramfs"
     _busybox(root)
+    for path, content in (extra or {}).items():
+        install_file(root / path.lstrip("/"), content, 0o755)
     (source,) = (work / "kernel" / "lib" / "modules").iterdir()
     modules = select_modules(source, wanted)
     target_dir = root / "lib" / "modules" / source.name
@@ -415,6 +539,37 @@ mount -o "$mode" "$device" /newroot || fail "cannot mount $device"
 [ -x /newroot/sbin/init ] || fail "$device has no /sbin/init"
 for fs in dev proc sys; do mount --move "/$fs" "/newroot/$fs"; done
 exec switch_root /newroot /sbin/init
+"""
+
+SESSION_INITRD_INIT = _INITRAMFS_START.format(
+    comment="# labmetal TP session disk's initrd: attach the iSCSI root the firmware booted.",
+    common=_SHELL_COMMON) + f"""\
+fail() {{ say "{SESSION_MARKER_PREFIX} error: $1"; sleep 1; poweroff -f; }}
+# iPXE's sanboot left an iBFT (target, CHAP, initiator name, the NIC's address) in memory.
+for i in $(seq 50); do [ -d /sys/firmware/ibft/target0 ] && break; sleep 0.1; done
+[ -d /sys/firmware/ibft/target0 ] || fail "no iBFT: this seat was not booted by iSCSI sanboot"
+iscsistart -N > /tmp/iscsi.log 2>&1 || fail "network from the iBFT: $(tail -n 1 /tmp/iscsi.log)"
+iscsistart -b >> /tmp/iscsi.log 2>&1 || fail "iSCSI login: $(tail -n 1 /tmp/iscsi.log)"
+device=
+for i in $(seq 150); do device=$(findfs LABEL={SESSION_ROOT_LABEL}) && break; sleep 0.1; done
+[ -n "$device" ] || fail "no {SESSION_ROOT_LABEL} filesystem on the iSCSI disk"
+mount -o rw "$device" /newroot || fail "cannot mount $device"
+for fs in dev proc sys; do mount --move "/$fs" "/newroot/$fs"; done
+exec switch_root /newroot /sbin/init
+"""
+
+SESSION_ROOTFS_INIT = f"""\
+#!/bin/sh
+# labmetal TP session OS: its root is the student's own disk over iSCSI. Count the boots in
+# a file of that disk, say so, then stay up like an OS (the seat is powered off to end it).
+{_SHELL_COMMON}
+counter=/var/lib/labmetal-tp/counter
+name=$(cat /etc/labmetal-os/name)
+count=$(cat $counter)
+say "{SESSION_MARKER_PREFIX} image=$name mac=$(first_mac) counter=$count"
+echo $((count + 1)) > $counter.new && sync && mv $counter.new $counter && sync
+say "{SESSION_MARKER_PREFIX} counter=$(cat $counter) saved on $(awk '$2 == "/" {{ print $1 }}' /proc/mounts)"
+while :; do sleep 3600; done
 """
 
 ROOTFS_INIT = f"""\

@@ -9,6 +9,7 @@ import os
 import signal
 import socket
 import subprocess
+import time
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -92,7 +93,7 @@ class QemuSeat(SeatPower):
         if process is None or process.poll() is not None:
             return
         try:
-            self._qmp(process.pid, "quit")
+            qmp(process.pid, "quit")
             process.wait(timeout=10)
         except (OSError, ValueError, RuntimeError, subprocess.TimeoutExpired):
             os.kill(process.pid, signal.SIGKILL)
@@ -102,32 +103,71 @@ class QemuSeat(SeatPower):
         pid = self.pid
         if pid is not None and self._order == self._wanted_order():
             try:
-                self._qmp(pid, "system_reset")
+                qmp(pid, "system_reset")
                 return
             except (OSError, ValueError, RuntimeError):
                 pass  # a QEMU that does not answer is switched off and on instead
         self._stop()
         self._start()
 
-    @staticmethod
-    def _qmp(pid: int, command: str, timeout: float = 5.0) -> None:
-        """One QMP command. The socket is reached through QEMU's working directory: a state
-        dir deep in /tmp would not fit a socket address (107 bytes)."""
-        with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as sock:
-            sock.settimeout(timeout)
-            sock.connect(f"/proc/{pid}/cwd/{QMP_SOCKET}")
-            replies = sock.makefile("rb")
-            json.loads(replies.readline())  # the greeting
-            for execute in ("qmp_capabilities", command):
-                sock.sendall(json.dumps({"execute": execute}).encode() + b"\n")
-                while True:
-                    line = replies.readline()
-                    if not line:
-                        if execute == "quit":
-                            return  # QEMU may close before it answers
-                        raise RuntimeError(f"QEMU closed QMP during {execute}")
-                    reply = json.loads(line)
-                    if "event" not in reply:
-                        break
-                if "error" in reply:
-                    raise RuntimeError(f"QMP {execute}: {reply['error'].get('desc')}")
+
+def qmp(pid: int, command: str, arguments: dict | None = None, timeout: float = 5.0) -> None:
+    """One QMP command to the QEMU of ``pid``. The socket is reached through QEMU's working
+    directory: a state dir deep in /tmp would not fit a socket address (107 bytes)."""
+    with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as sock:
+        sock.settimeout(timeout)
+        sock.connect(f"/proc/{pid}/cwd/{QMP_SOCKET}")
+        replies = sock.makefile("rb")
+        json.loads(replies.readline())  # the greeting
+        for execute, args in (("qmp_capabilities", None), (command, arguments)):
+            message = {"execute": execute, **({"arguments": args} if args else {})}
+            sock.sendall(json.dumps(message).encode() + b"\n")
+            while True:
+                line = replies.readline()
+                if not line:
+                    if execute == "quit":
+                        return  # QEMU may close before it answers
+                    raise RuntimeError(f"QEMU closed QMP during {execute}")
+                reply = json.loads(line)
+                if "event" not in reply:
+                    break
+            if "error" in reply:
+                raise RuntimeError(f"QMP {execute}: {reply['error'].get('desc')}")
+
+
+# What a person at the seat types: QMP send-key to the PC's PS/2 keyboard, which the BIOS
+# (and iPXE's prompts and menus through it) reads.
+_QCODES = {" ": "spc", "-": "minus", ".": "dot", "\n": "ret", "/": "slash", ",": "comma",
+           "=": "equal", ";": "semicolon", "'": "apostrophe"}
+_SHIFTED = {"_": "minus", "@": "2", "!": "1", ":": "semicolon"}
+
+
+def seat_qemu_pid(state_dir: str | Path) -> int | None:
+    """The running QEMU of the seat whose state dir (QEMU's working directory) this is."""
+    wanted = Path(state_dir).resolve()
+    for proc in Path("/proc").glob("[0-9]*"):
+        try:
+            if proc.joinpath("cwd").resolve() == wanted and \
+                    proc.joinpath("comm").read_text().startswith("qemu-system"):
+                return int(proc.name)
+        except OSError:
+            continue
+    return None
+
+
+def type_text(state_dir: str | Path, text: str, pause: float = 0.15) -> None:
+    """Type ``text`` on the seat's keyboard, one key (with shift if needed) at a time."""
+    pid = seat_qemu_pid(state_dir)
+    if pid is None:
+        raise RuntimeError(f"no QEMU is running for {state_dir}")
+    for char in text:
+        if char.isalnum() and char.isascii():
+            keys = ["shift", char.lower()] if char.isupper() else [char]
+        elif char in _QCODES:
+            keys = [_QCODES[char]]
+        elif char in _SHIFTED:
+            keys = ["shift", _SHIFTED[char]]
+        else:
+            raise ValueError(f"cannot type {char!r}")
+        qmp(pid, "send-key", {"keys": [{"type": "qcode", "data": key} for key in keys]})
+        time.sleep(pause)

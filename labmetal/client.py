@@ -10,7 +10,10 @@ from __future__ import annotations
 import argparse
 import json
 import os
+from collections.abc import Callable
 from dataclasses import dataclass
+from email.message import Message
+from pathlib import Path
 from typing import Any
 
 import requests
@@ -18,6 +21,7 @@ import requests
 from labmetal.profile import load_profile
 
 DEFAULT_URL = "http://127.0.0.1:6385"
+PIECE_SIZE = 1024 * 1024
 
 
 class CliError(Exception):
@@ -42,6 +46,50 @@ class Client:
         if not response.ok:
             raise CliError(server_message(response))
         return response.json() if response.content else None
+
+    def download(self, path: str, dest: Path, params: dict[str, str] | None = None,
+                 progress: Callable[[int, int | None], None] | None = None) -> Path:
+        """GET ``path`` into ``dest``: a file, or a directory where the file takes the
+        name the server gives it; streamed in pieces, ``progress(received, total)`` after
+        each. Written as ``<file>.part`` and renamed when whole: a failed download leaves
+        no file, and an older one as it was. Returns the file."""
+        headers = {"X-Auth-Token": self.token} if self.token else {}
+        try:
+            with requests.get(self.url.rstrip("/") + path, params=params, auth=self.auth,
+                              headers=headers, stream=True, timeout=(10, 3600)) as response:
+                if not response.ok:
+                    raise CliError(server_message(response))
+                if dest.is_dir():
+                    dest = dest / attachment_name(response, path)
+                total = int(response.headers.get("Content-Length", 0)) or None
+                received = 0
+                partial = dest.with_name(dest.name + ".part")
+                try:
+                    with open(partial, "wb") as file:
+                        for piece in response.iter_content(PIECE_SIZE):
+                            file.write(piece)
+                            received += len(piece)
+                            if progress:
+                                progress(received, total)
+                    if total is not None and received != total:
+                        raise CliError(f"the download of {path} ended after {received} of "
+                                       f"{total} bytes")
+                    partial.replace(dest)
+                finally:
+                    partial.unlink(missing_ok=True)
+        except requests.RequestException as error:
+            reason = getattr(error.args[0] if error.args else None, "reason", error)
+            raise CliError(f"downloading {path} from {self.url}: {reason}") from None
+        return dest
+
+
+def attachment_name(response: requests.Response, path: str) -> str:
+    """The file name of the response's Content-Disposition (its last part only: never a
+    path elsewhere), else the URL's last segment."""
+    header = Message()
+    header["Content-Disposition"] = response.headers.get("Content-Disposition", "")
+    name = Path(header.get_filename() or "").name
+    return name if name not in ("", ".", "..") else path.rstrip("/").rsplit("/", 1)[-1]
 
 
 def server_message(response: requests.Response) -> str:

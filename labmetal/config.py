@@ -90,9 +90,13 @@ class Settings:
     ceph_pool: str = "labmetal"
     ceph_client: str = "admin"  # the cephx client id (client.admin)
     ceph_timeout: float = 10.0  # seconds before Ceph counts as unavailable
+    ceph_object_order: int = 16  # a session clone's objects: 2**N bytes, each copied up whole
     iscsi_portal: str = ""  # HOST:PORT seats reach session targets at; default seat_url's host:3260
     session_quota_mib: int = 0  # what one session may use (its changes and saves); 0: no limit
     class_quota_mib: int = 0  # what all sessions of one template may use together; 0: no limit
+    # Seconds an idle seat shows its menu (log in to a TP session, or the default: its
+    # disk); 0: no menu. Only with accounts (auth = http_basic): a login needs them.
+    seat_menu_timeout: int = 5
 
     @property
     def database_url(self) -> str:
@@ -197,4 +201,7 @@ def load_settings(overrides: Mapping[str, Any] | None = None, config_file: str |
         split_host_port(settings.iscsi_portal)
     if settings.session_quota_mib < 0 or settings.class_quota_mib < 0:
         raise ValueError("session_quota_mib and class_quota_mib are MiB, 0 for no limit")
+    if not 12 <= settings.ceph_object_order <= 25:
+        raise ValueError(f"ceph_object_order must be 12 to 25 (RBD objects of 4 KiB to "
+                         f"32 MiB), not {settings.ceph_object_order}")
     return settings

@@ -183,6 +183,12 @@ class Room(Base):
     uuid: Mapped[str] = mapped_column(String(36), unique=True, default=new_uuid)
     name: Mapped[str] = mapped_column(String(64), unique=True)
     description: Mapped[str | None] = mapped_column(Text)
+    # The TP the room is open for: its seats' login offers that template's session alone.
+    tp_template_id: Mapped[int | None] = mapped_column(ForeignKey("templates.id",
+                                                                  ondelete="SET NULL"))
+    tp_started_by: Mapped[str | None] = mapped_column(String(255))
+    tp_started_at: Mapped[datetime | None]
+    tp_template: Mapped[Template | None] = relationship(lazy="joined")
     created_at: Mapped[datetime] = mapped_column(default=utcnow)
     updated_at: Mapped[datetime | None] = mapped_column(onupdate=utcnow)
 

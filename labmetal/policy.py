@@ -77,6 +77,8 @@ ACTIONS: dict[str, Action] = {action.name: action for action in (
     Action("session:reset", (ADMIN, TEACHER, OWN[1]), ownable=True,
            description="back to the template (teachers: any of their class's)"),
     Action("session:delete", (ADMIN, OWN[1]), ownable=True),
+    Action("session:export", (ADMIN, TEACHER, OWN[1]), ownable=True,
+           description="download a copy of a session's disk (teachers: any of their class's)"),
     # Accounts: admins manage users; everybody reads themself and changes their password.
     Action("user:list", (ADMIN,)),
     Action("user:get", (ADMIN, *OWN), ownable=True),

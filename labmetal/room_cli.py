@@ -57,6 +57,27 @@ def cmd_power_off(client: Client, args: argparse.Namespace) -> Any:
     return _submit(client, args, {"action": "power-off", "at": args.at, "repeat": args.repeat})
 
 
+def cmd_tp(client: Client, args: argparse.Namespace) -> Any:
+    """Open the room for a TP (its seats' login goes straight into that session), or close
+    it (--end; running sessions go on until their seats are powered off)."""
+    if args.end:
+        client.call("DELETE", f"/v1/rooms/{args.room}/tp")
+        if not args.json:
+            print(f"room {args.room}: no TP any more (running sessions go on)")
+        return None
+    if not args.template:
+        raise CliError("name the template (--template T), or --end")
+    opened = client.call("PUT", f"/v1/rooms/{args.room}/tp",
+                         json={"template": args.template, "power_on": not args.no_power_on})
+    if args.json:
+        return opened
+    print(f"room {args.room} open for TP {opened['tp']['template']}: students log in at a "
+          f"seat; {len(opened['powered_on'])} seats powering on")
+    for label, why in sorted(opened["not_powered"].items()):
+        print(f"  {label}: not powered on: {why}")
+    return None
+
+
 def _submit(client: Client, args: argparse.Namespace, body: dict[str, Any]) -> Any:
     job = client.call("POST", f"/v1/rooms/{args.room}/jobs", json=body)
     if not args.watch:
@@ -131,6 +152,8 @@ def print_job(job: dict[str, Any], out: TextIO) -> int:
 def print_room(room: dict[str, Any], out: TextIO) -> None:
     out.write(f"room {room['name']}: {room['seat_count']} seats"
               f"{' — ' + room['description'] if room['description'] else ''}\n")
+    if room.get("tp"):
+        out.write(f"open for TP {room['tp']['template']} (by {room['tp']['started_by']})\n")
     job = room.get("job")
     if job:
         out.write(f"last job {job['uuid']}: {job['action']} {job['image'] or ''} "
@@ -142,8 +165,9 @@ def print_room(room: dict[str, Any], out: TextIO) -> None:
     for seat in room["seats"]:
         node = f"{seat['node_name'] or seat['node_uuid']} ({seat['provision_state']}, " \
                f"{seat['power_state'] or 'power unknown'})"
+        student = f"  session of {seat['student']}" if seat.get("student") else ""
         out.write(_seat_line(seat["label"], seat["state"], seat["progress"], seat["attempts"],
-                             seat["error"] or seat["last_error"]) + f"  {node}\n")
+                             seat["error"] or seat["last_error"]) + f"  {node}{student}\n")
 
 
 def _seat_line(label: str, state: str, progress: int, attempts: int, error: str | None) -> str:
@@ -216,6 +240,13 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     power_off = sub.add_parser("power-off", parents=[common, when], help="power the room off")
     power_off.add_argument("room")
     power_off.set_defaults(room_func=cmd_power_off)
+
+    tp = sub.add_parser("tp", parents=[common], help="open the room for a TP (or --end)")
+    tp.add_argument("room")
+    tp.add_argument("--template", help="the TP's template")
+    tp.add_argument("--no-power-on", action="store_true", help="leave the seats' power alone")
+    tp.add_argument("--end", action="store_true", help="close the TP")
+    tp.set_defaults(room_func=cmd_tp)
 
     jobs = sub.add_parser("jobs", parents=[common], help="the room's jobs, newest first")
     jobs.add_argument("room")

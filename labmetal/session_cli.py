@@ -4,6 +4,7 @@ sessions of them, through the REST API (/v1/templates, /v1/sessions).
 A session is named by its UUID, or by its template's name: the caller's session of that
 template (`--student NAME` for a teacher's or admin's look at someone else's).
 `session start TP --seat NODE` makes the session first if the student has none yet.
+`session export` downloads a copy of a session's disk; `template export` the whole class's.
 Credentials and the API URL are found as for `labmetal images` (images/cli.make_client).
 """
 from __future__ import annotations
@@ -12,10 +13,15 @@ import argparse
 import json
 import os
 import sys
+import time
 import uuid as uuidlib
+from pathlib import Path
 from typing import Any
 
 from labmetal.client import DEFAULT_URL, CliError, Client, make_client
+from labmetal.images.cli import Progress
+
+BUSY = ("starting", "running")  # in use on a seat: its disk is not exported
 
 
 def _is_uuid(value: str) -> bool:
@@ -74,6 +80,45 @@ def cmd_template_delete(client: Client, args: argparse.Namespace) -> Any:
     client.call("DELETE", f"/v1/templates/{args.name}")
     if not args.json:
         print(f"template {args.name} deleted")
+    return None
+
+
+def cmd_template_export(client: Client, args: argparse.Namespace) -> Any:
+    """Every live session of the template into ``--dir`` as ``<student>.<format>``; those
+    in use on a seat are skipped, each with a line saying so."""
+    directory = Path(args.dir)
+    directory.mkdir(parents=True, exist_ok=True)
+    sessions = client.call("GET", "/v1/sessions", params={"template": args.name})["sessions"]
+    out = sys.stderr if args.json else sys.stdout
+    exported, skipped, failed = [], [], []
+    for ses in sessions:
+        who = ses["student"]
+        if ses["state"] in BUSY:
+            print(f"skipped {who}: session {ses['uuid']} is {ses['state']} on seat "
+                  f"{ses['seat']}; stop it, then export it again", file=out)
+            skipped.append({"student": who, "session": ses["uuid"], "state": ses["state"],
+                            "seat": ses["seat"]})
+            continue
+        try:
+            path = download_disk(client, ses, directory / f"{who}.{args.format}",
+                                 {"format": args.format}, who)
+        except (CliError, OSError) as error:
+            print(f"failed {who}: {error}", file=out)
+            failed.append({"student": who, "session": ses["uuid"], "error": str(error)})
+            continue
+        exported.append({"student": who, "session": ses["uuid"], "file": str(path),
+                         "bytes": path.stat().st_size})
+        print(f"exported {who}: {path} ({_mib(exported[-1]['bytes'])})", file=out)
+    total = sum(e["bytes"] for e in exported)
+    print(f"template {args.name}: {len(exported)} of {len(sessions)} session(s) exported "
+          f"into {directory} ({_mib(total)}); {len(skipped)} skipped (in use on a seat), "
+          f"{len(failed)} failed", file=out)
+    result = {"template": args.name, "directory": str(directory), "exported": exported,
+              "skipped": skipped, "failed": failed}
+    if args.json:
+        print(json.dumps(result, indent=2))
+    if failed:
+        raise CliError(f"{len(failed)} session(s) of {args.name} could not be exported")
     return None
 
 
@@ -183,6 +228,65 @@ def cmd_session_revert(client: Client, args: argparse.Namespace) -> Any:
     return None
 
 
+class DownloadProgress(Progress):
+    """The upload bar of `labmetal images`, for a download: from its first byte (the server
+    copies the disk before it sends any), then one summary line."""
+
+    def waiting(self) -> None:
+        if self.live:
+            self.out.write(f"\r{self.verb} {self.name}: the server is copying the disk\x1b[K")
+            self.out.flush()
+
+    def update(self, received: int, total: int | None) -> None:
+        if self.sent == 0:
+            self.started = self.drawn_at = time.monotonic()  # a rate needs some time
+            self.total = total or 0
+        self.add(received - self.sent)
+
+    def finish(self) -> None:
+        self.ended = time.monotonic()
+        if self.live:
+            self.out.write("\n")
+        self.out.write(f"downloaded {self.name}: {self.sent / 1e6:.1f} MB in "
+                       f"{self.elapsed():.1f} s ({self.rate():.1f} MB/s)\n")
+        self.out.flush()
+
+
+def download_disk(client: Client, ses: dict[str, Any], dest: Path, params: dict[str, str],
+                  name: str) -> Path:
+    progress = DownloadProgress(name, 0, sys.stderr, verb="download")
+    progress.waiting()
+    try:
+        path = client.download(f"/v1/sessions/{ses['uuid']}/disk", dest, params,
+                               progress=progress.update)
+    except BaseException:
+        if progress.live:  # the error on a line of its own
+            progress.out.write("\n")
+        raise
+    progress.finish()
+    return path
+
+
+def cmd_session_export(client: Client, args: argparse.Namespace) -> Any:
+    ses = find_session(client, args.session, args.student)
+    params = {"format": args.format}
+    if args.save:
+        params["save"] = args.save
+    if args.compress:
+        params["compress"] = "true"
+    path = download_disk(client, ses, Path(args.output or "."), params,
+                         f"{ses['template']} of {ses['student']}")
+    result = {"session": ses["uuid"], "student": ses["student"], "template": ses["template"],
+              "save": args.save, "format": args.format, "file": str(path),
+              "bytes": path.stat().st_size}
+    if args.json:
+        return result
+    print(f"session {ses['uuid']} ({ses['template']}, {ses['student']})"
+          f"{' save point ' + args.save if args.save else ''} written to {path} "
+          f"({_mib(result['bytes'])})")
+    return None
+
+
 def cmd_session_delete(client: Client, args: argparse.Namespace) -> Any:
     ses = find_session(client, args.session, args.student)
     client.call("DELETE", f"/v1/sessions/{ses['uuid']}")
@@ -237,6 +341,12 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     remove = sub.add_parser("delete", parents=[common], help="a template without sessions")
     remove.add_argument("name")
     remove.set_defaults(session_func=cmd_template_delete)
+    export = sub.add_parser("export", parents=[common],
+                            help="download the disk of each of its sessions (the class's)")
+    export.add_argument("name")
+    export.add_argument("--dir", required=True, help="where: one <student>.<format> each")
+    export.add_argument("--format", choices=("qcow2", "raw"), default="qcow2")
+    export.set_defaults(session_func=cmd_template_export)
 
     session = subparsers.add_parser("session", help="students' sessions of TP templates")
     session.set_defaults(func=run)
@@ -274,3 +384,12 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     reset.set_defaults(session_func=_action("reset"))
     remove = sub.add_parser("delete", parents=[whose], help="delete it and its data")
     remove.set_defaults(session_func=cmd_session_delete)
+    export = sub.add_parser("export", parents=[whose],
+                            help="download its disk, or a save point's, as one image file")
+    export.add_argument("--save", help="a save point's number, label or UUID")
+    export.add_argument("--format", choices=("qcow2", "raw"), default="qcow2")
+    export.add_argument("--compress", action="store_true", help="a compressed qcow2")
+    export.add_argument("-o", "--output", help="the file, or a directory for the server's "
+                                               "name <template>-<student>-<date>.<format> "
+                                               "(default: here)")
+    export.set_defaults(session_func=cmd_session_export)

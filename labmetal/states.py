@@ -103,3 +103,10 @@ def allowed_verbs(state: str) -> list[str]:
 
 def transition(state: str, verb: str) -> Transition | None:
     return PROVISION_VERBS.get((state, verb))
+
+
+# Where a seat boots the labmetal ramdisk, and in which mode (its per-MAC iPXE script).
+RAMDISK_MODE = {DEPLOYING: "deploy", DEPLOY_WAIT: "deploy",
+                CLEANING: "clean", CLEAN_WAIT: "clean", DELETING: "clean",
+                INSPECTING: "inspect", INSPECT_WAIT: "inspect",
+                CAPTURING: "deploy", CAPTURE_WAIT: "deploy"}

@@ -22,6 +22,9 @@ SCRIPT_PATH = "boot/{mac}.ipxe"  # under the base URL, one per MAC: see script_m
 _URL_CHARS = re.compile(r"^[A-Za-z0-9._~:/?\[\]@!&()*+,;=%-]+$")
 _KERNEL_ARG = re.compile(r"^[A-Za-z0-9._~:/?@!&()*+,;=%-]+$")
 _SHOWN = re.compile(r"[^A-Za-z0-9 ._:/@()+,=~'-]")
+_IQN = re.compile(r"^iqn\.\d{4}-\d{2}\.[a-z0-9.-]+(?::[A-Za-z0-9.:_-]+)?$")
+_CHAP = re.compile(r"^[A-Za-z0-9._-]{1,64}$")
+_IPV4 = re.compile(r"^\d{1,3}(?:\.\d{1,3}){3}$")
 _SCRIPT_NAME = re.compile(r"^([0-9a-f]{2}(?:-[0-9a-f]{2}){5})\.ipxe$")
 
 RamdiskMode = Literal["deploy", "inspect", "clean", "discovery"]
@@ -213,4 +216,179 @@ class IdleScript:
         )
 
 
-BootScript = ChainScript | RamdiskScript | LocalDiskScript | IdleScript
+@dataclass(frozen=True)
+class SanbootScript:
+    """Boot a student's session disk from its iSCSI target (LUN 1; LUN 0 is tgt's
+    controller) as the seat's BIOS disk. iPXE describes the connection in an iBFT (target,
+    CHAP account, initiator name, the NIC's address), from which the OS's initramfs logs in
+    again once iPXE's connection is gone. The target lets in only this seat's initiator
+    name with this session's CHAP account. If the target does not answer, the seat retries,
+    then falls back to its firmware."""
+    portal_host: str  # IPv4 address the seats reach the target server at
+    portal_port: int
+    target_iqn: str
+    initiator_iqn: str
+    chap_user: str
+    chap_secret: str
+    student: str = ""  # shown on the PC's screen only
+    attempts: int = 3
+    retry_delay: int = 5
+
+    def __post_init__(self) -> None:
+        if not _IPV4.match(self.portal_host) or not 0 < self.portal_port < 65536:
+            raise ValueError(f"iSCSI portal must be IPv4:port: "
+                             f"{self.portal_host}:{self.portal_port}")
+        for what, value in (("target", self.target_iqn), ("initiator", self.initiator_iqn)):
+            if not _IQN.match(value):
+                raise ValueError(f"{what} name must be an iqn. name: {value!r}")
+        for what, value in (("CHAP user", self.chap_user), ("CHAP secret", self.chap_secret)):
+            if not _CHAP.match(value):
+                raise ValueError(f"{what} must be 1-64 letters, digits, '.', '_' or '-'")
+
+    @property
+    def root_path(self) -> str:
+        return f"iscsi:{self.portal_host}::{self.portal_port}:1:{self.target_iqn}"
+
+    def render(self) -> str:
+        who = f" of {shown(self.student)}" if shown(self.student) else ""
+        return _lines(
+            f"# labmetal: boot the session{who} from its iSCSI disk",
+            f"set initiator-iqn {self.initiator_iqn}",
+            f"set username {self.chap_user}",
+            f"set password {self.chap_secret}",
+            "set attempt:int32 0",
+            ":boot",
+            f"echo labmetal: booting the session{who} over iSCSI",
+            f"sanboot {self.root_path} || goto retry",
+            ":retry",
+            "inc attempt",
+            f"iseq ${{attempt}} {self.attempts} && goto failed ||",
+            f"echo labmetal: the session disk did not answer, retrying in {self.retry_delay} s",
+            f"sleep {self.retry_delay}",
+            "goto boot",
+            ":failed",
+            f"echo labmetal: the session disk did not boot after {self.attempts} attempts;"
+            " returning to the firmware",
+            "sleep 10",
+            "exit 1",
+        )
+
+
+def _login_url(base_url: str, path: str) -> str:
+    """``base_url``/``path`` with the credentials the seat's ``login`` prompt read: iPXE
+    sends them (HTTP basic) when the server answers 401."""
+    scheme, rest = url(base_url, "base URL").rstrip("/").split("://", 1)
+    return f"{scheme}://${{username:uristring}}:${{password:uristring}}@{rest}/{path}"
+
+
+def _body(script: BootScript) -> list[str]:
+    """A script's lines after its ``#!ipxe``, to inline it under a label."""
+    return script.render().splitlines()[1:]
+
+
+@dataclass(frozen=True)
+class SeatMenuScript:
+    """A PC with nothing else to do shows a menu for ``timeout`` seconds: a student logs in
+    to boot their TP session (the seat's ``login`` prompt; the next script comes with
+    their credentials), or ``default`` runs (the PC's own disk, or back to the firmware).
+    A refused login returns to this menu."""
+    base_url: str
+    mac_path: str  # this PC's scripts' folder under base_url: "boot/52-54-00-12-34-56"
+    node: str
+    default: LocalDiskScript | IdleScript
+    default_label: str
+    timeout: int = 5
+
+    def __post_init__(self) -> None:
+        url(self.base_url, "base URL")
+        if script_mac(self.mac_path.rsplit("/", 1)[-1] + ".ipxe") is None:
+            raise ValueError(f"not a per-MAC path: {self.mac_path!r}")
+        if self.timeout < 1:
+            raise ValueError("timeout must be >= 1")
+
+    def render(self) -> str:
+        base = self.base_url.rstrip("/")
+        return _lines(
+            f"# labmetal: the seat menu of {shown(self.node)}",
+            f"menu labmetal - {shown(self.node)}",
+            "item --key l session [L] Log in to my TP session",
+            f"item default {shown(self.default_label)}",
+            f"choose --timeout {self.timeout * 1000} --default default choice"
+            " || goto default",
+            "goto ${choice}",
+            ":session",
+            "clear username ||",  # a login that was refused leaves its values for the next
+            "clear password ||",
+            "login || goto default",
+            f"chain --replace --autofree {_login_url(base, self.mac_path + '/login.ipxe')}"
+            " || goto refused",
+            ":refused",
+            "echo labmetal: login refused (wrong user name or password?)",
+            "sleep 3",
+            f"chain --replace --autofree {base}/{self.mac_path}.ipxe || goto default",
+            ":default",
+            *_body(self.default),
+        )
+
+
+@dataclass(frozen=True)
+class SessionMenuScript:
+    """After a login: the student's sessions and the templates they have none of yet;
+    the choice is fetched, with the same credentials and the login's ``ticket``, from
+    ``<mac_path>/start/<key>.ipxe``, which answers with the seat's next script."""
+    base_url: str
+    mac_path: str
+    student: str
+    choices: tuple[tuple[str, str], ...]  # (key: letters, digits, '-'; label); 9 at most
+    ticket: str  # letters, digits and '.'
+
+    def __post_init__(self) -> None:
+        url(self.base_url, "base URL")
+        if not 0 < len(self.choices) <= 9:
+            raise ValueError("a session menu has 1 to 9 choices")
+        if not re.fullmatch(r"[A-Za-z0-9.]{1,120}", self.ticket):
+            raise ValueError("a ticket is letters, digits and '.'")
+        for key, _ in self.choices:
+            if not re.fullmatch(r"[A-Za-z0-9-]{1,80}", key):
+                raise ValueError(f"menu key must be letters, digits and '-': {key!r}")
+
+    def render(self) -> str:
+        base = self.base_url.rstrip("/")
+        start = _login_url(base, f"{self.mac_path}/start/${{choice}}.ipxe?ticket={self.ticket}")
+        return _lines(
+            f"# labmetal: the TP sessions of {shown(self.student)}",
+            f"menu labmetal - TP sessions of {shown(self.student)}",
+            *(f"item --key {number} {key} [{number}] {shown(label)}"
+              for number, (key, label) in enumerate(self.choices[:9], start=1)),
+            "item --gap",
+            "item back Back",
+            "choose choice || goto back",
+            "iseq ${choice} back && goto back ||",
+            f"chain --replace --autofree {start} || goto failed",
+            ":failed",
+            "echo labmetal: the session could not be started",
+            "sleep 5",
+            ":back",
+            f"chain --replace --autofree {base}/{self.mac_path}.ipxe",
+        )
+
+
+@dataclass(frozen=True)
+class MessageScript:
+    """Show ``message`` for ``delay`` seconds, then fetch this PC's script again."""
+    base_url: str
+    mac_path: str
+    message: str
+    delay: int = 8
+
+    def render(self) -> str:
+        base = url(self.base_url, "base URL").rstrip("/")
+        return _lines(
+            f"echo labmetal: {shown(self.message)}",
+            f"sleep {self.delay}",
+            f"chain --replace --autofree {base}/{self.mac_path}.ipxe",
+        )
+
+
+BootScript = (ChainScript | RamdiskScript | LocalDiskScript | IdleScript | SanbootScript
+              | SeatMenuScript | SessionMenuScript | MessageScript)

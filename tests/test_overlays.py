@@ -68,14 +68,16 @@ class Store:
 
 
 def open_backend(kind: str, run_dir: Path, data_dir: Path, ceph: CephCluster | None,
-                 quota: Quota | None = None) -> OverlayBackend:
+                 quota: Quota | None = None, **options) -> OverlayBackend:
+    """``options``: more of the backend's settings (``object_order`` for ceph)."""
     targets = SessionTargets(run_dir / "tgt", PORTAL_IPS[kind], free_port())
     if kind == "local":
         from labmetal.images.overlays.local import LocalOverlays
-        return LocalOverlays(data_dir, targets, run_dir=run_dir / "qsd", quota=quota)
+        return LocalOverlays(data_dir, targets, run_dir=run_dir / "qsd", quota=quota,
+                             **options)
     from labmetal.images.overlays.ceph import CephOverlays
     assert ceph is not None
-    return CephOverlays(ceph.conf_path, ceph.pool, targets, quota=quota, timeout=5)
+    return CephOverlays(ceph.conf_path, ceph.pool, targets, quota=quota, timeout=5, **options)
 
 
 @pytest.fixture(params=["local", "ceph"])
@@ -87,9 +89,9 @@ def stores(request, tmp_path):
     run_dir = Path(tempfile.mkdtemp(prefix="lm-ov-"))  # short: unix socket paths
     made: list[Store] = []
 
-    def make(quota: Quota | None = None) -> Store:
+    def make(quota: Quota | None = None, **options) -> Store:
         backend = open_backend(kind, run_dir / str(len(made)), tmp_path / f"data{len(made)}",
-                               ceph, quota)
+                               ceph, quota, **options)
         made.append(Store(backend, backend.targets, tmp_path, kind))
         return made[-1]
 
@@ -278,6 +280,53 @@ def test_storage_follows_the_students_changes(store, tmp_path, capsys):
               f"created in {create_seconds * 1000:.0f} ms, exported in "
               f"{export_seconds * 1000:.0f} ms; after 50 MiB written: {used / MiB:.1f} MiB "
               f"used; saved, then 4 MiB rewritten: {after_save / MiB:.1f} MiB")
+
+
+@pytest.mark.parametrize("stores", ["ceph"], indirect=True)
+def test_scattered_small_writes_cost_about_their_bytes_on_ceph(stores, ceph_cluster, tmp_path):
+    """A clone copies up a whole object on its first write there: a session's clone has
+    the configured object size (64 KiB by default, not the template's 4 MiB), so 100
+    writes of 64 KiB spread over a 256 MiB template cost about 6.25 MiB, not 100 objects
+    of 4 MiB. A service restarted with another size makes its new clones (a reset too)
+    with that one."""
+    from labmetal.config import Settings
+
+    store = stores()
+    backend = store.backend
+    assert backend.object_order == Settings().ceph_object_order == 16
+    backend.make_template("tp8", 1, raw_template(tmp_path / "tp8.raw", size=256 * MiB))
+    backend.create_session("max-tp8", "tp8", 1)
+    assert clone_order(ceph_cluster, "max-tp8") == 16
+    seat = seat_for(store, "max-tp8", "h01")
+    piece, count = 64 * 1024, 100
+    step = 256 * MiB // count // piece * piece  # 2.5 MiB: every write in another 4 MiB
+    for number in range(count):
+        seat.write(0xB0 + number % 16, number * step, piece)
+    assert seat.holds(0xB0, 0, piece) and seat.holds(0xB3, 3 * step, piece)
+    assert seat.holds(TEMPLATE_BYTE, piece, step - piece)  # the template around them
+    assert seat.holds(0, 99 * step + piece, 256 * MiB - 99 * step - piece)
+    written = count * piece
+    used = backend.used_bytes("max-tp8")
+    assert written <= used <= 2 * written, (used, written)
+    backend.unexport("max-tp8")
+
+    restarted = stores(object_order=20).backend
+    restarted.reset("max-tp8")
+    restarted.create_session("ned-tp8", "tp8", 1)
+    assert clone_order(ceph_cluster, "max-tp8") == clone_order(ceph_cluster, "ned-tp8") == 20
+    assert restarted.used_bytes("max-tp8") == 0
+    print(f"[ceph] {count} writes of 64 KiB spread over 256 MiB: {used / MiB:.2f} MiB used "
+          f"({used / written:.2f} x the bytes written)")
+
+
+def clone_order(ceph: CephCluster, session_id: str) -> int:
+    """The session image's object size (2**order bytes), as librbd says."""
+    import rados
+    import rbd
+    with rados.Rados(conffile=str(ceph.conf_path)) as cluster, \
+            cluster.open_ioctx(ceph.pool) as ioctx, \
+            rbd.Image(ioctx, f"ses.{session_id}", read_only=True) as image:
+        return image.stat()["order"]
 
 
 def test_killed_tgtd_then_the_session_resumes_with_its_data(store, tmp_path):

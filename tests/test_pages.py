@@ -677,6 +677,25 @@ def test_a_student_resumes_saves_and_resets_a_session(procs, browser):
         assert not find(browser, "#start").is_displayed()
         shot(browser, "sessions-teacher")
 
+        # the teacher opens a room for the TP from its page; una's seat shows her
+        assert service.post("/v1/rooms", {"name": "tpr9"}, auth=ADA).status_code == 201
+        for label, seat in (("A1", "a01"), ("A2", "a02")):
+            assert service.put(f"/v1/rooms/tpr9/seats/{label}", {"node": seat}, auth=ADA).ok
+        browser.get(f"{service.url}/ui/rooms/tpr9")
+        wait(browser, lambda d: "session of una" in find(d, '#seats li[data-label="A2"]').text,
+             what="una on seat A2")
+        wait(browser, lambda d: "tp3-reseaux" in find(d, "#tp-template").text,
+             what="the templates")
+        find(browser, '#tp input[name="power_on"]').click()  # these seats have no power
+        find(browser, "#tp button[type=submit]").click()
+        wait(browser, lambda d: "Open for TP tp3-reseaux (started by tom"
+             in find(d, "#tp-state").text, what="the open TP")
+        assert service.get("/v1/rooms/tpr9", auth=TOM).json()["tp"]["template"] == "tp3-reseaux"
+        shot(browser, "room-tp")
+        find(browser, "#tp-end").click()
+        wait(browser, lambda d: "not open" in find(d, "#tp-state").text, what="the TP's end")
+        assert service.get("/v1/rooms/tpr9", auth=TOM).json()["tp"] is None
+
         # an admin, who may list the nodes, picks the seat from a select of them
         log_out(browser)
         log_in(browser, service, ADA, "/ui/sessions")

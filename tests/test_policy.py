@@ -21,13 +21,16 @@ from tests.support import LABMETAL, error_text, service_env, start_service
 # Reachable without a labmetal user, each for its reason (see @public in the views). A new
 # public endpoint must be added here, on purpose.
 PUBLIC_ENDPOINTS = {
-    "root.root", "root.v1",  # version discovery, as Ironic's
+    "root.root", "root.v1", "root.openapi",  # version discovery, as Ironic's; the API's doc
     "agent.lookup", "agent.heartbeat", "agent.discovery",  # the agent token protects them
     "boot.chain", "boot.per_mac", "images.image_file",  # what seats boot and download
+    "seat_login.login", "seat_login.start",  # a seat's login: the views check the student
     "login.login_form", "login.login", "login.logout", "login.session_info",
     # page shells (they check the caller themselves; data comes from the API) and their CSS/JS
     "pages.home", "pages.page", "pages.detail", "pages.static_file",
 }
+# Public views that ask an anonymous caller for credentials (iPXE sends them on a 401).
+CHALLENGING = {"seat_login.login", "seat_login.start"}
 # Own-only rules where the caller's own is implied: a collection that lists only the
 # caller's own, a session made for the caller.
 OWN_IMPLIED = {"sessions.list_sessions", "sessions.create_session"}
@@ -135,6 +138,10 @@ def test_every_role_is_allowed_and_refused_as_the_policy_says_on_every_endpoint(
     for endpoint, method, rule in routes:
         url = service.url + _concrete(rule, "nobody-here")
         anonymous = requests.request(method, url, json={}, timeout=30)
+        if endpoint in CHALLENGING:
+            assert anonymous.status_code == 401, f"{method} {rule}"
+            assert anonymous.headers["WWW-Authenticate"].startswith("Basic ")
+            continue
         if endpoint in PUBLIC_ENDPOINTS:
             assert anonymous.status_code != 401, f"{method} {rule}"
             continue

@@ -21,7 +21,7 @@ import tftpy
 from labmetal.lab.network import Lab, in_namespace, remove_leftovers, run_in
 from labmetal.pxe.dnsmasq import DhcpConfig, DhcpHost, Dnsmasq, render_config, render_hosts
 from labmetal.pxe.ipxe import (ChainScript, IdleScript, LocalDiskScript, RamdiskScript,
-                               script_mac)
+                               SanbootScript, SeatMenuScript, SessionMenuScript, script_mac)
 from labmetal.pxe.tftp import TftpService, install_ipxe_binaries, requested_path
 from tests.support import free_port, wait_for
 
@@ -108,6 +108,58 @@ def test_user_text_cannot_run_ipxe_commands():
     node = RamdiskScript("http://10.99.1.1/k", "http://10.99.1.1/r", API,
                          node="a01 && shell").render()
     assert "echo labmetal: loading the deploy ramdisk for a01 ?? shell\n" in node
+
+
+SESSION_IQN = "iqn.2026-11.org.labmetal:session.5d2f0c1e-0000-4000-8000-000000000001"
+SEAT_IQN = "iqn.2026-11.org.labmetal:7c9e6679-7425-40de-944b-e07fc1f90ae7"
+
+
+def test_a_session_seat_sanboots_lun_1_with_its_chap_account_and_initiator_name():
+    script = SanbootScript("10.99.1.2", 3260, SESSION_IQN, SEAT_IQN, "lm0123", "S3cretS3cret",
+                           student="ann").render()
+    lines = script.splitlines()
+    assert lines[0] == "#!ipxe"
+    assert f"set initiator-iqn {SEAT_IQN}" in lines
+    assert "set username lm0123" in lines and "set password S3cretS3cret" in lines
+    assert f"sanboot iscsi:10.99.1.2::3260:1:{SESSION_IQN} || goto retry" in lines
+    assert lines[-1] == "exit 1"  # a target that never answers: back to the firmware
+
+
+@pytest.mark.parametrize("field, bad", [
+    ("portal_host", "10.99.1.2 || shell"), ("portal_host", "server.example"),
+    ("target_iqn", "iqn.2026-11.org.labmetal:x ${net0/ip}"), ("initiator_iqn", "ann"),
+    ("chap_user", "a b"), ("chap_secret", "x;shell"), ("chap_secret", "${password}"),
+])
+def test_sanboot_values_that_would_change_the_script_are_refused(field, bad):
+    values = {"portal_host": "10.99.1.2", "portal_port": 3260, "target_iqn": SESSION_IQN,
+              "initiator_iqn": SEAT_IQN, "chap_user": "lm0123", "chap_secret": "S3cret",
+              field: bad}
+    with pytest.raises(ValueError):
+        SanbootScript(**values)
+
+
+def test_the_seat_menu_offers_a_login_then_the_students_sessions():
+    base, folder = "http://10.99.1.2:6385", "boot/52-54-00-12-34-56"
+    menu = SeatMenuScript(base, folder, "pc1 && shell", LocalDiskScript("pc1"),
+                          "Boot the local disk", timeout=7).render().splitlines()
+    assert "menu labmetal - pc1 ?? shell" in menu
+    assert "choose --timeout 7000 --default default choice || goto default" in menu
+    assert menu.index("clear username ||") < menu.index("login || goto default")
+    assert (f"chain --replace --autofree http://${{username:uristring}}:${{password:uristring}}"
+            f"@10.99.1.2:6385/{folder}/login.ipxe || goto refused") in menu
+    assert menu[-1] == "exit 0"  # the default: the local disk's own lines, inlined
+    sessions = SessionMenuScript(base, folder, "ann", (("s-1234", "net-tp (saved)"),
+                                                       ("t-os-tp", "os-tp: new session")),
+                                 "1800000000.abcdef").render().splitlines()
+    assert "item --key 1 s-1234 [1] net-tp (saved)" in sessions
+    assert "item --key 2 t-os-tp [2] os-tp: new session" in sessions
+    assert any(line.endswith(f"{folder}/start/${{choice}}.ipxe?ticket=1800000000.abcdef"
+                             " || goto failed") for line in sessions)
+    for bad in ((("s 1", "x"),), (("s-1;shell", "x"),), ()):
+        with pytest.raises(ValueError):
+            SessionMenuScript(base, folder, "ann", bad, "1.ab")
+    with pytest.raises(ValueError):
+        SessionMenuScript(base, folder, "ann", (("s-1", "x"),), "1.ab${x}")
 
 
 # --- DHCP: dnsmasq in a room's namespace, real clients in the seats' namespaces -------------

@@ -145,7 +145,7 @@ def make_lab(procs, tmp_path, request):
                                 iscsi_portal=f"127.0.0.4:{free_port()}", **settings)
         lab = Lab(service, run_dir, tmp_path, {})
         made.append(lab)
-        for seat in ("a01", "a02"):
+        for seat in ("a01", "a02"):  # nodes with no power: starts here say "boot": False
             node = lab.ok("ada", "POST", "/v1/nodes", {"name": seat, "driver": "wol"},
                           status=201)
             lab.seats[seat] = node["uuid"]
@@ -186,7 +186,7 @@ def test_student_resumes_their_own_session_on_any_seat_and_only_there(lab):
     assert secret not in json.dumps(ses) and "chap" not in json.dumps(ses)
     path = f"/v1/sessions/{ses['uuid']}"
     assert lab.call("una", "GET", path).status_code == 403
-    assert lab.call("una", "POST", f"{path}/start", {"seat": "a02"}).status_code == 403
+    assert lab.call("una", "POST", f"{path}/start", {"seat": "a02", "boot": False}).status_code == 403
     assert lab.call("una", "POST", f"{path}/save", {"label": "x"}).status_code == 403
     assert lab.call("una", "DELETE", path).status_code == 403
     assert lab.call("una", "POST", "/v1/sessions", {"template": "tp3-reseaux",
@@ -198,7 +198,7 @@ def test_student_resumes_their_own_session_on_any_seat_and_only_there(lab):
     assert again.status_code == 409 and ses["uuid"] in error_text(again)
 
     # started on seat a01: only that seat's initiator, with the session's CHAP account
-    running = lab.ok("sam", "POST", f"{path}/start", {"seat": "a01"})
+    running = lab.ok("sam", "POST", f"{path}/start", {"seat": "a01", "boot": False})
     assert (running["state"], running["seat"]) == ("running", "a01")
     assert secret not in json.dumps(running)
     a01 = lab.seat(running, "a01")
@@ -207,7 +207,7 @@ def test_student_resumes_their_own_session_on_any_seat_and_only_there(lab):
     assert lab.seat(running, "a02").io("read 0 512").returncode != 0  # another seat
     wrong = lab.seat(running, "a01", secret="not-the-secret-0")
     assert "Authentication failure" in wrong.io("read 0 512").stderr
-    second = lab.call("sam", "POST", f"{path}/start", {"seat": "a02"})
+    second = lab.call("sam", "POST", f"{path}/start", {"seat": "a02", "boot": False})
     assert second.status_code == 409 and "on seat a01" in error_text(second)
 
     # save points, revert, resumed on another seat
@@ -219,7 +219,7 @@ def test_student_resumes_their_own_session_on_any_seat_and_only_there(lab):
     assert lab.ok("sam", "POST", f"{path}/stop")["state"] == "stopped"
     assert a01.io("read 0 512").returncode != 0  # the target is gone with the session
     lab.ok("sam", "POST", f"{path}/revert", {"save": "exercise 1"})
-    resumed = lab.ok("sam", "POST", f"{path}/start", {"seat": "a02"})
+    resumed = lab.ok("sam", "POST", f"{path}/start", {"seat": "a02", "boot": False})
     a02 = lab.seat(resumed, "a02")
     assert a02.holds(0xA1, 0, MiB)
     assert [s["label"] for s in lab.ok("sam", "GET", f"{path}/saves")["saves"]] == \
@@ -230,7 +230,7 @@ def test_student_resumes_their_own_session_on_any_seat_and_only_there(lab):
     reset = lab.ok("sam", "POST", f"{path}/reset")
     assert reset["last_saved_at"] is None
     assert lab.ok("sam", "GET", f"{path}/saves")["saves"] == []
-    a02 = lab.seat(lab.ok("sam", "POST", f"{path}/start", {"seat": "a02"}), "a02")
+    a02 = lab.seat(lab.ok("sam", "POST", f"{path}/start", {"seat": "a02", "boot": False}), "a02")
     assert a02.holds(TEMPLATE_BYTE, 0, 8 * MiB)
     a02.write(0xC3, 0, MiB)
 
@@ -242,10 +242,10 @@ def test_student_resumes_their_own_session_on_any_seat_and_only_there(lab):
     assert a02.holds(0xC3, 0, MiB) and a02.holds(TEMPLATE_BYTE, MiB, 7 * MiB)
     una = lab.ok("una", "POST", "/v1/sessions", {"template": "tp3-reseaux"}, status=201)
     assert una["template_version"] == 2
-    taken = lab.call("una", "POST", f"/v1/sessions/{una['uuid']}/start", {"seat": "a02"})
+    taken = lab.call("una", "POST", f"/v1/sessions/{una['uuid']}/start", {"seat": "a02", "boot": False})
     assert taken.status_code == 409 and "in use by another session" in error_text(taken)
     una_seat = lab.seat(lab.ok("una", "POST", f"/v1/sessions/{una['uuid']}/start",
-                               {"seat": "a01"}), "a01")
+                               {"seat": "a01", "boot": False}), "a01")
     assert una_seat.holds(V2_BYTE, 0, 8 * MiB)
 
     # deleting: not while it runs; the template not while it has sessions
@@ -268,7 +268,7 @@ def test_killed_target_server_fails_the_session_which_resumes_with_its_data(make
     ses = lab.ok("ada", "POST", "/v1/sessions", {"template": "tp2", "student": "sam"},
                  status=201)
     path = f"/v1/sessions/{ses['uuid']}"
-    seat = lab.seat(lab.ok("sam", "POST", f"{path}/start", {"seat": "a01"}), "a01")
+    seat = lab.seat(lab.ok("sam", "POST", f"{path}/start", {"seat": "a01", "boot": False}), "a01")
     seat.write(0x44, 4 * MiB, 2 * MiB)
     os.kill(tgtd_pid(lab.run_dir), signal.SIGKILL)
 
@@ -276,7 +276,7 @@ def test_killed_target_server_fails_the_session_which_resumes_with_its_data(make
         lab.ok("sam", "GET", path)), 15, "the session to be marked failed")
     assert "a01 stopped" in failed["last_error"] and failed["seat"] is None
     assert "with its data" in failed["last_error"]
-    seat = lab.seat(lab.ok("sam", "POST", f"{path}/start", {"seat": "a02"}), "a02")
+    seat = lab.seat(lab.ok("sam", "POST", f"{path}/start", {"seat": "a02", "boot": False}), "a02")
     assert seat.holds(0x44, 4 * MiB, 2 * MiB) and seat.holds(TEMPLATE_BYTE, 0, 4 * MiB)
     assert lab.ok("sam", "GET", path)["last_error"] is None
 
@@ -287,7 +287,7 @@ def test_quota_refusals_say_the_numbers(make_lab):
     lab.ok("tom", "POST", "/v1/templates", {"name": "tp5", "image": "tp5-v1"}, status=201)
     ses = lab.ok("sam", "POST", "/v1/sessions", {"template": "tp5"}, status=201)
     path = f"/v1/sessions/{ses['uuid']}"
-    seat = lab.seat(lab.ok("sam", "POST", f"{path}/start", {"seat": "a01"}), "a01")
+    seat = lab.seat(lab.ok("sam", "POST", f"{path}/start", {"seat": "a01", "boot": False}), "a01")
     seat.write(0x55, 0, 18 * MiB)
 
     refused = lab.call("sam", "POST", f"{path}/save", {"label": "too big"})
@@ -296,7 +296,7 @@ def test_quota_refusals_say_the_numbers(make_lab):
     assert lab.ok("sam", "GET", f"{path}/saves")["saves"] == []
     stopped = lab.ok("sam", "POST", f"{path}/stop")
     assert stopped["used_bytes"] > 16 * MiB
-    again = lab.call("sam", "POST", f"{path}/start", {"seat": "a01"})
+    again = lab.call("sam", "POST", f"{path}/start", {"seat": "a01", "boot": False})
     assert again.status_code == 413 and "MiB" in error_text(again)
     shown = lab.ok("sam", "GET", path)
     assert (shown["state"], shown["seat"]) == ("stopped", None)
@@ -320,7 +320,7 @@ def test_ceph_stopped_then_start_fails_clearly_and_nothing_changes(make_lab):
         ses = lab.ok("sam", "POST", "/v1/sessions", {"template": "tp7"}, status=201)
         ceph.kill()
         started = time.monotonic()
-        refused = lab.call("sam", "POST", f"/v1/sessions/{ses['uuid']}/start", {"seat": "a01"})
+        refused = lab.call("sam", "POST", f"/v1/sessions/{ses['uuid']}/start", {"seat": "a01", "boot": False})
         assert refused.status_code == 503, refused.text
         assert "Ceph is unavailable" in error_text(refused)
         assert "is the cluster running" in error_text(refused)

@@ -1,6 +1,7 @@
 // A room as a grid of seats: each seat's job state (colour and text), progress and last
 // error, polled every 2 s and updated in place; deploy now or at a time, re-image a seat,
-// power the room off, cancel the job. The summary line is the screen readers' live region.
+// power the room off, cancel the job, open the room for a TP (students' sessions). The
+// summary line is the screen readers' live region.
 import {api, can, el, every, poll, say, sayError, when} from "./api.js";
 
 const box = document.getElementById("room");
@@ -31,6 +32,7 @@ function tile(label) {
     fill: el("span"),
     percent: el("span"),
     power: el("span"),
+    student: el("span", {class: "seat-student"}),
     tries: el("span"),
     error: el("details", {hidden: true},
               el("summary", {}, "Error", el("span", {class: "brief"})), el("p")),
@@ -43,6 +45,7 @@ function tile(label) {
     el("div", {class: "seat-head"}, el("span", {class: "seat-label"}, label), parts.state),
     el("div", {class: "seat-meta"}, parts.node, parts.power), parts.bar,
     el("div", {class: "seat-meta"}, parts.percent, parts.tries),
+    el("div", {class: "seat-meta"}, parts.student),
     parts.error,
     el("div", {class: "seat-actions"}, parts.button));
   return parts;
@@ -67,6 +70,7 @@ function renderSeat(parts, seat) {
   setText(parts.percent, seat.state === "idle" ? seat.provision_state || "" :
                          measured ? `${progress} %` : "");
   setText(parts.tries, seat.attempts > 1 ? `attempt ${seat.attempts}` : "");
+  setText(parts.student, seat.student ? `session of ${seat.student}` : "");
   setText(parts.power, seat.power_state || "power unknown");
   parts.power.title = `power state: ${seat.power_state || "unknown"}`;
   const error = seat.error || (seat.state === "idle" ? seat.last_error : null) || "";
@@ -139,7 +143,29 @@ async function load() {
   document.getElementById("empty").hidden = room.seats.length > 0;
   renderSummary(room.seats);
   renderJob(room.job);
+  renderTp(room.tp);
   if (!imagesLoaded) await loadImages();
+}
+
+const tpForm = document.getElementById("tp");
+const tpEnd = document.getElementById("tp-end");
+let templatesLoaded = false;
+
+function renderTp(tp) {
+  setText(document.getElementById("tp-state"), tp
+    ? `Open for TP ${tp.template} (started by ${tp.started_by} ${when(tp.started_at)}).`
+    : "The room is not open for a TP.");
+  tpEnd.hidden = !tp;
+  if (tp && templatesLoaded) tpForm.elements.template.value = tp.template;
+}
+
+async function loadTemplates() {
+  const templates = (await poll("/v1/templates")).templates.filter((each) => each.latest_version);
+  const select = tpForm.elements.template;
+  select.replaceChildren(...templates.map((each) => el("option", {value: each.name}, each.name)));
+  if (!templates.length) select.append(el("option", {value: ""}, "no template yet"));
+  templatesLoaded = true;
+  if (room?.tp) select.value = room.tp.template;
 }
 
 const refresh = every(2, load);
@@ -219,4 +245,25 @@ if (can("room:update")) {
     } catch (error) { result.textContent = ""; sayError(error); }
   });
 }
-if (!can("room:deploy")) form.closest("section").hidden = true;
+if (!can("room:deploy")) {
+  form.closest("section").hidden = true;
+  document.getElementById("tp-section").hidden = true;
+} else {
+  loadTemplates().catch(sayError);
+  tpForm.addEventListener("submit", async (event) => {
+    event.preventDefault();
+    const template = tpForm.elements.template.value;
+    if (!template) { say("Make a template first (Templates).", true); return; }
+    try {
+      const opened = await api("PUT", `${path}/tp`, {template, power_on: tpForm.elements.power_on.checked});
+      const left = Object.entries(opened.not_powered).map(([label, why]) => `${label}: ${why}`);
+      say(`Room open for TP ${template}: ${opened.powered_on.length} seat(s) powering on.` +
+          (left.length ? ` Not powered on: ${left.join("; ")}.` : ""), left.length > 0);
+      await refresh();
+    } catch (error) { sayError(error); }
+  });
+  tpEnd.addEventListener("click", async () => {
+    try { await api("DELETE", `${path}/tp`); say("TP ended; running sessions go on until their seats are off."); await refresh(); }
+    catch (error) { sayError(error); }
+  });
+}

@@ -1,6 +1,7 @@
 // Sessions: a student's own sessions of TP templates (teachers and admins: everybody's),
 // polled every 5 s and updated in place. Create one from a template; open one to start it
-// on a seat, stop it, save it with a label, go back to a save point or to the template.
+// on a seat, stop it, save it with a label, go back to a save point or to the template;
+// download its disk (or a save point's) as a qcow2 image while it is stopped.
 // The API's refusals (a busy seat, a quota, the storage down) land in the alert area.
 import {ago, api, badge, bytes, can, el, every, poll, role, say, sayError, syncRows, when} from "./api.js";
 
@@ -67,9 +68,11 @@ async function load() {
     ses.seat || "",
     [`l|${ses.last_saved_at}`, () => el("span", {title: when(ses.last_saved_at)}, ses.last_saved_at ? ago(ses.last_saved_at) : "never")],
     [`u|${ses.used_bytes}|${ses.size}`, () => el("span", {class: "num", title: `of a ${bytes(ses.size)} disk`}, bytes(ses.used_bytes))],
-    [`a|${ses.uuid === open}`, () => el("button", {type: "button", class: "secondary small", "data-open": ses.uuid,
-      "aria-expanded": String(ses.uuid === open), "aria-controls": "panel",
-      "aria-label": `Open session ${title(ses)}${who(ses)}`}, "Open")],
+    [`a|${ses.uuid === open}|${BUSY.includes(ses.state)}`, () => el("span", {},
+      el("button", {type: "button", class: "secondary small", "data-open": ses.uuid,
+        "aria-expanded": String(ses.uuid === open), "aria-controls": "panel",
+        "aria-label": `Open session ${title(ses)}${who(ses)}`}, "Open"),
+      " ", download(ses, null, `the disk of session ${title(ses)}${who(ses)}`, "Download disk"))],
   ]);
   document.getElementById("empty").hidden = sessions.length > 0;
   tbody.closest("table").hidden = !sessions.length;
@@ -107,12 +110,27 @@ async function renderPanel() {
     String(save.number), save.label,
     [`w|${save.created_at}`, () => el("span", {title: when(save.created_at)}, ago(save.created_at))],
     save.created_by,
-    [`r|${busy}`, () => can("session:reset") ? el("button", {type: "button", class: "secondary small",
-      "data-revert": save.uuid, "data-label": save.label, disabled: busy, title: busy ? "stop the session first" : null,
-      "aria-label": `Revert to save ${save.number}, ${save.label}`}, "Revert") : ""],
+    [`r|${busy}`, () => el("span", {},
+      can("session:reset") ? el("button", {type: "button", class: "secondary small",
+        "data-revert": save.uuid, "data-label": save.label, disabled: busy, title: busy ? "stop the session first" : null,
+        "aria-label": `Revert to save ${save.number}, ${save.label}`}, "Revert") : null,
+      " ", download(ses, save, `the disk at save ${save.number}, ${save.label}`, "Download"))],
   ]);
   document.getElementById("no-saves").hidden = saves.length > 0;
   savesBody.closest("table").hidden = !saves.length;
+}
+
+// A copy of the disk (or of a save point) as a qcow2 file: a plain link, the browser downloads
+// it. Not while a seat uses the session (the API refuses: the seat could write during the copy).
+function download(ses, save, what, text) {
+  if (!can("session:export")) return null;
+  if (BUSY.includes(ses.state)) {
+    return el("button", {type: "button", class: "secondary small", disabled: true,
+      title: "stop the session first", "aria-label": `Download ${what}: stop the session first`}, text);
+  }
+  const query = save ? `?format=qcow2&save=${encodeURIComponent(save.uuid)}` : "?format=qcow2";
+  return el("a", {href: `/v1/sessions/${ses.uuid}/disk${query}`, download: "", class: "small",
+    "data-download": save ? save.uuid : ses.uuid, "aria-label": `Download ${what} (qcow2 image)`}, text);
 }
 
 function openPanel(uuid) {

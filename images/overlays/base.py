@@ -6,6 +6,8 @@ of one template version; every write of the session lands in it, so the storage 
 uses follows the student's changes, not the image size. Within a session: save points
 (flush + snapshot), revert to one, reset to the template, delete. An exported session is an
 iSCSI target (LUN 1) with its own CHAP account, which only the seat's initiator may reach.
+A session that no seat is using can also be copied to a file (``export_disk``): a standalone
+image of its disk or of one of its save points, for a teacher to keep or grade.
 
 Backends (hardware types in Ironic's sense, a choice of implementation behind this class):
 ``local`` (qcow2 overlay + qemu-storage-daemon + tgtd, the embedded default) and ``ceph``
@@ -19,6 +21,7 @@ from __future__ import annotations
 
 import abc
 import enum
+import os
 import re
 from collections.abc import Iterable
 from dataclasses import dataclass, field
@@ -27,12 +30,13 @@ from pathlib import Path
 
 from labmetal.agent.iscsi import Chap, Export
 
-__all__ = ["Chap", "Export", "OverlayBackend", "OverlayError", "Quota", "Reason", "SavePoint",
-           "SessionDisk", "TemplateVersion", "mib"]
+__all__ = ["Chap", "DISK_FORMATS", "Export", "OverlayBackend", "OverlayError", "Quota",
+           "Reason", "SavePoint", "SessionDisk", "TemplateVersion", "mib"]
 
 _NAME = re.compile(r"[a-z0-9][a-z0-9-]{0,62}")
 _LABEL = re.compile(r"[\w .:+-]{1,64}")
 SAVE_PREFIX = "save"
+DISK_FORMATS = ("qcow2", "raw")  # what export_disk writes
 
 
 class Reason(str, enum.Enum):
@@ -245,6 +249,35 @@ class OverlayBackend(abc.ABC):
         self._require_idle(session_id, "deleted")
         self._delete(session_id)
 
+    def export_disk(self, session_id: str, dest: str | os.PathLike, fmt: str = "qcow2",
+                    save_id: str | None = None, compress: bool = False) -> int:
+        """Write a standalone copy (no backing file: the template's data is in it) of the
+        session's disk, or of its save point ``save_id``, to the file ``dest`` (replaced);
+        its size in bytes. ``fmt``: ``qcow2`` (sparse; ``compress`` for zlib clusters) or
+        ``raw``. Refused while the session is exported: the seat could write it under the
+        copy, which would then be neither the disk before nor after. A failed copy leaves
+        no file."""
+        self._require_session(session_id)
+        if self.is_exported(session_id):
+            raise OverlayError(f"session {session_id} is exported to a seat, which could "
+                               "write it during the copy: unexport it first", Reason.BUSY)
+        if fmt not in DISK_FORMATS:
+            raise OverlayError(f"disk format {fmt!r}: {' or '.join(DISK_FORMATS)}",
+                               Reason.INVALID)
+        if compress and fmt != "qcow2":
+            raise OverlayError("only a qcow2 copy can be compressed", Reason.INVALID)
+        if save_id is not None and \
+                save_id not in {s.save_id for s in self.list_saves(session_id)}:
+            raise OverlayError(f"session {session_id} has no save point {save_id}",
+                               Reason.NOT_FOUND)
+        dest = Path(dest)
+        try:
+            self._export_disk(session_id, dest, fmt, save_id, compress)
+        except BaseException:
+            dest.unlink(missing_ok=True)
+            raise
+        return dest.stat().st_size
+
     @abc.abstractmethod
     def used_bytes(self, session_id: str) -> int:
         """Bytes the session's own data takes (its overlay and save points, not the
@@ -302,6 +335,10 @@ class OverlayBackend(abc.ABC):
 
     @abc.abstractmethod
     def _delete(self, session_id: str) -> None: ...
+
+    @abc.abstractmethod
+    def _export_disk(self, session_id: str, dest: Path, fmt: str, save_id: str | None,
+                     compress: bool) -> None: ...
 
     def __enter__(self) -> OverlayBackend:
         return self

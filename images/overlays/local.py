@@ -28,6 +28,10 @@ Before the snapshot the FUSE file is fsync'ed: tgtd writes through to the daemon
 fsync makes the daemon flush qcow2's cached metadata, so what the seat wrote is in the save.
 A revert (``qemu-img snapshot -a``) is not atomic itself, but it only rewrites the active
 layer: if it is interrupted the save points are untouched and the revert can be run again.
+
+A copy to a file is ``qemu-img convert`` of the overlay (through its backing file, so the
+copy stands alone), or of one internal snapshot (``-l``). It takes qemu's image lock like
+any writer would, never ``-U``: the daemon, if one is left, is stopped first.
 """
 from __future__ import annotations
 
@@ -252,6 +256,18 @@ class LocalOverlays(OverlayBackend):
                  disk.version)
         return self.describe(session_id)
 
+    def _export_disk(self, session_id, dest, fmt, save_id, compress) -> None:
+        self._stop_daemon(session_id)  # a daemon left by a dead tgtd holds the overlay's lock
+        argv = ["qemu-img", "convert", "-f", "qcow2", "-O", fmt]
+        if save_id is not None:
+            argv += ["-l", f"snapshot.name={save_id}"]  # a save label has no ',' or '='
+        if compress:
+            argv.append("-c")
+        _run([*argv, str(self._overlay(session_id)), str(dest.absolute())],
+             f"copy session {session_id} to {dest}", timeout=None)
+        LOG.info("session %s%s copied to %s (%s)", session_id,
+                 f" at {save_id}" if save_id else "", dest, fmt)
+
     def _delete(self, session_id) -> None:
         self._stop_daemon(session_id)
         directory = self._session_dir(session_id)
@@ -409,9 +425,10 @@ def _make_overlay(path: Path, backing: Path) -> None:
         os.fsync(file.fileno())
 
 
-def _run(argv: list[str], what: str) -> str:
+def _run(argv: list[str], what: str, timeout: float | None = 600) -> str:
+    """``timeout``: None for a copy, whose time follows the disk's size."""
     try:
-        result = subprocess.run(argv, capture_output=True, text=True, timeout=600)
+        result = subprocess.run(argv, capture_output=True, text=True, timeout=timeout)
     except FileNotFoundError:
         raise OverlayError(f"cannot {what}: {argv[0]} is not installed",
                            Reason.UNAVAILABLE) from None
