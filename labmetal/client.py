@@ -10,6 +10,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import uuid as uuidlib
 from collections.abc import Callable
 from dataclasses import dataclass
 from email.message import Message
@@ -120,3 +121,17 @@ def common_options() -> argparse.ArgumentParser:
                              f"`labmetal login`, or {DEFAULT_URL})")
     common.add_argument("--json", action="store_true", help="print JSON instead of a table")
     return common
+
+
+def is_uuid(value: str) -> bool:
+    try:
+        return str(uuidlib.UUID(value)) == value.lower()
+    except ValueError:
+        return False
+
+
+def print_table(header: list[str], rows: list[list[str]]) -> None:
+    """Columns as wide as their widest cell, two spaces apart."""
+    widths = [max(len(str(cell)) for cell in column) for column in zip(header, *rows)]
+    for row in [header, *rows]:
+        print("  ".join(str(cell).ljust(width) for cell, width in zip(row, widths)).rstrip())

@@ -10,11 +10,11 @@ import argparse
 import json
 import sys
 import time
-import uuid as uuidlib
 from typing import Any, Callable, TextIO
 from urllib.parse import urlsplit
 
-from labmetal.client import CliError, Client, common_options, make_client
+from labmetal.client import (CliError, Client, common_options, is_uuid, make_client,
+                             print_table)
 from labmetal.secrets import is_secret_key
 
 # Pinned, so a later API version cannot change what these commands read; 1.78 serves node
@@ -70,7 +70,7 @@ def cmd_list(client: Client, args: argparse.Namespace) -> Any:
              _short(node["last_error"])] for node in nodes]
     if args.room:
         header, rows = ["SEAT", *header], [[seats[n["uuid"]], *row] for n, row in zip(nodes, rows)]
-    table(header, rows)
+    print_table(header, rows)
     return None
 
 
@@ -190,7 +190,7 @@ def cmd_history(client: Client, args: argparse.Namespace) -> Any:
                   params={"detail": "true"})["history"]
     if args.json:
         return events
-    table(["TIME", "SEVERITY", "TYPE", "USER", "EVENT"],
+    print_table(["TIME", "SEVERITY", "TYPE", "USER", "EVENT"],
           [[e["created_at"][:19].replace("T", " "), e["severity"], e["event_type"] or "",
             e["user"] or "", e["event"]] for e in events])
     return None
@@ -204,7 +204,7 @@ def cmd_port_list(client: Client, args: argparse.Namespace) -> Any:
         return ports
     names = {n["uuid"]: n["name"] for n in all_pages(client, "/v1/nodes", "nodes",
                                                       {"fields": "uuid,name"})}
-    table(["UUID", "ADDRESS", "NODE", "PXE"],
+    print_table(["UUID", "ADDRESS", "NODE", "PXE"],
           [[p["uuid"], p["address"], names.get(p["node_uuid"]) or p["node_uuid"],
             "yes" if p["pxe_enabled"] else "no"] for p in ports])
     return None
@@ -222,7 +222,7 @@ def cmd_port_create(client: Client, args: argparse.Namespace) -> Any:
 def cmd_port_delete(client: Client, args: argparse.Namespace) -> Any:
     """A port is named by its UUID or its MAC address."""
     ident = args.port
-    if not _is_uuid(ident):
+    if not is_uuid(ident):
         found = call(client, "GET", "/v1/ports", params={"address": ident})["ports"]
         if not found:
             raise CliError(f"no port with MAC address {ident}")
@@ -238,7 +238,7 @@ def cmd_conductor_list(client: Client, args: argparse.Namespace) -> Any:
     conductors = call(client, "GET", "/v1/conductors", params={"detail": "true"})["conductors"]
     if args.json:
         return conductors
-    table(["HOSTNAME", "ALIVE", "DRIVERS", "LAST HEARTBEAT"],
+    print_table(["HOSTNAME", "ALIVE", "DRIVERS", "LAST HEARTBEAT"],
           [[c["hostname"], "yes" if c["alive"] else "no", ",".join(c["drivers"]),
             (c["updated_at"] or "")[:19].replace("T", " ")] for c in conductors])
     return None
@@ -291,7 +291,7 @@ def node_output(client: Client, args: argparse.Namespace, ident: str) -> Any:
         return node
     ports = call(client, "GET", f"/v1/nodes/{node['uuid']}/ports")["ports"]
     rows = [[key, _value(node[key])] for key in SHOW_FIELDS]
-    table(["FIELD", "VALUE"], [*rows, ["ports", ", ".join(p["address"] for p in ports)]])
+    print_table(["FIELD", "VALUE"], [*rows, ["ports", ", ".join(p["address"] for p in ports)]])
     return None
 
 
@@ -307,11 +307,6 @@ def state_output(client: Client, args: argparse.Namespace) -> Any:
           f"{maintenance}{error}")
     return None
 
-
-def table(header: list[str], rows: list[list[str]]) -> None:
-    widths = [max(len(str(cell)) for cell in column) for column in zip(header, *rows)]
-    for row in [header, *rows]:
-        print("  ".join(str(cell).ljust(width) for cell, width in zip(row, widths)).rstrip())
 
 
 def _value(value: Any) -> str:
@@ -331,12 +326,6 @@ def _provision(node: dict[str, Any]) -> str:
     target = node["target_provision_state"]
     return f"{node['provision_state']} -> {target}" if target else node["provision_state"]
 
-
-def _is_uuid(value: str) -> bool:
-    try:
-        return str(uuidlib.UUID(value)) == value.lower()
-    except ValueError:
-        return False
 
 
 def _short(text: str | None) -> str:

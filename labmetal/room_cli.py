@@ -11,7 +11,7 @@ import time
 from pathlib import Path
 from typing import Any, TextIO
 
-from labmetal.client import CliError, Client, common_options, make_client
+from labmetal.client import CliError, Client, common_options, make_client, print_table
 
 FINISHED_JOB_STATES = ("done", "failed", "cancelled")
 BAR_WIDTH = 20
@@ -21,7 +21,7 @@ def cmd_list(client: Client, args: argparse.Namespace) -> Any:
     rooms = client.call("GET", "/v1/rooms")["rooms"]
     if args.json:
         return rooms
-    _table(["ROOM", "SEATS", "DESCRIPTION"],
+    print_table(["ROOM", "SEATS", "DESCRIPTION"],
            [[room["name"], str(room["seat_count"]), room["description"] or ""] for room in rooms])
     return None
 
@@ -98,7 +98,7 @@ def cmd_jobs(client: Client, args: argparse.Namespace) -> Any:
     jobs = client.call("GET", f"/v1/rooms/{args.room}/jobs")["jobs"]
     if args.json:
         return jobs
-    _table(["JOB", "ACTION", "IMAGE", "STATE", "AT", "REPEAT", "SEATS"],
+    print_table(["JOB", "ACTION", "IMAGE", "STATE", "AT", "REPEAT", "SEATS"],
            [[job["uuid"], job["action"], job["image"] or "", job["state"],
              job["scheduled_at"][:16], job["repeat"] or "", _counts(job)] for job in jobs])
     return None
@@ -182,11 +182,6 @@ def _seat_line(label: str, state: str, progress: int, attempts: int, error: str 
 def _counts(job: dict[str, Any]) -> str:
     return ", ".join(f"{count} {state}" for state, count in sorted(job["counts"].items()))
 
-
-def _table(header: list[str], rows: list[list[str]]) -> None:
-    widths = [max(len(str(cell)) for cell in column) for column in zip(header, *rows)]
-    for row in [header, *rows]:
-        print("  ".join(str(cell).ljust(width) for cell, width in zip(row, widths)).rstrip())
 
 
 def run(args: argparse.Namespace) -> int:

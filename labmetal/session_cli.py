@@ -14,31 +14,20 @@ import json
 import os
 import sys
 import time
-import uuid as uuidlib
 from pathlib import Path
 from typing import Any
 
-from labmetal.client import DEFAULT_URL, CliError, Client, make_client
+from labmetal.client import (DEFAULT_URL, CliError, Client, is_uuid, make_client,
+                             print_table)
 from labmetal.images.cli import Progress
 
 BUSY = ("starting", "running")  # in use on a seat: its disk is not exported
 
 
-def _is_uuid(value: str) -> bool:
-    try:
-        return str(uuidlib.UUID(value)) == value.lower()
-    except ValueError:
-        return False
-
 
 def _mib(size: int | None) -> str:
     return "-" if size is None else f"{size / 2**20:.1f} MiB"
 
-
-def _table(header: list[str], rows: list[list[str]]) -> None:
-    widths = [max(len(str(cell)) for cell in column) for column in zip(header, *rows)]
-    for row in [header, *rows]:
-        print("  ".join(str(cell).ljust(width) for cell, width in zip(row, widths)).rstrip())
 
 
 # -- templates ---------------------------------------------------------------------------
@@ -56,7 +45,7 @@ def cmd_template_list(client: Client, args: argparse.Namespace) -> Any:
     templates = client.call("GET", "/v1/templates")["templates"]
     if args.json:
         return templates
-    _table(["TEMPLATE", "VERSION", "IMAGE", "SIZE", "OWNER", "DESCRIPTION"],
+    print_table(["TEMPLATE", "VERSION", "IMAGE", "SIZE", "OWNER", "DESCRIPTION"],
            [[t["name"], str(t["latest_version"] or "-"),
              (t["versions"][-1]["image"] or "-") if t["versions"] else "-",
              _mib(t["versions"][-1]["size"]) if t["versions"] else "-", t["owner"] or "",
@@ -70,7 +59,7 @@ def cmd_template_show(client: Client, args: argparse.Namespace) -> Any:
         return template
     print(f"template {template['name']} ({template['uuid']}), owner {template['owner']}"
           f"{' — ' + template['description'] if template['description'] else ''}")
-    _table(["VERSION", "IMAGE", "SIZE", "CREATED", "BY"],
+    print_table(["VERSION", "IMAGE", "SIZE", "CREATED", "BY"],
            [[str(v["version"]), v["image"] or "-", _mib(v["size"]), v["created_at"][:19],
              v["created_by"] or ""] for v in template["versions"]])
     return None
@@ -127,7 +116,7 @@ def find_session(client: Client, ident: str, student: str | None,
                  create: bool = False) -> dict[str, Any]:
     """The session named by UUID, or the (caller's or ``student``'s) session of the
     template named ``ident``; made if ``create`` and there is none."""
-    if _is_uuid(ident):
+    if is_uuid(ident):
         return client.call("GET", f"/v1/sessions/{ident}")
     query = {"template": ident, **({"student": student} if student else {})}
     sessions = client.call("GET", "/v1/sessions", params=query)["sessions"]
@@ -152,7 +141,7 @@ def cmd_session_list(client: Client, args: argparse.Namespace) -> Any:
     sessions = client.call("GET", "/v1/sessions", params=query)["sessions"]
     if args.json:
         return sessions
-    _table(["SESSION", "STUDENT", "TEMPLATE", "STATE", "SEAT", "USED", "LAST SAVED"],
+    print_table(["SESSION", "STUDENT", "TEMPLATE", "STATE", "SEAT", "USED", "LAST SAVED"],
            [[s["uuid"], s["student"], f"{s['template']} v{s['template_version']}",
              s["state"], s["seat"] or "", _mib(s["used_bytes"]),
              (s["last_saved_at"] or "")[:19]] for s in sessions])
@@ -213,7 +202,7 @@ def cmd_session_saves(client: Client, args: argparse.Namespace) -> Any:
     saves = client.call("GET", f"/v1/sessions/{ses['uuid']}/saves")["saves"]
     if args.json:
         return saves
-    _table(["#", "LABEL", "SAVED", "UUID"],
+    print_table(["#", "LABEL", "SAVED", "UUID"],
            [[str(s["number"]), s["label"], s["created_at"][:19], s["uuid"]] for s in saves])
     return None
 
