@@ -18,6 +18,7 @@ import logging
 import os
 import re
 import shutil
+import signal
 import socket
 import stat
 import subprocess
@@ -297,6 +298,14 @@ class TgtExporter(DiskExporter):
     def _listen(self, portal: str) -> None:
         if portal in self._portals:
             return
+        if self._process is None and self._stop_leftover():
+            deadline = time.monotonic() + self.stop_timeout
+            while time.monotonic() < deadline:  # its socket closes as its threads exit
+                try:
+                    _check_bindable(portal)
+                    break
+                except ExportError:
+                    time.sleep(0.05)
         _check_bindable(portal)
         if self._process is None:
             self._start(portal)
@@ -330,6 +339,7 @@ class TgtExporter(DiskExporter):
                 ["tgtd", "-f", "--control-port", str(self.control_port), "--iscsi",
                  f"portal={portal}"], stdin=subprocess.DEVNULL, stdout=log,
                 stderr=subprocess.STDOUT, env=self._env(), start_new_session=True)
+        self._pid_file.write_text(f"{self._process.pid}\n")
         deadline = time.monotonic() + self.start_timeout
         try:
             while not self.socket_path.exists():
@@ -340,6 +350,28 @@ class TgtExporter(DiskExporter):
             self.close()
             raise
         LOG.info("tgtd running (pid %d, socket %s)", self._process.pid, self.socket_path)
+
+    @property
+    def _pid_file(self) -> Path:
+        return self.run_dir / "tgtd.pid"
+
+    def _stop_leftover(self) -> bool:
+        """A tgtd of this run dir that outlived its owner (killed with SIGKILL) still holds
+        the portal and serves targets nobody records: stop it first (True if there was
+        one). Found by the pid file, and only if that process is a tgtd on this run dir's
+        socket."""
+        try:
+            pid = int(self._pid_file.read_text())
+            proc = Path(f"/proc/{pid}")
+            mine = proc.joinpath("comm").read_text().strip() == "tgtd" and \
+                str(self._socket_base).encode() in proc.joinpath("environ").read_bytes()
+        except (OSError, ValueError):
+            return False
+        if mine:
+            LOG.warning("stopping tgtd (pid %d) left running on %s by a process that was "
+                        "killed; its targets were no longer recorded", pid, self.run_dir)
+            os.kill(pid, signal.SIGKILL)  # it ignores SIGTERM, and serves no one we know
+        return mine
 
     def _wait_step(self, deadline: float, what: str) -> None:
         assert self._process is not None

@@ -281,6 +281,35 @@ def test_killed_target_server_fails_the_session_which_resumes_with_its_data(make
     assert lab.ok("sam", "GET", path)["last_error"] is None
 
 
+def test_a_killed_services_target_server_gives_way_to_the_next_start(make_lab, procs):
+    """labmetal killed with SIGKILL leaves its tgtd on the portal; the next start stops it,
+    marks the session failed and starts it again with its data."""
+    lab = make_lab("local")
+    lab.upload("tp6-v1", TEMPLATE_BYTE)
+    lab.ok("tom", "POST", "/v1/templates", {"name": "tp6", "image": "tp6-v1"}, status=201)
+    ses = lab.ok("ada", "POST", "/v1/sessions", {"template": "tp6", "student": "sam"},
+                 status=201)
+    path = f"/v1/sessions/{ses['uuid']}"
+    started = lab.ok("sam", "POST", f"{path}/start", {"seat": "a01", "boot": False})
+    lab.seat(started, "a01").write(0x66, 2 * MiB, MiB)
+    left = tgtd_pid(lab.run_dir)
+    lab.service.proc.kill(signal.SIGKILL)
+    lab.service.proc.popen.wait(timeout=10)
+    assert Path(f"/proc/{left}").exists()  # still holding the portal
+    lab.service = start_service(
+        procs, "ses-again", auth="http_basic", state_dir=lab.service.state_dir,
+        port=int(lab.service.url.rsplit(":", 1)[1]), overlay_backend="local",
+        overlay_run_dir=lab.run_dir, iscsi_portal=started["target"]["portal"])
+    failed = wait_for(lambda: (lambda s: s if s["state"] == "failed" else None)(
+        lab.ok("sam", "GET", path)), 15, "the session to be marked failed")
+    assert "labmetal restarted" in failed["last_error"]
+    seat = lab.seat(lab.ok("sam", "POST", f"{path}/start", {"seat": "a02", "boot": False}), "a02")
+    assert seat.holds(0x66, 2 * MiB, MiB) and seat.holds(TEMPLATE_BYTE, 0, 2 * MiB)
+    assert tgtd_pid(lab.run_dir) != left
+    log = (procs.workdir / "ses-again.service.log").read_text()
+    assert f"stopping tgtd (pid {left}) left running" in log
+
+
 def test_quota_refusals_say_the_numbers(make_lab):
     lab = make_lab("local", session_quota_mib=8, class_quota_mib=16)
     lab.upload("tp5-v1", TEMPLATE_BYTE)
