@@ -161,12 +161,16 @@ class TgtExporter(DiskExporter):
     name = "tgtd"
 
     def __init__(self, run_dir: str | os.PathLike | None = None, control_port: int = 0,
-                 start_timeout: float = 10.0, stop_timeout: float = 5.0):
+                 start_timeout: float = 10.0, stop_timeout: float = 5.0,
+                 nop_interval: int = 5, nop_count: int = 3):
         self._own_run_dir = run_dir is None
         self.run_dir = Path(run_dir or tempfile.mkdtemp(prefix="labmetal-tgtd-"))
         self.control_port = control_port
         self.start_timeout = start_timeout
         self.stop_timeout = stop_timeout
+        # tgtd pings each initiator (NOP-In) every nop_interval s and drops one that missed
+        # nop_count: a seat switched off sends no FIN, its login would stay forever.
+        self.nop_interval, self.nop_count = nop_interval, nop_count
         self.log_path = self.run_dir / "tgtd.log"
         self._socket_base = self.run_dir / "socket"
         self._process: subprocess.Popen | None = None
@@ -229,6 +233,17 @@ class TgtExporter(DiskExporter):
                  portal, ", ".join(addresses + names) or "any", f"; CHAP user {chap.user}"
                  if chap else "")
         return Export(iqn, portal, LUN)
+
+    def connected(self) -> dict[str, list[str]]:
+        """The initiators logged in to each of this daemon's targets, by target name."""
+        if self._process is None:
+            return {}
+        shown = self._tgtadm("--lld", "iscsi", "--mode", "target", "--op", "show")
+        found: dict[str, list[str]] = {}
+        for block in re.split(r"^Target \d+: ", shown, flags=re.MULTILINE)[1:]:
+            name, _, rest = block.partition("\n")
+            found[name.strip()] = re.findall(r"^\s+Initiator: (\S+)", rest, re.MULTILINE)
+        return found
 
     def unexport(self, iqn: str) -> None:
         """Remove the target. The record goes only once tgtd has removed it: if tgtadm
@@ -337,7 +352,8 @@ class TgtExporter(DiskExporter):
         with open(self.log_path, "ab") as log:
             self._process = subprocess.Popen(
                 ["tgtd", "-f", "--control-port", str(self.control_port), "--iscsi",
-                 f"portal={portal}"], stdin=subprocess.DEVNULL, stdout=log,
+                 f"portal={portal},nop_interval={self.nop_interval},"
+                 f"nop_count={self.nop_count}"], stdin=subprocess.DEVNULL, stdout=log,
                 stderr=subprocess.STDOUT, env=self._env(), start_new_session=True)
         self._pid_file.write_text(f"{self._process.pid}\n")
         deadline = time.monotonic() + self.start_timeout

@@ -24,6 +24,7 @@ import re
 import secrets
 import string
 import threading
+import time
 from collections.abc import Iterator
 from contextlib import contextmanager
 from datetime import UTC
@@ -118,6 +119,7 @@ class Storage:
         self.lock = threading.RLock()
         self.starting: set[str] = set()  # sessions this process is starting now
         self.seen_on: set[str] = set()  # running sessions whose seat was seen powered on
+        self.last_connected: dict[str, float] = {}  # session -> when a seat was logged in
         self._backend: OverlayBackend | None = None
         self._stop = threading.Event()
         self._watcher: threading.Thread | None = None
@@ -171,8 +173,40 @@ class Storage:
         while not self._stop.wait(WATCH_INTERVAL):
             try:
                 self.reconcile(wait=True)
+                self.end_disconnected()
             except Exception:  # noqa: BLE001 - a watcher that dies would hide every fault
                 LOG.exception("checking the running sessions failed")
+
+    def end_disconnected(self) -> None:
+        """End the running sessions whose seat logged in to its target and has been gone
+        for ``session_disconnect_end`` seconds: the seat was switched off or crashed in a
+        way its power state does not show (a Wake-on-LAN seat's never does). The seat's
+        own boot logs in twice (iPXE, then the OS), a few seconds apart."""
+        limit = self.settings.session_disconnect_end
+        with self.lock:
+            if self._backend is None or not limit:
+                return
+            connected = self._backend.connected()
+            exported = {uuid for uuid in self._backend_sessions() if
+                        self._backend.is_exported(uuid)}
+        now = time.monotonic()
+        self.last_connected = {uuid: now if uuid in connected else seen
+                               for uuid, seen in self.last_connected.items()
+                               if uuid in exported}
+        self.last_connected.update({uuid: now for uuid in connected})
+        for uuid, seen in list(self.last_connected.items()):
+            if now - seen > limit:
+                del self.last_connected[uuid]
+                try:
+                    self.end(uuid, f"its seat has not been logged in to its disk for "
+                                   f"{limit:.0f} s (switched off, or gone)")
+                except (ApiError, OverlayError) as error:
+                    LOG.warning("ending session %s: %s", uuid, error)
+
+    def _backend_sessions(self) -> list[str]:
+        with self.db.read() as session:
+            return list(session.scalars(select(StudentSession.uuid).where(
+                StudentSession.state == "running", StudentSession.backend == self.name)))
 
     def end(self, session_uuid: str, why: str) -> None:
         """Remove the session's target (its seat can no longer reach the disk) and mark it

@@ -94,6 +94,9 @@ class Settings:
     iscsi_portal: str = ""  # HOST:PORT seats reach session targets at; default seat_url's host:3260
     session_quota_mib: int = 0  # what one session may use (its changes and saves); 0: no limit
     class_quota_mib: int = 0  # what all sessions of one template may use together; 0: no limit
+    # A running session whose seat logged in to its disk, then has not been for this many
+    # seconds, ends (a seat switched off by hand); 0: only power-off and stop end sessions.
+    session_disconnect_end: float = 120.0
     # Seconds an idle seat shows its menu (log in to a TP session, or the default: its
     # disk); 0: no menu. Only with accounts (auth = http_basic): a login needs them.
     seat_menu_timeout: int = 5

@@ -20,15 +20,18 @@ class IscsiSeat:
     secret_file: Path  # the CHAP secret, as qemu reads secrets
     lun: int = 1
 
-    def io(self, command: str, initiator: str | None = None) -> subprocess.CompletedProcess:
-        """``initiator``: pretend to be another seat."""
+    def argv(self, *commands: str, initiator: str | None = None) -> list[str]:
+        """qemu-io logged in as this seat (``initiator``: pretend to be another)."""
         opts = ",".join(["driver=iscsi", "transport=tcp", f"portal={self.portal}",
                          f"target={self.iqn}", f"lun={self.lun}", f"user={self.chap_user}",
                          "password-secret=chap",
                          f"initiator-name={initiator or self.initiator}"])
-        return subprocess.run(["qemu-io", "--object", f"secret,id=chap,file={self.secret_file}",
-                               "--image-opts", opts, "-c", command],
-                              capture_output=True, text=True, timeout=120)
+        return ["qemu-io", "--object", f"secret,id=chap,file={self.secret_file}",
+                "--image-opts", opts, *(arg for command in commands for arg in ("-c", command))]
+
+    def io(self, command: str, initiator: str | None = None) -> subprocess.CompletedProcess:
+        return subprocess.run(self.argv(command, initiator=initiator), capture_output=True,
+                              text=True, timeout=120)
 
     def write(self, byte: int, offset: int, length: int) -> None:
         result = self.io(f"write -P {byte:#x} {offset} {length}")

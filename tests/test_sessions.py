@@ -310,6 +310,37 @@ def test_a_killed_services_target_server_gives_way_to_the_next_start(make_lab, p
     assert f"stopping tgtd (pid {left}) left running" in log
 
 
+def test_a_session_ends_once_its_seat_has_been_gone_from_its_disk_for_a_while(make_lab):
+    """A seat switched off by hand (no power state says so): tgtd's NOP pings drop its
+    login, and after session_disconnect_end the session ends. One never logged in into
+    (the seat is still booting) is left running."""
+    lab = make_lab("local", session_disconnect_end=4)
+    lab.upload("tp7-v1", TEMPLATE_BYTE)
+    lab.ok("tom", "POST", "/v1/templates", {"name": "tp7", "image": "tp7-v1"}, status=201)
+    ses = lab.ok("ada", "POST", "/v1/sessions", {"template": "tp7", "student": "sam"},
+                 status=201)
+    path = f"/v1/sessions/{ses['uuid']}"
+    seat = lab.seat(lab.ok("sam", "POST", f"{path}/start", {"seat": "a01", "boot": False}), "a01")
+    time.sleep(10)  # more than session_disconnect_end and two watcher rounds
+    assert lab.ok("sam", "GET", path)["state"] == "running"
+    frozen = subprocess.Popen(seat.argv("read 0 4096", "sleep 600000"),
+                              stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        wait_for(lambda: "Initiator: " in subprocess.run(
+            ["tgtadm", "--lld", "iscsi", "--mode", "target", "--op", "show"],
+            env={**os.environ, "TGT_IPC_SOCKET": str(lab.run_dir / "tgt" / "socket")},
+            capture_output=True, text=True).stdout, 20, "the seat's login")
+        os.kill(frozen.pid, signal.SIGSTOP)  # gone without a word, as a PC switched off
+        ended = wait_for(lambda: (lambda s: s if s["state"] == "stopped" else None)(
+            lab.ok("sam", "GET", path)), 60, "the session to end")
+        assert ended["seat"] is None and ended["last_error"] is None
+        log = (lab.work / "svc0.service.log").read_text()
+        assert "has not been logged in to its disk for 4 s" in log
+    finally:
+        frozen.kill()
+        frozen.wait()
+
+
 def test_quota_refusals_say_the_numbers(make_lab):
     lab = make_lab("local", session_quota_mib=8, class_quota_mib=16)
     lab.upload("tp5-v1", TEMPLATE_BYTE)

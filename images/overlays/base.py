@@ -215,6 +215,10 @@ class OverlayBackend(abc.ABC):
     @abc.abstractmethod
     def is_exported(self, session_id: str) -> bool: ...
 
+    @abc.abstractmethod
+    def connected(self) -> set[str]:
+        """The exported sessions a seat is logged in to now."""
+
     def save(self, session_id: str, label: str) -> SavePoint:
         """Flush what the seat wrote and snapshot it, exported or not. Crash-safe: if
         anything dies mid-save, every earlier save point is still there and intact."""

@@ -317,6 +317,9 @@ class CephOverlays(OverlayBackend):
     def is_exported(self, session_id: str) -> bool:
         return self.targets.is_exported(session_id)
 
+    def connected(self) -> set[str]:
+        return self.targets.connected()
+
     def _export(self, session_id, iqn, chap: Chap, allowed) -> Export:
         name = _session_image(session_id)
         self._break_stale_locks(session_id)

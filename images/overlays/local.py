@@ -179,6 +179,9 @@ class LocalOverlays(OverlayBackend):
     def is_exported(self, session_id: str) -> bool:
         return self.targets.is_exported(session_id)
 
+    def connected(self) -> set[str]:
+        return self.targets.connected()
+
     def _export(self, session_id, iqn, chap: Chap, allowed) -> Export:
         self._stop_daemon(session_id)  # a daemon left by a tgtd that died, or by a crash
         mountpoint = self._start_daemon(session_id)

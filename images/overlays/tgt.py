@@ -71,6 +71,16 @@ class SessionTargets:
                                 allowed_initiators=allowed, chap=chap, bstype="rbd",
                                 bsopts=f"conf={conf_path};id={client_id}"))
 
+    def connected(self) -> set[str]:
+        """The sessions a seat is logged in to now."""
+        self._forget_dead_tgtd()
+        if self._exporter is None:
+            return set()
+        logged_in = {iqn for iqn, initiators in self._exporter.connected().items()
+                     if initiators}
+        return {session for session, served in self._served.items()
+                if served.iqn in logged_in}
+
     def unexport(self, session_id: str) -> None:
         """Remove the session's target (and its CHAP account); nothing if not exported."""
         self._forget_dead_tgtd()
