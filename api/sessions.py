@@ -392,7 +392,6 @@ def template_image(session: Session, ident: Any) -> Image:
     return image
 
 
-
 def refresh_used(backend: OverlayBackend, ses: StudentSession) -> None:
     try:
         ses.used_bytes = backend.used_bytes(ses.uuid)
@@ -781,7 +780,6 @@ def stop_session(ident: str):
         storage().end(ses.uuid, f"stopped by {g.caller.name}")
     with services().db.read() as session:
         return session_view(find_session(session, ident))
-
 
 
 @blueprint.post("/v1/sessions/<ident>/save")

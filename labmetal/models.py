@@ -147,7 +147,6 @@ class AuthToken(Base):
     last_used_at: Mapped[datetime | None]
 
 
-
 class Image(Base):
     """An image in the store. Disk images are kept as a sparse raw file plus the packed
     chunks and manifest (images/manifest.py); kernels and ramdisks as the file itself."""

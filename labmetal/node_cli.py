@@ -308,7 +308,6 @@ def state_output(client: Client, args: argparse.Namespace) -> Any:
     return None
 
 
-
 def _value(value: Any) -> str:
     if isinstance(value, dict):
         return ", ".join(f"{key}={_value(item)}" for key, item in value.items())
@@ -325,7 +324,6 @@ def _power(node: dict[str, Any]) -> str:
 def _provision(node: dict[str, Any]) -> str:
     target = node["target_provision_state"]
     return f"{node['provision_state']} -> {target}" if target else node["provision_state"]
-
 
 
 def _short(text: str | None) -> str:

@@ -183,7 +183,6 @@ def _counts(job: dict[str, Any]) -> str:
     return ", ".join(f"{count} {state}" for state, count in sorted(job["counts"].items()))
 
 
-
 def run(args: argparse.Namespace) -> int:
     client = make_client(args.url)
     try:

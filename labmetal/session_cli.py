@@ -24,10 +24,8 @@ from labmetal.images.cli import Progress
 BUSY = ("starting", "running")  # in use on a seat: its disk is not exported
 
 
-
 def _mib(size: int | None) -> str:
     return "-" if size is None else f"{size / 2**20:.1f} MiB"
-
 
 
 # -- templates ---------------------------------------------------------------------------

@@ -32,7 +32,6 @@ MiB = 2**20
 QEMU_INITIATOR = "iqn.2008-11.org.linux-kvm"  # the name qemu-img's libiscsi logs in with
 
 
-
 @pytest.fixture(scope="module", autouse=True)
 def iscsi_tools():
     missing = [tool for tool in ("tgtd", "tgtadm", "qemu-img", "mkfs.ext4")
