@@ -10,6 +10,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import sys
 import uuid as uuidlib
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -135,3 +136,20 @@ def print_table(header: list[str], rows: list[list[str]]) -> None:
     widths = [max(len(str(cell)) for cell in column) for column in zip(header, *rows)]
     for row in [header, *rows]:
         print("  ".join(str(cell).ljust(width) for cell, width in zip(row, widths)).rstrip())
+
+
+def run_command(args: argparse.Namespace, command: Callable[[Client, argparse.Namespace], Any],
+                name: str, hide: tuple[str, ...] = ()) -> int:
+    """One ``labmetal <name>`` command: what it returns printed as JSON; an API or I/O error
+    as one line (``hide``: text never to show, e.g. a password the user typed), exit 1."""
+    try:
+        result = command(make_client(args.url), args)
+    except (CliError, OSError) as error:
+        message = str(error)
+        for secret in hide:
+            message = message.replace(secret, "******")
+        print(f"labmetal {name}: {message}", file=sys.stderr)
+        return 1
+    if result is not None:
+        print(json.dumps(result, indent=2))
+    return 0

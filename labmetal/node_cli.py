@@ -7,20 +7,17 @@ happens to contain a secret the user passed is masked here too.
 from __future__ import annotations
 
 import argparse
-import json
 import sys
 import time
 from typing import Any, Callable, TextIO
 from urllib.parse import urlsplit
 
-from labmetal.client import (CliError, Client, common_options, is_uuid, make_client,
-                             print_table)
+from labmetal.client import CliError, Client, common_options, is_uuid, print_table, run_command
 from labmetal.secrets import is_secret_key
 
 # Pinned, so a later API version cannot change what these commands read; 1.78 serves node
 # history and the conductors.
 API_VERSION = {"X-OpenStack-Ironic-API-Version": "1.78"}
-MASK = "******"
 POWER_TARGETS = {"on": "power on", "off": "power off", "reboot": "rebooting"}
 SOFT_POWER_TARGETS = {"off": "soft power off", "reboot": "soft rebooting"}
 PROVISION_VERBS = ("manage", "provide", "inspect", "deploy", "rebuild", "undeploy", "abort")
@@ -361,19 +358,9 @@ def secrets_given(args: argparse.Namespace) -> list[str]:
 
 
 def run(args: argparse.Namespace) -> int:
-    client = make_client(args.url)
-    try:
-        result = args.node_func(client, args)
-    except (CliError, OSError) as error:
-        message = str(error)
-        for secret in secrets_given(args):
-            message = message.replace(secret, MASK)
-        command = " ".join(filter(None, (args.command, args.sub_command)))
-        print(f"labmetal {command}: {message}", file=sys.stderr)
-        return 1
-    if result is not None:
-        print(json.dumps(result, indent=2))
-    return 0
+    return run_command(args, args.node_func,
+                       " ".join(filter(None, (args.command, args.sub_command))),
+                       hide=tuple(secrets_given(args)))
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:

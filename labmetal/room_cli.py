@@ -5,13 +5,12 @@ The API and credentials are found as labmetal/client.py says.
 from __future__ import annotations
 
 import argparse
-import json
 import sys
 import time
 from pathlib import Path
 from typing import Any, TextIO
 
-from labmetal.client import CliError, Client, common_options, make_client, print_table
+from labmetal.client import CliError, Client, common_options, print_table, run_command
 
 FINISHED_JOB_STATES = ("done", "failed", "cancelled")
 BAR_WIDTH = 20
@@ -184,18 +183,7 @@ def _counts(job: dict[str, Any]) -> str:
 
 
 def run(args: argparse.Namespace) -> int:
-    client = make_client(args.url)
-    try:
-        result = args.room_func(client, args)
-    except CliError as error:
-        print(f"labmetal room {args.room_command}: {error}", file=sys.stderr)
-        return 1
-    except OSError as error:
-        print(f"labmetal room {args.room_command}: {error}", file=sys.stderr)
-        return 1
-    if result is not None:
-        print(json.dumps(result, indent=2))
-    return 0
+    return run_command(args, args.room_func, f"room {args.room_command}")
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:

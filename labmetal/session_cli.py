@@ -17,8 +17,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from labmetal.client import (DEFAULT_URL, CliError, Client, is_uuid, make_client,
-                             print_table)
+from labmetal.client import DEFAULT_URL, CliError, Client, is_uuid, print_table, run_command
 from labmetal.images.cli import Progress
 
 BUSY = ("starting", "running")  # in use on a seat: its disk is not exported
@@ -283,15 +282,7 @@ def cmd_session_delete(client: Client, args: argparse.Namespace) -> Any:
 
 
 def run(args: argparse.Namespace) -> int:
-    client = make_client(args.url)
-    try:
-        result = args.session_func(client, args)
-    except (CliError, OSError) as error:
-        print(f"labmetal {args.command} {args.sub_command}: {error}", file=sys.stderr)
-        return 1
-    if result is not None:
-        print(json.dumps(result, indent=2))
-    return 0
+    return run_command(args, args.session_func, f"{args.command} {args.sub_command}")
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:

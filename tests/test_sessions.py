@@ -89,6 +89,16 @@ class Lab:
         box = SecretBox.from_file(self.service.state_dir / "secret.key")
         return user, box.open(sealed)
 
+    def sams_session_on_a01(self, template: str) -> tuple[str, dict[str, Any]]:
+        """A template of its own, sam's session of it started on a01: its path and view."""
+        self.upload(f"{template}-v1", TEMPLATE_BYTE)
+        self.ok("tom", "POST", "/v1/templates", {"name": template, "image": f"{template}-v1"},
+                status=201)
+        ses = self.ok("ada", "POST", "/v1/sessions", {"template": template, "student": "sam"},
+                      status=201)
+        path = f"/v1/sessions/{ses['uuid']}"
+        return path, self.ok("sam", "POST", f"{path}/start", {"seat": "a01", "boot": False})
+
     def seat(self, ses: dict[str, Any], seat: str, secret: str | None = None) -> IscsiSeat:
         user, real_secret = self.chap(ses["uuid"])
         secret_file = self.work / f"secret-{ses['uuid']}-{seat}{'-given' if secret else ''}"
@@ -263,13 +273,8 @@ def test_student_resumes_their_own_session_on_any_seat_and_only_there(lab):
 
 def test_killed_target_server_fails_the_session_which_resumes_with_its_data(make_lab):
     lab = make_lab("local")
-    lab.upload("tp2-v1", TEMPLATE_BYTE)
-    lab.ok("tom", "POST", "/v1/templates", {"name": "tp2", "image": "tp2-v1"}, status=201)
-    ses = lab.ok("ada", "POST", "/v1/sessions", {"template": "tp2", "student": "sam"},
-                 status=201)
-    path = f"/v1/sessions/{ses['uuid']}"
-    seat = lab.seat(lab.ok("sam", "POST", f"{path}/start", {"seat": "a01", "boot": False}), "a01")
-    seat.write(0x44, 4 * MiB, 2 * MiB)
+    path, started = lab.sams_session_on_a01("tp2")
+    lab.seat(started, "a01").write(0x44, 4 * MiB, 2 * MiB)
     os.kill(tgtd_pid(lab.run_dir), signal.SIGKILL)
 
     failed = wait_for(lambda: (lambda s: s if s["state"] == "failed" else None)(
@@ -285,12 +290,7 @@ def test_a_killed_services_target_server_gives_way_to_the_next_start(make_lab, p
     """labmetal killed with SIGKILL leaves its tgtd on the portal; the next start stops it,
     marks the session failed and starts it again with its data."""
     lab = make_lab("local")
-    lab.upload("tp6-v1", TEMPLATE_BYTE)
-    lab.ok("tom", "POST", "/v1/templates", {"name": "tp6", "image": "tp6-v1"}, status=201)
-    ses = lab.ok("ada", "POST", "/v1/sessions", {"template": "tp6", "student": "sam"},
-                 status=201)
-    path = f"/v1/sessions/{ses['uuid']}"
-    started = lab.ok("sam", "POST", f"{path}/start", {"seat": "a01", "boot": False})
+    path, started = lab.sams_session_on_a01("tp6")
     lab.seat(started, "a01").write(0x66, 2 * MiB, MiB)
     left = tgtd_pid(lab.run_dir)
     lab.service.proc.kill(signal.SIGKILL)
@@ -315,12 +315,8 @@ def test_a_session_ends_once_its_seat_has_been_gone_from_its_disk_for_a_while(ma
     login, and after session_disconnect_end the session ends. One never logged in into
     (the seat is still booting) is left running."""
     lab = make_lab("local", session_disconnect_end=4)
-    lab.upload("tp7-v1", TEMPLATE_BYTE)
-    lab.ok("tom", "POST", "/v1/templates", {"name": "tp7", "image": "tp7-v1"}, status=201)
-    ses = lab.ok("ada", "POST", "/v1/sessions", {"template": "tp7", "student": "sam"},
-                 status=201)
-    path = f"/v1/sessions/{ses['uuid']}"
-    seat = lab.seat(lab.ok("sam", "POST", f"{path}/start", {"seat": "a01", "boot": False}), "a01")
+    path, started = lab.sams_session_on_a01("tp7")
+    seat = lab.seat(started, "a01")
     time.sleep(10)  # more than session_disconnect_end and two watcher rounds
     assert lab.ok("sam", "GET", path)["state"] == "running"
     frozen = subprocess.Popen(seat.argv("read 0 4096", "sleep 600000"),
