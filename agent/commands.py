@@ -20,7 +20,7 @@ from labmetal.agent import bootloader, delta, fetch, partition, power, wipe, wri
 from labmetal.agent.disk import as_block_device
 from labmetal.agent.identity import Identity
 from labmetal.agent.writer import Progress
-from labmetal.images.manifest import Manifest
+from labmetal.agent.manifest import Manifest
 
 LOG = logging.getLogger(__name__)
 

@@ -23,7 +23,7 @@ from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
-from labmetal.images.manifest import Chunk, Manifest
+from labmetal.agent.manifest import Chunk, Manifest
 
 if TYPE_CHECKING:
     from labmetal.agent.writer import Progress

@@ -17,7 +17,7 @@ from typing import Iterator
 import requests
 import urllib3
 
-from labmetal.images.manifest import Chunk, Manifest
+from labmetal.agent.manifest import Chunk, Manifest
 
 LOG = logging.getLogger(__name__)
 

@@ -1,6 +1,6 @@
 """The seat's side of a multicast room deploy: join the job's group, ask the conductor's
 sender for the chunks this disk lacks, rebuild each chunk from any ``k`` blocks of each of
-its groups (images/multicast_wire.py), verify it (manifest.unpack_chunk) and write it, then
+its groups (agent/multicast_wire.py), verify it (manifest.unpack_chunk) and write it, then
 read the whole image range back from the disk as the receipt.
 
 The seat asks at once for a group it still lacks blocks of when the sender says the group's
@@ -31,8 +31,8 @@ from typing import Any
 import zfec
 
 from labmetal.agent.writer import DiskSink, Progress, WriteResult, check_fits
-from labmetal.images import multicast_wire as wire
-from labmetal.images.manifest import Manifest, unpack_chunk
+from labmetal.agent import multicast_wire as wire
+from labmetal.agent.manifest import Manifest, unpack_chunk
 
 LOG = logging.getLogger(__name__)
 

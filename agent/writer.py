@@ -38,7 +38,7 @@ import requests
 from labmetal.agent import fetch
 from labmetal.agent.delta import Scan, read_exactly, scan as scan_disk
 from labmetal.agent.disk import is_block_device, size_of
-from labmetal.images.manifest import Manifest, unpack_chunk
+from labmetal.agent.manifest import Manifest, unpack_chunk
 
 LOG = logging.getLogger(__name__)
 

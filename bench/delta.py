@@ -36,7 +36,7 @@ from pathlib import Path
 import requests
 
 from bench.deploy import make_image
-from labmetal.images.manifest import Chunk, Manifest
+from labmetal.agent.manifest import Chunk, Manifest
 from labmetal.lab.network import Lab, in_namespace
 from tests.support import Processes, start_service
 

@@ -26,7 +26,6 @@ from labmetal.lab.osimage import build_whole_disk, marker_line
 from tests.labrooms import Labmetal, UpRoom, lab_up, start_labmetal, tear_down
 from tests.support import Processes, free_port, wait_for
 
-REPO = Path(__file__).resolve().parents[1]
 RAMDISK_CACHE = Path("/var/cache/labmetal/ramdisk")
 
 
@@ -113,7 +112,7 @@ def main() -> int:
     work = Path(tempfile.mkdtemp(prefix="labmetal-bench-lab-", dir="/var/tmp"))
     try:
         if args.qemu:
-            ramdisk = build_ramdisk(RAMDISK_CACHE, REPO, progress=lambda line: None)
+            ramdisk = build_ramdisk(RAMDISK_CACHE, progress=lambda line: None)
             os_image = build_whole_disk("bench-os", progress=lambda line: None)
             print("QEMU seats (TCG), deploy request -> deployed OS's marker on the console")
             for index, seats in enumerate(args.qemu):

@@ -21,7 +21,7 @@ import time
 from pathlib import Path
 
 from labmetal.conductor.multicast import MulticastConfig, MulticastSender
-from labmetal.images.manifest import Manifest, build
+from labmetal.agent.manifest import Manifest, build
 from labmetal.lab.network import Lab, add_loss, in_namespace
 
 MIB = 1024 * 1024

@@ -36,7 +36,7 @@ from pathlib import Path
 import requests
 
 from labmetal.conductor.multicast import MulticastConfig, MulticastSender
-from labmetal.images.manifest import Manifest
+from labmetal.agent.manifest import Manifest
 from labmetal.lab.network import Lab, Room, add_loss, in_namespace, remove_loss
 
 MIB = 1024 * 1024
@@ -51,7 +51,7 @@ REPO = Path(__file__).resolve().parent.parent
 def os_image(work: Path, size_mib: int) -> Path:
     """A partitioned disk whose ext4 root holds the deploy ramdisk's Debian userland."""
     from labmetal.images.ramdisk import build_ramdisk
-    ramdisk = build_ramdisk(RAMDISK_CACHE, REPO, progress=lambda line: print(" ", line))
+    ramdisk = build_ramdisk(RAMDISK_CACHE, progress=lambda line: print(" ", line))
     root = work / "rootfs"
     root.mkdir()
     subprocess.run(f"zstd -dc {ramdisk.initramfs} | cpio -idm --quiet", shell=True,
@@ -81,7 +81,7 @@ class Image:
 
 
 def prepare(work: Path, size_mib: int) -> Image:
-    from labmetal.images.manifest import build
+    from labmetal.agent.manifest import build
     raw = os_image(work, size_mib)
     manifest = build(raw, work / "packed")
     (work / "manifest.json").write_text(manifest.to_json())

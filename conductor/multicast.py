@@ -4,7 +4,7 @@ image, sent once to a multicast group, whatever the number of seats.
 The sender is driven by the seats. It sends nothing until a seat asks; a seat's first
 request lists every chunk it lacks (a seat that already holds part of the image, or all of
 it, asks for less, or nothing), later ones say, per group of blocks, how many more it needs
-(see images/multicast_wire.py). Requests are merged: a group is owed the *largest* number
+(see agent/multicast_wire.py). Requests are merged: a group is owed the *largest* number
 any seat asked for, and the sender answers with blocks of that group it has not sent
 before, so one repair block serves every seat that lacks any block of the group. A seat that
 joins late asks for what it missed and gets it after the chunks in flight; a seat that goes
@@ -32,8 +32,8 @@ from pathlib import Path
 
 import zfec
 
-from labmetal.images import multicast_wire as wire
-from labmetal.images.manifest import Manifest
+from labmetal.agent import multicast_wire as wire
+from labmetal.agent.manifest import Manifest
 
 LOG = logging.getLogger(__name__)
 

@@ -314,7 +314,7 @@ class RoomJobRunner:
         if job_uuid in self.senders:
             return
         from labmetal.conductor.multicast import MulticastConfig, MulticastSender
-        from labmetal.images.manifest import Manifest
+        from labmetal.agent.manifest import Manifest
         manifest = Manifest.from_json(self.store.manifest_path(image.uuid).read_text())
         config = MulticastConfig(group=multicast["group"], port=int(multicast["port"]),
                                  control_port=int(multicast["sender"].rpartition(":")[2]),

@@ -109,10 +109,7 @@ def cmd_build_ramdisk(client: Client, args: argparse.Namespace) -> Any:
     """Build (or reuse) the deploy kernel and initramfs and register both as images, named
     after the build's version so that nodes using an older ramdisk keep it."""
     from labmetal.images.ramdisk import build_ramdisk, sha256_file
-    source = Path(args.source) if args.source else Path(__file__).resolve().parents[1]
-    if not (source / "agent" / "__main__.py").exists():
-        raise CliError(f"{source} is not a labmetal checkout (no agent/): give --source")
-    build = build_ramdisk(Path(args.cache), source, force=args.force,
+    build = build_ramdisk(Path(args.cache), force=args.force,
                           recipe=Recipe(kernel_package=args.kernel_package),
                           progress=lambda line: print(line, file=sys.stderr, flush=True))
     registered = {}
@@ -267,12 +264,11 @@ def register(subparsers: argparse._SubParsersAction) -> None:
                                   "cached) and register them as images")
     ramdisk.add_argument("--cache", default=os.environ.get("LABMETAL_RAMDISK_CACHE",
                                                            "/var/cache/labmetal/ramdisk"))
-    ramdisk.add_argument("--source", help="labmetal checkout whose agent goes in "
-                                          "(default: this one)")
     ramdisk.add_argument("--prefix", default="deploy", help="image names: PREFIX-kernel-KEY")
     ramdisk.add_argument("--force", action="store_true", help="rebuild even if cached")
     ramdisk.add_argument("--kernel-package", default=Recipe.kernel_package,
-                         help="Debian kernel package (real PCs: linux-image-amd64)")
+                         help="Debian kernel package (default: %(default)s, with real PCs' drivers; "
+                              "linux-image-cloud-amd64 boots VMs only)")
     ramdisk.set_defaults(images_func=cmd_build_ramdisk)
 
     capture = sub.add_parser("capture", parents=[common],

@@ -18,6 +18,7 @@ import argparse
 import contextlib
 import fcntl
 import hashlib
+import importlib.util
 import json
 import os
 import shlex
@@ -45,15 +46,23 @@ PACKAGES = (
     "tgt", "parted", "e2fsprogs", "dosfstools", "syslinux", "extlinux", "syslinux-common",
     "util-linux", "mount", "iproute2", "busybox", "kmod",
 )
-# virtio and IDE for QEMU seats; the usual NICs (Intel e1000/e1000e/igc, Realtek r8169 with
-# its PHY driver), AHCI and NVMe for lab PCs; loop and vfat (an EFI system partition) for
-# the agent's own work. A kernel that lacks some (the cloud kernel has none of the PC
-# drivers) is still used; build.json lists what is missing.
-MODULES = (
+# The drivers of the PCs a teaching room has, and of VMs: disks (AHCI/SATA, NVMe, USB
+# storage with its host controllers, SD/eMMC, virtio, IDE), NICs (Intel e1000/e1000e/igb/
+# igc/ixgbe, Realtek r8169 with its PHY driver and 8139, Broadcom tg3/bnx2, virtio), USB
+# keyboards. /init loads them as the hardware asks (each device's modalias, resolved by
+# modprobe against the aliases of these modules only), so a PC pays for its own drivers.
+# A kernel that lacks some (the cloud kernel has none of the PC drivers) is still used;
+# build.json lists what is missing.
+HARDWARE_MODULES = (
     "virtio_pci", "virtio_net", "virtio_blk", "virtio_scsi", "ata_piix", "ahci", "sd_mod",
-    "nvme", "e1000", "e1000e", "igc", "r8169", "realtek", "loop", "vfat", "nls_cp437",
-    "nls_ascii",
+    "sr_mod", "nvme", "xhci_pci", "ehci_pci", "ohci_pci", "uhci_hcd", "usb_storage", "uas",
+    "sdhci_pci", "mmc_block", "e1000", "e1000e", "igb", "igc", "ixgbe", "r8169", "realtek",
+    "8139cp", "8139too", "tg3", "bnx2", "usbhid", "hid_generic",
 )
+# Loaded at every boot whatever the hardware: the agent's own work (loop devices, an EFI
+# system partition, the root file systems it installs boot loaders into, EFI variables).
+ALWAYS_MODULES = ("loop", "vfat", "nls_cp437", "nls_ascii", "ext4", "efivarfs")
+MODULES = HARDWARE_MODULES + ALWAYS_MODULES
 # Installed only as dependencies and removed again, 50 MB unpacked: perl, which tgt
 # depends on for tgt-admin (the agent drives tgtd with tgtadm), and usrmerge with its perl
 # libraries, which only converts a system to merged /usr. perl-base, which dpkg needs, stays.
@@ -79,16 +88,18 @@ class Recipe:
 
     To pin package versions, use snapshot sources such as
     ``deb [check-valid-until=no] http://snapshot.debian.org/archive/debian/20250520T000000Z
-    bookworm main``. Real PCs need the generic kernel (``linux-image-amd64``): the cloud
-    kernel boots fast under QEMU but has no drivers for their NICs and SATA controllers.
+    bookworm main``. The kernel is Debian's generic one (``linux-image-amd64``, signed for
+    Secure Boot) with the drivers of real PCs; ``linux-image-cloud-amd64`` boots VMs only
+    (it has no drivers for PCs' NICs and SATA controllers) and is there on request.
     """
     suite: str = "bookworm"
     sources: tuple[str, ...] = SOURCES
     variant: str = "essential"
     packages: tuple[str, ...] = PACKAGES
     unwanted: tuple[str, ...] = UNWANTED
-    kernel_package: str = "linux-image-cloud-amd64"
+    kernel_package: str = "linux-image-amd64"
     modules: tuple[str, ...] = MODULES
+    always_modules: tuple[str, ...] = ALWAYS_MODULES
     dpkg_options: tuple[str, ...] = DPKG_OPTIONS
     source_date_epoch: int = 1735689600  # 2025-01-01: every file's mtime in the image
     # 19: every seat downloads 12% less than at 9, for about a minute more of one build;
@@ -113,6 +124,20 @@ class KernelModules:
     files: list[str]  # of the loadable ones and their dependencies, in modules/<version>/
 
 
+# The ramdisk's top-level package: only ``labmetal.agent`` is installed under it, so it
+# carries none of the service's ``labmetal/__init__.py`` (nor anything that would import).
+PACKAGE_INIT = b'"""labmetal, as the deploy ramdisk carries it: the agent package only."""\n'
+
+
+def agent_package() -> Path:
+    """The installed ``labmetal.agent`` package's folder (the checkout's ``agent/`` in a
+    development install): what the ramdisk carries, whole."""
+    spec = importlib.util.find_spec("labmetal.agent")
+    if spec is None or not spec.submodule_search_locations:
+        raise RuntimeError("labmetal.agent is not installed")
+    return Path(list(spec.submodule_search_locations)[0]).resolve()
+
+
 @dataclass(frozen=True)
 class Inputs:
     """The files a build puts in the image, read once, so the key and the image agree even
@@ -122,23 +147,22 @@ class Inputs:
     labmetal: dict[str, bytes]  # by path in the image's Python path
 
     @classmethod
-    def read(cls, source_root: Path) -> Inputs:
-        """The scripts next to this module and, from ``source_root`` (a labmetal checkout),
-        the agent and the chunk manifest it checks writes with, nothing of the service."""
-        files = {
-            "labmetal/__init__.py": source_root / "labmetal" / "__init__.py",
-            "labmetal/agent/__init__.py": source_root / "agent" / "__init__.py",
-            "labmetal/images/__init__.py": source_root / "images" / "__init__.py",
-            "labmetal/images/manifest.py": source_root / "images" / "manifest.py",
-        }
-        agent = source_root / "agent"
+    def read(cls, agent_dir: Path | None = None) -> Inputs:
+        """The scripts next to this module and the agent package, whole: every file under
+        ``agent_dir`` (default: the installed ``labmetal.agent``) but bytecode and hidden
+        files. The agent imports nothing of labmetal outside its own package (its wire
+        formats live in it), so what a seat runs is what the tests import; a test imports
+        every module inside the built image to prove it."""
+        agent = agent_dir or agent_package()
+        files = {"labmetal/__init__.py": PACKAGE_INIT}
         for path in sorted(agent.rglob("*")):
             relative = path.relative_to(agent)
             skipped = any(part.startswith(".") or part == "__pycache__" for part in relative.parts)
             if path.is_file() and not skipped and path.suffix != ".pyc":
-                files[f"labmetal/agent/{relative.as_posix()}"] = path
-        return cls(INIT_SCRIPT.read_bytes(), UDHCPC_SCRIPT.read_bytes(),
-                   {name: path.read_bytes() for name, path in files.items()})
+                files[f"labmetal/agent/{relative.as_posix()}"] = path.read_bytes()
+        if "labmetal/agent/__main__.py" not in files:
+            raise RuntimeError(f"{agent} is not labmetal's agent package (no __main__.py)")
+        return cls(INIT_SCRIPT.read_bytes(), UDHCPC_SCRIPT.read_bytes(), files)
 
 
 def version_key(recipe: Recipe, inputs: Inputs) -> str:
@@ -152,12 +176,12 @@ def version_key(recipe: Recipe, inputs: Inputs) -> str:
     return digest.hexdigest()[:16]
 
 
-def build_ramdisk(cache_dir: Path, source_root: Path, *, force: bool = False,
+def build_ramdisk(cache_dir: Path, *, agent_dir: Path | None = None, force: bool = False,
                   progress: Callable[[str], None] = print,
                   recipe: Recipe = Recipe()) -> RamdiskBuild:
-    """The deploy ramdisk for the agent in ``source_root`` (a labmetal checkout), from
-    ``cache_dir`` if it holds a build of the same inputs, else built there (as root)."""
-    inputs = Inputs.read(source_root)
+    """The deploy ramdisk for the installed agent (or the agent package in ``agent_dir``),
+    from ``cache_dir`` if it holds a build of the same inputs, else built there (as root)."""
+    inputs = Inputs.read(agent_dir)
     key = version_key(recipe, inputs)
     target = cache_dir / key
     cache_dir.mkdir(parents=True, exist_ok=True)
@@ -200,7 +224,7 @@ def _build(recipe: Recipe, inputs: Inputs, work: Path, key: str,
     modules = select_modules(modules_dir, recipe.modules)
     if modules.missing:
         progress(f"{kernel_version} has no {', '.join(modules.missing)}: not in the ramdisk")
-    _install_modules(modules, modules_dir, rootfs, env)
+    _install_modules(modules, recipe.always_modules, modules_dir, rootfs, env)
     _install_labmetal(inputs, rootfs)
     _finish_userland(rootfs, env)
     packages = run_step(["chroot", str(rootfs), "dpkg-query", "--show",
@@ -283,14 +307,19 @@ def select_modules(modules_dir: Path, wanted: tuple[str, ...]) -> KernelModules:
         files=files)
 
 
-def _install_modules(modules: KernelModules, modules_dir: Path, rootfs: Path,
-                     env: dict[str, str]) -> None:
+def _install_modules(modules: KernelModules, always: tuple[str, ...], modules_dir: Path,
+                     rootfs: Path, env: dict[str, str]) -> None:
+    """The modules' files, as the kernel package has them (signed: a kernel locked down by
+    Secure Boot loads nothing else), and depmod's tables of them: modules.alias is how /init
+    finds a device's driver. /etc/labmetal/modules lists those loaded whatever the
+    hardware."""
     target = rootfs / "usr" / "lib" / "modules" / modules_dir.name
     for name in (*modules.files, "modules.order", "modules.builtin", "modules.builtin.modinfo"):
         install_file(target / name, (modules_dir / name).read_bytes(), 0o644)
     run_step(["chroot", str(rootfs), "depmod", modules_dir.name], env)
     install_file(rootfs / "etc" / "labmetal" / "modules",
-             "".join(f"{name}\n" for name in modules.loadable).encode(), 0o644)
+                 "".join(f"{name}\n" for name in modules.loadable if name in always).encode(),
+                 0o644)
 
 
 def _install_labmetal(inputs: Inputs, rootfs: Path) -> None:
@@ -450,14 +479,12 @@ def main(argv: list[str] | None = None) -> int:
         description="Build (or reuse) the deploy ramdisk: a kernel and an initramfs "
                     "with labmetal's agent.")
     parser.add_argument("--cache", type=Path, required=True, help="the build cache directory")
-    parser.add_argument("--source", type=Path, default=HERE.parent,
-                        help="the labmetal checkout whose agent goes in (default: this one)")
     parser.add_argument("--kernel-package", default=Recipe.kernel_package,
-                        help="a Debian kernel metapackage (default: %(default)s; "
-                             "linux-image-amd64 for real PCs)")
+                        help="a Debian kernel metapackage (default: %(default)s, with the "
+                             "drivers of real PCs; linux-image-cloud-amd64 for VMs only)")
     parser.add_argument("--force", action="store_true", help="rebuild even if cached")
     args = parser.parse_args(argv)
-    build = build_ramdisk(args.cache, args.source, force=args.force,
+    build = build_ramdisk(args.cache, force=args.force,
                           recipe=Recipe(kernel_package=args.kernel_package))
     print(json.dumps({"kernel": str(build.kernel), "initramfs": str(build.initramfs),
                       "version_key": build.version_key, "reused": build.reused}, indent=2))

@@ -19,9 +19,20 @@ mount -t tmpfs -o mode=0755 tmpfs /run
 mount -t tmpfs -o mode=1777 tmpfs /tmp
 ip link set lo up
 
-# The drivers the build shipped (NIC, disk, loop, vfat); loading one without its
-# hardware costs nothing.
+# Drivers as the hardware asks for them: every device's modalias, resolved by modprobe
+# against the aliases of the modules the build shipped (PCs' and VMs' disks and NICs).
+# A driver can bring new devices (a USB controller its disks and keyboards), so again
+# until a round loads nothing new. Then the ones the agent needs whatever the hardware.
+loaded=
+for round in 1 2 3 4; do
+    find /sys/devices -name modalias -exec cat {} + 2>/dev/null | sort -u \
+        | xargs -r modprobe -a -q -b 2>/dev/null
+    now=$(cut -d' ' -f1 /proc/modules | sort | paste -sd' ' -)
+    [ "$now" = "$loaded" ] && break
+    loaded=$now
+done
 modprobe -a $(cat /etc/labmetal/modules) || say "some drivers failed to load"
+say "drivers: ${loaded:-none}"
 
 # Every ethernet interface with a device behind it gets a DHCP client that keeps
 # renewing its lease for as long as the deploy lasts.

@@ -20,7 +20,7 @@ from pathlib import Path
 from typing import BinaryIO, Iterator
 
 from labmetal.images.inspect import ImageInfo, ImageRejected, convert_to_raw, inspect
-from labmetal.images.manifest import Manifest, build, is_zero, read_chunks
+from labmetal.agent.manifest import Manifest, build, is_zero, read_chunks
 
 READ_SIZE = 1024 * 1024
 HOLE_SIZE = 4096  # zero blocks this large are left as holes, as qemu-img convert does

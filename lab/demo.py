@@ -27,7 +27,6 @@ from labmetal.lab.room import STATE_FILE
 LATEST = {"X-OpenStack-Ironic-API-Version": "latest"}
 OS_IMAGE = "demo-os"
 LABMETAL = str(Path(sys.executable).parent / "labmetal")
-REPO = Path(__file__).resolve().parents[1]
 
 
 @dataclass
@@ -100,7 +99,7 @@ def build_images() -> tuple[Any, Any]:
     from labmetal.lab.osimage import build_whole_disk
     cache = Path(os.environ.get("LABMETAL_RAMDISK_CACHE", "/var/cache/labmetal/ramdisk"))
     _say("deploy ramdisk: from the cache, or built from Debian packages (a few minutes)")
-    ramdisk = build_ramdisk(cache, REPO, progress=lambda line: _say(f"  {line}"))
+    ramdisk = build_ramdisk(cache, progress=lambda line: _say(f"  {line}"))
     os_image = build_whole_disk(OS_IMAGE, progress=lambda line: _say(f"  {line}"))
     return ramdisk, os_image
 

@@ -149,7 +149,7 @@ class AuthToken(Base):
 
 class Image(Base):
     """An image in the store. Disk images are kept as a sparse raw file plus the packed
-    chunks and manifest (images/manifest.py); kernels and ramdisks as the file itself."""
+    chunks and manifest (agent/manifest.py); kernels and ramdisks as the file itself."""
     __tablename__ = "images"
 
     id: Mapped[int] = mapped_column(primary_key=True)

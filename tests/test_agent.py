@@ -26,7 +26,7 @@ import pytest
 import requests
 
 from labmetal.agent.main import options
-from labmetal.images.manifest import Manifest, build
+from labmetal.agent.manifest import Manifest, build
 from tests.support import Processes, free_port, wait_for
 
 MIB = 1024 * 1024

@@ -13,7 +13,7 @@ from labmetal.lab.network import run_in, shape
 from labmetal.lab.room import namespace_pids
 from tests.room import disk_image, lab  # noqa: F401 (fixtures)
 from tests.room import MIB, make_rootfs, make_whole_disk, open_room, sha256_of
-from labmetal.images.manifest import Manifest
+from labmetal.agent.manifest import Manifest
 from tests.support import LABMETAL, error_text, wait_for
 
 

@@ -16,7 +16,7 @@ from pathlib import Path
 import pytest
 import requests
 
-from labmetal.images.manifest import Manifest, unpack_chunk
+from labmetal.agent.manifest import Manifest, unpack_chunk
 from tests.support import LABMETAL, error_text, start_service
 
 MiB = 1024 * 1024

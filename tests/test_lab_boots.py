@@ -21,14 +21,13 @@ from tests.support import LABMETAL, Processes, free_port, wait_for
 
 pytestmark = pytest.mark.ramdisk
 
-REPO = Path(__file__).resolve().parents[1]
 RAMDISK_CACHE = Path(os.environ.get("LABMETAL_RAMDISK_CACHE", "/var/cache/labmetal/ramdisk"))
 
 
 @pytest.fixture(scope="module")
 def images(tmp_path_factory) -> dict[str, Any]:
     """The deploy ramdisk and the two test OS images, built once (cached across runs)."""
-    ramdisk = build_ramdisk(RAMDISK_CACHE, REPO)
+    ramdisk = build_ramdisk(RAMDISK_CACHE)
     return {"ramdisk": ramdisk, "whole": build_whole_disk("lab-whole"),
             "partition": build_partition("lab-part")}
 

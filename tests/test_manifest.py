@@ -4,7 +4,7 @@ import os
 
 import pytest
 
-from labmetal.images.manifest import Manifest, build, unpack_chunk
+from labmetal.agent.manifest import Manifest, build, unpack_chunk
 
 
 def test_manifest_round_trip_and_verification(tmp_path):

@@ -19,8 +19,8 @@ from pathlib import Path
 import pytest
 
 from labmetal.conductor.multicast import MulticastConfig, MulticastSender
-from labmetal.images import multicast_wire as wire
-from labmetal.images.manifest import Manifest, build
+from labmetal.agent import multicast_wire as wire
+from labmetal.agent.manifest import Manifest, build
 from labmetal.lab.network import Lab, Room, Seat, add_loss, in_namespace, remove_loss
 from tests.room import sha256_of
 from tests.support import Proc, Processes, wait_for

@@ -30,7 +30,7 @@ import struct
 import zlib
 from dataclasses import dataclass
 
-from labmetal.images.manifest import Chunk, Manifest
+from labmetal.agent.manifest import Chunk, Manifest
 
 MAGIC = b"LM"
 VERSION = 1
