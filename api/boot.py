@@ -1,5 +1,7 @@
-"""iPXE over HTTP: /boot.ipxe for every PC, then /boot/<mac>.ipxe rendered from the node's
-state at the moment it asks (DESIGN §4): no per-conductor files to rebuild on takeover."""
+"""Boot scripts over HTTP: /boot.ipxe for every PC, then /boot/<mac>.ipxe rendered from the
+node's state at the moment it asks (DESIGN §4): no per-conductor files to rebuild on
+takeover. /boot/<mac>.grub renders the same decision for GRUB (Secure Boot seats; the
+conductor's TFTP relays it, as GRUB has no HTTP)."""
 from __future__ import annotations
 
 from flask import Blueprint, Response
@@ -12,6 +14,7 @@ from labmetal.api.errors import not_found
 from labmetal.api.sessions import seat_iqn
 from labmetal.api.validation import produces
 from labmetal.models import Image, Node, Port, StudentSession, Template, User
+from labmetal.pxe import grub
 from labmetal.pxe.ipxe import (BootScript, ChainScript, IdleScript, LocalDiskScript, RamdiskScript,
                                SanbootScript, SeatMenuScript, script_mac)
 
@@ -38,9 +41,13 @@ def chain():
 @public("seats boot from it before anyone logs in")
 @produces("text/plain")
 def per_mac(name: str):
-    mac = script_mac(name)
+    stem, dot, suffix = name.rpartition(".")
+    mac = script_mac(f"{stem}.ipxe") if dot and suffix in ("ipxe", "grub") else None
     if mac is None:
-        raise not_found(f"{name} is not a per-MAC boot script (expected aa-bb-cc-dd-ee-ff.ipxe)")
+        raise not_found(f"{name} is not a per-MAC boot script (expected "
+                        "aa-bb-cc-dd-ee-ff.ipxe or .grub)")
+    if suffix == "grub":
+        return Response(grub.render(script_for(mac), mac), mimetype="text/plain")
     return ipxe_response(script_for(mac))
 
 

@@ -1,8 +1,10 @@
-"""The conductor's PXE side: TFTP for the iPXE binaries that PXE ROMs load, and dnsmasq for
-the room's DHCP (or proxy-DHCP), its host list kept in step with the enrolled ports.
+"""The conductor's PXE side: TFTP for the first files PXE firmware loads (iPXE; Debian's
+signed shim and GRUB for Secure Boot) and for what GRUB reads, and dnsmasq for the room's
+DHCP (or proxy-DHCP), its host list kept in step with the enrolled ports.
 
-Everything after iPXE goes over HTTP from the API (/boot.ipxe, kernels, images), so TFTP
-serves static files only. Both are off unless configured (tftp_listen, dhcp_interface).
+After iPXE everything goes over HTTP from the API (/boot.ipxe, kernels, images); GRUB has
+no HTTP, so its configs, kernels and ramdisks come by TFTP (conductor/tftp_files.py).
+Both are off unless configured (tftp_listen, dhcp_interface).
 """
 from __future__ import annotations
 
@@ -13,17 +15,20 @@ from sqlalchemy import select
 
 from labmetal.config import Settings, split_host_port
 from labmetal.db import Database
-from labmetal.models import Port
-from labmetal.pxe.dnsmasq import DhcpConfig, DhcpHost, Dnsmasq
-from labmetal.pxe.tftp import TftpService, install_ipxe_binaries
+from labmetal.conductor.tftp_files import TftpFiles
+from labmetal.images.store import ImageStore
+from labmetal.models import Node, Port
+from labmetal.pxe.dnsmasq import LOADERS, DhcpConfig, DhcpHost, Dnsmasq
+from labmetal.pxe.tftp import TftpService, install_ipxe_binaries, install_secure_boot_loaders
 
 LOG = logging.getLogger(__name__)
 
 
 class BootServer:
-    def __init__(self, settings: Settings, db: Database):
+    def __init__(self, settings: Settings, db: Database, store: ImageStore):
         self.settings = settings
         self.db = db
+        self.files = TftpFiles(settings.seat_base_url, db, store)
         self.tftp: TftpService | None = None
         self.dhcp: Dnsmasq | None = None
         self._hosts: list[DhcpHost] = []
@@ -34,8 +39,14 @@ class BootServer:
             address, port = split_host_port(settings.tftp_listen)
             root = settings.state_dir / "tftp"
             install_ipxe_binaries(root)
-            self.tftp = TftpService(root, address=address, port=port).start()
-            LOG.info("TFTP serving iPXE binaries on %s:%d", address, self.tftp.port)
+            missing = install_secure_boot_loaders(root)
+            if missing:
+                LOG.warning("no %s: UEFI PCs told to boot shim (Secure Boot) cannot boot; "
+                            "install Debian's shim-signed and grub-efi-amd64-signed",
+                            ", ".join(missing))
+            self.tftp = TftpService(root, self.files.render, address=address,
+                                    port=port).start()
+            LOG.info("TFTP serving iPXE, shim and GRUB on %s:%d", address, self.tftp.port)
         if settings.dhcp_interface:
             pool = tuple(settings.dhcp_pool.split(",")) if settings.dhcp_pool else None
             config = DhcpConfig(
@@ -43,6 +54,7 @@ class BootServer:
                 boot_script_url=f"{settings.seat_base_url}/boot.ipxe",
                 network=settings.dhcp_network, mode=settings.dhcp_mode,  # type: ignore[arg-type]
                 pool=pool, enrolled_only=not settings.self_registration,  # type: ignore[arg-type]
+                uefi_loader=settings.uefi_loader,  # type: ignore[arg-type]
                 router_advertisements=settings.dhcp_mode == "server" and has_global_ipv6(
                     settings.dhcp_interface, settings.dhcp_namespace))
             self._hosts = self._enrolled()
@@ -64,10 +76,18 @@ class BootServer:
         return host.rsplit(":", 1)[0].strip("[]")
 
     def _enrolled(self) -> list[DhcpHost]:
+        """Every PXE port, with its node's ``driver_info/pxe_loader`` (a UEFI PC's first
+        file other than the ``uefi_loader`` setting's) when it names a known one."""
         with self.db.read() as session:
-            macs = session.scalars(select(Port.address).where(Port.pxe_enabled.is_(True))
+            rows = session.execute(select(Port.address, Node.driver_info)
+                                   .join(Node, Node.id == Port.node_id)
+                                   .where(Port.pxe_enabled.is_(True))
                                    .order_by(Port.address)).all()
-        return [DhcpHost(mac) for mac in macs]
+        hosts = []
+        for mac, info in rows:
+            loader = (info or {}).get("pxe_loader")
+            hosts.append(DhcpHost(mac, loader=loader if loader in LOADERS else None))
+        return hosts
 
     def sync_hosts(self) -> None:
         """Called from the conductor's scan: a new or removed port reaches dnsmasq within

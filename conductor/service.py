@@ -70,7 +70,7 @@ class ConductorService:
         self.deploy_context = DeployContext(settings, db, box, settings.hostname, store)
         self.wake_server = WakeServer(settings.wake_listen, settings.hostname, self.wake,
                                       self.status)
-        self.boot_server = BootServer(settings, db)
+        self.boot_server = BootServer(settings, db, store)
         self.room_jobs = RoomJobRunner(settings, db, self.registry, store, settings.hostname,
                                        ConductorAPI(db, self.registry, settings, local=self))
         self._room_wake = threading.Event()

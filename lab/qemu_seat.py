@@ -1,11 +1,24 @@
 """QEMU seats: a PC of the simulated lab as a QEMU guest (TCG) whose NIC is a tap on the
-room's bridge and whose firmware is SeaBIOS + iPXE (the virtio NIC's option ROM), so a
-seat goes through a real DHCP, iPXE and HTTP boot. Powered by a virtual BMC or a Wake-on-
-LAN listener like any Machine."""
+room's bridge, so a seat goes through a real DHCP, firmware and boot loader. Powered by a
+virtual BMC or a Wake-on-LAN listener like any Machine.
+
+Three firmware profiles, as the PCs of a teaching room have them (DESIGN §4, §9):
+
+* ``bios``: SeaBIOS, a virtio NIC whose option ROM is iPXE, a virtio disk;
+* ``uefi``: OVMF without Secure Boot on a q35 board, an Intel e1000e NIC (82574L; QEMU's
+  iPXE EFI driver is its option ROM), an AHCI (SATA) disk;
+* ``secureboot``: OVMF with Secure Boot on and Microsoft's keys enrolled (what a PC
+  bought with Windows has), SMM, the firmware's own network driver and PXE client (no
+  option ROM: only signed code runs), an NVMe disk.
+
+A UEFI seat keeps its own copy of the firmware's variables (its NVRAM) in its state
+directory, as a PC keeps its settings across power cycles.
+"""
 from __future__ import annotations
 
 import json
 import os
+import shutil
 import signal
 import socket
 import subprocess
@@ -21,6 +34,12 @@ QMP_SOCKET = "qmp.sock"  # in the seat's state dir, QEMU's working directory
 # iPXE exits to the next boot device when labmetal has nothing to do (or the node is
 # active): network first, then the disk, as on a lab PC.
 BOOT_ORDER = {"network": "nc", "pxe": "nc", "disk": "c", "hd": "c"}
+PROFILES = ("bios", "uefi", "secureboot")
+OVMF = Path("/usr/share/OVMF")
+# (firmware code, the variables a new PC starts with) per UEFI profile
+FIRMWARE = {"uefi": (OVMF / "OVMF_CODE_4M.fd", OVMF / "OVMF_VARS_4M.fd"),
+            "secureboot": (OVMF / "OVMF_CODE_4M.secboot.fd", OVMF / "OVMF_VARS_4M.ms.fd")}
+NVRAM = "OVMF_VARS.fd"  # in the seat's state dir
 
 
 @dataclass(frozen=True)
@@ -33,6 +52,11 @@ class QemuSeatSpec:
     state_dir: str  # console.log, qemu.log and the QMP socket
     memory_mib: int = 1024  # the deploy ramdisk (31 MiB zstd, python3 inside) needs room
     bmc_port: int | None = None
+    profile: str = "bios"  # bios | uefi | secureboot
+
+    def __post_init__(self) -> None:
+        if self.profile not in PROFILES:
+            raise ValueError(f"profile must be one of {', '.join(PROFILES)}: {self.profile!r}")
 
 
 class QemuSeat(SeatPower):
@@ -59,16 +83,44 @@ class QemuSeat(SeatPower):
 
     def argv(self, order: str) -> list[str]:
         spec = self.spec
+        common = [QEMU, "-accel", "tcg", "-name", spec.name, "-m", str(spec.memory_mib),
+                  "-nographic", "-nodefaults",
+                  "-chardev", f"file,id=console,path={self.console_log},append=on",
+                  "-serial", "chardev:console",
+                  "-qmp", f"unix:{QMP_SOCKET},server=on,wait=off",
+                  "-netdev", f"tap,id=nic,ifname={spec.tap},script=no,downscript=no"]
+        if spec.profile == "bios":
+            return in_namespace(spec.namespace, [
+                *common, "-device", f"virtio-net-pci,netdev=nic,mac={spec.mac}",
+                "-drive", f"file={spec.disk},format=raw,if=virtio", "-boot", f"order={order}"])
+        # UEFI: the boot order is the devices' bootindex (OVMF reads it from fw_cfg).
+        network_first = order.startswith("n")
+        nic_index, disk_index = (1, 2) if network_first else (2, 1)
+        code, _ = FIRMWARE[spec.profile]
+        machine = ["-machine", "q35"]
+        if spec.profile == "secureboot":
+            machine = ["-machine", "q35,smm=on",
+                       "-global", "driver=cfi.pflash01,property=secure,value=on"]
+            nic = f"virtio-net-pci,netdev=nic,mac={spec.mac},romfile=,bootindex={nic_index}"
+            disk = ["-device", f"nvme,serial={spec.name[:20]},drive=disk,bootindex={disk_index}"]
+        else:
+            nic = f"e1000e,netdev=nic,mac={spec.mac},bootindex={nic_index}"
+            disk = ["-device", "ahci,id=ahci",
+                    "-device", f"ide-hd,drive=disk,bus=ahci.0,bootindex={disk_index}"]
         return in_namespace(spec.namespace, [
-            QEMU, "-accel", "tcg", "-name", spec.name, "-m", str(spec.memory_mib),
-            "-nographic", "-nodefaults",
-            "-chardev", f"file,id=console,path={self.console_log},append=on",
-            "-serial", "chardev:console",
-            "-qmp", f"unix:{QMP_SOCKET},server=on,wait=off",
-            "-netdev", f"tap,id=nic,ifname={spec.tap},script=no,downscript=no",
-            "-device", f"virtio-net-pci,netdev=nic,mac={spec.mac}",
-            "-drive", f"file={spec.disk},format=raw,if=virtio",
-            "-boot", f"order={order}"])
+            *common, *machine,
+            "-drive", f"if=pflash,format=raw,unit=0,readonly=on,file={code}",
+            "-drive", f"if=pflash,format=raw,unit=1,file={NVRAM}",
+            "-device", nic,
+            "-drive", f"file={spec.disk},format=raw,if=none,id=disk", *disk])
+
+    def _nvram(self) -> None:
+        """A UEFI seat's variables, made from the profile's template at its first power-on
+        and kept (a PC keeps its firmware settings)."""
+        if self.spec.profile in FIRMWARE:
+            nvram = Path(self.spec.state_dir) / NVRAM
+            if not nvram.exists():
+                shutil.copyfile(FIRMWARE[self.spec.profile][1], nvram)
 
     def _wanted_order(self) -> str:
         return BOOT_ORDER.get(self.boot_device, "nc")
@@ -80,6 +132,7 @@ class QemuSeat(SeatPower):
             order = self._wanted_order()
             state_dir = Path(self.spec.state_dir)
             (state_dir / QMP_SOCKET).unlink(missing_ok=True)
+            self._nvram()
             with open(state_dir / "qemu.log", "ab") as log:
                 # QEMU keeps its own copy: the file may be closed here.
                 self._process = subprocess.Popen(

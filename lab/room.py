@@ -32,7 +32,7 @@ from typing import Any, Callable
 import requests
 
 from labmetal.lab.network import Lab, in_namespace, remove_leftovers, remove_namespace
-from labmetal.lab.qemu_seat import QemuSeatSpec
+from labmetal.lab.qemu_seat import PROFILES, QemuSeatSpec
 from labmetal.lab.seat import LightSeatSpec, SeatSpec, save_seats, seat_kind
 
 STATE_FILE = "room.json"
@@ -58,6 +58,7 @@ class RoomPlan:
     labmetal_port: int = 6385
     disk_mib: int = 8192  # sparse; the agent installs to disks of 4 GiB or more
     memory_mib: int = 1024
+    profile: str = "bios"  # the QEMU seats' firmware: bios | uefi | secureboot
     keep_disks: bool = False
     bmc_user: str = "admin"
     bmc_password: str = field(default_factory=lambda: secrets.token_urlsafe(9))
@@ -69,6 +70,8 @@ class RoomPlan:
             raise ValueError("a room needs at least one seat")
         if self.network.prefixlen > 24:
             raise ValueError(f"the room's subnet must be a /24 or larger, not {self.subnet}")
+        if self.profile not in PROFILES:
+            raise ValueError(f"profile must be one of {', '.join(PROFILES)}, not {self.profile!r}")
         if self.light_seats > 89:
             raise ValueError("at most 89 light seats (their static addresses are .11-.99)")
         if self.qemu_seats + self.light_seats > 250:
@@ -198,7 +201,7 @@ class RoomRunner:
             if number <= plan.qemu_seats:
                 tap = lab.add_tap(room, f"q{number}", rate=plan.seat_rate)
                 specs.append(QemuSeatSpec(name, room.namespace, tap, mac, str(disk),
-                                          str(seat_dir), plan.memory_mib, port))
+                                          str(seat_dir), plan.memory_mib, port, plan.profile))
             else:
                 light = number - plan.qemu_seats
                 seat = lab.add_seat(room, f"s{number}", mac,

@@ -19,7 +19,7 @@ SERVICE_OPTIONS = ("listen", "database", "auth", "state_dir", "hostname", "secre
                    "public_url", "wake_listen", "log_file", "log_level", "power_sync_interval",
                    "heartbeat_interval", "conductor_dead_after", "seat_url", "image_dir",
                    "tftp_listen", "dhcp_interface", "dhcp_network", "dhcp_pool", "dhcp_mode",
-                   "dhcp_namespace", "policy_file")
+                   "dhcp_namespace", "uefi_loader", "policy_file")
 
 
 def _service_parser(sub, name: str, help_text: str) -> argparse.ArgumentParser:
@@ -50,6 +50,9 @@ def _service_parser(sub, name: str, help_text: str) -> argparse.ArgumentParser:
     parser.add_argument("--dhcp-mode", choices=("server", "proxy"),
                         help="proxy: the room already has a DHCP server")
     parser.add_argument("--dhcp-namespace", help="run dnsmasq in this network namespace")
+    parser.add_argument("--uefi-loader", choices=("shim", "ipxe"),
+                        help="a UEFI PC's first file: shim (signed shim + GRUB, Secure Boot "
+                             "on or off; default) or ipxe (snponly.efi, Secure Boot off)")
     parser.add_argument("--policy-file", help="JSON or TOML: action -> roles, over the "
                                               "defaults (`labmetal policy show`)")
     return parser
@@ -236,7 +239,8 @@ def cmd_lab_up(args: argparse.Namespace) -> int:
                     light_seats=light, power=args.power, subnet=args.subnet,
                     seat_rate=None if args.seat_rate == "off" else args.seat_rate,
                     uplink_rate=args.uplink_rate, labmetal_port=args.port,
-                    disk_mib=args.disk_mib, memory_mib=args.memory, keep_disks=args.keep_disks,
+                    disk_mib=args.disk_mib, memory_mib=args.memory, profile=args.profile,
+                    keep_disks=args.keep_disks,
                     bmc_user=args.bmc_user, **password)
     return up(plan, api=args.api, deploy_kernel=args.deploy_kernel,
               deploy_ramdisk=args.deploy_ramdisk, api_wait=args.api_wait, out=_say)
@@ -377,6 +381,10 @@ def build_parser() -> argparse.ArgumentParser:
     lab_up.add_argument("--disk-mib", type=int, default=8192, help="size of each sparse disk "
                         "(the agent installs to disks of 4 GiB or more)")
     lab_up.add_argument("--memory", type=int, default=1024, help="MiB per QEMU seat")
+    lab_up.add_argument("--profile", choices=("bios", "uefi", "secureboot"), default="bios",
+                        help="the QEMU seats' firmware: bios (SeaBIOS, iPXE ROM, virtio), "
+                             "uefi (OVMF, q35, e1000e, AHCI) or secureboot (OVMF with Secure "
+                             "Boot and Microsoft's keys, NVMe)")
     lab_up.add_argument("--keep-disks", action="store_true",
                         help="leave the seat disks in the state dir when the room stops")
     lab_up.add_argument("--bmc-user", default="admin")

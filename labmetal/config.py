@@ -63,6 +63,10 @@ class Settings:
     dhcp_pool: str = ""  # first,last address handed out (server mode)
     dhcp_mode: str = "server"  # server | proxy (the room already has a DHCP server)
     dhcp_namespace: str = ""  # run dnsmasq in this network namespace (the simulated lab)
+    # A UEFI PC's first file: shim (Debian's signed shim -> GRUB: boots with Secure Boot on
+    # or off) or ipxe (snponly.efi: faster HTTP loading, diskless sessions; Secure Boot off).
+    # A node's driver_info/pxe_loader overrides it.
+    uefi_loader: str = "shim"
     policy_file: Path | None = None  # JSON or TOML {action: [roles]} over the defaults
     token_lifetime: float = 7 * 86400.0  # API tokens (POST /v1/auth/tokens), seconds
     session_idle_timeout: float = 8 * 3600.0  # a web login ends after this long unused
@@ -200,6 +204,8 @@ def load_settings(overrides: Mapping[str, Any] | None = None, config_file: str |
     if settings.overlay_backend not in ("local", "ceph"):
         raise ValueError(f"overlay_backend must be local or ceph, not "
                          f"{settings.overlay_backend!r}")
+    if settings.uefi_loader not in ("shim", "ipxe"):
+        raise ValueError(f"uefi_loader must be shim or ipxe, not {settings.uefi_loader!r}")
     if settings.iscsi_portal:
         split_host_port(settings.iscsi_portal)
     if settings.session_quota_mib < 0 or settings.class_quota_mib < 0:

@@ -1,9 +1,13 @@
 """dnsmasq as the room's DHCP server (or proxy-DHCP next to the room's own), and its
 supervisor.
 
-What a PC gets: a PXE ROM gets an iPXE binary over TFTP (``undionly.kpxe`` on BIOS,
-``ipxe.efi`` on UEFI); iPXE itself (DHCP option 175, or user class ``iPXE``) gets the URL
-of ``/boot.ipxe`` instead, otherwise it would load itself again forever. Enrolled PCs are
+What a PC gets, by its DHCP architecture option (93) and its boot loader: a BIOS PXE ROM
+gets ``undionly.kpxe`` over TFTP; a UEFI one (architecture 7 or 9) gets Debian's signed
+``shimx64.efi`` (then GRUB: boots with Secure Boot on or off) or iPXE's ``snponly.efi``
+(Secure Boot off), by ``uefi_loader`` or the PC's own ``loader`` (its node's
+``driver_info/pxe_loader``, for odd firmware). Whether Secure Boot is on is not in the
+request, hence shim as the default. iPXE itself (DHCP option 175, or user class ``iPXE``)
+gets the URL of ``/boot.ipxe`` instead, otherwise it would load itself again forever. Enrolled PCs are
 listed in a hosts file (optionally with a fixed address and a name) that dnsmasq re-reads
 on SIGHUP, so enrolling a PC never restarts DHCP for the room.
 """
@@ -31,15 +35,18 @@ _HOSTNAME = re.compile(r"^[a-z0-9]([a-z0-9-]{0,61}[a-z0-9])?$")
 _INTERFACE = re.compile(r"^[A-Za-z0-9_.@-]{1,15}$")
 _FILE_NAME = re.compile(r"^[A-Za-z0-9._/-]+$")
 _LEASE_TIME = re.compile(r"^(\d+[smhdw]?|infinite)$")
+# A UEFI PC's first file, by loader; tagged per host as loader-<name>.
+LOADERS = {"shim": "shimx64.efi", "ipxe": "snponly.efi"}
 
 
 @dataclass(frozen=True)
 class DhcpHost:
     """An enrolled PC's port: dnsmasq tags it ``known``; ``ip`` pins its address (server
-    mode only) and ``hostname`` names it."""
+    mode only), ``hostname`` names it and ``loader`` overrides its UEFI first file."""
     mac: str
     ip: str | None = None
     hostname: str | None = None
+    loader: str | None = None
 
     def __post_init__(self) -> None:
         if not _MAC.match(self.mac):
@@ -48,9 +55,12 @@ class DhcpHost:
             ipaddress.IPv4Address(self.ip)
         if self.hostname is not None and not _HOSTNAME.match(self.hostname):
             raise ValueError(f"not a host name (a-z, 0-9, '-'): {self.hostname!r}")
+        if self.loader is not None and self.loader not in LOADERS:
+            raise ValueError(f"loader must be one of {', '.join(LOADERS)}: {self.loader!r}")
 
     def line(self) -> str:
-        return ",".join(part for part in (self.mac, self.ip, self.hostname) if part)
+        tag = f"set:loader-{self.loader}" if self.loader else None
+        return ",".join(part for part in (self.mac, tag, self.ip, self.hostname) if part)
 
 
 @dataclass(frozen=True)
@@ -68,7 +78,7 @@ class DhcpConfig:
     lease_time: str = "1h"
     enrolled_only: bool = False
     bios_boot_file: str = "undionly.kpxe"
-    uefi_boot_file: str = "ipxe.efi"
+    uefi_loader: Literal["shim", "ipxe"] = "shim"
     gateway: str | None = None  # server mode: the room's router, if any (none is sent)
     dns_servers: tuple[str, ...] = ()  # server mode
     # Server mode, when the room's interface has IPv6: iPXE waits ~13 s for IPv6
@@ -96,9 +106,17 @@ class DhcpConfig:
             ipaddress.IPv4Address(address)
         if not _LEASE_TIME.match(self.lease_time):
             raise ValueError(f"not a lease time: {self.lease_time!r}")
-        for name in (self.bios_boot_file, self.uefi_boot_file):
-            if not _FILE_NAME.match(name):
-                raise ValueError(f"not a boot file name: {name!r}")
+        if not _FILE_NAME.match(self.bios_boot_file):
+            raise ValueError(f"not a boot file name: {self.bios_boot_file!r}")
+        if self.uefi_loader not in LOADERS:
+            raise ValueError(f"uefi_loader must be one of {', '.join(LOADERS)}")
+
+    def uefi_choices(self) -> list[tuple[str, str]]:
+        """(dnsmasq tags, file) for UEFI PXE clients, mutually exclusive: a PC tagged with
+        a loader gets that one's file, any other the default's."""
+        untagged = ",".join(f"tag:!loader-{name}" for name in LOADERS)
+        return [*((f"tag:loader-{name}", file) for name, file in LOADERS.items()),
+                (untagged, LOADERS[self.uefi_loader])]
 
 
 def render_config(config: DhcpConfig, hosts_file: Path, lease_file: Path) -> str:
@@ -132,16 +150,16 @@ def render_config(config: DhcpConfig, hosts_file: Path, lease_file: Path) -> str
             # iPXE need not wait for a proxy-DHCP offer: there is none.
             "dhcp-option=tag:ipxe,175,b0:01:01",
             f"dhcp-boot=tag:!ipxe,tag:!efi,{config.bios_boot_file},,{config.server_ip}",
-            f"dhcp-boot=tag:!ipxe,tag:efi,{config.uefi_boot_file},,{config.server_ip}",
+            *(f"dhcp-boot=tag:!ipxe,tag:efi,{tags},{file},,{config.server_ip}"
+              for tags, file in config.uefi_choices()),
             f"dhcp-boot=tag:ipxe,{config.boot_script_url}",
         ]
     else:
         lines += [
             f"dhcp-range={network.network_address},proxy,{network.netmask}",
             f'pxe-service=tag:!ipxe,x86PC,"labmetal",{config.bios_boot_file},{config.server_ip}',
-            f'pxe-service=tag:!ipxe,X86-64_EFI,"labmetal",{config.uefi_boot_file},'
-            f'{config.server_ip}',
-            f'pxe-service=tag:!ipxe,BC_EFI,"labmetal",{config.uefi_boot_file},{config.server_ip}',
+            *(f'pxe-service=tag:!ipxe,{tags},{arch},"labmetal",{file},{config.server_ip}'
+              for tags, file in config.uefi_choices() for arch in ("X86-64_EFI", "BC_EFI")),
             f"dhcp-boot=tag:ipxe,{config.boot_script_url}",
         ]
     if config.router_advertisements:

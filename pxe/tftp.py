@@ -32,14 +32,22 @@ LOG = logging.getLogger(__name__)
 
 IPXE_DIR = Path("/usr/lib/ipxe")
 IPXE_BINARIES = ("undionly.kpxe", "ipxe.efi", "snponly.efi")
+# The Secure Boot chain (Debian packages shim-signed, grub-efi-amd64-signed) under the names
+# it is loaded by: the PC's firmware loads shimx64.efi, which loads grubx64.efi from the
+# same folder.
+SECURE_BOOT_LOADERS = {
+    "shimx64.efi": Path("/usr/lib/shim/shimx64.efi.signed"),
+    "grubx64.efi": Path("/usr/lib/grub/x86_64-efi-signed/grubnetx64.efi.signed"),
+}
 # tftpy's default is 5 s, a long stall per lost packet on a LAN; tftpd-hpa starts at 1 s.
 RETRANSMIT_TIMEOUT = 1.0
 RETRIES = 5  # consecutive timeouts before a transfer is dropped (a client that went away)
 RESTART_DELAY = 0.2
 READ_BUFFER = 1 << 20  # one read() per 128 blocks of 8 KiB instead of one per block
 
-# render(path, client_ip) -> the file's bytes, or None if it is not a rendered file.
-Render = Callable[[str, str], bytes | None]
+# render(path, client_ip) -> the file's bytes, or a file to serve, or None if it is not a
+# rendered file.
+Render = Callable[[str, str], bytes | Path | None]
 
 
 def install_ipxe_binaries(root: Path, source: Path = IPXE_DIR,
@@ -52,6 +60,20 @@ def install_ipxe_binaries(root: Path, source: Path = IPXE_DIR,
         shutil.copyfile(source / name, target)
         copied.append(target)
     return copied
+
+
+def install_secure_boot_loaders(root: Path,
+                                loaders: dict[str, Path] = SECURE_BOOT_LOADERS) -> list[str]:
+    """Copy Debian's signed shim and network GRUB into ``root``; returns the names of those
+    missing on this machine (UEFI PCs with Secure Boot on cannot boot without them)."""
+    root.mkdir(parents=True, exist_ok=True)
+    missing = []
+    for name, source in loaders.items():
+        if source.is_file():
+            shutil.copyfile(source, root / name)
+        else:
+            missing.append(f"{name} ({source})")
+    return missing
 
 
 def requested_path(filename: str) -> str | None:
@@ -130,6 +152,8 @@ class TftpService:
         except Exception:  # a failing render or file must not reach tftpy's loop
             LOG.exception("serving %r to %s failed", filename, raddress)
             return None
+        if isinstance(data, Path):
+            return open(data, "rb", buffering=READ_BUFFER)
         return None if data is None else _memory_file(data)
 
     @property

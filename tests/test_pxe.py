@@ -205,19 +205,25 @@ def udhcpc(seat, workdir: Path, *extra: str) -> dict[str, str]:
     return dict(line.split("=", 1) for line in out.read_text().splitlines())
 
 
-def test_a_pxe_rom_gets_an_address_and_the_ipxe_binary_for_its_firmware(lab, dhcp_servers,
-                                                                           tmp_path):
+def test_a_pxe_rom_gets_an_address_and_the_first_file_for_its_firmware(lab, dhcp_servers,
+                                                                          tmp_path):
     room = lab.add_room("r1", "10.99.1.1/24")
     bios = lab.add_seat(room, "a01", "52:54:00:00:01:01")
     uefi = lab.add_seat(room, "a02", "52:54:00:00:01:02")
+    odd = lab.add_seat(room, "a03", "52:54:00:00:01:03")
     start_dhcp(dhcp_servers, tmp_path / "dhcp", room, pool=("10.99.1.100", "10.99.1.199"),
-               gateway="10.99.1.254")
+               gateway="10.99.1.254", hosts=[DhcpHost(odd.mac, loader="ipxe")])
 
     lease = udhcpc(bios, tmp_path)
     assert lease["boot_file"] == "undionly.kpxe" and lease["siaddr"] == "10.99.1.1"
     assert lease["ip"].startswith("10.99.1.1") and lease["router"] == "10.99.1.254"
-    lease = udhcpc(uefi, tmp_path, "-x", "93:0007")  # client-arch: x86-64 UEFI
-    assert lease["boot_file"] == "ipxe.efi" and lease["siaddr"] == "10.99.1.1"
+    # UEFI (client-arch 7 or 9): the signed shim, which boots with Secure Boot on or off
+    for arch in ("0007", "0009"):
+        lease = udhcpc(uefi, tmp_path, "-x", f"93:{arch}")
+        assert lease["boot_file"] == "shimx64.efi" and lease["siaddr"] == "10.99.1.1"
+    # ... unless the PC's node says otherwise (driver_info/pxe_loader): iPXE for UEFI
+    assert udhcpc(odd, tmp_path, "-x", "93:0007")["boot_file"] == "snponly.efi"
+    assert udhcpc(odd, tmp_path)["boot_file"] == "undionly.kpxe"  # its BIOS side unchanged
 
 
 def test_ipxe_gets_the_boot_script_url_instead_of_itself(lab, dhcp_servers, tmp_path):
@@ -351,7 +357,7 @@ def test_proxy_dhcp_tells_pxe_clients_what_to_boot_and_leaves_addresses_alone(
                                                 "--user=root", "--pid-file=",
                                                 f"--conf-file={tmp_path / 'router.conf'}"]),
                 "router-dhcp").wait_for_output("sockets bound exclusively")
-    proxy = start_dhcp(dhcp_servers, tmp_path / "dhcp", room, mode="proxy")
+    proxy = start_dhcp(dhcp_servers, tmp_path / "dhcp", room, mode="proxy", uefi_loader="ipxe")
     assert "dhcp-option=tag:ipxe,175" not in proxy.conf_file.read_text()  # iPXE must wait
 
     # A plain client is left to the room's server (the proxy answers PXE clients only).
@@ -377,7 +383,7 @@ def test_proxy_dhcp_tells_pxe_clients_what_to_boot_and_leaves_addresses_alone(
     assert [(o["file"], o["yiaddr"]) for o in from_proxy] == [(BOOT_URL, "0.0.0.0")]
 
     # UEFI: dnsmasq sends UEFI clients to port 4011 without a menu. A real UEFI PC
-    # (OVMF's own PXE client) follows it, fetches ipxe.efi over labmetal's TFTP, then iPXE
+    # (OVMF's own PXE client) follows it, fetches snponly.efi over labmetal's TFTP, then iPXE
     # fetches the PC's own script over HTTP, which hands it back to its firmware.
     tap = lab.add_tap(room, "q3")
     procs.start(in_namespace(room.namespace, [
@@ -395,8 +401,8 @@ def test_proxy_dhcp_tells_pxe_clients_what_to_boot_and_leaves_addresses_alone(
              "the UEFI PC to reach its own script through proxy-DHCP")
     text = console(serial)
     assert "Station IP address is 10.99.1.5" in text  # from the room's server
-    assert "NBP filename is ipxe.efi" in text
-    assert f"NBP filesize is {(tftp_root / 'ipxe.efi').stat().st_size} Bytes" in text
+    assert "NBP filename is snponly.efi" in text
+    assert f"NBP filesize is {(tftp_root / 'snponly.efi').stat().st_size} Bytes" in text
     assert "Filename: http://10.99.1.1:8080/boot.ipxe" in text
     assert "labmetal: booting the local disk of q3" in text
     assert "Booting from SAN device" not in text  # UEFI: back to the firmware, no sanboot

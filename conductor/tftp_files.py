@@ -1,0 +1,69 @@
+"""What the conductor's TFTP makes when a PC asks, for the PCs whose boot loader has no
+HTTP: Debian's signed network GRUB, the Secure Boot path (``pxe/grub.py``).
+
+* ``grub/grub.cfg``: the chain config, the same for every PC;
+* ``boot/<mac>.grub``: that PC's config, fetched from labmetal's own ``/boot/<mac>.grub``
+  (seat URL), where the API renders it from the one per-MAC decision iPXE's scripts come
+  from. No decision is made here, so the conductor and the API can never disagree;
+* ``files/images/<uuid>/file``: a kernel or ramdisk image from the image store (disk
+  images are refused: they go over HTTP or multicast, never TFTP).
+
+Anything else is "not found". The relay has a short deadline: tftpy serves from one thread.
+"""
+from __future__ import annotations
+
+import logging
+import re
+from pathlib import Path
+
+import requests
+from sqlalchemy import select
+
+from labmetal.db import Database
+from labmetal.images.store import ImageStore
+from labmetal.models import Image
+from labmetal.pxe import grub
+
+LOG = logging.getLogger(__name__)
+
+_CONFIG = re.compile(r"^boot/([0-9a-fA-F]{2}(?:[:-][0-9a-fA-F]{2}){5})\.grub$")
+_IMAGE = re.compile(r"^files/images/([0-9a-f]{8}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{4}-"
+                    r"[0-9a-f]{12})/file$")
+BOOT_KINDS = ("kernel", "ramdisk")
+
+
+class TftpFiles:
+    """``render(path, client_ip)`` for :class:`~labmetal.pxe.tftp.TftpService`."""
+
+    def __init__(self, seat_base_url: str, db: Database, store: ImageStore,
+                 timeout: float = 10.0):
+        self.base = seat_base_url.rstrip("/")
+        self.db = db
+        self.store = store
+        self.timeout = timeout
+
+    def render(self, path: str, client: str) -> bytes | Path | None:
+        if path == grub.CHAIN_PATH:
+            return grub.chain_config().encode()
+        config = _CONFIG.match(path)
+        if config:
+            mac = config.group(1).lower().replace(":", "-")
+            response = requests.get(f"{self.base}/boot/{mac}{grub.CONFIG_SUFFIX}",
+                                    timeout=self.timeout)
+            return response.content if response.ok else None
+        image = _IMAGE.match(path)
+        if image:
+            return self._boot_image(image.group(1))
+        return None
+
+    def _boot_image(self, uuid: str) -> Path | None:
+        with self.db.read() as session:
+            image = session.scalar(select(Image).where(Image.uuid == uuid))
+        if image is None or image.status != "active":
+            return None
+        if image.kind not in BOOT_KINDS:
+            LOG.warning("refused image %s (%s) over TFTP: only kernels and ramdisks",
+                        image.name, image.kind)
+            return None
+        path = self.store.file_path(uuid)
+        return path if path.is_file() else None

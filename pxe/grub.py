@@ -1,0 +1,128 @@
+"""GRUB configs: the Secure Boot path's renderer of the same per-MAC decision iPXE renders.
+
+A UEFI PC with Secure Boot on runs only what its firmware's keys (Microsoft's UEFI CA)
+trust, so its chain is Debian's signed shim, then Debian's signed ``grubnetx64`` (which
+shim loads as ``grubx64.efi`` from the same TFTP folder), then Debian's signed kernel with
+labmetal's initramfs (DESIGN §4). Debian's iPXE is unsigned and cannot be in that chain.
+
+Debian's signed network GRUB has no HTTP (``(http,...)`` is "disk not found": its image
+carries no http module, and under Secure Boot it loads no module from outside), so
+everything it reads comes by TFTP: ``grub/grub.cfg`` (the same for every PC, like
+``/boot.ipxe``) sends it to ``boot/<its MAC>.grub``, which labmetal's TFTP renders when
+it is asked, from the same decision as ``/boot/<mac>.ipxe`` (``api/boot.py``); kernels
+and ramdisks follow by TFTP from ``files/images/<uuid>/file``.
+
+Pure rendering, no I/O. GRUB's script language splits words like a shell and expands
+``$`` in words and double quotes, so values are checked with iPXE's rules (URLs and kernel
+arguments are one word of a small alphabet) and shown text is reduced to characters that
+mean nothing inside double quotes.
+"""
+from __future__ import annotations
+
+from urllib.parse import urlsplit
+
+from labmetal.pxe.ipxe import (BootScript, IdleScript, LocalDiskScript, MessageScript,
+                               RamdiskScript, SanbootScript, SeatMenuScript,
+                               SessionMenuScript, kernel_arg, shown)
+
+CHAIN_PATH = "grub/grub.cfg"  # where Debian's grubnetx64 looks first: $prefix is (tftp,…)/grub
+CONFIG_SUFFIX = ".grub"
+# $cmdpath is the TFTP server and folder GRUB itself came from: labmetal's TFTP root.
+SERVER = "${cmdpath}"
+
+
+def tftp_path(url: str) -> str:
+    """The TFTP path of one of labmetal's HTTP files (``/files/images/<uuid>/file``): its
+    TFTP serves the same paths for GRUB, which has no HTTP."""
+    path = urlsplit(url).path
+    kernel_arg(path)
+    return path
+
+
+def _quoted(text: str) -> str:
+    return f'"{shown(text)}"'
+
+
+def chain_config() -> str:
+    """``grub/grub.cfg``, the same for every PC: load this PC's own config, rendered when
+    it asks (GRUB names the MAC it booted from ``aa:bb:cc:dd:ee:ff``). If there is none
+    (labmetal unreachable), say so and return to the firmware's next boot entry."""
+    return "\n".join((
+        "# labmetal: every PC loads its own config, rendered when it asks.",
+        "set timeout=0",
+        f"configfile {SERVER}/boot/${{net_default_mac}}{CONFIG_SUFFIX}",
+        'echo "labmetal: no boot config for ${net_default_mac}; booting the next device"',
+        "sleep 10",
+        "exit 1",
+    )) + "\n"
+
+
+def render(script: BootScript, mac: str) -> str:
+    """The GRUB config for the decision ``script`` about the PC ``mac``."""
+    lines: list[str]
+    if isinstance(script, RamdiskScript):
+        lines = _ramdisk(script, mac)
+    elif isinstance(script, LocalDiskScript):
+        who = f" of {script.node}" if shown(script.node) else ""
+        lines = [f"# labmetal: boot the local disk{who}",
+                 f"echo {_quoted(f'labmetal: booting the local disk{who}')}",
+                 *_local_disk()]
+    elif isinstance(script, IdleScript):
+        lines = _idle(script)
+    elif isinstance(script, SeatMenuScript):
+        # The seat's login asks for a password, which must not cross the seat network in
+        # clear: GRUB (no TLS) only runs the menu's default.
+        lines = render(script.default, mac).splitlines()
+    elif isinstance(script, SanbootScript):
+        lines = _idle(IdleScript(
+            f"the session of {script.student or 'this seat'} boots diskless over iSCSI, "
+            "which needs iPXE: not under Secure Boot"))
+    elif isinstance(script, (SessionMenuScript, MessageScript)):
+        lines = _idle(IdleScript("seat logins need iPXE: not under Secure Boot", delay=10))
+    else:
+        raise TypeError(f"no GRUB rendering for {type(script).__name__}")
+    return "\n".join(lines) + "\n"
+
+
+def _ramdisk(script: RamdiskScript, mac: str) -> list[str]:
+    who = f" for {script.node}" if shown(script.node) else ""
+    args = [*(f"console={console}" for console in script.consoles),
+            f"labmetal.api={script.api_url}", f"labmetal.mode={script.mode}",
+            f"BOOTIF=01-{mac.replace(':', '-')}", *script.kernel_args]
+    for arg in args:
+        kernel_arg(arg)
+    kernel, ramdisk = tftp_path(script.kernel_url), tftp_path(script.ramdisk_url)
+    return [
+        f"# labmetal: {script.mode} ramdisk{who}",
+        f"echo {_quoted(f'labmetal: loading the {script.mode} ramdisk{who}')}",
+        # A failed load is tried again a few times, then the PC reboots into PXE, where it
+        # gets whatever its config says by then (as iPXE's RamdiskScript does).
+        "for attempt in " + " ".join(str(n) for n in range(1, script.attempts + 1)) + "; do",
+        f"  if linux {SERVER}{kernel} {' '.join(args)}; then",
+        f"    if initrd {SERVER}{ramdisk}; then boot; fi",
+        "  fi",
+        f'  echo "labmetal: loading the ramdisk failed (attempt $attempt)"',
+        f"  sleep {script.retry_delay}",
+        "done",
+        f'echo "labmetal: could not load the ramdisk after {script.attempts} attempts; '
+        'rebooting"',
+        "sleep 10",
+        "reboot",
+    ]
+
+
+def _local_disk() -> list[str]:
+    """Back to the firmware's boot manager, which boots its next entry: the disk, whose
+    EFI loader (a signed shim, for a Secure Boot PC) the firmware checks itself. The PC's
+    boot order stays network first; this is how labmetal sends it to its disk."""
+    return ["exit 0"]
+
+
+def _idle(script: IdleScript) -> list[str]:
+    then = "halt" if script.then == "poweroff" else "exit 0"
+    action = "powering off" if script.then == "poweroff" else "booting the next device"
+    return ["# labmetal: nothing to do for this PC",
+            f"echo {_quoted(f'labmetal: {script.message}')}",
+            f'echo "labmetal: this PC is ${{net_default_mac}}; {action} in {script.delay} s"',
+            f"sleep {script.delay}",
+            then]

@@ -1,0 +1,125 @@
+"""Real room PCs' firmware, end to end on QEMU seats that boot the built deploy ramdisk:
+
+* ``secureboot`` seats (OVMF with Secure Boot on and Microsoft's keys, the firmware's own
+  PXE client, an NVMe disk): DHCP hands them Debian's signed shim, which loads Debian's
+  signed network GRUB, which loads the per-MAC config labmetal renders, then Debian's
+  signed generic kernel and labmetal's initramfs over TFTP. The kernel says Secure Boot is
+  on and locks itself down; the agent finds the NVMe disk with the generic kernel's
+  drivers; the deployed GPT image (signed shim, GRUB and kernel on its EFI system
+  partition) boots from the disk with Secure Boot still on, the PC's boot order still
+  network first.
+* ``uefi`` seats (OVMF without Secure Boot, an Intel e1000e NIC, an AHCI disk): the same
+  decision through iPXE, and the real drivers of a PC's NIC and SATA controller.
+* a multicast room job on three QEMU seats: every seat runs the agent from the built
+  ramdisk (the regression the light seats, which run the agent from the checkout, could
+  not see).
+"""
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from labmetal.images.ramdisk import build_ramdisk
+from labmetal.lab.osimage import build_whole_disk, marker_line
+from tests.labrooms import BOOT_TIMEOUT, Labmetal, UpRoom, lab_up, start_labmetal, tear_down
+from tests.support import Processes, free_port, wait_for
+
+pytestmark = pytest.mark.ramdisk
+
+RAMDISK_CACHE = Path(os.environ.get("LABMETAL_RAMDISK_CACHE", "/var/cache/labmetal/ramdisk"))
+SECURE_BOOT_ON = "Secure boot enabled"  # the kernel's own words (arch/x86 efi)
+LOCKED_DOWN = "Kernel is locked down from EFI Secure Boot"
+
+
+@pytest.fixture(scope="module")
+def ramdisk():
+    return build_ramdisk(RAMDISK_CACHE)
+
+
+@pytest.fixture(scope="module")
+def uefi_image():
+    """A GPT disk whose EFI system partition holds Debian's signed shim, GRUB and kernel."""
+    return build_whole_disk("lab-uefi", firmware="uefi")
+
+
+def open_room(tmp_path: Path, name: str, subnet: str, ramdisk: Any, *options: str):
+    procs = Processes(tmp_path)
+    room = None
+    try:
+        port = free_port()
+        room = lab_up(procs, tmp_path / "room", name, subnet, "--port", str(port), *options)
+        start_labmetal(procs, tmp_path, {**room.state["settings"], "callback_timeout": 900,
+                                         "agent_timeout": 120, "deploy_kernel": "deploy-kernel",
+                                         "deploy_ramdisk": "deploy-ramdisk"})
+        api = Labmetal(f"http://{room.state['settings']['listen']}")
+        api.upload("deploy-kernel", "kernel", ramdisk.kernel)
+        api.upload("deploy-ramdisk", "ramdisk", ramdisk.initramfs)
+        yield room, api
+    finally:
+        if room is not None:
+            tear_down(room)
+        procs.stop_all()
+
+
+@pytest.fixture(scope="module")
+def secureboot_room(tmp_path_factory, ramdisk):
+    yield from open_room(tmp_path_factory.mktemp("sb-room"), "r74", "10.99.74.0/24", ramdisk,
+                         "--qemu", "1", "--profile", "secureboot")
+
+
+@pytest.fixture(scope="module")
+def uefi_room(tmp_path_factory, ramdisk):
+    yield from open_room(tmp_path_factory.mktemp("uefi-room"), "r75", "10.99.75.0/24", ramdisk,
+                         "--qemu", "1", "--profile", "uefi")
+
+
+def wait_console(room: UpRoom, seat: dict[str, Any], text: str, after: int = 0,
+                 timeout: float = 300) -> str:
+    return wait_for(lambda: text in room.console(seat)[after:] and room.console(seat), timeout,
+                    f"{text!r} on {seat['name']}'s console", interval=0.5)
+
+
+def test_a_secure_boot_seat_boots_the_ramdisk_through_shim_and_grub_and_is_inspected(
+        secureboot_room):
+    room, api = secureboot_room
+    seat = room.state["seats"][0]
+    api.enroll(room, seat, provide=False)
+    node = api.provision(seat["name"], "inspect", "manageable", "inspect failed",
+                         timeout=BOOT_TIMEOUT)
+    assert node["provision_state"] == "manageable", node["last_error"]
+    console = room.console(seat)
+    assert "NBP filename is shimx64.efi" in console
+    assert "labmetal: loading the inspect ramdisk" in console
+    assert SECURE_BOOT_ON in console and LOCKED_DOWN in console
+    assert "nvme" in console  # the generic kernel's NVMe driver, loaded by the disk's alias
+    assert node["properties"]["local_gb"] == 8  # the seat's 8 GiB NVMe disk, seen by the agent
+
+
+def test_a_secure_boot_seat_is_deployed_and_boots_its_disk_with_secure_boot_on(
+        secureboot_room, uefi_image):
+    room, api = secureboot_room
+    seat = room.state["seats"][0]
+    api.upload("lab-uefi", "whole-disk", uefi_image.path)
+    api.provision(seat["name"], "provide", "available")
+    before = len(room.console(seat))
+    node = api.deploy(seat["name"], "lab-uefi")
+    assert node["provision_state"] == "active", node["last_error"]
+    booted = wait_console(room, seat, marker_line("lab-uefi", seat["mac"]), after=before)
+    after_deploy = booted[before:]
+    assert "labmetal: booting the local disk" in after_deploy  # network first, sent to disk
+    assert after_deploy.count(SECURE_BOOT_ON) >= 2  # the ramdisk's kernel, then the OS's
+
+
+def test_a_uefi_seat_with_an_intel_nic_and_a_sata_disk_is_deployed(uefi_room, uefi_image):
+    room, api = uefi_room
+    seat = room.state["seats"][0]
+    api.upload("lab-uefi", "whole-disk", uefi_image.path)
+    api.enroll(room, seat)
+    node = api.deploy(seat["name"], "lab-uefi")
+    assert node["provision_state"] == "active", node["last_error"]
+    console = wait_console(room, seat, marker_line("lab-uefi", seat["mac"]))
+    assert "e1000e" in console and "ahci" in console  # the ramdisk's drivers, found by alias
+    assert SECURE_BOOT_ON not in console
