@@ -123,3 +123,34 @@ def test_a_uefi_seat_with_an_intel_nic_and_a_sata_disk_is_deployed(uefi_room, ue
     console = wait_console(room, seat, marker_line("lab-uefi", seat["mac"]))
     assert "e1000e" in console and "ahci" in console  # the ramdisk's drivers, found by alias
     assert SECURE_BOOT_ON not in console
+
+
+@pytest.fixture(scope="module")
+def bios_room(tmp_path_factory, ramdisk):
+    yield from open_room(tmp_path_factory.mktemp("bios-room"), "r76", "10.99.76.0/24", ramdisk,
+                         "--qemu", "3", "--profile", "bios")
+
+
+def test_a_multicast_room_job_images_three_qemu_seats_from_the_built_ramdisk(bios_room):
+    room, api = bios_room
+    seats = room.state["seats"]
+    api.upload("lab-whole", "whole-disk", build_whole_disk("lab-whole").path)
+    assert api.call("POST", "/v1/rooms", json={"name": "tpr-3"}).status_code == 201
+    for index, seat in enumerate(seats, start=1):
+        api.enroll(room, seat)
+        assert api.call("PUT", f"/v1/rooms/tpr-3/seats/A{index:02}",
+                        json={"node": seat["name"]}).status_code == 200
+    created = api.call("POST", "/v1/rooms/tpr-3/jobs", json={
+        "image": "lab-whole", "transport": "multicast", "retries": 0})
+    assert created.status_code in (201, 202), created.text
+    job = created.json()["uuid"]
+    finished = wait_for(lambda: (lambda j: j if j["state"] in ("done", "failed") else None)(
+        api.call("GET", f"/v1/room-jobs/{job}").json()), BOOT_TIMEOUT,
+        "the room job to finish", interval=1)
+    assert finished["state"] == "done", finished["seats"]
+    assert finished["chosen_transport"] == "multicast"
+    assert [seat["attempts"] for seat in finished["seats"]] == [1, 1, 1]  # no retry needed
+    for seat in seats:
+        wait_console(room, seat, marker_line("lab-whole", seat["mac"]))
+        history = api.call("GET", f"/v1/nodes/{seat['name']}/history").json()["history"]
+        assert any("multicast" in event["event"] for event in history), history
