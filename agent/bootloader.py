@@ -1,5 +1,14 @@
-"""Local BIOS boot for a partition image: kernel and initrd in the root filesystem's /boot,
-extlinux installed in /boot/extlinux, syslinux's MBR code in the disk's first sector.
+"""Local boot for a partition image: kernel and initrd in the root filesystem's /boot, then
+* BIOS: extlinux installed in /boot/extlinux, syslinux's MBR code in the disk's first sector;
+* UEFI: the EFI system partition's removable-media path ``EFI/BOOT/BOOTX64.EFI`` holds a
+  signed shim, next to it the signed GRUB that shim loads (``grubx64.efi``) and the
+  ``grub.cfg`` that GRUB reads from its own folder. The image's own copies are used when
+  it carries them (a Debian image with shim-signed and grub-efi-amd64-signed installed:
+  SIGNED_LOADERS), so the OS boots with Secure Boot on and keeps its own versions;
+  otherwise the deploy ramdisk's (Debian's, the same packages). Under Secure Boot the
+  kernel must be signed (Debian's are); without Secure Boot any kernel boots. No firmware
+  boot entry is written: the PC's boot order stays network first, labmetal sends it to its
+  disk, and firmware boots the disk through its removable-media path.
 
 The kernel gets ``root=PARTUUID=<disk signature>-01``. The kernel resolves PARTUUID on its
 own, without an initramfs, and it does not care what the disk is called on the booted
@@ -19,9 +28,15 @@ import requests
 
 from labmetal.agent import fetch
 from labmetal.agent.tools import run
-from labmetal.agent.partition import RootPartition
+from labmetal.agent.partition import EspPartition, RootPartition
 
 MBR_CODE = Path("/usr/lib/syslinux/mbr/mbr.bin")
+# In the image, as Debian's packages install them; in the ramdisk, as its builder puts them.
+SIGNED_LOADERS = {"shim": "usr/lib/shim/shimx64.efi.signed",
+                  "grub": "usr/lib/grub/x86_64-efi-signed/grubx64.efi.signed"}
+RAMDISK_LOADERS = {"shim": Path("/usr/lib/labmetal/efi/shimx64.efi"),
+                   "grub": Path("/usr/lib/labmetal/efi/grubx64.efi")}
+EFI_DIR = "EFI/BOOT"
 MBR_CODE_AREA = 440  # boot code; the disk signature and the partition table follow it
 KERNEL, INITRD = "boot/vmlinuz", "boot/initrd.img"
 CONFIG_DIR = "boot/extlinux"
@@ -41,10 +56,63 @@ def install(session: requests.Session, device: str, root: RootPartition, kernel_
             "initrd_bytes": initrd_bytes}
 
 
-def extlinux_config(partuuid: str, kernel_cmdline: str) -> str:
+def install_uefi(session: requests.Session, esp: EspPartition, root: RootPartition,
+                 kernel_url: str, ramdisk_url: str, kernel_cmdline: str) -> dict:
+    with mounted(root.node) as filesystem:
+        _directory(filesystem, "boot")
+        kernel_bytes = fetch.download(session, kernel_url, _replaceable(filesystem / KERNEL))
+        initrd_bytes = fetch.download(session, ramdisk_url, _replaceable(filesystem / INITRD))
+        loaders, source = _efi_loaders(filesystem)
+    filesystem_uuid = run(["blkid", "--probe", "--output", "value", "--match-tag", "UUID",
+                           root.node]).strip()
+    config = grub_config(filesystem_uuid, root.partuuid, kernel_cmdline).encode()
+    # mtools writes the FAT file system itself: no kernel FAT driver, no mount.
+    with tempfile.TemporaryDirectory(prefix="labmetal-efi-") as staging:
+        files = {"BOOTX64.EFI": loaders["shim"], "grubx64.efi": loaders["grub"],
+                 "grub.cfg": config}
+        for name, content in files.items():
+            Path(staging, name).write_bytes(content)
+        run(["mmd", "-i", esp.node, "::/EFI", f"::/{EFI_DIR}"])
+        run(["mcopy", "-o", "-i", esp.node, *(str(Path(staging, name)) for name in files),
+             f"::/{EFI_DIR}/"])
+    return {"root": f"PARTUUID={root.partuuid}", "kernel_bytes": kernel_bytes,
+            "initrd_bytes": initrd_bytes, "boot_loader": f"shim and GRUB from {source}"}
+
+
+def _efi_loaders(filesystem: Path) -> tuple[dict[str, bytes], str]:
+    """The image's own signed shim and GRUB if it has both (regular files: a symlink could
+    point into the ramdisk), else the ramdisk's."""
+    own = {name: filesystem / path for name, path in SIGNED_LOADERS.items()}
+    if all(path.is_file() and not path.is_symlink() for path in own.values()):
+        return {name: path.read_bytes() for name, path in own.items()}, "the image"
+    if not all(path.is_file() for path in RAMDISK_LOADERS.values()):
+        wanted = ", ".join(SIGNED_LOADERS.values())
+        raise RuntimeError(f"the image carries no signed shim and GRUB ({wanted}) and this "
+                           "ramdisk has none either")
+    return ({name: path.read_bytes() for name, path in RAMDISK_LOADERS.items()},
+            "the deploy ramdisk")
+
+
+def grub_config(filesystem_uuid: str, partuuid: str, kernel_cmdline: str) -> str:
+    """GRUB finds the root file system by its UUID (disk numbering differs between PCs),
+    the kernel its root by PARTUUID, as on BIOS."""
+    return (
+        "# written by labmetal\n"
+        "set timeout=0\n"
+        f"search --no-floppy --fs-uuid --set=root {filesystem_uuid}\n"
+        f"linux /{KERNEL} {_append(partuuid, kernel_cmdline)}\n"
+        f"initrd /{INITRD}\n"
+        "boot\n"
+    )
+
+
+def _append(partuuid: str, kernel_cmdline: str) -> str:
     """Consoles on screen and serial port, unless the given command line chooses its own."""
     consoles = "" if "console=" in kernel_cmdline else "console=tty0 console=ttyS0,115200n8"
-    append = f"root=PARTUUID={partuuid} ro {consoles} {kernel_cmdline}"
+    return " ".join(f"root=PARTUUID={partuuid} ro {consoles} {kernel_cmdline}".split())
+
+
+def extlinux_config(partuuid: str, kernel_cmdline: str) -> str:
     return (
         "# written by labmetal\n"
         "SERIAL 0 115200\n"
@@ -54,7 +122,7 @@ def extlinux_config(partuuid: str, kernel_cmdline: str) -> str:
         "LABEL labmetal\n"
         f"  LINUX /{KERNEL}\n"
         f"  INITRD /{INITRD}\n"
-        f"  APPEND {' '.join(append.split())}\n"
+        f"  APPEND {_append(partuuid, kernel_cmdline)}\n"
     )
 
 

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import importlib
 import logging
+import os
 import threading
 import uuid
 from dataclasses import asdict, dataclass, field
@@ -163,27 +164,34 @@ class Commands:
 
     def _deploy_partition_image(self, command: Command) -> dict[str, Any]:
         params = command.params
-        boot_mode = params.get("boot_mode", "bios")
-        if boot_mode == "uefi":
-            raise NotImplementedError("UEFI partition images (gpt label, EFI system partition) "
-                                      "are not implemented yet: use boot_mode bios")
-        if boot_mode != "bios":
-            raise ValueError(f"unknown boot_mode {boot_mode!r} (bios or uefi)")
+        boot_mode = params.get("boot_mode", "auto")
+        if boot_mode == "auto":  # as this PC booted the ramdisk
+            boot_mode = "uefi" if os.path.isdir("/sys/firmware/efi") else "bios"
+        if boot_mode not in ("bios", "uefi"):
+            raise ValueError(f"unknown boot_mode {boot_mode!r} (auto, bios or uefi)")
         session = requests.Session()
         manifest = fetch.manifest(session, params["manifest_url"])
         target = self._disk()
-        writer.check_fits(target, partition.disk_needed(manifest.raw_size))
+        writer.check_fits(target, partition.disk_needed(manifest.raw_size, boot_mode))
+        kernel, ramdisk = params["kernel_url"], params["ramdisk_url"]
+        cmdline = params.get("kernel_cmdline", "")
         with as_block_device(target) as device:
             wipe.wipe_metadata(device)
-            root = partition.make_root_partition(device, manifest.raw_size)
             # Delta stays valid here: the root partition is made again at the same place
-            # (partition.START), and the scan runs after wipe_metadata, so whatever the wipe
-            # erased inside the partition (the file system's magic) just fails its check.
-            written = self._write(command, session, manifest, root.node)
-            boot = bootloader.install(session, device, root, params["kernel_url"],
-                                      params["ramdisk_url"], params.get("kernel_cmdline", ""))
-        return {**asdict(written), "partition": {"number": 1, "start": root.start,
-                                                 "size": root.size}, **boot}
+            # for the same boot mode, and the scan runs after wipe_metadata, so whatever the
+            # wipe erased inside the partition (the file system's magic) fails its check.
+            if boot_mode == "uefi":
+                esp, root = partition.make_uefi_layout(device, manifest.raw_size)
+                written = self._write(command, session, manifest, root.node)
+                boot = bootloader.install_uefi(session, esp, root, kernel, ramdisk, cmdline)
+                number = 2
+            else:
+                root = partition.make_root_partition(device, manifest.raw_size)
+                written = self._write(command, session, manifest, root.node)
+                boot = bootloader.install(session, device, root, kernel, ramdisk, cmdline)
+                number = 1
+        return {**asdict(written), "boot_mode": boot_mode, "partition": {
+            "number": number, "start": root.start, "size": root.size}, **boot}
 
     def _wipe_metadata(self, command: Command) -> dict[str, Any]:
         with as_block_device(self._disk()) as device:

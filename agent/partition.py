@@ -1,5 +1,7 @@
-"""The disk layout for a partition image on BIOS: an msdos label with one bootable root partition
-sized to the image, starting at 1 MiB (the alignment every current tool uses).
+"""The disk layout for a partition image. BIOS: an msdos label with one bootable root
+partition sized to the image, starting at 1 MiB (the alignment every current tool uses).
+UEFI: a GPT label with an EFI system partition (FAT32, 64 MiB) at 1 MiB, then the root
+partition sized to the image.
 """
 from __future__ import annotations
 
@@ -10,6 +12,14 @@ from labmetal.agent.disk import MIB, partition_node, wait_for_node
 from labmetal.agent.tools import run
 
 START = MIB
+ESP_SIZE = 64 * MIB  # FAT32 with 512-byte clusters: room for shim, GRUB and spare
+
+
+@dataclass(frozen=True)
+class EspPartition:
+    node: str
+    start: int
+    size: int
 
 
 @dataclass(frozen=True)
@@ -20,8 +30,27 @@ class RootPartition:
     partuuid: str  # msdos: <disk signature>-<number>, as the kernel reads root=PARTUUID=
 
 
-def disk_needed(image_size: int) -> int:
-    return START + _align(image_size)
+def disk_needed(image_size: int, boot_mode: str = "bios") -> int:
+    esp = ESP_SIZE if boot_mode == "uefi" else 0
+    return START + esp + _align(image_size) + (MIB if boot_mode == "uefi" else 0)  # GPT backup
+
+
+def make_uefi_layout(device: str, image_size: int) -> tuple[EspPartition, RootPartition]:
+    """GPT: partition 1 the EFI system partition (formatted here), 2 the root partition,
+    whose PARTUUID (a GPT partition's own GUID) the kernel resolves without an initramfs."""
+    size = _align(image_size)
+    root_start = START + ESP_SIZE
+    run(["parted", "--script", "--align", "none", device, "unit", "B", "mklabel", "gpt",
+         "mkpart", "ESP", "fat32", f"{START}B", f"{root_start - 1}B", "set", "1", "esp", "on",
+         "mkpart", "root", "ext4", f"{root_start}B", f"{root_start + size - 1}B"])
+    esp, root = partition_node(device, 1), partition_node(device, 2)
+    for node in (esp, root):
+        wait_for_node(node)
+    run(["mkfs.fat", "-F", "32", "-s", "1", "-n", "EFI", esp])
+    partuuid = run(["blkid", "--probe", "--output", "value", "--match-tag", "PART_ENTRY_UUID",
+                    root]).strip()
+    return (EspPartition(node=esp, start=START, size=ESP_SIZE),
+            RootPartition(node=root, start=root_start, size=size, partuuid=partuuid))
 
 
 def make_root_partition(device: str, image_size: int) -> RootPartition:

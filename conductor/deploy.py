@@ -236,7 +236,9 @@ def _write_direct(work: NodeWork, image: Image) -> dict[str, Any]:
         if kernel is None or ramdisk is None:
             raise DeployError(f"partition image {image.name} lost its kernel or ramdisk")
         params.update(kernel_url=ctx.file_url(kernel, "file"),
-                      ramdisk_url=ctx.file_url(ramdisk, "file"), boot_mode="bios",
+                      ramdisk_url=ctx.file_url(ramdisk, "file"),
+                      # auto: as the PC booted the ramdisk (BIOS or UEFI)
+                      boot_mode=(work.node.instance_info or {}).get("boot_mode", "auto"),
                       kernel_cmdline=(work.node.instance_info or {}).get(
                           "kernel_append_params", "console=ttyS0"))
         result = run_agent_command(work, "deploy_partition_image", params, "write image")

@@ -43,7 +43,7 @@ RECORD = "build.json"
 
 PACKAGES = (
     "python3", "python3-requests", "python3-pyudev", "python3-zstandard", "python3-zfec",
-    "tgt", "parted", "e2fsprogs", "dosfstools", "syslinux", "extlinux", "syslinux-common",
+    "tgt", "parted", "e2fsprogs", "dosfstools", "mtools", "syslinux", "extlinux", "syslinux-common",
     "util-linux", "mount", "iproute2", "busybox", "kmod",
 )
 # The drivers of the PCs a teaching room has, and of VMs: disks (AHCI/SATA, NVMe, USB
@@ -70,6 +70,15 @@ UNWANTED = (
     "libconfig-general-perl", "perl", "libperl5.36", "perl-modules-5.36",
     "usrmerge", "libfile-find-rule-perl", "libnumber-compare-perl", "libtext-glob-perl",
 )
+# Debian's signed UEFI boot loaders, for partition images that carry none of their own (the
+# agent copies them to the EFI system partition: agent/bootloader.py). Only these files are
+# taken from the packages, not installed: they pull in GRUB's tools and configuration.
+EFI_LOADERS = {
+    "shim-signed": ("usr/lib/shim/shimx64.efi.signed", "shimx64.efi"),
+    "grub-efi-amd64-signed": ("usr/lib/grub/x86_64-efi-signed/grubx64.efi.signed",
+                              "grubx64.efi"),
+}
+EFI_DIR = "usr/lib/labmetal/efi"  # in the image
 SOURCES = (
     "deb http://deb.debian.org/debian bookworm main",
     "deb http://deb.debian.org/debian bookworm-updates main",
@@ -98,6 +107,7 @@ class Recipe:
     packages: tuple[str, ...] = PACKAGES
     unwanted: tuple[str, ...] = UNWANTED
     kernel_package: str = "linux-image-amd64"
+    efi_packages: tuple[str, ...] = tuple(EFI_LOADERS)
     modules: tuple[str, ...] = MODULES
     always_modules: tuple[str, ...] = ALWAYS_MODULES
     dpkg_options: tuple[str, ...] = DPKG_OPTIONS
@@ -215,8 +225,9 @@ def _build(recipe: Recipe, inputs: Inputs, work: Path, key: str,
     progress(f"deploy ramdisk {key}: mmdebstrap {recipe.suite} ({recipe.variant}) "
              f"and {recipe.kernel_package}")
     run_step(_mmdebstrap_command(recipe, rootfs, debs), env, progress)
-    (deb,) = debs.glob("*.deb")
+    (deb,) = debs.glob("linux-image-*.deb")
     run_step(["dpkg-deb", "--extract", str(deb), str(kernel_tree)], env)
+    efi_packages = _install_efi_loaders(recipe, debs / "efi", work / "efi", rootfs, env)
     (modules_dir,) = (kernel_tree / "lib" / "modules").iterdir()
     kernel_version = modules_dir.name
     # The package has no modules.dep: its postinst makes one.
@@ -238,6 +249,7 @@ def _build(recipe: Recipe, inputs: Inputs, work: Path, key: str,
     record = {
         "version_key": key,
         "kernel_package": deb.name,
+        "efi_packages": efi_packages,
         "kernel_version": kernel_version,
         "kernel_size": (out / KERNEL).stat().st_size,
         "kernel_sha256": sha256_file(out / KERNEL),
@@ -276,6 +288,9 @@ def _mmdebstrap_command(recipe: Recipe, rootfs: Path, debs: Path) -> list[str]:
         '| sed -n "s/^ *Depends: \\(linux-image-[0-9].*\\)/\\1/p" | head -n 1) && '
         f'apt-get -q -o APT::Sandbox::User=root download "${{image:-{package}}}"'
     )
+    if recipe.efi_packages:
+        fetch_kernel += (' && mkdir efi && cd efi && apt-get -q -o APT::Sandbox::User=root '
+                         'download ' + shlex.join(recipe.efi_packages))
     purge = 'chroot "$1" dpkg --purge --force-depends ' + shlex.join(recipe.unwanted)
     return [
         "mmdebstrap", f"--variant={recipe.variant}", "--mode=root", "--format=directory",
@@ -285,6 +300,22 @@ def _mmdebstrap_command(recipe: Recipe, rootfs: Path, debs: Path) -> list[str]:
         *([f"--customize-hook={purge}"] if recipe.unwanted else []),
         recipe.suite, str(rootfs), *recipe.sources,
     ]
+
+
+def _install_efi_loaders(recipe: Recipe, debs: Path, work: Path, rootfs: Path,
+                         env: dict[str, str]) -> list[str]:
+    """The signed shim and GRUB files of ``recipe.efi_packages`` into EFI_DIR; returns the
+    .deb files they came from (versions go to build.json)."""
+    used = []
+    for package in recipe.efi_packages:
+        (deb,) = debs.glob(f"{package}_*.deb")
+        tree = work / package
+        tree.mkdir(parents=True)
+        run_step(["dpkg-deb", "--extract", str(deb), str(tree)], env)
+        inside, name = EFI_LOADERS[package]
+        install_file(rootfs / EFI_DIR / name, (tree / inside).read_bytes(), 0o644)
+        used.append(deb.name)
+    return used
 
 
 def select_modules(modules_dir: Path, wanted: tuple[str, ...]) -> KernelModules:

@@ -4,6 +4,11 @@ Images are real (ext4 built with mkfs.ext4 -d, a whole-disk image with a partiti
 served over real HTTP with Range support; lookup and heartbeats go to a small stand-in for
 labmetal's agent endpoints that records what it is sent. Checks use tools other than the
 agent's own code where there is one (parted, blkid, debugfs, e2fsck, losetup).
+
+Light seats run the agent from the checkout; the same commands from the built ramdisk, on
+PCs' firmware and drivers, are proven by tests/test_lab_boots.py (BIOS: whole-disk,
+partition, iscsi, WoL, self-registration) and tests/test_firmware_boots.py (Secure Boot
+and UEFI seats, a multicast room job, a delta re-image).
 """
 from __future__ import annotations
 
@@ -16,6 +21,7 @@ import socket
 import subprocess
 import sys
 import threading
+import uuid
 from dataclasses import dataclass, field
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
@@ -26,6 +32,7 @@ import pytest
 import requests
 
 from labmetal.agent.main import options
+from labmetal.agent.bootloader import SIGNED_LOADERS
 from labmetal.agent.manifest import Manifest, build
 from tests.support import Processes, free_port, wait_for
 
@@ -86,7 +93,18 @@ def images(tmp_path_factory) -> dict[str, Image]:
     with open(disk, "r+b") as out:
         out.seek(MIB)
         out.write(rootfs.read_bytes())
-    return {"rootfs": make_image(rootfs), "disk": make_image(disk)}
+    # A Debian-like UEFI root: the signed shim and GRUB where shim-signed and
+    # grub-efi-amd64-signed install them (these bytes stand in for them: the test checks
+    # they reach the EFI system partition; test_firmware_boots boots real ones).
+    for name, path in SIGNED_LOADERS.items():
+        (tree / path).parent.mkdir(parents=True, exist_ok=True)
+        (tree / path).write_bytes(f"{name} of the image\n".encode() + os.urandom(4096))
+    uefi_rootfs = work / "uefi-rootfs.img"
+    subprocess.run(["mkfs.ext4", "-q", "-L", "labroot", "-d", str(tree), str(uefi_rootfs),
+                    "24M"], check=True)
+    return {"rootfs": make_image(rootfs), "disk": make_image(disk),
+            "uefi-rootfs": make_image(uefi_rootfs),
+            "loaders": {name: (tree / path).read_bytes() for name, path in SIGNED_LOADERS.items()}}
 
 
 # ---------------------------------------------------------------- peers
@@ -553,9 +571,76 @@ def test_partition_deploy_failures_leave_no_loop_device_or_mount(images, files, 
     assert loops_of(disk.file) == []
     assert "labmetal-root-" not in Path("/proc/mounts").read_text()
 
-    response = seat.post("deploy_partition_image", {**params, "boot_mode": "uefi"}, "uefi-1")
+    response = seat.post("deploy_partition_image", {**params, "boot_mode": "efi"}, "uefi-1")
     view = seat.wait(response.json()["id"])
-    assert view["status"] == "failed" and "UEFI" in view["error"]
+    assert view["status"] == "failed" and "unknown boot_mode 'efi'" in view["error"]
+
+
+def mdir(image: Path, offset: int, path: str) -> str:
+    return subprocess.run(["mdir", "-b", "-i", f"{image}@@{offset}", f"::{path}"],
+                          capture_output=True, text=True, check=True).stdout
+
+
+def test_a_uefi_partition_image_gets_gpt_an_efi_partition_and_the_images_own_loaders(
+        images, files, disks, start_seat, tmp_path):
+    kernel, initrd = os.urandom(700 * 1024), os.urandom(1200 * 1024)
+    files.files.update({"/boot/vmlinuz": kernel, "/boot/initrd": initrd})
+    disk = disks(128 * MIB)
+    seat = start_seat(disk)
+    params = {**files.serve("uefi-rootfs", images["uefi-rootfs"]),
+              "kernel_url": f"{files.url}/boot/vmlinuz", "ramdisk_url": f"{files.url}/boot/initrd",
+              "boot_mode": "uefi", "kernel_cmdline": "quiet"}
+    view = seat.run("deploy_partition_image", params)
+    assert view["status"] == "succeeded", view["error"]
+    result = view["result"]
+    root_start = MIB + 64 * MIB
+    assert result["boot_mode"] == "uefi" and result["boot_loader"] == "shim and GRUB from the image"
+    assert result["partition"] == {"number": 2, "start": root_start, "size": 24 * MIB}
+    assert loops_of(disk.file) == []
+
+    table = subprocess.run(["parted", "-m", "-s", str(disk.file), "unit", "B", "print"],
+                           capture_output=True, text=True, check=True).stdout.splitlines()
+    assert ":gpt:" in table[1]
+    assert table[2].startswith(f"1:{MIB}B:{root_start - 1}B:") and "esp" in table[2]
+    assert table[3].startswith(f"2:{root_start}B:{root_start + 24 * MIB - 1}B:")
+    with open(disk.file, "rb") as raw:  # GPT entries from LBA 2, 128 bytes each
+        raw.seek(2 * 512 + 128)
+        partuuid = str(uuid.UUID(bytes_le=raw.read(128)[16:32]))  # the partition's own GUID
+    assert result["root"] == f"PARTUUID={partuuid}" and len(partuuid) == 36
+
+    # The EFI system partition: shim on the removable path, GRUB beside it, its config.
+    esp = tmp_path / "esp.img"
+    esp.write_bytes(disk.file.read_bytes()[MIB:root_start])
+    listing = mdir(esp, 0, "/EFI/BOOT")
+    assert all(name in listing for name in ("BOOTX64", "grubx64", "grub"))
+    for name, inside in (("shim", "EFI/BOOT/BOOTX64.EFI"), ("grub", "EFI/BOOT/grubx64.efi")):
+        subprocess.run(["mcopy", "-i", str(esp), f"::{inside}", str(tmp_path / name)], check=True)
+        assert (tmp_path / name).read_bytes() == images["loaders"][name]
+    subprocess.run(["mcopy", "-i", str(esp), "::EFI/BOOT/grub.cfg", str(tmp_path / "cfg")],
+                   check=True)
+    root = tmp_path / "root.img"
+    root.write_bytes(disk.file.read_bytes()[root_start:root_start + 24 * MIB])
+    fs_uuid = subprocess.run(["blkid", "-o", "value", "-s", "UUID", str(root)],
+                             capture_output=True, text=True, check=True).stdout.strip()
+    config = (tmp_path / "cfg").read_text().splitlines()
+    assert f"search --no-floppy --fs-uuid --set=root {fs_uuid}" in config
+    assert any(line.startswith(f"linux /boot/vmlinuz root=PARTUUID={partuuid} ro console=tty0")
+               and line.endswith(" quiet") for line in config)
+    assert "initrd /boot/initrd.img" in config
+    debugfs(root, f"dump /boot/vmlinuz {tmp_path / 'kernel'}")
+    assert (tmp_path / "kernel").read_bytes() == kernel
+
+
+def test_a_uefi_partition_image_without_loaders_is_refused_clearly_off_the_ramdisk(
+        images, files, disks, start_seat):
+    files.files.update({"/boot/vmlinuz": b"k", "/boot/initrd": b"i"})
+    seat = start_seat(disks(128 * MIB))
+    params = {**files.serve("rootfs", images["rootfs"]), "boot_mode": "uefi",
+              "kernel_url": f"{files.url}/boot/vmlinuz", "ramdisk_url": f"{files.url}/boot/initrd"}
+    view = seat.run("deploy_partition_image", params)
+    # This machine is not the ramdisk: no /usr/lib/labmetal/efi to fall back on.
+    assert view["status"] == "failed"
+    assert "carries no signed shim and GRUB (usr/lib/shim/shimx64.efi.signed" in view["error"]
 
 
 def test_wipe_metadata_erases_partition_table_and_filesystem_signatures(images, disks,

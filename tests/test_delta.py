@@ -4,7 +4,7 @@ only the chunks its disk lacks, and still ends with the whole image verified.
 The agent is the real process on a light seat (tests/test_agent.py's seats), the image is
 served over real HTTP by a small file server that honours bounded Range requests and counts
 what it sends. Expected chunk sets are computed here from the raw bytes, not by the agent's
-code.
+code. A delta re-image from the built ramdisk on a QEMU seat: tests/test_firmware_boots.py.
 """
 from __future__ import annotations
 

@@ -1,6 +1,7 @@
 """Deploys end to end in a simulated room: PXE script over HTTP, the real agent in each seat's
 namespace, chunks over HTTP, verified writes to the seat's disk, and every failure the
-issue lists."""
+issue lists. The same deploys from the built ramdisk on QEMU seats: tests/test_lab_boots.py
+and tests/test_firmware_boots.py."""
 from __future__ import annotations
 
 import json

@@ -153,4 +153,20 @@ def test_a_multicast_room_job_images_three_qemu_seats_from_the_built_ramdisk(bio
     for seat in seats:
         wait_console(room, seat, marker_line("lab-whole", seat["mac"]))
         history = api.call("GET", f"/v1/nodes/{seat['name']}/history").json()["history"]
-        assert any("multicast" in event["event"] for event in history), history
+        assert any("from multicast" in event["event"] for event in history), history
+
+    # The teacher re-images seat A01 from the job: a delta re-image, from the ramdisk again,
+    # writes none of the chunks the disk already holds, and the OS boots once more.
+    seat = seats[0]
+    before = len(room.console(seat))
+    retried = api.call("POST", f"/v1/room-jobs/{job}/seats/A01/retry")
+    assert retried.status_code == 200, retried.text
+    again = wait_for(lambda: (lambda j: j if j["state"] in ("done", "failed") else None)(
+        api.call("GET", f"/v1/room-jobs/{job}").json()), BOOT_TIMEOUT,
+        "the re-image to finish", interval=1)
+    assert again["state"] == "done", again["seats"]
+    wait_console(room, seat, marker_line("lab-whole", seat["mac"]), after=before)
+    assert "labmetal-ramdisk: starting agent" in room.console(seat)[before:]
+    events = [event["event"] for event in
+              api.call("GET", f"/v1/nodes/{seat['name']}/history").json()["history"]]
+    assert any(" 0 of " in event and "chunks written" in event for event in events), events

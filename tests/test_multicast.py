@@ -2,7 +2,9 @@
 cabled into the room's switch by an uplink; each seat's agent receives in its own
 namespace into a disk file. The switch can drop frames at random (nftables), seats can
 join late or die, and another job can share the group: every seat that finishes must hold
-exactly the image, and the sender must stop as soon as no live seat needs anything."""
+exactly the image, and the sender must stop as soon as no live seat needs anything.
+Light seats stand in for 40 PCs; three QEMU seats receiving with the agent of the built
+ramdisk: tests/test_firmware_boots.py."""
 from __future__ import annotations
 
 import dataclasses

@@ -247,9 +247,14 @@ def test_the_ramdisk_holds_the_agent_and_its_tools(built_ramdisk, tmp_path):
                for path in (site / "agent").rglob("*.py")}
     assert carried == installed
     for tool in ("python3", "tgtd", "tgtadm", "parted", "mkfs.ext4", "mkfs.vfat", "extlinux",
-                 "losetup", "wipefs", "mount", "ip", "busybox", "modprobe", "poweroff"):
+                 "losetup", "wipefs", "mount", "ip", "busybox", "modprobe", "poweroff",
+                 "mcopy", "mmd", "blkid"):
         assert any((tmp_path / "usr" / place / tool).exists() for place in ("bin", "sbin")), tool
     assert (tmp_path / "usr" / "lib" / "syslinux" / "mbr" / "mbr.bin").is_file()
+    # Debian's signed shim and GRUB, for UEFI partition images that carry none
+    for name in ("shimx64.efi", "grubx64.efi"):
+        loader = tmp_path / "usr" / "lib" / "labmetal" / "efi" / name
+        assert loader.read_bytes()[:2] == b"MZ", name  # a PE image
     # Real PCs' drivers are in, found by the hardware's modalias; the agent's own always.
     (modules,) = (tmp_path / "usr" / "lib" / "modules").iterdir()
     aliased = {line.split()[-1] for line in (modules / "modules.alias").read_text().splitlines()

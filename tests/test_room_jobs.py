@@ -1,6 +1,7 @@
 """Rooms and room jobs end to end: CSV import with its errors, a room deploy of light seats
 with automatic retries and a re-imaged seat, the CLI's live view, and a scheduled job that
-fires after the service restarted."""
+fires after the service restarted. A room job on QEMU seats booting the built ramdisk:
+tests/test_firmware_boots.py."""
 from __future__ import annotations
 
 import json
