@@ -1,5 +1,8 @@
 """The documents that describe the API: GET / and GET /v1 (versions, public as in Ironic)
-and GET /v1/openapi.json (every endpoint, built from the routes and their checks)."""
+and GET /v1/openapi.json (every endpoint, built from the routes and their checks).
+
+A browser asking for ``/`` (it prefers text/html to JSON) never reaches the view here: it is
+sent to the web pages (``/ui/``) by pages.py's ``browsers_start_at_the_pages``."""
 from __future__ import annotations
 
 from flask import Blueprint, current_app

@@ -3,30 +3,46 @@
 It builds (or takes from the cache) the deploy ramdisk and a small demo OS image, brings up
 a room with `labmetal lab up` (QEMU seats that really PXE-boot, and light seats: the agent
 as a process with a sparse file as its disk), starts the all-in-one service serving the
-room's DHCP and boot files, enrolls the seats, deploys the OS to every seat with per-seat
-progress, shows each QEMU seat booting what was written, and keeps running until Ctrl-C.
+room's DHCP and boot files, enrolls the seats and makes them available. Then it does what a
+teacher does: a room ("demo") of those seats, and a room job deploying the OS to all of
+them (multicast by default), showing each seat's state and progress from the room's grid,
+the data the room's web page shows; then each QEMU seat booting what was written. It keeps
+running until stopped.
+
+Stopping removes everything, however the demo is stopped: SIGINT (Ctrl-C), SIGTERM and
+SIGHUP are handled from its first line; once its stdout is gone (`labmetal demo | tee log`
+and tee was stopped) it goes on without printing; and if it dies without cleaning up
+(SIGKILL) the kernel sends its children SIGTERM, on which `lab up` removes the room.
 """
 from __future__ import annotations
 
+import functools
 import ipaddress
 import json
 import os
+import re
 import shutil
 import signal
 import subprocess
 import sys
 import time
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any, Callable, Iterator
 
 import requests
 
-from labmetal.lab.room import STATE_FILE
+from labmetal.lab.room import STATE_FILE, die_with_parent, recover
 
 LATEST = {"X-OpenStack-Ironic-API-Version": "latest"}
 OS_IMAGE = "demo-os"
+ROOM = "demo"  # the teacher's room in labmetal, as `lab up --name` is the simulated one
 LABMETAL = str(Path(sys.executable).parent / "labmetal")
+STOP_SIGNALS = (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)
+FINISHED_JOB_STATES = ("done", "failed", "cancelled")
+_RATE = re.compile(r"^(\d+(?:\.\d+)?)(bit|kbit|mbit|gbit)$")
+_RATE_UNITS = {"bit": 1, "kbit": 10 ** 3, "mbit": 10 ** 6, "gbit": 10 ** 9}
 
 
 @dataclass
@@ -38,22 +54,128 @@ class DemoOptions:
     subnet: str = "10.99.200.0/24"
     port: int = 6385
     seat_rate: str = "100mbit"
+    transport: str = "multicast"  # the room job's: unicast | multicast | auto
+    profile: str = "bios"  # the QEMU seats' firmware, `lab up --profile`: bios|uefi|secureboot
     keep_running: bool = True
 
 
-class Children:
-    """The processes the demo started, stopped in reverse order (the room last but one:
-    it tears its namespaces, guests and BMCs down on SIGTERM)."""
+# -- stopping ----------------------------------------------------------------------------
+
+class Stopped(Exception):
+    """SIGINT, SIGTERM or SIGHUP asked the demo to stop."""
+
+    def __init__(self, signum: int):
+        super().__init__(signal.Signals(signum).name)
+        self.signum = signum
+
+
+class StopSignals:
+    """SIGINT, SIGTERM and SIGHUP raise :class:`Stopped` in the demo, once: one more while
+    it stops is ignored, so that the cleanup runs to its end (SIGKILL still ends the demo,
+    and its children with it). A signal that comes while a child is being started waits
+    until the child is recorded, so that it is stopped with the others."""
 
     def __init__(self) -> None:
+        self.received: int | None = None
+        self.raised = False
+        self.held = 0
+
+    def install(self) -> None:
+        for signum in STOP_SIGNALS:
+            signal.signal(signum, self._handle)
+
+    def _handle(self, signum: int, _frame: Any) -> None:
+        if self.received is None:
+            self.received = signum
+        if not self.held:
+            self._raise()
+
+    def _raise(self) -> None:
+        if self.received is not None and not self.raised:
+            self.raised = True
+            raise Stopped(self.received)
+
+    @contextmanager
+    def holding(self) -> Iterator[None]:
+        self.held += 1
+        try:
+            yield
+        finally:
+            self.held -= 1
+        if not self.held:
+            self._raise()
+
+    def stopping(self) -> None:
+        """The demo stops now anyway: signals are only noted from here on."""
+        self.raised = True
+
+
+class Output:
+    """The demo's stdout. Once it is gone (EPIPE: `labmetal demo | tee log` and tee was
+    stopped; EIO: the terminal was closed) the demo goes on without printing: a failed
+    print must not skip the cleanup."""
+
+    def __init__(self) -> None:
+        self.gone = False
+
+    @property
+    def tty(self) -> bool:
+        return not self.gone and sys.stdout.isatty()
+
+    def write(self, text: str) -> None:
+        if self.gone:
+            return
+        try:
+            sys.stdout.write(text)
+            sys.stdout.flush()
+        except OSError:
+            self.gone = True
+            self._to_devnull()
+
+    @staticmethod
+    def _to_devnull() -> None:
+        """Later writes, and the interpreter's last flush of what is still buffered, go to
+        /dev/null instead of failing again."""
+        try:
+            devnull = os.open(os.devnull, os.O_WRONLY)
+            os.dup2(devnull, sys.stdout.fileno())
+            os.close(devnull)
+        except (OSError, ValueError):
+            pass
+
+
+OUT = Output()
+
+
+def _say(text: str) -> None:
+    OUT.write(text + "\n")
+
+
+def _die_with_demo(demo_pid: int) -> None:
+    """In a child before exec: SIGTERM when the demo dies, even by SIGKILL (lab/room.py's
+    PR_SET_PDEATHSIG); if the demo is already gone, no start at all."""
+    die_with_parent()
+    if os.getppid() != demo_pid:
+        os._exit(1)
+
+
+class Children:
+    """The processes the demo started, stopped in reverse order (the room last: it tears
+    its namespaces, guests and BMCs down on SIGTERM). Each runs in its own session, away
+    from the terminal's signals, and dies with the demo."""
+
+    def __init__(self, signals: StopSignals) -> None:
+        self.signals = signals
         self.started: list[tuple[str, subprocess.Popen, Path]] = []
 
     def start(self, name: str, argv: list[str], log: Path, env: dict | None = None
               ) -> subprocess.Popen:
-        with open(log, "ab") as out:
-            process = subprocess.Popen(argv, stdout=out, stderr=subprocess.STDOUT, env=env,
-                                       start_new_session=True)
-        self.started.append((name, process, log))
+        with self.signals.holding(), open(log, "ab") as out:
+            process = subprocess.Popen(argv, stdin=subprocess.DEVNULL, stdout=out,
+                                       stderr=subprocess.STDOUT, env=env,
+                                       start_new_session=True,
+                                       preexec_fn=functools.partial(_die_with_demo, os.getpid()))
+            self.started.append((name, process, log))
         return process
 
     def check(self) -> None:
@@ -65,12 +187,19 @@ class Children:
     def stop_all(self) -> None:
         for _, process, _ in reversed(self.started):
             if process.poll() is None:
-                os.killpg(process.pid, signal.SIGTERM)
+                _signal_group(process.pid, signal.SIGTERM)
                 try:
                     process.wait(timeout=90)
                 except subprocess.TimeoutExpired:
-                    os.killpg(process.pid, signal.SIGKILL)
+                    _signal_group(process.pid, signal.SIGKILL)
                     process.wait()
+
+
+def _signal_group(pid: int, signum: int) -> None:
+    try:
+        os.killpg(pid, signum)
+    except ProcessLookupError:
+        pass
 
 
 def _wait(what: str, condition: Callable[[], Any], children: Children, timeout: float,
@@ -89,9 +218,7 @@ def _wait(what: str, condition: Callable[[], Any], children: Children, timeout: 
         time.sleep(interval)
 
 
-def _say(text: str) -> None:
-    print(text, flush=True)
-
+# -- the demo ----------------------------------------------------------------------------
 
 def build_images() -> tuple[Any, Any]:
     """The deploy ramdisk and the demo OS image, from their caches when built before."""
@@ -105,31 +232,37 @@ def build_images() -> tuple[Any, Any]:
 
 
 def upload(url: str, name: str, kind: str, path: Path) -> None:
-    created = requests.post(f"{url}/v1/images", json={"name": name, "kind": kind},
-                            headers=LATEST, timeout=30)
-    created.raise_for_status()
+    _call("POST", url, "/v1/images", {"name": name, "kind": kind})
     with open(path, "rb") as data:
         requests.put(f"{url}/v1/images/{name}/data", data=data, headers=LATEST,
                      timeout=600).raise_for_status()
 
 
 def run(options: DemoOptions) -> int:
+    """The demo; 0 when it did all it had to (and was then stopped, or --once), 1 on an
+    error or a seat not deployed, 128 + the signal's number when stopped before the end."""
     state_dir = options.state_dir.resolve()
-    ramdisk, os_image = build_images()
-    # a fresh service and room each run: the demo shows the whole path, enrollment included
-    for part in ("labmetal", "room"):
-        shutil.rmtree(state_dir / part, ignore_errors=True)
-    state_dir.mkdir(parents=True, exist_ok=True)
-    host = ipaddress.IPv4Network(options.subnet).network_address + 2  # lab up's uplink
-    children = Children()
+    room_dir = state_dir / "room"
+    finished = room_started = False
+    signals = StopSignals()
+    children = Children(signals)
     try:
-        room_dir = state_dir / "room"
+        signals.install()  # first: from here on a stop request cleans up what exists
+        ramdisk, os_image = build_images()
+        recover(room_dir, _say)  # what the `lab up` of a demo killed outright left here
+        # a fresh service and room each run: the demo shows the whole path, enrollment included
+        for part in ("labmetal", "room"):
+            shutil.rmtree(state_dir / part, ignore_errors=True)
+        state_dir.mkdir(parents=True, exist_ok=True)
+        host = ipaddress.IPv4Network(options.subnet).network_address + 2  # lab up's uplink
         children.start("lab up", [
             LABMETAL, "lab", "up", "--name", "demo", "--subnet", options.subnet,
             "--qemu", str(options.qemu), "--light", str(options.light), "--power",
             options.power, "--port", str(options.port), "--seat-rate", options.seat_rate,
-            "--state-dir", str(room_dir), "--api", f"http://{host}:{options.port}"],
+            "--profile", options.profile, "--state-dir", str(room_dir),
+            "--api", f"http://{host}:{options.port}"],
             state_dir / "room.log")
+        room_started = True
         state = _wait("the room", lambda: _room_state(room_dir), children, 120)
         settings = state["settings"]
         url = f"http://{settings['listen']}"
@@ -139,6 +272,9 @@ def run(options: DemoOptions) -> int:
                "LABMETAL_DEPLOY_KERNEL": "deploy-kernel",
                "LABMETAL_DEPLOY_RAMDISK": "deploy-ramdisk",
                "LABMETAL_CALLBACK_TIMEOUT": "900"}
+        multicast_rate = _multicast_rate(options.seat_rate)
+        if multicast_rate:
+            env["LABMETAL_MULTICAST_RATE"] = str(multicast_rate)
         children.start("labmetal serve", [LABMETAL, "serve"], state_dir / "service.log", env)
         _wait(f"labmetal at {url}", lambda: requests.get(url + "/", timeout=2).ok, children, 60)
         _say(f"labmetal is running at {url} (log: {state_dir / 'service.log'})")
@@ -159,44 +295,90 @@ def run(options: DemoOptions) -> int:
             _wait(f"every seat {goal}", lambda: all(
                 n["provision_state"] == goal and not n["reservation"]
                 for n in _nodes(url, names)), children, 120)
-        _say(f"{len(names)} seats available; deploying {OS_IMAGE} to all of them")
-        for name in names:
-            requests.patch(f"{url}/v1/nodes/{name}", headers=LATEST, timeout=30, json=[
-                {"op": "add", "path": "/instance_info/image_source", "value": OS_IMAGE}]
-                ).raise_for_status()
-            _provision(url, name, "active")
+        by_label = make_room(url, seats)
+        _say(f"{len(names)} seats available, in room {ROOM} as {', '.join(by_label)}")
+        job = _call("POST", url, f"/v1/rooms/{ROOM}/jobs",
+                    {"image": OS_IMAGE, "transport": options.transport})
+        _say(f"room job {job['uuid']}: deploying {OS_IMAGE} to every seat of room {ROOM} "
+             f"({options.transport})")
         started = time.monotonic()
-        view = ProgressView(names)
-        nodes = _wait("every seat to finish", lambda: view.show(_nodes(url, names)),
-                      children, 1200, interval=1)
-        active = [n["name"] for n in nodes if n["provision_state"] == "active"]
-        _say(f"{len(active)}/{len(names)} seats deployed in {time.monotonic() - started:.0f} s")
-        for seat in seats:
-            if seat["kind"] == "qemu" and seat["name"] in active:
+        view = RoomView(by_label, job["uuid"])
+        room = _wait("the room job to finish", lambda: view.show(_call("GET", url,
+                                                                       f"/v1/rooms/{ROOM}")),
+                     children, 1500, interval=1)
+        done = [seat["label"] for seat in room["seats"] if seat["state"] == "done"]
+        _say(f"{len(done)}/{len(by_label)} seats deployed in {time.monotonic() - started:.0f} s "
+             f"(room job {room['job']['state']}, {room['job']['chosen_transport']})")
+        for label in done:
+            seat = by_label[label]
+            if seat["kind"] == "qemu":
                 line = _wait(f"{seat['name']} to boot {OS_IMAGE}",
                              lambda: _console_marker(seat), children, 180)
                 _say(f"  {seat['name']} (QEMU) booted the deployed OS: {line}")
-        _say(f"Try: baremetal --os-auth-type none --os-endpoint {url} node list")
+        _say(f"The room's page: {url}/ui/rooms/{ROOM}")
+        _say(f"Try: LABMETAL_URL={url} labmetal room show {ROOM}; "
+             f"baremetal --os-auth-type none --os-endpoint {url} node list")
+        finished = True
         if not options.keep_running:
-            return 0 if len(active) == len(names) else 1
-        _say("The service and the room keep running; Ctrl-C stops both.")
-        signal.signal(signal.SIGTERM, signal.default_int_handler)
+            return 0 if len(done) == len(by_label) else 1
+        _say("The service and the room keep running; Ctrl-C (or SIGTERM) stops both and "
+             "removes the room.")
         while True:
             children.check()
             time.sleep(2)
-    except KeyboardInterrupt:
-        return 0
-    except RuntimeError as error:
+    except Stopped as stop:
+        return 0 if finished else 128 + stop.signum
+    except (RuntimeError, requests.RequestException) as error:
         _say(f"labmetal demo: error: {error}")
         return 1
     finally:
+        signals.stopping()
         _say("stopping the service and the room")
         children.stop_all()
+        if room_started:
+            try:
+                recover(room_dir, _say)  # if `lab up` itself had to be killed
+            except RuntimeError as error:
+                _say(f"labmetal demo: error: {error}")
+        _say("stopped: the room, its seats and the service are gone")
+
+
+def make_room(url: str, seats: list[dict[str, Any]]) -> dict[str, dict[str, Any]]:
+    """Room ROOM with a seat A01, A02, ... per seat of the simulated room, as a teacher's
+    room is labelled; returns the seats by label."""
+    _call("POST", url, "/v1/rooms", {"name": ROOM,
+                                     "description": "the simulated room of `labmetal demo`"})
+    by_label = {}
+    for number, seat in enumerate(seats, 1):
+        label = f"A{number:02d}"
+        _call("PUT", url, f"/v1/rooms/{ROOM}/seats/{label}", {"node": seat["name"]})
+        by_label[label] = seat
+    return by_label
+
+
+def _call(method: str, url: str, path: str, body: Any = None) -> Any:
+    response = requests.request(method, url + path, json=body, headers=LATEST, timeout=30)
+    if not response.ok:
+        raise RuntimeError(f"{method} {path}: HTTP {response.status_code} "
+                           f"{response.text[:300]}")
+    return response.json() if response.content else None
+
+
+def _multicast_rate(seat_rate: str) -> int | None:
+    """Bit/s just below a seat's link (90 %), as `multicast_rate` wants; None if unshaped."""
+    found = _RATE.match(seat_rate)
+    return int(float(found.group(1)) * _RATE_UNITS[found.group(2)] * 0.9) if found else None
 
 
 def _room_state(room_dir: Path) -> dict[str, Any] | None:
+    """The room's state file once `lab up` has built the room (its seats are listed) and
+    started its BMC or WoL process."""
     path = room_dir / STATE_FILE
-    return json.loads(path.read_text()) if path.exists() else None
+    try:
+        state = json.loads(path.read_text()) if path.exists() else None
+    except ValueError:
+        return None
+    return state if state and state["seats"] and state["processes"] else None
 
 
 def _nodes(url: str, names: list[str]) -> list[dict[str, Any]]:
@@ -221,46 +403,49 @@ def _console_marker(seat: dict[str, Any]) -> str | None:
     return lines[-1] if lines else None
 
 
-class ProgressView:
-    """One line per seat (state, step, a bar); redrawn in place on a terminal, printed
-    when it changes otherwise (logs, CI)."""
+class RoomView:
+    """The room job as the room's grid (`GET /v1/rooms/<room>`) has it: a line for the job,
+    one per seat (its state in the job, a bar); redrawn in place on a terminal, printed
+    when a line changes otherwise (logs, CI)."""
     WIDTH = 24
 
-    def __init__(self, names: list[str]):
-        self.names = names
-        self.tty = sys.stdout.isatty()
+    def __init__(self, by_label: dict[str, dict[str, Any]], job_uuid: str,
+                 out: Output = OUT):
+        self.by_label = by_label
+        self.job_uuid = job_uuid
+        self.out = out
         self.drawn = 0
-        self.last: dict[str, str] = {}
+        self.last: list[str] = []
 
-    def line(self, node: dict[str, Any]) -> str:
-        step = node.get("deploy_step") or {}
-        state = node["provision_state"]
-        if step.get("total"):
-            share = step["done"] / step["total"]
-            bar = "#" * int(share * self.WIDTH)
-            detail = f"{step.get('step', ''):<12} [{bar:<{self.WIDTH}}] {share:4.0%}"
-        elif state == "wait call-back":
-            detail = "booting the deploy ramdisk"
-        else:
-            detail = ""
-        if node["last_error"]:
-            detail = f"error: {node['last_error']}"
-        return f"  {node['name']:<10} {state:<15} {detail}"
+    def job_line(self, job: dict[str, Any] | None) -> str:
+        if job is None or job["uuid"] != self.job_uuid:
+            return "  room job scheduled: waiting for the conductor"
+        counts = ", ".join(f"{count} {state}" for state, count in sorted(job["counts"].items()))
+        via = f" via {job['chosen_transport']}" if job["chosen_transport"] else ""
+        return f"  room job {job['state']}{via}: {counts}"
 
-    def show(self, nodes: list[dict[str, Any]]) -> list[dict[str, Any]] | None:
-        lines = {node["name"]: self.line(node) for node in nodes}
-        if self.tty:
-            if self.drawn:
-                sys.stdout.write(f"\x1b[{self.drawn}F")
-            for name in self.names:
-                sys.stdout.write("\x1b[2K" + lines.get(name, f"  {name}") + "\n")
-            self.drawn = len(self.names)
+    def seat_line(self, seat: dict[str, Any]) -> str:
+        kind = self.by_label.get(seat["label"], {}).get("kind", "")
+        state, progress = seat["state"], seat["progress"] or 0
+        bar = "#" * (self.WIDTH * progress // 100)
+        line = (f"  {seat['label']:<4} {seat['node_name'] or seat['node_uuid']:<10} {kind:<5} "
+                f"{state:<10} [{bar:<{self.WIDTH}}] {progress:3d}%")
+        if seat["attempts"] > 1:
+            line += f" try {seat['attempts']}"
+        if seat["error"] and state != "done":
+            line += f"  {seat['error'][:70]}"
+        return line
+
+    def show(self, room: dict[str, Any]) -> dict[str, Any] | None:
+        """Draws the room; returns it once our job has finished."""
+        job = room["job"]
+        lines = [self.job_line(job)] + [self.seat_line(seat) for seat in room["seats"]]
+        if self.out.tty:
+            text = f"\x1b[{self.drawn}F" if self.drawn else ""
+            self.out.write(text + "".join(f"\x1b[2K{line}\n" for line in lines))
+            self.drawn = len(lines)
         else:
-            for name in self.names:
-                if name in lines and self.last.get(name) != lines[name]:
-                    sys.stdout.write(lines[name] + "\n")
-            self.last = lines
-        sys.stdout.flush()
-        done = all(n["provision_state"] in ("active", "deploy failed") and not n["reservation"]
-                   for n in nodes)
-        return nodes if done and len(nodes) == len(self.names) else None
+            self.out.write("".join(f"{line}\n" for line in lines if line not in self.last))
+        self.last = lines
+        mine = job is not None and job["uuid"] == self.job_uuid
+        return room if mine and job["state"] in FINISHED_JOB_STATES else None

@@ -234,7 +234,7 @@ class RoomRunner:
         with open(log_path, "ab") as log:
             child = subprocess.Popen(argv, stdin=subprocess.DEVNULL, stdout=log,
                                      stderr=subprocess.STDOUT, start_new_session=True,
-                                     preexec_fn=_die_with_parent)
+                                     preexec_fn=die_with_parent)
         self.children[name] = child
         state.processes[name] = [child.pid, _start_time(child.pid) or 0]
         state.save()
@@ -544,7 +544,7 @@ def _kill(pid: int) -> None:
         pass
 
 
-def _die_with_parent() -> None:
+def die_with_parent() -> None:
     """In the child before exec: SIGTERM when `lab up` dies, even by SIGKILL, so its BMCs
     switch their seats off and stop."""
     import ctypes

@@ -270,7 +270,8 @@ def cmd_demo(args: argparse.Namespace) -> int:
         args.qemu, args.light = (args.seats, 0) if args.kind == "qemu" else (0, args.seats)
     return run(DemoOptions(Path(args.state_dir), qemu=args.qemu, light=args.light,
                            power=args.power, subnet=args.subnet, port=args.port,
-                           seat_rate=args.seat_rate, keep_running=not args.once))
+                           seat_rate=args.seat_rate, transport=args.transport,
+                           profile=args.profile, keep_running=not args.once))
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -293,6 +294,11 @@ def build_parser() -> argparse.ArgumentParser:
                       "labmetal listens on its .2")
     demo.add_argument("--port", type=int, default=6385)
     demo.add_argument("--seat-rate", default="100mbit", help="each seat's link (uplink: 10x)")
+    demo.add_argument("--transport", choices=("multicast", "unicast", "auto"),
+                      default="multicast", help="how the room job sends the OS to the seats "
+                      "(default multicast; auto: multicast from multicast_min_seats seats)")
+    demo.add_argument("--profile", choices=("bios", "uefi", "secureboot"), default="bios",
+                      help="the QEMU seats' firmware, as `lab up --profile` (default bios)")
     demo.add_argument("--state-dir", default="var/demo")
     demo.add_argument("--once", action="store_true",
                       help="stop once every seat is deployed (exit 1 if one failed)")
