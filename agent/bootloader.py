@@ -2,7 +2,7 @@
 * BIOS: extlinux installed in /boot/extlinux, syslinux's MBR code in the disk's first sector;
 * UEFI: the EFI system partition's removable-media path ``EFI/BOOT/BOOTX64.EFI`` holds a
   signed shim, next to it the signed GRUB that shim loads (``grubx64.efi``) and the
-  ``grub.cfg`` that GRUB reads from its own folder. The image's own copies are used when
+  ``grub.cfg`` that GRUB reads, in its built-in prefix (``EFI/debian``) and beside it. The image's own copies are used when
   it carries them (a Debian image with shim-signed and grub-efi-amd64-signed installed:
   SIGNED_LOADERS), so the OS boots with Secure Boot on and keeps its own versions;
   otherwise the deploy ramdisk's (Debian's, the same packages). Under Secure Boot the
@@ -37,6 +37,7 @@ SIGNED_LOADERS = {"shim": "usr/lib/shim/shimx64.efi.signed",
 RAMDISK_LOADERS = {"shim": Path("/usr/lib/labmetal/efi/shimx64.efi"),
                    "grub": Path("/usr/lib/labmetal/efi/grubx64.efi")}
 EFI_DIR = "EFI/BOOT"
+DEBIAN_DIR = "EFI/debian"  # the prefix built into Debian's signed GRUB
 MBR_CODE_AREA = 440  # boot code; the disk signature and the partition table follow it
 KERNEL, INITRD = "boot/vmlinuz", "boot/initrd.img"
 CONFIG_DIR = "boot/extlinux"
@@ -72,9 +73,14 @@ def install_uefi(session: requests.Session, esp: EspPartition, root: RootPartiti
                  "grub.cfg": config}
         for name, content in files.items():
             Path(staging, name).write_bytes(content)
-        run(["mmd", "-i", esp.node, "::/EFI", f"::/{EFI_DIR}"])
+        run(["mmd", "-i", esp.node, "::/EFI", f"::/{EFI_DIR}", f"::/{DEBIAN_DIR}"])
         run(["mcopy", "-o", "-i", esp.node, *(str(Path(staging, name)) for name in files),
              f"::/{EFI_DIR}/"])
+        # Debian's signed GRUB reads its prefix (/EFI/debian) first; from the fallback next
+        # to itself only after searching every disk for /.disk/info, where an installer
+        # stick left in the PC would win.
+        run(["mcopy", "-o", "-i", esp.node, str(Path(staging, "grub.cfg")),
+             f"::/{DEBIAN_DIR}/"])
     return {"root": f"PARTUUID={root.partuuid}", "kernel_bytes": kernel_bytes,
             "initrd_bytes": initrd_bytes, "boot_loader": f"shim and GRUB from {source}"}
 

@@ -29,6 +29,53 @@ Each entry is built in a temporary directory next to it and renamed into place w
 Timestamps, the FAT volume id, the filesystem UUID and the disk signature are fixed
 (derived from the key), so the same inputs give the same bytes; the one exception is the
 time syslinux stamps on ldlinux.sys in the whole-disk image's FAT (mtools takes the clock).
+
+UEFI variants (``firmware="uefi"``; "bios", the default, is all of the above) let the lab
+prove deploys onto UEFI PCs, with Secure Boot on as well as off. They run Debian's generic
+kernel (``linux-image-amd64``, whose image is signed by Debian and so trusted by shim; the
+cloud kernel's is not) and its modules, which are signed too: the kernel's lockdown under
+Secure Boot loads those and nothing else. shim and GRUB are the host's signed files from
+Debian's shim-signed and grub-efi-amd64-signed (their versions go into the key).
+
+* the whole-disk image: a GPT label, one EFI system partition (FAT) from 1 MiB to 1 MiB
+  before the end of the 32 MiB disk, with the removable-media path every UEFI firmware
+  boots when it has no boot entry for the disk::
+
+      /EFI/BOOT/BOOTX64.EFI    shimx64.efi.signed (signed by Microsoft's UEFI CA)
+      /EFI/BOOT/grubx64.efi    grubx64.efi.signed (signed by Debian); shim starts the
+                               file of that name beside itself
+      /EFI/debian/grub.cfg     ``linux /vmlinuz console=tty0 console=ttyS0,115200n8``,
+                               ``initrd /initrd.img``, ``boot``
+      /vmlinuz, /initrd.img    the signed kernel; the busybox initramfs printing the marker
+
+  Debian's signed GRUB is one image with its modules built in, its prefix fixed at
+  /EFI/debian on the partition it was loaded from, and an embedded config: if $prefix
+  exists it sources $prefix/grub.cfg; if not, it first searches every disk for
+  /.disk/info (a Debian installer's), sets prefix=($root)/boot/grub and falls back to
+  $cmdpath/grub.cfg, the file beside grubx64.efi. Both work here; /EFI/debian/grub.cfg is
+  found without the search (which prints two "no such device" errors and would let
+  another disk's /.disk/info and /boot/grub/grub.cfg take over). $root stays the EFI
+  system partition.
+* the partition image: its root filesystem carries, at the paths a Debian system with
+  shim-signed, grub-efi-amd64-signed and linux-image-amd64 installed has them, the files
+  the agent installs into the seat's EFI system partition (it looks for exactly these)::
+
+      /usr/lib/shim/shimx64.efi.signed                     shim, as /EFI/BOOT/BOOTX64.EFI
+      /usr/lib/shim/mmx64.efi.signed                       MokManager, shim's fallback
+      /usr/lib/grub/x86_64-efi-signed/grubx64.efi.signed   GRUB, as grubx64.efi beside it
+      /boot/vmlinuz-<version>, /boot/initrd.img-<version>  the signed kernel, its initrd
+      /vmlinuz, /initrd.img                                symlinks to those, as Debian's
+
+  GRUB reads ext4, so its grub.cfg can load /vmlinuz and /initrd.img from the root
+  filesystem; the kernel and initrd are also given as separate files, like the BIOS
+  image's. The initrd resolves ``root=PARTUUID=`` on a GPT label (the partition's unique
+  GUID) as well as on an msdos one, and carries the drivers of the disks and NICs a UEFI
+  seat has (NVMe, AHCI, virtio; e1000e, virtio-net) and ext4's.
+
+Their cache entries are ``whole-disk-uefi-<name>-<key>`` and ``partition-uefi-<name>-<key>``
+(the firmware is in the kind, which is in the key). The GPT's disk and partition GUIDs
+are derived from the key, and the FAT's label gets a fixed date: their bytes are
+reproducible with no exception.
 """
 from __future__ import annotations
 
@@ -40,6 +87,7 @@ import shutil
 import subprocess
 import tempfile
 import time
+import uuid
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
@@ -86,6 +134,34 @@ SESSION_MODULES = ("virtio_pci", "virtio_net", "sd_mod", "iscsi_tcp", "iscsi_ibf
 WHOLE_DISK_MODULES = ("virtio_pci", "virtio_net")
 PARTITION_MODULES = ("virtio_pci", "virtio_blk", "virtio_net", "ext4")
 
+FIRMWARES = ("bios", "uefi")
+# UEFI: Debian's generic kernel, signed (the cloud kernel is not), and the host's signed boot
+# files. What the initramfs loads: the NICs of VMs and of room PCs (QEMU's e1000e is an
+# Intel 82574L) for the MAC; for the partition image also the disks a UEFI seat boots from
+# (NVMe, AHCI, virtio) and ext4 with crc32c, which ext4 asks the kernel for at mount time:
+# that request runs /sbin/modprobe, which the initramfs does not have.
+UEFI_KERNEL_PACKAGE = "linux-image-amd64"
+SHIM = Path("/usr/lib/shim/shimx64.efi.signed")
+MOK_MANAGER = Path("/usr/lib/shim/mmx64.efi.signed")
+GRUB = Path("/usr/lib/grub/x86_64-efi-signed/grubx64.efi.signed")
+UEFI_BOOT_FILES = {str(SHIM): "shim-signed", str(MOK_MANAGER): "shim-signed",
+                   str(GRUB): "grub-efi-amd64-signed"}
+UEFI_WHOLE_DISK_TOOLS = {**COMMON_TOOLS, "sgdisk": "gdisk", "mkfs.fat": "dosfstools",
+                         "mmd": "mtools", "mcopy": "mtools", **UEFI_BOOT_FILES}
+UEFI_PARTITION_TOOLS = {**PARTITION_TOOLS, **UEFI_BOOT_FILES}
+UEFI_WHOLE_DISK_MODULES = ("virtio_pci", "virtio_net", "e1000e")
+UEFI_PARTITION_MODULES = ("virtio_pci", "virtio_net", "e1000e", "virtio_blk", "nvme", "ahci",
+                          "sd_mod", "crc32c_generic", "ext4")
+UEFI_DISK_SIZE = 32 * MIB  # whole-disk image: kernel 8 MiB, GRUB 4 MiB, shim 1 MiB, initramfs
+UEFI_ROOTFS_SIZE = 64 * MIB  # kernel 8 MiB, GRUB 4 MiB, shim, initrd: 17 MiB, and room for more
+EFI_DIR = "EFI/BOOT"  # the removable-media path: \EFI\BOOT\BOOTX64.EFI
+GRUB_PREFIX = "EFI/debian"  # built into Debian's signed GRUB: where it reads grub.cfg
+# Where the UEFI partition image's root filesystem carries its boot files (see above).
+ROOTFS_SHIM = "usr/lib/shim/shimx64.efi.signed"
+ROOTFS_MOK_MANAGER = "usr/lib/shim/mmx64.efi.signed"
+ROOTFS_GRUB = "usr/lib/grub/x86_64-efi-signed/grubx64.efi.signed"
+ROOTFS_KERNEL_LINK, ROOTFS_INITRD_LINK = "vmlinuz", "initrd.img"
+
 
 class MissingToolError(RuntimeError):
     """A tool, package or package list the build needs is not on this machine."""
@@ -122,16 +198,32 @@ def marker_line(image_name: str, mac: str, root: str | None = None) -> str:
 
 
 def build_whole_disk(name: str, cache_dir: Path | None = None,
-                     progress: Callable[[str], None] = print) -> WholeDiskImage:
-    """The whole-disk image called ``name``, from the cache or built there."""
-    entry = _cached("whole-disk", name, WHOLE_DISK_TOOLS, _build_whole_disk, cache_dir, progress)
+                     progress: Callable[[str], None] = print,
+                     firmware: str = "bios") -> WholeDiskImage:
+    """The whole-disk image called ``name`` for a seat's ``firmware`` ("bios": msdos label
+    and syslinux; "uefi": GPT, shim and GRUB, booting with Secure Boot on or off), from the
+    cache or built there."""
+    if _firmware(firmware) == "uefi":
+        entry = _cached("whole-disk-uefi", name, UEFI_WHOLE_DISK_TOOLS, _build_uefi_whole_disk,
+                        cache_dir, progress, kernel_package=UEFI_KERNEL_PACKAGE)
+    else:
+        entry = _cached("whole-disk", name, WHOLE_DISK_TOOLS, _build_whole_disk, cache_dir,
+                        progress)
     return WholeDiskImage(entry / "disk.img", name, f"{MARKER_PREFIX} image={name} ")
 
 
 def build_partition(name: str, cache_dir: Path | None = None,
-                    progress: Callable[[str], None] = print) -> PartitionImage:
-    """The partition image called ``name``, from the cache or built there."""
-    entry = _cached("partition", name, PARTITION_TOOLS, _build_partition, cache_dir, progress)
+                    progress: Callable[[str], None] = print,
+                    firmware: str = "bios") -> PartitionImage:
+    """The partition image called ``name`` for a seat's ``firmware``, from the cache or built
+    there. The "uefi" one's root filesystem also carries the signed shim, GRUB and kernel
+    the agent installs from (paths in the module's docstring)."""
+    if _firmware(firmware) == "uefi":
+        entry = _cached("partition-uefi", name, UEFI_PARTITION_TOOLS, _build_uefi_partition,
+                        cache_dir, progress, kernel_package=UEFI_KERNEL_PACKAGE)
+    else:
+        entry = _cached("partition", name, PARTITION_TOOLS, _build_partition, cache_dir,
+                        progress)
     return PartitionImage(entry / "rootfs.img", entry / "vmlinuz", entry / "initrd.img", name,
                           f"{MARKER_PREFIX} image={name} ")
 
@@ -150,6 +242,12 @@ def build_session_disk(name: str, cache_dir: Path | None = None,
 def session_counter_line(image_name: str, mac: str, counter: int) -> str:
     """What the session OS prints after reading its counter (before adding one)."""
     return f"{SESSION_MARKER_PREFIX} image={image_name} mac={mac.lower()} counter={counter}"
+
+
+def _firmware(firmware: str) -> str:
+    if firmware not in FIRMWARES:
+        raise ValueError(f"firmware {firmware!r}: one of {', '.join(FIRMWARES)}")
+    return firmware
 
 
 # ---------------------------------------------------------------- the cache
@@ -173,7 +271,7 @@ class _Inputs:
 def _cached(kind: str, name: str, tools: dict[str, str],
             build: Callable[[_Inputs, str, Path, Path, Callable[[str], None]], None],
             cache_dir: Path | None, progress: Callable[[str], None],
-            downloads: tuple[str, ...] = ()) -> Path:
+            downloads: tuple[str, ...] = (), kernel_package: str = KERNEL_PACKAGE) -> Path:
     if not NAME.fullmatch(name):
         raise ValueError(f"image name {name!r}: use letters, digits, '.', '_' and '-' "
                          "(it goes into file names and the boot scripts)")
@@ -183,7 +281,7 @@ def _cached(kind: str, name: str, tools: dict[str, str],
         raise MissingToolError(f"building the {kind} test image needs these Debian packages: "
                                f"apt-get install {' '.join(missing)}")
     packages = sorted(set(tools.values()))
-    inputs = _Inputs(kind, name, _kernel_package(),
+    inputs = _Inputs(kind, name, _kernel_package(kernel_package),
                      {package: _installed_version(package) for package in packages},
                      {package: _candidate_version(package) for package in downloads})
     key = inputs.key()
@@ -216,15 +314,15 @@ def _cached(kind: str, name: str, tools: dict[str, str],
     return target
 
 
-def _kernel_package() -> tuple[str, str]:
+def _kernel_package(metapackage: str) -> tuple[str, str]:
     """The versioned package the metapackage depends on (linux-image-6.1.0-NN-cloud-amd64)
     and its version, from the host's package lists: one apt-cache call, about 0.5 s here."""
-    result = subprocess.run(["apt-cache", "show", "--no-all-versions", KERNEL_PACKAGE],
+    result = subprocess.run(["apt-cache", "show", "--no-all-versions", metapackage],
                             capture_output=True, text=True)
     found = re.search(r"^Depends: .*?(linux-image-\d\S*) \(= (\S+)\)", result.stdout,
                       re.MULTILINE)
     if not found:
-        raise MissingToolError(f"apt knows no {KERNEL_PACKAGE} (run apt-get update): "
+        raise MissingToolError(f"apt knows no {metapackage} (run apt-get update): "
                                f"{result.stderr.strip()}")
     return found.group(1), found.group(2)
 
@@ -279,19 +377,87 @@ def _build_partition(inputs: _Inputs, key: str, work: Path, out: Path,
                      progress: Callable[[str], None]) -> None:
     shutil.copyfile(_kernel(inputs, work, progress), out / "vmlinuz")
     _initramfs(work, PARTITION_INITRD_INIT, PARTITION_MODULES, out / "initrd.img")
+    _mkfs_ext4(_rootfs_tree(work, inputs.name), key, work, out / "rootfs.img", ROOTFS_SIZE)
+
+
+def _build_uefi_whole_disk(inputs: _Inputs, key: str, work: Path, out: Path,
+                           progress: Callable[[str], None]) -> None:
+    """A GPT disk whose EFI system partition has shim at the removable-media path, GRUB
+    beside it with its grub.cfg, and the kernel and initramfs at its root (the layout is
+    in the module's docstring)."""
+    kernel = _kernel(inputs, work, progress)
+    files = work / "esp"
+    shutil.copyfile(kernel, _new(files / "vmlinuz"))
+    _initramfs(work, WHOLE_DISK_INIT.replace("@NAME@", inputs.name), UEFI_WHOLE_DISK_MODULES,
+               files / "initrd.img")
+    shutil.copyfile(SHIM, _new(files / EFI_DIR / "BOOTX64.EFI"))
+    shutil.copyfile(GRUB, files / EFI_DIR / "grubx64.efi")
+    _new(files / GRUB_PREFIX / "grub.cfg").write_text(UEFI_GRUB_CFG)
+
+    disk = out / "disk.img"
+    with open(disk, "wb") as stream:
+        stream.truncate(UEFI_DISK_SIZE)
+    esp_end = UEFI_DISK_SIZE - MIB  # the backup GPT takes the last 33 sectors; keep 1 MiB aligned
+    run_step(["sgdisk", "--clear", f"--disk-guid={_guid(key, 'disk')}",
+              f"--new=1:{PARTITION_START // 512}:{esp_end // 512 - 1}", "--typecode=1:ef00",
+              "--change-name=1:EFI system partition",
+              f"--partition-guid=1:{_guid(key, 'esp')}", str(disk)], _env())
+    sector, image = PARTITION_START // 512, f"{disk}@@{PARTITION_START}"
+    # --invariant: the volume label's directory entry gets a fixed date, not the clock's
+    # (-i, after it, still sets the volume id).
+    run_step(["mkfs.fat", "--invariant", "--offset", str(sector), "-h", str(sector), "-n",
+              "LABMETAL", "-i", key[8:16], str(disk), str((esp_end - PARTITION_START) // 1024)],
+             _env())
+    # One path at a time, parents first, in a fixed order: the FAT's directory entries and
+    # clusters then come out the same at every build (mtools dates them SOURCE_DATE_EPOCH).
+    for path in sorted(files.rglob("*")):
+        inside = f"::/{path.relative_to(files).as_posix()}"
+        if path.is_dir():
+            run_step(["mmd", "-i", image, inside], _env())
+        else:
+            os.utime(path, (EPOCH, EPOCH))
+            run_step(["mcopy", "-m", "-i", image, str(path), inside], _env())
+
+
+def _build_uefi_partition(inputs: _Inputs, key: str, work: Path, out: Path,
+                          progress: Callable[[str], None]) -> None:
+    """The BIOS partition image's root filesystem plus the boot files a Debian system with
+    shim-signed, grub-efi-amd64-signed and the signed kernel installed has, at its paths."""
+    kernel = _kernel(inputs, work, progress)
+    version = kernel.name.removeprefix("vmlinuz-")
+    shutil.copyfile(kernel, out / "vmlinuz")
+    _initramfs(work, UEFI_PARTITION_INITRD_INIT, UEFI_PARTITION_MODULES, out / "initrd.img")
+    root = _rootfs_tree(work, inputs.name)
+    for path, source in ((f"boot/vmlinuz-{version}", out / "vmlinuz"),
+                         (f"boot/initrd.img-{version}", out / "initrd.img"),
+                         (ROOTFS_SHIM, SHIM), (ROOTFS_MOK_MANAGER, MOK_MANAGER),
+                         (ROOTFS_GRUB, GRUB)):
+        install_file(root / path, source.read_bytes(), 0o644)
+    (root / ROOTFS_KERNEL_LINK).symlink_to(f"boot/vmlinuz-{version}")
+    (root / ROOTFS_INITRD_LINK).symlink_to(f"boot/initrd.img-{version}")
+    _mkfs_ext4(root, key, work, out / "rootfs.img", UEFI_ROOTFS_SIZE)
+
+
+def _rootfs_tree(work: Path, name: str) -> Path:
+    """The partition image's root filesystem as a directory: busybox, the /sbin/init that
+    prints the marker, and the image's name."""
     root = work / "rootfs"
     _busybox(root)
     install_file(root / "sbin" / "init", ROOTFS_INIT.encode(), 0o755)
-    install_file(root / "etc" / "labmetal-os" / "name", f"{inputs.name}\n".encode(), 0o644)
+    install_file(root / "etc" / "labmetal-os" / "name", f"{name}\n".encode(), 0o644)
     install_file(root / "etc" / "hostname", b"labmetal-os\n", 0o644)
+    return root
+
+
+def _mkfs_ext4(root: Path, key: str, work: Path, rootfs: Path, size: int) -> None:
+    """``root`` as an ext4 image of ``size`` bytes, every timestamp and id fixed."""
     paths = [root, *sorted(root.rglob("*"))]
     for path in paths:
         os.utime(path, (EPOCH, EPOCH), follow_symlinks=False)
-    uuid = f"{key[:8]}-{key[8:12]}-4{key[13:16]}-8{key[1:4]}-{key[4:16]}"
-    rootfs = out / "rootfs.img"
-    run_step(["mkfs.ext4", "-q", "-F", "-L", "labmetal-root", "-U", uuid, "-E",
-          f"hash_seed={uuid},root_owner=0:0", "-d", str(root), str(rootfs),
-          f"{ROOTFS_SIZE // 1024}k"], _env())
+    fs_uuid = f"{key[:8]}-{key[8:12]}-4{key[13:16]}-8{key[1:4]}-{key[4:16]}"
+    run_step(["mkfs.ext4", "-q", "-F", "-L", "labmetal-root", "-U", fs_uuid, "-E",
+          f"hash_seed={fs_uuid},root_owner=0:0", "-d", str(root), str(rootfs),
+          f"{size // 1024}k"], _env())
     # mkfs.ext4 -d copies each file's ctime, which no one can set: fix them afterwards.
     commands = work / "ctimes.debugfs"
     commands.write_text("".join(f"sif /{path.relative_to(root)} ctime @{EPOCH}\n"
@@ -438,6 +604,13 @@ def _new(path: Path) -> Path:
     return path
 
 
+def _guid(key: str, purpose: str) -> str:
+    """A fixed GUID for a GPT's ``purpose`` ("disk", "esp"), derived from the build's key:
+    sgdisk would pick random ones."""
+    return str(uuid.UUID(bytes=hashlib.sha256(f"{key}:{purpose}".encode()).digest()[:16],
+                         version=4))
+
+
 def _write_at(path: Path, offset: int, data: bytes) -> None:
     with open(path, "r+b") as stream:
         stream.seek(offset)
@@ -507,10 +680,11 @@ say "labmetal-os: image=@NAME@ mac=$(first_mac) booted"
 while :; do sleep 3600; done
 """
 
-PARTITION_INITRD_INIT = _INITRAMFS_START.format(
-    comment="# labmetal test OS, partition image's initrd: mount root= and switch to it.",
-    common=_SHELL_COMMON) + """\
+_PARTITION_INITRD_FAIL = """\
 fail() { say "labmetal-os: error: $1"; sleep 1; poweroff -f; }
+"""
+
+_RESOLVE_MSDOS = """\
 resolve() {  # root= as a device node; PARTUUID= of msdos partitions only (not GPT)
     case $1 in
     /dev/*) [ -b "$1" ] && echo "$1" ;;
@@ -527,6 +701,45 @@ resolve() {  # root= as a device node; PARTUUID= of msdos partitions only (not G
     *) findfs "$1" ;;
     esac
 }
+"""
+
+# A UEFI seat's disk has a GPT label: root=PARTUUID= names the partition's unique GUID,
+# which this kernel (6.1) shows nowhere in sysfs, so it is read from the label itself:
+# the header at LBA 1 ("EFI PART") gives where the entries are and their size; entry n-1
+# holds partition n's GUID at byte 16, its first three fields little-endian. An msdos label
+# is still resolved as the BIOS image does it.
+_RESOLVE_GPT_OR_MSDOS = """\
+partuuid() {  # of partition $2 of disk $1, as the kernel's root=PARTUUID= spells it
+    local sector entries size signature
+    sector=$(cat "/sys/block/$1/queue/logical_block_size")
+    if [ "$(dd if="/dev/$1" bs=1 skip="$sector" count=8 2>/dev/null)" = "EFI PART" ]; then
+        entries=$(od -A n -t u8 -j $((sector + 72)) -N 8 "/dev/$1")
+        size=$(od -A n -t u4 -j $((sector + 84)) -N 4 "/dev/$1")
+        od -A n -t x1 -j $(($entries * $sector + ($2 - 1) * $size + 16)) -N 16 "/dev/$1" |
+            awk '{ print $4 $3 $2 $1 "-" $6 $5 "-" $8 $7 "-" $9 $10 "-" $11 $12 $13 $14 $15 $16 }'
+    else
+        signature=$(od -A n -t x1 -j 440 -N 4 "/dev/$1" | awk '{print $4 $3 $2 $1}')
+        echo "$signature-$(printf %02x "$2")"
+    fi
+}
+resolve() {  # root= as a device node; PARTUUID= of GPT or msdos partitions
+    case $1 in
+    /dev/*) [ -b "$1" ] && echo "$1" ;;
+    PARTUUID=*)
+        want=$(echo "${1#PARTUUID=}" | tr A-F a-f)
+        for part in /sys/class/block/*; do
+            [ -e "$part/partition" ] || continue
+            disk=$(basename "$(dirname "$(readlink -f "$part")")")
+            [ "$(partuuid "$disk" "$(cat "$part/partition")")" = "$want" ] &&
+                { echo "/dev/${part##*/}"; return; }
+        done
+        return 1 ;;
+    *) findfs "$1" ;;
+    esac
+}
+"""
+
+_PARTITION_INITRD_MOUNT = """\
 root= mode=ro
 for arg in $(cat /proc/cmdline); do
     case $arg in root=*) root=${arg#root=} ;; ro|rw) mode=$arg ;; esac
@@ -539,6 +752,26 @@ mount -o "$mode" "$device" /newroot || fail "cannot mount $device"
 [ -x /newroot/sbin/init ] || fail "$device has no /sbin/init"
 for fs in dev proc sys; do mount --move "/$fs" "/newroot/$fs"; done
 exec switch_root /newroot /sbin/init
+"""
+
+PARTITION_INITRD_INIT = _INITRAMFS_START.format(
+    comment="# labmetal test OS, partition image's initrd: mount root= and switch to it.",
+    common=_SHELL_COMMON) + _PARTITION_INITRD_FAIL + _RESOLVE_MSDOS + _PARTITION_INITRD_MOUNT
+
+UEFI_PARTITION_INITRD_INIT = _INITRAMFS_START.format(
+    comment="# labmetal test OS, UEFI partition image's initrd: mount root= and switch to it.",
+    common=_SHELL_COMMON) + _PARTITION_INITRD_FAIL + _RESOLVE_GPT_OR_MSDOS \
+    + _PARTITION_INITRD_MOUNT
+
+# /EFI/debian/grub.cfg of the UEFI whole-disk image, where Debian's signed GRUB looks first
+# (see the module's docstring); $root is the partition GRUB was loaded from. Commands, not
+# a menu: nothing to wait for, and an error stays on the console above GRUB's prompt.
+UEFI_GRUB_CFG = """\
+# labmetal test OS, UEFI whole-disk image: the kernel and initramfs at this partition's root.
+echo "labmetal: GRUB loads /vmlinuz from $root"
+linux /vmlinuz console=tty0 console=ttyS0,115200n8
+initrd /initrd.img
+boot
 """
 
 SESSION_INITRD_INIT = _INITRAMFS_START.format(

@@ -618,6 +618,9 @@ def test_a_uefi_partition_image_gets_gpt_an_efi_partition_and_the_images_own_loa
         assert (tmp_path / name).read_bytes() == images["loaders"][name]
     subprocess.run(["mcopy", "-i", str(esp), "::EFI/BOOT/grub.cfg", str(tmp_path / "cfg")],
                    check=True)
+    subprocess.run(["mcopy", "-i", str(esp), "::EFI/debian/grub.cfg", str(tmp_path / "cfg2")],
+                   check=True)  # Debian's GRUB's own prefix: read first
+    assert (tmp_path / "cfg2").read_text() == (tmp_path / "cfg").read_text()
     root = tmp_path / "root.img"
     root.write_bytes(disk.file.read_bytes()[root_start:root_start + 24 * MIB])
     fs_uuid = subprocess.run(["blkid", "-o", "value", "-s", "UUID", str(root)],
