@@ -55,7 +55,9 @@ class DemoOptions:
     port: int = 6385
     seat_rate: str = "100mbit"
     transport: str = "multicast"  # the room job's: unicast | multicast | auto
-    profile: str = "bios"  # the QEMU seats' firmware, `lab up --profile`: bios|uefi|secureboot
+    # The QEMU seats' firmware, `lab up --profile`: bios | uefi | secureboot. Secure Boot
+    # on is what a teaching room's PCs have today.
+    profile: str = "secureboot"
     keep_running: bool = True
 
 
@@ -220,14 +222,17 @@ def _wait(what: str, condition: Callable[[], Any], children: Children, timeout: 
 
 # -- the demo ----------------------------------------------------------------------------
 
-def build_images() -> tuple[Any, Any]:
-    """The deploy ramdisk and the demo OS image, from their caches when built before."""
+def build_images(profile: str) -> tuple[Any, Any]:
+    """The deploy ramdisk and the demo OS image for the seats' firmware (a GPT disk with
+    Debian's signed shim, GRUB and kernel for UEFI seats, Secure Boot or not), from their
+    caches when built before."""
     from labmetal.images.ramdisk import build_ramdisk
     from labmetal.lab.osimage import build_whole_disk
     cache = Path(os.environ.get("LABMETAL_RAMDISK_CACHE", "/var/cache/labmetal/ramdisk"))
     _say("deploy ramdisk: from the cache, or built from Debian packages (a few minutes)")
     ramdisk = build_ramdisk(cache, progress=lambda line: _say(f"  {line}"))
-    os_image = build_whole_disk(OS_IMAGE, progress=lambda line: _say(f"  {line}"))
+    os_image = build_whole_disk(OS_IMAGE, progress=lambda line: _say(f"  {line}"),
+                                firmware="bios" if profile == "bios" else "uefi")
     return ramdisk, os_image
 
 
@@ -248,7 +253,7 @@ def run(options: DemoOptions) -> int:
     children = Children(signals)
     try:
         signals.install()  # first: from here on a stop request cleans up what exists
-        ramdisk, os_image = build_images()
+        ramdisk, os_image = build_images(options.profile)
         recover(room_dir, _say)  # what the `lab up` of a demo killed outright left here
         # a fresh service and room each run: the demo shows the whole path, enrollment included
         for part in ("labmetal", "room"):

@@ -297,8 +297,9 @@ def build_parser() -> argparse.ArgumentParser:
     demo.add_argument("--transport", choices=("multicast", "unicast", "auto"),
                       default="multicast", help="how the room job sends the OS to the seats "
                       "(default multicast; auto: multicast from multicast_min_seats seats)")
-    demo.add_argument("--profile", choices=("bios", "uefi", "secureboot"), default="bios",
-                      help="the QEMU seats' firmware, as `lab up --profile` (default bios)")
+    demo.add_argument("--profile", choices=("bios", "uefi", "secureboot"),
+                      default="secureboot", help="the QEMU seats' firmware, as `lab up "
+                      "--profile` (default secureboot: UEFI with Secure Boot on)")
     demo.add_argument("--state-dir", default="var/demo")
     demo.add_argument("--once", action="store_true",
                       help="stop once every seat is deployed (exit 1 if one failed)")

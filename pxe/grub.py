@@ -12,13 +12,15 @@ everything it reads comes by TFTP: ``grub/grub.cfg`` (the same for every PC, lik
 it is asked, from the same decision as ``/boot/<mac>.ipxe`` (``api/boot.py``); kernels
 and ramdisks follow by TFTP from ``files/images/<uuid>/file``.
 
-Pure rendering, no I/O. GRUB's script language splits words like a shell and expands
-``$`` in words and double quotes, so values are checked with iPXE's rules (URLs and kernel
-arguments are one word of a small alphabet) and shown text is reduced to characters that
-mean nothing inside double quotes.
+Pure rendering, no I/O. GRUB's script language splits words like a shell, ends a command
+at ``;``, ``|`` or ``&``, groups with ``{}`` and ``()`` and expands ``$`` in words and
+double quotes, so every path and kernel argument must be one word of a small alphabet
+(stricter than iPXE's, which allows ``;`` and ``&``), and shown text is reduced to
+characters that mean nothing inside double quotes.
 """
 from __future__ import annotations
 
+import re
 from urllib.parse import urlsplit
 
 from labmetal.pxe.ipxe import (BootScript, IdleScript, LocalDiskScript, MessageScript,
@@ -29,14 +31,22 @@ CHAIN_PATH = "grub/grub.cfg"  # where Debian's grubnetx64 looks first: $prefix i
 CONFIG_SUFFIX = ".grub"
 # $cmdpath is the TFTP server and folder GRUB itself came from: labmetal's TFTP root.
 SERVER = "${cmdpath}"
+_WORD = re.compile(r"^[A-Za-z0-9._~:/@+,=%-]+$")  # nothing GRUB's parser gives a meaning
+
+
+def word(value: str, what: str = "kernel argument") -> str:
+    """``value`` if GRUB reads it as one plain word, else ValueError."""
+    kernel_arg(value)
+    if not _WORD.match(value):
+        raise ValueError(f"{what} must be one word of letters, digits and ._~:/@+,=%- "
+                         f"for GRUB: {value!r}")
+    return value
 
 
 def tftp_path(url: str) -> str:
     """The TFTP path of one of labmetal's HTTP files (``/files/images/<uuid>/file``): its
     TFTP serves the same paths for GRUB, which has no HTTP."""
-    path = urlsplit(url).path
-    kernel_arg(path)
-    return path
+    return word(urlsplit(url).path, "file path")
 
 
 def _quoted(text: str) -> str:
@@ -90,7 +100,7 @@ def _ramdisk(script: RamdiskScript, mac: str) -> list[str]:
             f"labmetal.api={script.api_url}", f"labmetal.mode={script.mode}",
             f"BOOTIF=01-{mac.replace(':', '-')}", *script.kernel_args]
     for arg in args:
-        kernel_arg(arg)
+        word(arg)
     kernel, ramdisk = tftp_path(script.kernel_url), tftp_path(script.ramdisk_url)
     return [
         f"# labmetal: {script.mode} ramdisk{who}",

@@ -61,9 +61,14 @@ def test_shown_text_cannot_run_grub_commands(message):
     assert "reboot" not in [line.strip() for line in lines]
 
 
-def test_a_url_outside_labmetals_files_is_refused():
-    with pytest.raises(ValueError):
-        grub.render(RamdiskScript(f"{BASE}/x;reboot", RAMDISK, BASE), MAC)
+@pytest.mark.parametrize("kernel, args", [
+    (f"{BASE}/x;reboot", ()), (f"{BASE}/x&reboot", ()), (f"{BASE}/x(y)", ()),
+    (KERNEL, ("a;reboot",)), (KERNEL, ("x=(hd0)",)), (KERNEL, ("a&b",))])
+def test_what_grub_would_read_as_more_than_one_word_is_refused(kernel, args):
+    # iPXE accepts these (its words split on spaces only); GRUB would run a second command
+    RamdiskScript(kernel, RAMDISK, BASE, kernel_args=args).render()
+    with pytest.raises(ValueError, match="for GRUB"):
+        grub.render(RamdiskScript(kernel, RAMDISK, BASE, kernel_args=args), MAC)
 
 
 def test_uefi_pcs_get_shim_or_ipxe_each_from_one_rule():
@@ -78,3 +83,66 @@ def test_uefi_pcs_get_shim_or_ipxe_each_from_one_rule():
     assert DhcpHost(MAC, loader="shim").line() == f"{MAC},set:loader-shim"
     with pytest.raises(ValueError):
         DhcpHost(MAC, loader="grub,set:known")
+
+
+# --- what the conductor's TFTP makes for GRUB (a real database and image store) -----------
+
+@pytest.fixture
+def tftp_files(tmp_path):
+    import threading
+    from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+
+    from labmetal.conductor.tftp_files import TftpFiles
+    from labmetal.db import Database
+    from labmetal.images.store import ImageStore
+    from labmetal.models import Image
+
+    asked: list[str] = []
+
+    class Api(BaseHTTPRequestHandler):  # labmetal's /boot/<mac>.grub, as the API renders it
+        def do_GET(self) -> None:
+            asked.append(self.path)
+            found = self.path == "/boot/52-54-00-12-34-56.grub"
+            self.send_response(200 if found else 404)
+            self.end_headers()
+            self.wfile.write(b"# the config of 52:54:00:12:34:56\n" if found else b"")
+
+        def log_message(self, *args: object) -> None:
+            pass
+
+    server = ThreadingHTTPServer(("127.0.0.1", 0), Api)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    db = Database(f"sqlite:///{tmp_path / 'tftp.db'}")
+    db.upgrade()
+    store = ImageStore(tmp_path / "images", 1 << 30)
+    with db.write() as session:
+        for name, kind in (("deploy-kernel", "kernel"), ("tp-disk", "whole-disk")):
+            image = Image(name=name, kind=kind, status="active")
+            session.add(image)
+            session.flush()
+            store.file_path(image.uuid).parent.mkdir(parents=True)
+            store.file_path(image.uuid).write_bytes(f"{name} bytes".encode())
+    with db.read() as session:
+        uuids = {image.name: image.uuid for image in session.query(Image)}
+    yield TftpFiles(f"http://127.0.0.1:{server.server_port}", db, store), uuids, asked
+    server.shutdown()
+    server.server_close()
+    db.engine.dispose()
+
+
+def test_tftp_gives_grub_its_chain_its_per_mac_config_and_boot_files_only(tftp_files):
+    files, uuids, asked = tftp_files
+    assert files.render("grub/grub.cfg", "10.99.1.5") == grub.chain_config().encode()
+    # GRUB names its MAC with colons; the API's path has hyphens
+    assert files.render("boot/52:54:00:12:34:56.grub", "10.99.1.5") == \
+        b"# the config of 52:54:00:12:34:56\n"
+    assert asked == ["/boot/52-54-00-12-34-56.grub"]
+    assert files.render("boot/52:54:00:aa:bb:cc.grub", "10.99.1.5") is None  # API said 404
+    kernel = files.render(f"files/images/{uuids['deploy-kernel']}/file", "10.99.1.5")
+    assert kernel.read_bytes() == b"deploy-kernel bytes"
+    # a disk image never goes over TFTP; nor anything that is not one of these paths
+    assert files.render(f"files/images/{uuids['tp-disk']}/file", "10.99.1.5") is None
+    for path in ("boot/52:54:00:12:34:56.ipxe", "files/images/x/file", "grub/../../etc/passwd",
+                 f"files/images/{uuids['deploy-kernel']}/raw"):
+        assert files.render(path, "10.99.1.5") is None
+    assert len(asked) == 2  # nothing else was relayed
