@@ -27,8 +27,8 @@ from pathlib import Path
 
 from labmetal.images.ramdisk import RECORD, Recipe, build_ramdisk
 from labmetal.lab.osimage import build_whole_disk, marker_line
-from tests.labrooms import Labmetal, lab_up, start_labmetal, tear_down
-from tests.support import Processes, free_port, wait_for
+from tests.labrooms import served_room
+from tests.support import wait_for
 
 RAMDISK_CACHE = Path("/var/cache/labmetal/ramdisk")
 # What each seat's console shows at the end of each phase, in order.
@@ -89,18 +89,8 @@ def ramdisks() -> None:
 
 def profile_room(work: Path, profile: str, seats: int, index: int, ramdisk, images
                  ) -> list[dict[str, float]]:
-    procs = Processes(work)
-    room = None
-    try:
-        port = free_port()
-        room = lab_up(procs, work / "room", f"f{index}", f"10.99.{170 + index}.0/24",
-                      "--port", str(port), "--qemu", str(seats), "--profile", profile)
-        start_labmetal(procs, work, {**room.state["settings"], "callback_timeout": 1800,
-                                     "agent_timeout": 120, "deploy_kernel": "deploy-kernel",
-                                     "deploy_ramdisk": "deploy-ramdisk"})
-        api = Labmetal(f"http://{room.state['settings']['listen']}")
-        api.upload("deploy-kernel", "kernel", ramdisk.kernel)
-        api.upload("deploy-ramdisk", "ramdisk", ramdisk.initramfs)
+    with served_room(work, f"f{index}", f"10.99.{170 + index}.0/24", ramdisk, "--qemu",
+                     str(seats), "--profile", profile, callback_timeout=1800) as (room, api):
         image = images["bios" if profile == "bios" else "uefi"]
         api.upload("os", "whole-disk", image.path)
         for seat in room.state["seats"]:
@@ -136,10 +126,6 @@ def profile_room(work: Path, profile: str, seats: int, index: int, ramdisk, imag
             row["total"] = marks[marker_line("os", seat["mac"])]
             rows.append(row)
         return rows
-    finally:
-        if room is not None:
-            tear_down(room)
-        procs.stop_all()
 
 
 def profiles(names: list[str], counts: list[int]) -> None:

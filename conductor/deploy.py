@@ -313,7 +313,10 @@ def continue_deploy(work: NodeWork) -> Outcome:
             _write_iscsi(work, image)
         else:
             written = _chunks_written(_write_direct(work, image), work.node.instance_info or {})
-        power_state = _reboot_into(work, "disk")
+        # The network stays first, as on a room PC: the seat's script (now "the local disk")
+        # sends it to its disk, and a later deploy, inspection or session needs no change
+        # of its boot order. Under Secure Boot the firmware checks the disk's loader itself.
+        power_state = _reboot_into(work, "pxe")
     except (DeployError, PowerError, InvalidDriverInfo) as error:
         return _failure(work, f"Deploy failed: {error}")
     return Outcome({**_DONE_WITH_AGENT, "provision_state": states.ACTIVE,

@@ -61,7 +61,10 @@ HARDWARE_MODULES = (
 )
 # Loaded at every boot whatever the hardware: the agent's own work (loop devices, an EFI
 # system partition, the root file systems it installs boot loaders into, EFI variables).
-ALWAYS_MODULES = ("loop", "vfat", "nls_cp437", "nls_ascii", "ext4", "efivarfs")
+# ext4 asks the crypto API for crc32c at mount time, which modules.dep does not list: its
+# mount fails ("No such file or directory") unless a crc32c module is loaded first.
+ALWAYS_MODULES = ("loop", "vfat", "nls_cp437", "nls_ascii", "crc32c_generic", "crc32c_intel",
+                  "ext4", "efivarfs")
 MODULES = HARDWARE_MODULES + ALWAYS_MODULES
 # Installed only as dependencies and removed again, 50 MB unpacked: perl, which tgt
 # depends on for tgt-admin (the agent drives tgtd with tgtadm), and usrmerge with its perl

@@ -31,6 +31,7 @@ CHAIN_PATH = "grub/grub.cfg"  # where Debian's grubnetx64 looks first: $prefix i
 CONFIG_SUFFIX = ".grub"
 # $cmdpath is the TFTP server and folder GRUB itself came from: labmetal's TFTP root.
 SERVER = "${cmdpath}"
+EFI_REMOVABLE_PATH = "/EFI/BOOT/BOOTX64.EFI"
 _WORD = re.compile(r"^[A-Za-z0-9._~:/@+,=%-]+$")  # nothing GRUB's parser gives a meaning
 
 
@@ -111,7 +112,7 @@ def _ramdisk(script: RamdiskScript, mac: str) -> list[str]:
         f"  if linux {SERVER}{kernel} {' '.join(args)}; then",
         f"    if initrd {SERVER}{ramdisk}; then boot; fi",
         "  fi",
-        f'  echo "labmetal: loading the ramdisk failed (attempt $attempt)"',
+        '  echo "labmetal: loading the ramdisk failed (attempt $attempt)"',
         f"  sleep {script.retry_delay}",
         "done",
         f'echo "labmetal: could not load the ramdisk after {script.attempts} attempts; '
@@ -122,17 +123,29 @@ def _ramdisk(script: RamdiskScript, mac: str) -> list[str]:
 
 
 def _local_disk() -> list[str]:
-    """Back to the firmware's boot manager, which boots its next entry: the disk, whose
-    EFI loader (a signed shim, for a Secure Boot PC) the firmware checks itself. The PC's
-    boot order stays network first; this is how labmetal sends it to its disk."""
-    return ["exit 0"]
+    """Chain-load the disk's EFI loader on its removable-media path, the file every
+    labmetal deploy writes and a firmware boots from a disk without a boot entry (under
+    Secure Boot the firmware checks it: a signed shim passes). GRUB must make the disk its
+    root first, else the loaded shim is told it came from the network and finds none of
+    its files. Returning to the firmware instead does not work: GRUB exits with success,
+    and a UEFI boot manager shows its menu after a boot option that returned success.
+    With no such disk, GRUB exits and the firmware tries its other entries."""
+    return [
+        f"if search --no-floppy --file --set=root {EFI_REMOVABLE_PATH}; then",
+        f"  chainloader {EFI_REMOVABLE_PATH}",
+        "  boot",
+        "fi",
+        f'echo "labmetal: no disk with {EFI_REMOVABLE_PATH}; returning to the firmware"',
+        "sleep 10",
+        "exit 1",
+    ]
 
 
 def _idle(script: IdleScript) -> list[str]:
-    then = "halt" if script.then == "poweroff" else "exit 0"
+    then = ["halt"] if script.then == "poweroff" else _local_disk()
     action = "powering off" if script.then == "poweroff" else "booting the next device"
     return ["# labmetal: nothing to do for this PC",
             f"echo {_quoted(f'labmetal: {script.message}')}",
             f'echo "labmetal: this PC is ${{net_default_mac}}; {action} in {script.delay} s"',
             f"sleep {script.delay}",
-            then]
+            *then]

@@ -170,8 +170,9 @@ class LocalDiskScript:
     """Boot the PC's own disk. On BIOS, ``sanboot --no-describe --drive 0x80`` boots the
     first disk's MBR directly: it works whatever the firmware's boot order is (lab PCs are
     often set to network only) and avoids ``exit``, after which some PXE ROMs hang instead
-    of trying the next device. UEFI has no drive 0x80 to hand to iPXE; there ``exit``
-    returns to the firmware's boot manager, which boots the next entry (the disk)."""
+    of trying the next device. UEFI has no drive 0x80 to hand to iPXE; there ``exit 1``
+    returns to the firmware's boot manager with a failure, on which it boots its next entry
+    (the disk): after a success it would show its menu instead."""
     node: str = ""
 
     def render(self) -> str:
@@ -183,7 +184,7 @@ class LocalDiskScript:
             "sanboot --no-describe --drive 0x80 ||",
             "echo labmetal: the first disk did not boot; returning to the firmware",
             ":firmware",
-            "exit 0",
+            "exit 1",
         )
 
 
@@ -191,7 +192,9 @@ class LocalDiskScript:
 class IdleScript:
     """Nothing to do for this PC (not enrolled, or no action pending): show why, wait
     ``delay`` seconds so a person at the PC can read it, then power off or return to the
-    firmware. Debian's iPXE is built without ``poweroff``: ``exit`` is its fallback."""
+    firmware. Debian's iPXE is built without ``poweroff``: ``exit`` is its fallback. The
+    exit is a failure (1), on which a UEFI boot manager tries its next entry (after a
+    success it shows its menu); a BIOS tries its next device either way."""
     message: str
     then: Literal["poweroff", "exit"] = "exit"
     delay: int = 30
@@ -204,9 +207,9 @@ class IdleScript:
 
     def render(self) -> str:
         if self.then == "poweroff":
-            action, final = "powering off", "poweroff || exit 0"
+            action, final = "powering off", "poweroff || exit 1"
         else:
-            action, final = "booting the next device", "exit 0"
+            action, final = "booting the next device", "exit 1"
         return _lines(
             "# labmetal: nothing to do for this PC",
             f"echo labmetal: {shown(self.message)}",

@@ -3,15 +3,16 @@ settings the room printed (DHCP in the room, listening on its uplink)."""
 from __future__ import annotations
 
 import json
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Iterator
 
 import requests
 
 from labmetal.lab.network import namespaces, remove_namespace
 from labmetal.lab.room import STATE_FILE, recover
-from tests.support import LABMETAL, Proc, Processes, service_env, wait_for
+from tests.support import LABMETAL, Proc, Processes, free_port, service_env, wait_for
 
 BMC_PASSWORD = "room-pw"
 LATEST = {"X-OpenStack-Ironic-API-Version": "latest"}
@@ -118,3 +119,26 @@ class Labmetal:
             {"op": "replace", "path": "/deploy_interface", "value": interface}])
         assert patched.status_code == 200, patched.text
         return self.provision(name, "active", "active", "deploy failed", timeout=BOOT_TIMEOUT)
+
+
+@contextmanager
+def served_room(tmp_path: Path, name: str, subnet: str, ramdisk: Any, *options: str,
+                **settings: Any) -> Iterator[tuple[UpRoom, Labmetal]]:
+    """A `lab up` room, `labmetal serve` for it (long waits: TCG seats are slow) with the
+    deploy ramdisk uploaded as its default; everything stopped and removed after."""
+    procs = Processes(tmp_path)
+    room = None
+    try:
+        port = free_port()
+        room = lab_up(procs, tmp_path / "room", name, subnet, "--port", str(port), *options)
+        start_labmetal(procs, tmp_path, {**room.state["settings"], "callback_timeout": 900,
+                                         "agent_timeout": 120, "deploy_kernel": "deploy-kernel",
+                                         "deploy_ramdisk": "deploy-ramdisk", **settings})
+        api = Labmetal(f"http://{room.state['settings']['listen']}")
+        api.upload("deploy-kernel", "kernel", ramdisk.kernel)
+        api.upload("deploy-ramdisk", "ramdisk", ramdisk.initramfs)
+        yield room, api
+    finally:
+        if room is not None:
+            tear_down(room)
+        procs.stop_all()

@@ -23,9 +23,9 @@ from typing import Any
 import pytest
 
 from labmetal.images.ramdisk import build_ramdisk
-from labmetal.lab.osimage import build_whole_disk, marker_line
-from tests.labrooms import BOOT_TIMEOUT, Labmetal, UpRoom, lab_up, start_labmetal, tear_down
-from tests.support import Processes, free_port, wait_for
+from labmetal.lab.osimage import build_partition, build_whole_disk, marker_line
+from tests.labrooms import BOOT_TIMEOUT, UpRoom, served_room
+from tests.support import wait_for
 
 pytestmark = pytest.mark.ramdisk
 
@@ -45,35 +45,18 @@ def uefi_image():
     return build_whole_disk("lab-uefi", firmware="uefi")
 
 
-def open_room(tmp_path: Path, name: str, subnet: str, ramdisk: Any, *options: str):
-    procs = Processes(tmp_path)
-    room = None
-    try:
-        port = free_port()
-        room = lab_up(procs, tmp_path / "room", name, subnet, "--port", str(port), *options)
-        start_labmetal(procs, tmp_path, {**room.state["settings"], "callback_timeout": 900,
-                                         "agent_timeout": 120, "deploy_kernel": "deploy-kernel",
-                                         "deploy_ramdisk": "deploy-ramdisk"})
-        api = Labmetal(f"http://{room.state['settings']['listen']}")
-        api.upload("deploy-kernel", "kernel", ramdisk.kernel)
-        api.upload("deploy-ramdisk", "ramdisk", ramdisk.initramfs)
-        yield room, api
-    finally:
-        if room is not None:
-            tear_down(room)
-        procs.stop_all()
-
-
 @pytest.fixture(scope="module")
 def secureboot_room(tmp_path_factory, ramdisk):
-    yield from open_room(tmp_path_factory.mktemp("sb-room"), "r74", "10.99.74.0/24", ramdisk,
-                         "--qemu", "1", "--profile", "secureboot")
+    with served_room(tmp_path_factory.mktemp("sb-room"), "r74", "10.99.74.0/24", ramdisk,
+                         "--qemu", "1", "--profile", "secureboot") as served:
+        yield served
 
 
 @pytest.fixture(scope="module")
 def uefi_room(tmp_path_factory, ramdisk):
-    yield from open_room(tmp_path_factory.mktemp("uefi-room"), "r75", "10.99.75.0/24", ramdisk,
-                         "--qemu", "1", "--profile", "uefi")
+    with served_room(tmp_path_factory.mktemp("uefi-room"), "r75", "10.99.75.0/24", ramdisk,
+                         "--qemu", "1", "--profile", "uefi") as served:
+        yield served
 
 
 def wait_console(room: UpRoom, seat: dict[str, Any], text: str, after: int = 0,
@@ -113,6 +96,34 @@ def test_a_secure_boot_seat_is_deployed_and_boots_its_disk_with_secure_boot_on(
     assert after_deploy.count(SECURE_BOOT_ON) >= 2  # the ramdisk's kernel, then the OS's
 
 
+def test_a_secure_boot_seat_is_rebuilt_with_a_partition_image_and_boots_its_own_loaders(
+        secureboot_room):
+    """The agent lays out GPT + an EFI system partition + root and copies the image's own
+    signed shim and GRUB there; the image's signed kernel boots with Secure Boot on."""
+    room, api = secureboot_room
+    seat = room.state["seats"][0]
+    image = build_partition("lab-uefi-part", firmware="uefi")
+    api.upload("lab-uefi-part-kernel", "kernel", image.kernel)
+    api.upload("lab-uefi-part-initrd", "ramdisk", image.initrd)
+    api.upload("lab-uefi-part", "partition", image.rootfs, kernel="lab-uefi-part-kernel",
+               ramdisk="lab-uefi-part-initrd")
+    if api.node(seat["name"])["provision_state"] != "active":  # run alone: deploy first
+        api.provision(seat["name"], "provide", "available")
+    patched = api.call("PATCH", f"/v1/nodes/{seat['name']}", json=[
+        {"op": "add", "path": "/instance_info/image_source", "value": "lab-uefi-part"}])
+    assert patched.status_code == 200, patched.text
+    before = len(room.console(seat))
+    verb = "rebuild" if api.node(seat["name"])["provision_state"] == "active" else "active"
+    node = api.provision(seat["name"], verb, "active", "deploy failed", timeout=BOOT_TIMEOUT)
+    assert node["provision_state"] == "active", node["last_error"]
+    booted = wait_console(room, seat, marker_line("lab-uefi-part", seat["mac"],
+                                                  root="/dev/nvme0n1p2"), after=before)
+    assert booted[before:].count(SECURE_BOOT_ON) >= 2  # the ramdisk's kernel, then the OS's
+    events = [event["event"] for event in
+              api.call("GET", f"/v1/nodes/{seat['name']}/history").json()["history"]]
+    assert any("image lab-uefi-part written and verified" in event for event in events)
+
+
 def test_a_uefi_seat_with_an_intel_nic_and_a_sata_disk_is_deployed(uefi_room, uefi_image):
     room, api = uefi_room
     seat = room.state["seats"][0]
@@ -127,8 +138,9 @@ def test_a_uefi_seat_with_an_intel_nic_and_a_sata_disk_is_deployed(uefi_room, ue
 
 @pytest.fixture(scope="module")
 def bios_room(tmp_path_factory, ramdisk):
-    yield from open_room(tmp_path_factory.mktemp("bios-room"), "r76", "10.99.76.0/24", ramdisk,
-                         "--qemu", "3", "--profile", "bios")
+    with served_room(tmp_path_factory.mktemp("bios-room"), "r76", "10.99.76.0/24", ramdisk,
+                         "--qemu", "3", "--profile", "bios") as served:
+        yield served
 
 
 def test_a_multicast_room_job_images_three_qemu_seats_from_the_built_ramdisk(bios_room):

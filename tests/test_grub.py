@@ -33,10 +33,12 @@ def test_the_ramdisk_is_loaded_by_tftp_with_the_agents_arguments():
     assert config.rstrip().endswith("reboot")
 
 
-def test_local_boot_returns_to_the_firmware_which_boots_the_disk():
-    config = grub.render(LocalDiskScript("a01"), MAC).splitlines()
-    assert config[-1] == "exit 0"
+def test_local_boot_chainloads_the_disks_own_loader_with_the_disk_as_root():
+    config = [line.strip() for line in grub.render(LocalDiskScript("a01"), MAC).splitlines()]
     assert 'echo "labmetal: booting the local disk of a01"' in config
+    search = config.index("if search --no-floppy --file --set=root /EFI/BOOT/BOOTX64.EFI; then")
+    assert config[search + 1:search + 3] == ["chainloader /EFI/BOOT/BOOTX64.EFI", "boot"]
+    assert config[-1] == "exit 1"  # no such disk: a failure, so the firmware tries its next
 
 
 def test_the_seat_menu_runs_its_default_no_password_over_grub():
@@ -56,7 +58,8 @@ def test_a_diskless_session_says_it_needs_ipxe_and_gives_no_secret_away():
 @pytest.mark.parametrize("message", ['"; reboot; echo "', "${prefix}", "a\nreboot", "\\$x"])
 def test_shown_text_cannot_run_grub_commands(message):
     lines = grub.render(IdleScript(message), MAC).splitlines()
-    shown = [line for line in lines if line.startswith('echo "labmetal: ') and "PC is" not in line]
+    shown = [line for line in lines if line.startswith('echo "labmetal: ')
+             and "PC is" not in line and "no disk with" not in line]
     assert len(shown) == 1 and shown[0].count('"') == 2 and "$" not in shown[0]
     assert "reboot" not in [line.strip() for line in lines]
 

@@ -16,8 +16,8 @@ import wakeonlan
 
 from labmetal.images.ramdisk import build_ramdisk
 from labmetal.lab.osimage import build_partition, build_whole_disk, marker_line
-from tests.labrooms import BOOT_TIMEOUT, Labmetal, UpRoom, lab_up, start_labmetal, tear_down
-from tests.support import LABMETAL, Processes, free_port, wait_for
+from tests.labrooms import BOOT_TIMEOUT, Labmetal, UpRoom, served_room
+from tests.support import LABMETAL, wait_for
 
 pytestmark = pytest.mark.ramdisk
 
@@ -34,17 +34,8 @@ def images(tmp_path_factory) -> dict[str, Any]:
 
 def open_room(tmp_path: Path, name: str, subnet: str, images: dict[str, Any],
               *options: str, **settings: Any) -> Iterator[tuple[UpRoom, Labmetal]]:
-    procs = Processes(tmp_path)
-    room = None
-    try:
-        port = free_port()
-        room = lab_up(procs, tmp_path / "room", name, subnet, "--port", str(port), *options)
-        start_labmetal(procs, tmp_path, {**room.state["settings"], "callback_timeout": 600,
-                                         "agent_timeout": 60, "deploy_kernel": "deploy-kernel",
-                                         "deploy_ramdisk": "deploy-ramdisk", **settings})
-        api = Labmetal(f"http://{room.state['settings']['listen']}")
-        api.upload("deploy-kernel", "kernel", images["ramdisk"].kernel)
-        api.upload("deploy-ramdisk", "ramdisk", images["ramdisk"].initramfs)
+    with served_room(tmp_path, name, subnet, images["ramdisk"], *options,
+                     **{"callback_timeout": 600, "agent_timeout": 60, **settings}) as (room, api):
         whole, partition = images["whole"], images["partition"]
         api.upload("lab-whole", "whole-disk", whole.path)
         api.upload("lab-part-kernel", "kernel", partition.kernel)
@@ -52,10 +43,6 @@ def open_room(tmp_path: Path, name: str, subnet: str, images: dict[str, Any],
         api.upload("lab-part", "partition", partition.rootfs, kernel="lab-part-kernel",
                    ramdisk="lab-part-initrd")
         yield room, api
-    finally:
-        if room is not None:
-            tear_down(room)
-        procs.stop_all()
 
 
 @pytest.fixture(scope="module")

@@ -28,6 +28,7 @@ from labmetal.agent.partition import START
 from labmetal.lab import osimage
 from labmetal.lab.osimage import (MissingToolError, PartitionImage, WholeDiskImage,
                                   build_partition, build_whole_disk, marker_line)
+from tests.test_osimage import cache  # noqa: F401  (the same module-wide cache fixture)
 
 MAC = "52:54:00:aa:bb:cd"
 WHOLE_DISK_NAME, PARTITION_NAME = "lab-uefi-whole", "lab-uefi-part"
@@ -37,16 +38,6 @@ SECURE_BOOT = ["-machine", "q35,smm=on", "-global", "driver=cfi.pflash01,propert
 ROOT_GUID = "0a1b2c3d-4e5f-4a6b-8c7d-8e9fa0b1c2d3"  # the agent-like layout's partition 2
 ESP_SIZE = 32 * osimage.MIB
 ESCAPES = re.compile(r"\x1b\[[0-9;=?]*[A-Za-z]")  # OVMF and GRUB draw on the serial console
-
-
-@pytest.fixture(scope="module")
-def cache() -> Iterator[Path]:
-    configured = os.environ.get("LABMETAL_OSIMAGE_CACHE")
-    if configured:
-        yield Path(configured)
-        return
-    with tempfile.TemporaryDirectory(prefix="labmetal-osimage-cache-") as directory:
-        yield Path(directory)
 
 
 @pytest.fixture(scope="module")

@@ -72,7 +72,7 @@ def test_local_boot_uses_the_first_disk_on_bios_and_the_firmware_on_uefi():
     lines = script.splitlines()
     assert lines.index("iseq ${platform} efi && goto firmware ||") < lines.index(
         "sanboot --no-describe --drive 0x80 ||") < lines.index(":firmware")
-    assert lines[-1] == "exit 0"
+    assert lines[-1] == "exit 1"  # UEFI: a failure, so the boot manager boots its next entry
 
 
 def test_a_pc_with_nothing_to_do_says_why_and_powers_off_or_moves_on():
@@ -80,8 +80,8 @@ def test_a_pc_with_nothing_to_do_says_why_and_powers_off_or_moves_on():
     text = poweroff.render()
     assert "echo labmetal: this PC is not enrolled in labmetal" in text
     assert "sleep 20" in text
-    assert text.splitlines()[-1] == "poweroff || exit 0"  # Debian's iPXE has no poweroff
-    assert IdleScript("no action pending").render().splitlines()[-1] == "exit 0"
+    assert text.splitlines()[-1] == "poweroff || exit 1"  # Debian's iPXE has no poweroff
+    assert IdleScript("no action pending").render().splitlines()[-1] == "exit 1"
 
 
 @pytest.mark.parametrize("bad_url", [
@@ -147,7 +147,7 @@ def test_the_seat_menu_offers_a_login_then_the_students_sessions():
     assert menu.index("clear username ||") < menu.index("login || goto default")
     assert (f"chain --replace --autofree http://${{username:uristring}}:${{password:uristring}}"
             f"@10.99.1.2:6385/{folder}/login.ipxe || goto refused") in menu
-    assert menu[-1] == "exit 0"  # the default: the local disk's own lines, inlined
+    assert menu[-1] == "exit 1"  # the default: the local disk's own lines, inlined
     sessions = SessionMenuScript(base, folder, "ann", (("s-1234", "net-tp (saved)"),
                                                        ("t-os-tp", "os-tp: new session")),
                                  "1800000000.abcdef").render().splitlines()
