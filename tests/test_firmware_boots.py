@@ -52,10 +52,10 @@ def secureboot_room(tmp_path_factory, ramdisk):
         yield served
 
 
-@pytest.fixture(scope="module")
-def uefi_room(tmp_path_factory, ramdisk):
-    with served_room(tmp_path_factory.mktemp("uefi-room"), "r75", "10.99.75.0/24", ramdisk,
-                         "--qemu", "1", "--profile", "uefi") as served:
+@pytest.fixture  # one test: its room goes as soon as it is done (idle TCG guests cost CPU)
+def uefi_room(tmp_path, ramdisk):
+    with served_room(tmp_path, "r75", "10.99.75.0/24", ramdisk,
+                     "--qemu", "1", "--profile", "uefi") as served:
         yield served
 
 
@@ -122,6 +122,7 @@ def test_a_secure_boot_seat_is_rebuilt_with_a_partition_image_and_boots_its_own_
     events = [event["event"] for event in
               api.call("GET", f"/v1/nodes/{seat['name']}/history").json()["history"]]
     assert any("image lab-uefi-part written and verified" in event for event in events)
+    api.call("PUT", f"/v1/nodes/{seat['name']}/states/power", json={"target": "power off"})
 
 
 def test_a_uefi_seat_with_an_intel_nic_and_a_sata_disk_is_deployed(uefi_room, uefi_image):
@@ -136,10 +137,10 @@ def test_a_uefi_seat_with_an_intel_nic_and_a_sata_disk_is_deployed(uefi_room, ue
     assert SECURE_BOOT_ON not in console
 
 
-@pytest.fixture(scope="module")
-def bios_room(tmp_path_factory, ramdisk):
-    with served_room(tmp_path_factory.mktemp("bios-room"), "r76", "10.99.76.0/24", ramdisk,
-                         "--qemu", "3", "--profile", "bios") as served:
+@pytest.fixture
+def bios_room(tmp_path, ramdisk):
+    with served_room(tmp_path, "r76", "10.99.76.0/24", ramdisk,
+                     "--qemu", "3", "--profile", "bios") as served:
         yield served
 
 
