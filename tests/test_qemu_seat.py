@@ -95,6 +95,8 @@ def test_a_bmc_powers_a_qemu_seat_resets_it_and_switches_it_off(tmp_path):
             wait_for(seat.is_on, 10, "QEMU to start again")
             third = seat.pid
             assert "order=nc" in qemu_argv(third)
+            # the third boot's banner, before it is switched off (a loaded machine is slow)
+            wait_for(lambda: console_count(seat, "SeaBIOS") == 4, 60, "SeaBIOS, third boot")
             seat.power_off()  # QMP quit
             wait_for(lambda: not seat.is_on() and not Path(f"/proc/{third}").exists(), 30,
                      "QEMU to quit")
