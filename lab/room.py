@@ -173,7 +173,7 @@ class RoomRunner:
         uplink = lab.add_uplink(room, f"{host}/{prefix}", rate=plan.uplink)
         seat_url = f"http://{host}:{plan.labmetal_port}"
         self.state = state = RoomState(
-            room=plan.name, pid=os.getpid(), pid_start=_start_time(os.getpid()) or 0,
+            room=plan.name, pid=os.getpid(), pid_start=start_time(os.getpid()) or 0,
             state_dir=str(state_dir), namespace=room.namespace, bridge=room.bridge,
             uplink=uplink, host_address=host, network=str(plan.network),
             broadcast=str(plan.network.broadcast_address), power=plan.power,
@@ -236,7 +236,7 @@ class RoomRunner:
                                      stderr=subprocess.STDOUT, start_new_session=True,
                                      preexec_fn=die_with_parent)
         self.children[name] = child
-        state.processes[name] = [child.pid, _start_time(child.pid) or 0]
+        state.processes[name] = [child.pid, start_time(child.pid) or 0]
         state.save()
         deadline = time.monotonic() + 30
         while READY[name] not in _read_from(log_path, offset):
@@ -524,7 +524,7 @@ def namespace_pids(namespace: str) -> list[int]:
     return [int(pid) for pid in result.stdout.split()] if result.returncode == 0 else []
 
 
-def _start_time(pid: int) -> int | None:
+def start_time(pid: int) -> int | None:
     """The process's start time (clock ticks since boot) if it is alive and not a zombie."""
     try:
         fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
@@ -534,7 +534,7 @@ def _start_time(pid: int) -> int | None:
 
 
 def _running(pid: int, start: int) -> bool:
-    return _start_time(pid) == start
+    return start_time(pid) == start
 
 
 def _kill(pid: int) -> None:

@@ -15,7 +15,7 @@ from pathlib import Path
 import pytest
 
 from labmetal.lab.network import namespaces, remove_namespace
-from labmetal.lab.room import STATE_FILE
+from labmetal.lab.room import STATE_FILE, start_time
 from tests.support import LABMETAL, free_port, wait_for
 
 pytestmark = pytest.mark.ramdisk
@@ -124,7 +124,7 @@ class DemoRun:
         process naming its state dir), the demo's own excluded."""
         found = _descendants(self.popen.pid) | _naming(str(self.state_dir))
         found.discard(self.popen.pid)
-        return {pid: start for pid in found if (start := _start_time(pid))}
+        return {pid: start for pid in found if (start := start_time(pid))}
 
     def lab_up_namespaces(self) -> list[str]:
         """The network namespaces of this room: recorded, and named after `lab up`'s PID."""
@@ -149,15 +149,6 @@ class DemoRun:
                 remove_namespace(name)
             subprocess.run(["ip", "link", "del", self.room["uplink"]], capture_output=True,
                            timeout=30)
-
-
-def _start_time(pid: int) -> int | None:
-    """Its start time if the process is alive (not a zombie): PIDs get reused."""
-    try:
-        fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
-    except (OSError, IndexError):
-        return None
-    return None if fields[0] == "Z" else int(fields[19])
 
 
 def _pids() -> list[int]:
@@ -188,7 +179,7 @@ def _naming(text: str) -> set[int]:
             continue
         try:
             if any(wanted in Path(f"/proc/{pid}/{part}").read_bytes()
-                   for part in ("cmdline", "environ")) and _start_time(pid):
+                   for part in ("cmdline", "environ")) and start_time(pid):
                 found.add(pid)
         except OSError:
             continue
@@ -205,7 +196,7 @@ def _kill(pid: int) -> None:
 def assert_everything_removed(demo: DemoRun, started: dict[int, int]) -> None:
     """Nothing the demo started still runs, its room's namespaces and uplink are gone."""
     def left() -> list[str]:
-        running = [pid for pid, start in started.items() if _start_time(pid) == start]
+        running = [pid for pid, start in started.items() if start_time(pid) == start]
         running += sorted(_naming(str(demo.state_dir)) - set(running))
         described = []
         for pid in running:
