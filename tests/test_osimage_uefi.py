@@ -15,10 +15,8 @@ import json
 import os
 import re
 import shutil
-import signal
 import subprocess
 import tempfile
-import time
 from pathlib import Path
 from typing import Iterator
 
@@ -28,16 +26,15 @@ from labmetal.agent.partition import START
 from labmetal.lab import osimage
 from labmetal.lab.osimage import (MissingToolError, PartitionImage, WholeDiskImage,
                                   build_partition, build_whole_disk, marker_line)
+from tests.test_osimage import boot_console
 from tests.test_osimage import cache  # noqa: F401  (the same module-wide cache fixture)
 
 MAC = "52:54:00:aa:bb:cd"
 WHOLE_DISK_NAME, PARTITION_NAME = "lab-uefi-whole", "lab-uefi-part"
-BOOT_DEADLINE = 300  # seconds; OVMF, shim and GRUB under TCG on a loaded 2-core machine
 OVMF = Path("/usr/share/OVMF")
 SECURE_BOOT = ["-machine", "q35,smm=on", "-global", "driver=cfi.pflash01,property=secure,value=on"]
 ROOT_GUID = "0a1b2c3d-4e5f-4a6b-8c7d-8e9fa0b1c2d3"  # the agent-like layout's partition 2
 ESP_SIZE = 32 * osimage.MIB
-ESCAPES = re.compile(r"\x1b\[[0-9;=?]*[A-Za-z]")  # OVMF and GRUB draw on the serial console
 
 
 @pytest.fixture(scope="module")
@@ -81,34 +78,9 @@ def ahci(disk: Path) -> list[str]:
 
 
 def boot(scratch: Path, nic: str, *qemu_args: str) -> tuple[str, str]:
-    """Power a UEFI seat on; return the first complete ``labmetal-os:`` line on its serial
-    port and everything before it. The NIC has no option ROM (no PXE attempt: the disk is
-    the only boot entry). QEMU is killed by its PID as soon as the line is there, or on
-    failure."""
-    log = scratch / "serial.log"
-    started = time.monotonic()
-    with open(log, "wb") as output:
-        qemu = subprocess.Popen(
-            ["qemu-system-x86_64", "-accel", "tcg", "-m", "512", "-nographic", "-no-reboot",
-             "-netdev", "user,id=n0,restrict=on",
-             "-device", f"{nic},netdev=n0,mac={MAC},romfile=", *qemu_args],
-            stdin=subprocess.DEVNULL, stdout=output, stderr=subprocess.STDOUT,
-            start_new_session=True)
-    try:
-        while True:
-            text = ESCAPES.sub("", log.read_text(errors="replace")).replace("\r", "")
-            complete = text.split("\n")[:-1]
-            for number, line in enumerate(complete):
-                if "labmetal-os:" in line:
-                    print(f"power-on to marker: {time.monotonic() - started:.1f} s: {line}")
-                    return line[line.index("labmetal-os:"):], "\n".join(complete[:number])
-            if qemu.poll() is not None or time.monotonic() - started > BOOT_DEADLINE:
-                pytest.fail("the seat never said it booted:\n" + "\n".join(complete[-40:]))
-            time.sleep(0.1)
-    finally:
-        if qemu.poll() is None:
-            os.killpg(qemu.pid, signal.SIGKILL)
-        qemu.wait()
+    """A UEFI seat whose NIC has no option ROM (no PXE attempt: the disk is the only boot
+    entry): its marker line and the console before it."""
+    return boot_console(scratch, f"{nic},romfile=", *qemu_args, mac=MAC)
 
 
 def test_a_secure_boot_seat_boots_the_uefi_whole_disk_image_from_nvme(whole_disk, scratch):
