@@ -10,7 +10,8 @@ DEBIAN_PACKAGES=(python3 python3-venv python3-dev gcc ipmitool postgresql iprout
     qemu-utils qemu-block-extra qemu-system-x86 tgt parted e2fsprogs dosfstools mtools
     extlinux syslinux syslinux-common util-linux dnsmasq-base ipxe busybox-static tftp-hpa
     mmdebstrap zstd cpio slapd ldap-utils chromium chromium-driver nftables udpcast
-    ceph-mon ceph-osd ceph-common python3-rbd tgt-rbd ovmf shim-signed grub-efi-amd64-signed)
+    ceph-mon ceph-osd ceph-common python3-rbd tgt-rbd ovmf shim-signed grub-efi-amd64-signed
+    nginx)
 
 as_root() { if [ "$(id -u)" -eq 0 ]; then "$@"; else sudo "$@"; fi; }
 

@@ -17,7 +17,7 @@ from typing import Any, Callable
 
 import requests
 
-from labmetal.agent import bootloader, delta, fetch, partition, power, wipe, writer
+from labmetal.agent import bootloader, delta, fetch, partition, power, proof, wipe, writer
 from labmetal.agent.disk import as_block_device
 from labmetal.agent.identity import Identity
 from labmetal.agent.writer import Progress
@@ -25,15 +25,18 @@ from labmetal.agent.manifest import Manifest
 
 LOG = logging.getLogger(__name__)
 
-DISK_WRITERS = frozenset({"write_image", "deploy_partition_image", "wipe_metadata"})
+DISK_WRITERS = frozenset({"write_image", "deploy_partition_image", "install_bootloader",
+                          "wipe_metadata"})
 REQUIRED_PARAMS: dict[str, tuple[str, ...]] = {
     "write_image": ("manifest_url", "packed_url"),
-    "deploy_partition_image": ("manifest_url", "packed_url", "kernel_url", "ramdisk_url"),
+    "deploy_partition_image": ("manifest_url", "packed_url"),
+    "install_bootloader": ("kernel_url", "ramdisk_url"),
     "wipe_metadata": (),
     "power_off": (),
     "reboot": (),
     "export_iscsi": (),
     "unexport_iscsi": (),
+    "prove_disk": ("nonce", "extents"),
 }
 
 
@@ -80,6 +83,10 @@ class Commands:
         self._lock = threading.Lock()
         self._iscsi: Any = None
         self._iscsi_lock = threading.Lock()
+        # Where the last image went (the disk, and the byte its first byte is at): what a
+        # prove_disk challenge reads.
+        self._written: tuple[str, int] | None = None
+        self._layout: partition.Layout | None = None  # of the last partition image
         self._handlers: dict[str, Callable[[Command], dict[str, Any]]] = {
             "write_image": self._write_image,
             "deploy_partition_image": self._deploy_partition_image,
@@ -88,6 +95,8 @@ class Commands:
             "reboot": lambda command: power.run(self.seat.reboot_cmd),
             "export_iscsi": self._export_iscsi,
             "unexport_iscsi": self._unexport_iscsi,
+            "prove_disk": self._prove_disk,
+            "install_bootloader": self._install_bootloader,
         }
 
     def submit(self, name: str, params: dict[str, Any], request_id: str) -> tuple[Command, bool]:
@@ -141,7 +150,10 @@ class Commands:
     def _write_image(self, command: Command) -> dict[str, Any]:
         session = requests.Session()
         manifest = fetch.manifest(session, command.params["manifest_url"])
-        return asdict(self._write(command, session, manifest, self._disk()))
+        self._written = None
+        result = asdict(self._write(command, session, manifest, self._disk()))
+        self._written = (self._disk(), 0)
+        return result
 
     @staticmethod
     def _write(command: Command, session: requests.Session, manifest: Manifest,
@@ -163,6 +175,9 @@ class Commands:
                                        group["job"], have=have)
 
     def _deploy_partition_image(self, command: Command) -> dict[str, Any]:
+        """The partition layout for the boot mode and the image into its root partition.
+        The boot loader comes with ``install_bootloader``, once the conductor has checked
+        the receipt: installing it changes the root file system, the image's bytes."""
         params = command.params
         boot_mode = params.get("boot_mode", "auto")
         if boot_mode == "auto":  # as this PC booted the ramdisk
@@ -173,8 +188,7 @@ class Commands:
         manifest = fetch.manifest(session, params["manifest_url"])
         target = self._disk()
         writer.check_fits(target, partition.disk_needed(manifest.raw_size, boot_mode))
-        kernel, ramdisk = params["kernel_url"], params["ramdisk_url"]
-        cmdline = params.get("kernel_cmdline", "")
+        self._written = self._layout = None
         with as_block_device(target) as device:
             wipe.wipe_metadata(device)
             # Delta stays valid here: the root partition is made again at the same place
@@ -182,18 +196,41 @@ class Commands:
             # wipe erased inside the partition (the file system's magic) fails its check.
             if boot_mode == "uefi":
                 esp, root = partition.make_uefi_layout(device, manifest.raw_size)
-                written = self._write(command, session, manifest, root.node)
-                boot = bootloader.install_uefi(session, esp, root, kernel, ramdisk, cmdline)
-                number = 2
             else:
-                root = partition.make_root_partition(device, manifest.raw_size)
-                written = self._write(command, session, manifest, root.node)
-                boot = bootloader.install(session, device, root, kernel, ramdisk, cmdline)
-                number = 1
+                esp, root = None, partition.make_root_partition(device, manifest.raw_size)
+            written = self._write(command, session, manifest, root.node)
+        self._written = (target, root.start)
+        self._layout = partition.Layout(boot_mode, esp, root)
         return {**asdict(written), "boot_mode": boot_mode, "partition": {
-            "number": number, "start": root.start, "size": root.size}, **boot}
+            "number": self._layout.root_number, "start": root.start, "size": root.size}}
+
+    def _install_bootloader(self, command: Command) -> dict[str, Any]:
+        """The kernel, initrd and boot loader of the partition image just written: extlinux
+        and MBR code on BIOS, signed shim and GRUB on the EFI system partition on UEFI."""
+        params = command.params
+        layout = self._layout
+        if layout is None:
+            raise RuntimeError("no partition image was written since this agent started")
+        session = requests.Session()
+        kernel, ramdisk = params["kernel_url"], params["ramdisk_url"]
+        cmdline = params.get("kernel_cmdline", "")
+        self._written = None  # the root file system changes now: no receipt of it after
+        with as_block_device(self._disk()) as device:
+            esp, root = layout.on(device)
+            if esp is not None:
+                return bootloader.install_uefi(session, esp, root, kernel, ramdisk, cmdline)
+            return bootloader.install(session, device, root, kernel, ramdisk, cmdline)
+
+    def _prove_disk(self, command: Command) -> dict[str, Any]:
+        """The receipt of the last write: the challenge's HMAC over the disk's bytes."""
+        challenge = proof.Challenge.from_params(command.params)
+        if self._written is None:
+            raise RuntimeError("no image was written since this agent started")
+        disk, base = self._written
+        return {"hmac": proof.digest(disk, base, challenge)}
 
     def _wipe_metadata(self, command: Command) -> dict[str, Any]:
+        self._written = self._layout = None
         with as_block_device(self._disk()) as device:
             return {"erased": wipe.wipe_metadata(device)}
 

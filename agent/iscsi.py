@@ -7,7 +7,9 @@ anywhere). The disk is always LUN 1: tgt keeps LUN 0 for its controller, and iPX
 `sanboot iscsi:<server>:::1:<iqn>` and the conductor both expect 1.
 
 Runs inside the deploy ramdisk: standard library and subprocess only; rtslib-fb is imported
-on the LIO path alone. CHAP secrets are never logged (`Chap` hides its secret from repr).
+on the LIO path alone. CHAP secrets are never logged (`Chap` hides its secret from repr) and
+never on a command line (any local user reads those): tgtd gets its accounts over its
+management socket (agent/tgt_mgmt.py), not from tgtadm.
 """
 from __future__ import annotations
 
@@ -27,6 +29,8 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Iterable
+
+from labmetal.agent import tgt_mgmt
 
 LOG = logging.getLogger(__name__)
 
@@ -157,6 +161,10 @@ class TgtExporter(DiskExporter):
 
     tgtd starts at the first export, listening only on that export's portal; a later export
     on another portal adds it (tgt's portals serve every target of the daemon).
+
+    ``run_dir`` holds the control socket, pid file and log: it must be private to this
+    process (the conductor's comes from labmetal/rundir.py's ``private_dir``); None makes a
+    fresh one with mkdtemp, removed at ``close()``.
     """
     name = "tgtd"
 
@@ -218,8 +226,7 @@ class TgtExporter(DiskExporter):
                              str(tid), "--initiator-name", name)
             if chap:
                 if chap.user not in self._accounts:
-                    self._tgtadm("--lld", "iscsi", "--mode", "account", "--op", "new", "--user",
-                                 chap.user, "--password", chap.secret)
+                    self._new_account(chap)
                     self._accounts[chap.user] = chap.secret
                 self._tgtadm("--lld", "iscsi", "--mode", "account", "--op", "bind", "--tid",
                              str(tid), "--user", chap.user)
@@ -296,10 +303,18 @@ class TgtExporter(DiskExporter):
     def _env(self) -> dict[str, str]:
         return {**os.environ, "TGT_IPC_SOCKET": str(self._socket_base)}
 
+    def _new_account(self, chap: Chap) -> None:
+        """tgtadm would need the secret in its argv: ask tgtd over its socket instead."""
+        try:
+            tgt_mgmt.new_account(self.socket_path, chap.user, chap.secret, self.stop_timeout)
+        except (tgt_mgmt.TgtMgmtError, ValueError) as error:
+            raise ExportError(f"tgtd could not make CHAP account {chap.user!r}: {error}") \
+                from None
+
     def _tgtadm(self, *args: str, check: bool = True) -> str:
+        """tgtadm for everything but accounts' secrets (see ``_new_account``)."""
         argv = ["tgtadm", "--control-port", str(self.control_port), *args]
-        shown = " ".join("******" if previous == "--password" else arg
-                         for previous, arg in zip(["", *argv], argv))
+        shown = " ".join(argv)
         try:
             result = subprocess.run(argv, env=self._env(), capture_output=True, text=True,
                                     timeout=self.stop_timeout)
@@ -348,7 +363,7 @@ class TgtExporter(DiskExporter):
                               "unix socket; use a shorter run_dir")
         if shutil.which("tgtd") is None:
             raise ExportError("tgtd is not installed (Debian package tgt)")
-        self.run_dir.mkdir(parents=True, exist_ok=True)
+        self.run_dir.mkdir(mode=0o700, parents=True, exist_ok=True)
         with open(self.log_path, "ab") as log:
             self._process = subprocess.Popen(
                 ["tgtd", "-f", "--control-port", str(self.control_port), "--iscsi",

@@ -30,6 +30,32 @@ class RootPartition:
     partuuid: str  # msdos: <disk signature>-<number>, as the kernel reads root=PARTUUID=
 
 
+@dataclass(frozen=True)
+class Layout:
+    """What a partition image's write left on the disk, for the boot loader that follows
+    (in another command: the disk is attached again, and may get other device nodes)."""
+    boot_mode: str  # bios | uefi
+    esp: EspPartition | None
+    root: RootPartition
+
+    @property
+    def root_number(self) -> int:
+        return 2 if self.esp is not None else 1
+
+    def on(self, device: str) -> tuple[EspPartition | None, RootPartition]:
+        """The partitions again, with their nodes on ``device`` as attached now."""
+        root = RootPartition(node=partition_node(device, self.root_number),
+                             start=self.root.start, size=self.root.size,
+                             partuuid=self.root.partuuid)
+        wait_for_node(root.node)
+        if self.esp is None:
+            return None, root
+        esp = EspPartition(node=partition_node(device, 1), start=self.esp.start,
+                           size=self.esp.size)
+        wait_for_node(esp.node)
+        return esp, root
+
+
 def disk_needed(image_size: int, boot_mode: str = "bios") -> int:
     esp = ESP_SIZE if boot_mode == "uefi" else 0
     return START + esp + _align(image_size) + (MIB if boot_mode == "uefi" else 0)  # GPT backup

@@ -1,18 +1,21 @@
 """The Flask application factory: Ironic-compatible /v1 plus labmetal's own resources."""
 from __future__ import annotations
 
+import io
 import logging
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any, BinaryIO
 
 from flask import Flask, Response, current_app, g, request
 from flask.sessions import SecureCookieSessionInterface
-from werkzeug.exceptions import HTTPException
+from werkzeug.exceptions import HTTPException, RequestEntityTooLarge
 
 from labmetal.api import microversion
-from labmetal.api.auth import (ANONYMOUS, NOBODY, SAFE_METHODS, Authenticator,
-                               Unauthenticated, csrf_ok, csrf_refused)
+from labmetal.api.auth import (ANONYMOUS, NOBODY, SAFE_METHODS, Authenticator, Throttled,
+                               Unauthenticated, cross_site_refusal, csrf_ok, csrf_refused,
+                               throttled_response)
 from labmetal.api.errors import ApiError, error_response
+from labmetal.api.validation import RequestJSON, body_limit, takes_form
 from labmetal.conductor.drivers import HardwareType
 from labmetal.conductor.registry import ConductorRegistry
 from labmetal.conductor.rpcapi import ConductorAPI
@@ -54,10 +57,11 @@ class SessionCookies(SecureCookieSessionInterface):
 def create_app(svc: Services) -> Flask:
     from labmetal.api import (agent, boot, conductors, drivers, images, rooms,  # blueprints
                               login, node_states, nodes, pages, ports, root, sessions, users)
-    from labmetal.api import room_tp, seat_login, session_export
+    from labmetal.api import front_check, room_tp, seat_login, session_export
 
     app = Flask("labmetal.api", static_folder=None)  # every route is a view of ours
     app.extensions["labmetal"] = svc
+    app.json = RequestJSON(app)
     app.json.sort_keys = False
     app.url_map.strict_slashes = False  # Ironic's client asks for /v1/nodes/?fields=...
     app.secret_key = svc.box.derive("web session cookies")
@@ -68,29 +72,42 @@ def create_app(svc: Services) -> Flask:
     app.extensions["labmetal.auth"] = authenticator
 
     @app.before_request
-    def negotiate_and_authenticate() -> Response | None:
+    def bound_negotiate_and_authenticate() -> Response | None:
+        """In this order, and nothing reads the body before the view: bound the body,
+        negotiate the version, find the caller (401, or 429 while its password guesses are
+        slowed), refuse what another site could have sent, check the login cookie's CSRF
+        token."""
+        view = app.view_functions.get(request.endpoint or "")
+        too_large = bound_body(view)
+        if too_large is not None:
+            return too_large
         try:
             g.version = microversion.requested(request.headers.get(microversion.HEADER),
                                                request.headers.get("OpenStack-API-Version"))
         except microversion.VersionError as error:
             return error_response(error.status, str(error))
         g.caller = NOBODY
-        if authenticator is None:
-            return None
-        view = app.view_functions.get(request.endpoint or "")
         is_public = hasattr(view, "public_reason")
-        try:
-            caller = authenticator.identify(request)
-        except Unauthenticated as error:
-            if not is_public:
-                return _challenge(str(error))
-            caller = None
-        g.caller = caller or ANONYMOUS
-        if caller is None and not is_public:
-            return _challenge("Authentication required: an API token (X-Auth-Token), HTTP "
-                              "basic credentials of a labmetal user, or a login session")
-        if (caller is not None and caller.via == "session"
-                and request.method not in SAFE_METHODS and not csrf_ok(request)):
+        if authenticator is not None:
+            try:
+                caller = authenticator.identify(request)
+            except Throttled as error:
+                return throttled_response(error)
+            except Unauthenticated as error:
+                if not is_public:
+                    return _challenge(str(error))
+                caller = None
+            g.caller = caller or ANONYMOUS
+            if caller is None and not is_public:
+                return _challenge("Authentication required: an API token (X-Auth-Token), "
+                                  "HTTP basic credentials of a labmetal user, or a login "
+                                  "session")
+        if not is_public:
+            refused = cross_site_refusal(request, g.caller, takes_form(view))
+            if refused is not None:
+                return error_response(refused.status, refused.message)
+        if (g.caller.via == "session" and request.method not in SAFE_METHODS
+                and not csrf_ok(request)):
             refused = csrf_refused()
             return error_response(refused.status, refused.message)
         return None
@@ -107,6 +124,11 @@ def create_app(svc: Services) -> Flask:
     @app.errorhandler(ApiError)
     def api_error(error: ApiError) -> Response:
         return error_response(error.status, error.message)
+
+    @app.errorhandler(RequestEntityTooLarge)
+    def body_too_large(error: RequestEntityTooLarge) -> Response:
+        """A body without Content-Length (chunked) found too long while it was read."""
+        return _too_large(g.get("body_limit"))
 
     @app.errorhandler(HTTPException)
     def http_error(error: HTTPException) -> Response:
@@ -125,7 +147,52 @@ def create_app(svc: Services) -> Flask:
     app.register_blueprint(session_export.blueprint)
     app.register_blueprint(seat_login.blueprint)
     app.register_blueprint(room_tp.blueprint)
+    app.register_blueprint(front_check.blueprint)
     return app
+
+
+def bound_body(view) -> Response | None:
+    """Bound the request's body before anything reads it: 413 at once for a Content-Length
+    over the view's limit (the body is never read), and a body of unknown length (chunked)
+    is stopped with 413 once it is longer than the limit (at most the limit and one byte
+    are read). A view that streams its body (``@streams``) checks Content-Length itself,
+    with its own message, and reads the byte past its limit itself to say so."""
+    limit, streams = body_limit(view)
+    g.body_limit = limit
+    if not streams and (request.content_length or 0) > limit:
+        return _too_large(limit)
+    most = limit + 1 if streams else limit
+    request.environ["wsgi.input"] = BoundedInput(request.environ["wsgi.input"], most)
+    request.max_content_length = most + 1  # Werkzeug's own check of Content-Length
+    return None
+
+
+class BoundedInput(io.RawIOBase):
+    """A request body that may not be longer than ``most`` bytes: a read past them raises
+    413, after at most ``most`` + 1 bytes were taken from the client. (Werkzeug's own
+    maximum cuts a body read whole at the maximum, silently.)"""
+
+    def __init__(self, stream: BinaryIO, most: int):
+        self.stream = stream
+        self.most = most
+        self.taken = 0
+
+    def readable(self) -> bool:
+        return True
+
+    def readinto(self, buffer: Any) -> int:
+        data = self.stream.read(min(len(buffer), self.most + 1 - self.taken))
+        self.taken += len(data)
+        if self.taken > self.most:
+            raise RequestEntityTooLarge()
+        buffer[:len(data)] = data
+        return len(data)
+
+
+def _too_large(limit: int | None) -> Response:
+    size = f"{limit} bytes" if limit is None or limit % 2**20 else f"{limit // 2**20} MiB"
+    return error_response(413, f"The request body is larger than the {size} this request "
+                               "may have")
 
 
 def _challenge(message: str) -> Response:

@@ -4,6 +4,8 @@ takeover. /boot/<mac>.grub renders the same decision for GRUB (Secure Boot seats
 conductor's TFTP relays it, as GRUB has no HTTP)."""
 from __future__ import annotations
 
+import logging
+
 from flask import Blueprint, Response
 from sqlalchemy import select
 
@@ -11,6 +13,7 @@ from labmetal import states
 from labmetal.api.app import services
 from labmetal.api.auth import public
 from labmetal.api.errors import not_found
+from labmetal.api.seat_address import caller_address, holds_lease, leases_known
 from labmetal.api.sessions import seat_iqn
 from labmetal.api.validation import produces
 from labmetal.models import Image, Node, Port, StudentSession, Template, User
@@ -18,6 +21,7 @@ from labmetal.pxe import grub
 from labmetal.pxe.ipxe import (BootScript, ChainScript, IdleScript, LocalDiskScript, RamdiskScript,
                                SanbootScript, SeatMenuScript, script_mac)
 
+LOG = logging.getLogger(__name__)
 blueprint = Blueprint("boot", __name__)
 
 
@@ -91,20 +95,37 @@ def _offers_login() -> bool:
                               .limit(1)) is not None
 
 
-def _session(node: Node) -> SanbootScript | None:
-    """The student's session running on this seat, if any: the seat boots its disk."""
+def _session(node: Node) -> SanbootScript | IdleScript | None:
+    """The student's session running on this seat, if any: the seat boots its disk. Its
+    script holds the session's CHAP secret, so it goes to the seat alone: the address
+    leased to the seat's MAC, or (where labmetal leases nothing) the first to ask for it
+    after the start (DESIGN §11)."""
     svc = services()
-    with svc.db.read() as session:
+    address = caller_address()
+    with svc.db.write() as session:
         row = session.execute(
             select(StudentSession, User.name).join(User, User.id == StudentSession.user_id)
             .where(StudentSession.seat_node_id == node.id,
                    StudentSession.state == "running")).first()
-    if row is None or not row[0].target_portal or not row[0].target_iqn:
-        return None
-    ses, student = row
-    host, _, port = ses.target_portal.rpartition(":")
-    return SanbootScript(host, int(port), ses.target_iqn, seat_iqn(node.uuid), ses.chap_user,
-                         svc.box.open(ses.chap_secret), student)
+        if row is None or not row[0].target_portal or not row[0].target_iqn:
+            return None
+        ses, student = row
+        macs = session.scalars(select(Port.address).where(Port.node_id == node.id)).all()
+        if leases_known(svc.settings):
+            allowed = holds_lease(session, macs, address)
+        else:
+            if ses.seat_address is None:
+                ses.seat_address = address
+            allowed = ses.seat_address == address
+        if not allowed:
+            LOG.warning("session %s's boot script refused to %s: not seat %s's address",
+                        ses.uuid, address, node.name or node.uuid)
+            return IdleScript(f"this address ({address}) is not seat {node.name or node.uuid}'s")
+        portal, iqn, chap_user, sealed = (ses.target_portal, ses.target_iqn, ses.chap_user,
+                                          ses.chap_secret)
+    host, _, port = portal.rpartition(":")
+    return SanbootScript(host, int(port), iqn, seat_iqn(node.uuid), chap_user,
+                         svc.box.open(sealed), student)
 
 
 def _ramdisk(node: Node | None, mode: str, mac: str) -> RamdiskScript | None:

@@ -4,7 +4,10 @@ from __future__ import annotations
 
 import logging
 import re
+import threading
 import uuid as uuidlib
+from collections.abc import Iterator
+from contextlib import contextmanager
 from typing import Any
 
 from flask import Blueprint, request, send_file
@@ -16,7 +19,8 @@ from labmetal.api.app import services
 from labmetal.api.auth import authorize, public
 from labmetal.api.common import base_url, is_uuid, isotime, links, page
 from labmetal.api.errors import ApiError, bad_request, conflict, not_found
-from labmetal.api.validation import  Field, accepts, body, not_uuid, obj, paging, produces, query
+from labmetal.api.validation import (Field, accepts, body, name_check, obj, paging, produces,
+                                     query, streams)
 from labmetal.images.inspect import FORMATS, ImageRejected
 from labmetal.images.registry import  ACTIVE, DISK_KINDS, QUEUED, AlreadyActive, ImageGone, ingest
 from labmetal.images.store import ImageStore, UploadTooLarge
@@ -80,15 +84,15 @@ def linked_uuids(session: Session, images: list[Image]) -> dict[int, str]:
 
 
 # -- validation --------------------------------------------------------------------------
-_NAME_RULE = ("an image name uses letters, digits and '-._~' only (at most 255) and must not "
-              "look like a UUID")
+_NAME_RULE = ("an image name uses letters, digits and '-._~' only (at most 255), is not '.' "
+              "or '..' and must not look like a UUID")
 _BAD_NAME = "Invalid name {value!r}: " + _NAME_RULE + " (field: name)"
 
 
 NEW_IMAGE = obj(
     "a new image",
     Field("name", str, required=True, pattern=NAME_PATTERN.pattern, description=_NAME_RULE,
-          example="debian-12", error=_BAD_NAME, check=not_uuid(_BAD_NAME)),
+          example="debian-12", error=_BAD_NAME, check=name_check(_BAD_NAME)),
     Field("kind", str, required=True, enum=KINDS,
           error=f"Unknown kind {{value!r}}; kinds: {', '.join(KINDS)} (field: kind)"),
     Field("disk_format", str | None, enum=FORMATS,
@@ -203,11 +207,14 @@ def create_image(body: dict[str, Any]):
 
 @blueprint.put("/v1/images/<ident>/data")
 @authorize("image:upload")
+@streams(lambda: services().settings.max_image_size)
 @accepts("application/octet-stream", "the image file (raw, qcow2, a kernel or a ramdisk), "
                                      "streamed; at most max_image_size bytes")
 def upload_image_data(ident: str):
-    """The body is the image itself, read from the stream in pieces. The image's sha256,
-    when given at creation, is the checksum the upload must have."""
+    """The body is the image itself, read from the stream in pieces, once the caller is
+    known and allowed (nothing reads it before). The image's sha256, when given at
+    creation, is the checksum the upload must have. One upload of an image at a time: a
+    second one while the first is read is refused at once (409)."""
     svc = services()
     store = image_store()
     with svc.db.read() as session:
@@ -217,22 +224,44 @@ def upload_image_data(ident: str):
     if (request.content_length or 0) > store.max_size:
         raise ApiError(413, f"Image {image.name} rejected: the upload is larger than the "
                             f"limit of {store.max_size} bytes (max_image_size)")
-    try:
-        current = ingest(svc.db, store, image, request.stream)
-    except ImageGone:
-        raise not_found(f"Image {ident} was deleted during its upload.") from None
-    except AlreadyActive as error:
-        raise _already_active(error.image) from None
-    except UploadTooLarge as error:
-        raise ApiError(413, f"Image {image.name} rejected: {error}") from None
-    except ImageRejected as error:
-        LOG.info("upload of image %s (%s) rejected: %s", image.name, image.uuid, error)
-        raise bad_request(f"Image {image.name} rejected: {error}") from None
+    with _receiving(image):
+        try:
+            current = ingest(svc.db, store, image, request.stream)
+        except ImageGone:
+            raise not_found(f"Image {ident} was deleted during its upload.") from None
+        except AlreadyActive:  # another process's upload of it finished first
+            raise _already_active(image) from None
+        except UploadTooLarge as error:
+            raise ApiError(413, f"Image {image.name} rejected: {error}") from None
+        except ImageRejected as error:
+            LOG.info("upload of image %s (%s) rejected: %s", image.name, image.uuid, error)
+            raise bad_request(f"Image {image.name} rejected: {error}") from None
     with svc.db.read() as session:
         view = image_view(current, linked_uuids(session, [current]))
     LOG.info("image %s (%s) active: %s, %s bytes", image.name, image.uuid,
              view["disk_format"] or image.kind, view["size"])
     return view
+
+
+_uploads_lock = threading.Lock()
+_uploads: set[str] = set()  # the images this process is receiving now
+
+
+@contextmanager
+def _receiving(image: Image) -> Iterator[None]:
+    """This process's claim on an image's upload, or 409 if another request holds it. A
+    second upload would otherwise be read and converted in full only to be refused at the
+    end (by ``ingest``, which also refuses one that another process finished first)."""
+    with _uploads_lock:
+        if image.uuid in _uploads:
+            raise conflict(f"Image {image.name} is being uploaded by another request; wait "
+                           "for it to end")
+        _uploads.add(image.uuid)
+    try:
+        yield
+    finally:
+        with _uploads_lock:
+            _uploads.discard(image.uuid)
 
 
 def _already_active(image: Image) -> ApiError:

@@ -14,8 +14,8 @@ from flask import Blueprint, Response, current_app, g, redirect, request, sessio
 
 from labmetal import tokens
 from labmetal.api.app import services
-from labmetal.api.auth import (ANONYMOUS, CSRF_FIELD, CSRF_HEADER, authorize, csrf_ok,
-                               csrf_refused, csrf_token, public)
+from labmetal.api.auth import (ANONYMOUS, CSRF_FIELD, CSRF_HEADER, Throttled, authorize,
+                               csrf_ok, csrf_refused, csrf_token, public, throttled_response)
 from labmetal.api.common import isotime
 from labmetal.api.errors import ApiError, bad_request, not_found
 from labmetal.api.validation import Field, body, obj, produces
@@ -105,27 +105,45 @@ def login(body: dict[str, Any]):
     if not csrf_ok(request):
         raise csrf_refused()
     name, password = body["user"], body["password"]
-    user = current_app.extensions["labmetal.auth"].check_password(name, password)
+    try:
+        user = current_app.extensions["labmetal.auth"].check_password(
+            name, password, request.remote_addr or "")
+    except Throttled as error:  # too many wrong passwords lately: no check at all
+        if as_json:
+            return throttled_response(error)
+        response = _form(f"{error}.", 429)
+        response.headers["Retry-After"] = str(error.retry_after)
+        return response
     if user is None:
         if as_json:
             raise ApiError(401, "Wrong user name or password")
         return _form("Wrong user name or password.", 401)
     # Idleness ends it early; token_lifetime bounds it even if used all along.
-    issued = tokens.issue(svc.db, user.id, tokens.WEB, lifetime=svc.settings.token_lifetime,
-                          description=(request.user_agent.string or "")[:200] or None)
+    try:
+        issued = tokens.issue(svc.db, user.id, tokens.WEB,
+                              lifetime=svc.settings.token_lifetime,
+                              description=(request.user_agent.string or "")[:200] or None)
+    except tokens.AccountGone as error:
+        raise ApiError(401, str(error)) from None
     session.clear()  # a new CSRF token with the new session
     session["sid"] = issued.secret
     LOG.info("user %s (%s) logged in; web session %s", user.name, user.role, issued.token.uuid)
     if as_json:
         return {"user": user.name, "role": user.role, "csrf_token": csrf_token()}
-    return redirect(_next_page(), code=303)
+    return redirect(local_target(request.args.get("next", "")) or "/login", code=303)
 
 
-def _next_page() -> str:
-    """Only a path on this site: an open redirect would help phishing."""
-    target = request.args.get("next", "")
-    local = target.startswith("/") and target[1:2] not in ("/", "\\") and "\\" not in target
-    return target if local else "/login"
+def local_target(target: str) -> str | None:
+    """``target`` if it is a path on this site, else None: a redirect elsewhere would help
+    phishing. Only printable ASCII with no space (a browser drops tabs and newlines from a
+    URL, so ``/<tab>/evil.example`` is ``//evil.example``; a newline would also end the
+    Location header), one leading ``/`` (``//host`` is another site, and browsers read
+    ``\\`` as ``/``), no backslash anywhere."""
+    printable = all("!" <= char <= "~" for char in target)
+    if (printable and target.startswith("/") and not target.startswith("//")
+            and "\\" not in target):
+        return target
+    return None
 
 
 @blueprint.post("/logout")
@@ -178,7 +196,10 @@ def create_token(body: dict[str, Any]):
         raise bad_request(f"expires_in must be a number of seconds from 1 to {lifetime:g} "
                           "(the token_lifetime setting)")
     description = body.get("description")
-    issued = tokens.issue(svc.db, caller.user_id, tokens.API, expires_in, description)
+    try:
+        issued = tokens.issue(svc.db, caller.user_id, tokens.API, expires_in, description)
+    except tokens.AccountGone as error:  # deleted or disabled since this request began
+        raise ApiError(401, str(error)) from None
     LOG.info("API token %s issued to %s", issued.token.uuid, caller.name)
     view = token_view(issued.token, caller.name) | {"token": issued.secret}
     return view, 201, {"Cache-Control": "no-store"}

@@ -121,7 +121,8 @@ def set_provision_state(ident: str, body: dict[str, Any]):
     if verb == "abort":
         values.update(last_error=f"{node.provision_state} aborted by "
                                  f"{caller_name() or 'a user'}",
-                      agent_token=None, agent_token_given=False, agent_url=None)
+                      agent_token=None, agent_token_given=False, agent_url=None,
+                      agent_address=None, agent_alarm=None)
     condition = (Node.provision_state == node.provision_state,)
     if step.action is None:
         _change_now(node, values, condition, event)

@@ -14,7 +14,7 @@ from labmetal.api.app import services
 from labmetal.api.auth import authorize
 from labmetal.api.common import  caller_name, find_node, isotime, links, page, select_fields
 from labmetal.api.errors import ApiError, bad_request, conflict
-from labmetal.api.validation import (DETAIL, PATCH, Field, body, fields_param, not_uuid, obj,
+from labmetal.api.validation import (DETAIL, PATCH, Field, body, fields_param, name_check, obj,
                                      paging, query, validate)
 from labmetal.conductor.power.base import InvalidDriverInfo
 from labmetal.models import Node, new_uuid
@@ -85,8 +85,8 @@ _FIELD_NAMES = (
     "created_at", "updated_at", "links", "ports", "states")
 
 
-_NAME_RULE = ("a node name uses letters, digits and '-._~' only (at most 255) and must not look "
-              "like a UUID")
+_NAME_RULE = ("a node name uses letters, digits and '-._~' only (at most 255), is not '.' or "
+              "'..' and must not look like a UUID")
 _BAD_NAME = "Invalid name {value!r}: " + _NAME_RULE
 
 
@@ -96,7 +96,7 @@ _WRITABLE_FIELDS = (
           description="the hardware type: one of GET /v1/drivers"),
     Field("name", str | None, pattern=NAME_PATTERN.pattern, description=_NAME_RULE,
           example="tpr2-a01",
-          error=_BAD_NAME, check=not_uuid(_BAD_NAME)),
+          error=_BAD_NAME, check=name_check(_BAD_NAME)),
     *(Field(key, dict, description=f"the node's {key}, a JSON object") for key in DICT_FIELDS),
     Field("instance_uuid", str | None),
     Field("description", str | None),

@@ -23,6 +23,7 @@ from flask import (Blueprint, Response, g, redirect, render_template, request,
 from labmetal import states
 from labmetal.api.app import services
 from labmetal.api.auth import ANONYMOUS, CSRF_FIELD, csrf_token, public
+from labmetal.api.login import local_target
 from labmetal.api.validation import produces
 from labmetal.policy import ACTIONS, Verdict
 
@@ -169,13 +170,12 @@ def _dress_the_login_form(state) -> None:
 
     def login_form():
         caller = g.caller
-        target = request.args.get("next", "")
-        local = target.startswith("/") and target[1:2] not in ("/", "\\") and "\\" not in target
+        target = local_target(request.args.get("next", ""))
         if caller.name or services().settings.auth == "noauth":
-            if local and caller.name:
+            if target and caller.name:
                 return redirect(target, code=303)
             return _render("login", None, logged_in=True, target=f"{UI}/")
-        return _render("login", None, logged_in=False, target=target if local else f"{UI}/")
+        return _render("login", None, logged_in=False, target=target or f"{UI}/")
 
     login_form.public_reason = bare.public_reason  # type: ignore[attr-defined]
     login_form.produces = bare.produces  # type: ignore[attr-defined]

@@ -20,10 +20,10 @@ from labmetal import history, schedule, states
 from labmetal.api.app import services
 from labmetal.api.auth import authorize, check_allowed
 from labmetal.api.common import caller_name, find_node, is_uuid, isotime, links
-from labmetal.api.errors import bad_request, conflict, not_found
+from labmetal.api.errors import ApiError, bad_request, conflict, not_found
 from labmetal.api.nodes import check_fields
 from labmetal.api.ports import normalize_mac
-from labmetal.api.validation import Field, accepts, body, not_uuid, obj
+from labmetal.api.validation import DOT_NAMES, Field, accepts, body, name_check, obj
 from labmetal.conductor.roomjobs import cancel_waits
 from labmetal.models import (Image, Node, Port, Room, RoomJob, RoomJobSeat, Seat, StudentSession,
                              User, new_uuid, utcnow)
@@ -41,11 +41,12 @@ CSV_COLUMNS = ("seat", "name", "mac", "driver", "ipmi_address", "ipmi_port", "ip
                "ipmi_password", "wol_host", "wol_port", "deploy_kernel", "deploy_ramdisk")
 
 _DESCRIPTION = Field("description", str | None, description="free text, for people")
-_BAD_NAME = "Invalid room name {value!r}: 1-64 of letters, digits and '._-', not a UUID"
+_BAD_NAME = ("Invalid room name {value!r}: 1-64 of letters, digits and '._-', not '.' or "
+             "'..', not a UUID")
 NEW_ROOM = obj("a new room",
                Field("name", str, required=True, pattern=ROOM_NAME.pattern,
-                     description="1-64 of letters, digits and '._-', not a UUID",
-                     example="TPR-2", error=_BAD_NAME, check=not_uuid(_BAD_NAME)),
+                     description="1-64 of letters, digits and '._-', not '.' or '..', not a UUID",
+                     example="TPR-2", error=_BAD_NAME, check=name_check(_BAD_NAME)),
                _DESCRIPTION)
 ROOM_CHANGE = obj("a room's change (only its description)", _DESCRIPTION)
 SEAT = obj("a seat", Field("node", str, required=True, description="a node's name or UUID",
@@ -219,8 +220,9 @@ def delete_room(ident: str):
 @authorize("room:update")
 @body(SEAT)
 def put_seat(ident: str, label: str, body: dict[str, Any]):
-    if not SEAT_LABEL.match(label):
-        raise bad_request(f"Invalid seat label {label!r}: 1-32 of letters, digits and '._-'")
+    if not seat_label_ok(label):
+        raise bad_request(f"Invalid seat label {label!r}: 1-32 of letters, digits and '._-', "
+                          "not '.' or '..'")
     with services().db.write() as session:
         room = find_room(session, ident)
         node = find_node(session, body["node"])
@@ -259,7 +261,13 @@ def _place(session: Session, room: Room, label: str, node: Node) -> None:
 def import_room(ident: str):
     """Seats from CSV (a header row, columns of CSV_COLUMNS): a MAC not known yet becomes a
     node with its port, a known MAC keeps its node and takes the seat. All rows or none:
-    one bad row and nothing changes, and every bad row is named."""
+    one bad row and nothing changes, and every bad row is named. Only as ``text/csv``: a
+    CSV sent as text/plain could come from another site's form with the browser's
+    remembered password (api/auth.py refuses those types everywhere, this view takes no
+    other type either)."""
+    if request.mimetype != "text/csv":
+        raise ApiError(415, "Send the room as CSV with Content-Type: text/csv (a header row, "
+                            f"then a seat a line: {','.join(CSV_COLUMNS)})")
     text = request.get_data(as_text=True)
     if not text.strip():
         raise bad_request(f"Send the room as CSV with a header row: {','.join(CSV_COLUMNS)}")
@@ -322,8 +330,13 @@ def _parse_csv(text: str) -> tuple[list[tuple[int, dict[str, Any]]], list[str]]:
     return rows, errors
 
 
+def seat_label_ok(label: str) -> bool:
+    """A seat label is in URLs too (``/v1/rooms/R/seats/A07``): not ``.`` nor ``..``."""
+    return bool(SEAT_LABEL.match(label)) and label not in DOT_NAMES
+
+
 def _row(cells: dict[str, str]) -> dict[str, Any]:
-    if not SEAT_LABEL.match(cells.get("seat", "")):
+    if not seat_label_ok(cells.get("seat", "")):
         raise ValueError(f"invalid seat label {cells.get('seat')!r}")
     mac = normalize_mac(cells.get("mac", ""))
     driver = cells.get("driver") or ("ipmi" if cells.get("ipmi_address") else "wol")

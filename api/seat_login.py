@@ -28,6 +28,7 @@ from labmetal.api.app import services
 from labmetal.api.auth import Caller, public
 from labmetal.api.boot import ipxe_response, mac_path, script_for
 from labmetal.api.errors import ApiError, bad_request, not_found
+from labmetal.api.seat_address import caller_address, holds_lease, leases_known
 from labmetal.api.sessions import LIVE, new_session, session_owner, start_on_seat
 from labmetal.api.validation import Field, produces, query
 from labmetal.models import  Node, Port, Room, Seat, StudentSession, Template, TemplateVersion, User
@@ -39,8 +40,8 @@ REALM = 'Basic realm="labmetal seat login"'
 IPXE = "text/plain"  # an iPXE script
 CHOICE = re.compile(r"[st]-[A-Za-z0-9-]{1,80}")
 TICKET_SECONDS = 600
-TICKET = Field("ticket", str, required=True, pattern=r"^[0-9]+\.[0-9a-f]{64}$",
-               example=f"1800000000.{'0' * 64}",
+TICKET = Field("ticket", str, required=True, pattern=r"^[0-9]{1,12}\.[0-9a-f]{64}$",
+               max_length=77, example=f"1800000000.{'0' * 64}",
                description="made by the login for this user and seat, for ten minutes")
 
 
@@ -57,10 +58,12 @@ def ticket_ok(value: str, user: str, mac: str) -> bool:
 
 
 def logged_in(view: Callable) -> Callable:
-    """A caller without a user's credentials gets the 401 that makes iPXE send them."""
+    """A caller without a user's credentials gets the 401 that makes iPXE send them. The
+    web login's cookie does not count: a browser sends it on its own, so a mere link to
+    this URL would start the student's session on a seat of the link's choosing."""
     @functools.wraps(view)
     def checked(*args: Any, **kwargs: Any) -> Any:
-        if g.caller.name is None:
+        if g.caller.name is None or g.caller.via == "session":
             return Response("labmetal: log in first\n", 401, {"WWW-Authenticate": REALM},
                             mimetype="text/plain")
         return view(*args, **kwargs)
@@ -76,6 +79,12 @@ def _seat(name: str) -> tuple[str, Node]:
                               .where(Port.address == mac))
     if node is None:
         raise not_found(f"this PC ({mac}) is not enrolled in labmetal")
+    svc = services()
+    if leases_known(svc.settings):
+        with svc.db.read() as session:
+            ours = holds_lease(session, [mac], caller_address())
+        if not ours:  # a login for a seat is made at that seat, not from a neighbour
+            raise ApiError(403, f"{caller_address()} is not the address of seat {mac}")
     return mac, node
 
 

@@ -1,6 +1,7 @@
 """GET /v1/sessions/<ident>/disk: a student's session disk, or one of its save points, as a
-standalone image file to download (qcow2 or raw), for a teacher to keep or grade (issue 7:
-"a teacher can list, reset or export a class's sessions").
+standalone image file to download (qcow2 or raw), for a teacher to keep or grade. Policy
+``session:export``: admins, teachers (anyone's: a copy changes nothing), a student their
+own; resetting or reverting a session stays its student's (``session:reset``, README).
 
 The storage backend writes the copy (``export_disk``) into a directory beside the sessions'
 data, under the store's lock: nothing can start, revert or reset the session meanwhile, and

@@ -50,8 +50,9 @@ from labmetal.db import Database
 from labmetal.images.overlays.base import OverlayBackend, OverlayError, Quota, Reason
 from labmetal.images.overlays.tgt import SessionTargets
 from labmetal.images.registry import ACTIVE
-from labmetal.models import (Image, Node, SessionSave, StudentSession, Template, TemplateVersion,
-                             User, new_uuid, utcnow)
+from labmetal.models import (Image, Node, Seat, SessionSave, StudentSession, Template,
+                             TemplateVersion, User, new_uuid, utcnow)
+from labmetal.policy import Verdict
 
 LOG = logging.getLogger(__name__)
 blueprint = Blueprint("sessions", __name__)
@@ -695,9 +696,7 @@ def start_on_seat(ident: str, seat_ident: str, boot: bool) -> dict[str, Any]:
                 StudentSession.seat_node_id == node.id, StudentSession.state.in_(BUSY)))
             if other:
                 raise conflict(f"Seat {node.name or node.uuid} is in use by another session")
-            if node.provision_state in states.RAMDISK_MODE:
-                raise conflict(f"Seat {node.name or node.uuid} is {node.provision_state}: it "
-                               "boots labmetal's ramdisk until that is done")
+            check_seat(session, node)
             previous = ses.state
             ses.state, ses.seat_node_id = "starting", node.id
             seat_name, seat_uuid = node.name or node.uuid, node.uuid
@@ -706,6 +705,7 @@ def start_on_seat(ident: str, seat_ident: str, boot: bool) -> dict[str, Any]:
             # the session ran is worth nothing once it ended.
             chap_user, secret = ses.chap_user, chap_secret()
             ses.chap_secret = svc.box.seal(secret)
+            ses.seat_address = None  # the next boot script binds it (api/boot.py)
         try:
             with backend_call() as backend:
                 check_class_quota(backend, template_id,
@@ -740,6 +740,29 @@ def start_on_seat(ident: str, seat_ident: str, boot: bool) -> dict[str, Any]:
                 session.flush()
                 view = session_view(ses)
     return view
+
+
+def check_seat(session: Session, node: Node) -> None:
+    """May the caller start a session on this node? Starting one powers the node on or
+    reboots it (or makes its next boot the session's), so a caller who may not power nodes
+    (``node:set_power_state``: students, by default) may start only on a seat of a room,
+    and only one that is not in maintenance nor in the middle of a provisioning action.
+    Nobody starts a session on a node that boots labmetal's ramdisk (deploy, clean,
+    inspect, capture)."""
+    name = node.name or node.uuid
+    if node.provision_state in states.RAMDISK_MODE:
+        raise conflict(f"Seat {name} is {node.provision_state}: it boots labmetal's ramdisk "
+                       "until that is done")
+    if services().policy.verdict("node:set_power_state", g.caller.role) is Verdict.ALLOWED:
+        return
+    if session.scalar(select(Seat.id).where(Seat.node_id == node.id)) is None:
+        raise ApiError(403, f"Node {name} is not a seat of a room: a session starts on a "
+                            "room's seat")
+    if node.maintenance:
+        raise conflict(f"Seat {name} is in maintenance; ask a teacher or an admin")
+    if node.target_provision_state is not None:
+        raise conflict(f"Seat {name} is {node.provision_state} (to "
+                       f"{node.target_provision_state}); try again when that is done")
 
 
 def boot_seat(node_uuid: str, reason: str) -> str | None:

@@ -5,7 +5,7 @@ from __future__ import annotations
 import logging
 from typing import Any
 
-from flask import Blueprint, current_app, g
+from flask import Blueprint, g
 
 from labmetal import tokens
 from labmetal.api.app import services
@@ -54,12 +54,6 @@ def _user(name: str) -> User:
 
 def _itself(name: str) -> str:
     return name
-
-
-def _forget(name: str) -> None:
-    authenticator = current_app.extensions.get("labmetal.auth")
-    if authenticator is not None:
-        authenticator.forget(name)
 
 
 @blueprint.get("/v1/users")
@@ -117,13 +111,14 @@ def update(name: str, body: dict[str, Any]):
     try:
         user = change_user(services().db, name, UserChange(
             role=body.get("role"), password=password, disabled=body.get("disabled")))
+    except LookupError:  # deleted since it was read above
+        raise not_found(f"User {name} could not be found.") from None
     except AccountError as error:
         raise bad_request(str(error)) from None
     if password is not None or body.get("disabled"):
         ended = tokens.revoke_all(services().db, user.id,
                                   keep=caller.token_uuid if itself else None)
         LOG.info("%d token(s) and session(s) of %s ended", ended, name)
-    _forget(name)
     changed = ", ".join(key for key in CHANGED if key in body)
     LOG.info("user %s changed (%s) by %s", name, changed, caller.name)
     return user_view(user)
@@ -138,6 +133,5 @@ def delete(name: str):
         raise not_found(f"User {name} could not be found.") from None
     except AccountError as error:
         raise conflict(str(error)) from None
-    _forget(name)
     LOG.info("user %s deleted by %s", name, g.caller.name)
     return "", 204

@@ -30,6 +30,13 @@ the document) cannot guess, such as one with a pattern, carries an ``example``.
 a response that is not JSON (pages, files). A view with no declaration still appears in
 the document, with its path parameters and policy.
 
+Bodies are bounded before anything reads them (api/app.py): ``DEFAULT_BODY_LIMIT`` for
+every view, unless it declares ``@streams(limit)`` (an image upload, read as a stream by
+the view itself). JSON is parsed by ``parse_json``, which refuses what Python's parser
+would take but the service cannot use: nesting deeper than ``MAX_JSON_DEPTH`` (the parser
+and the checks recurse), NaN and infinities (not JSON; they break arithmetic later), lone
+UTF-16 surrogates in strings (not text; the database cannot store them).
+
 To convert a view: declare its body with ``obj(...)`` beside it, put ``@body(SPEC)`` (and
 ``@query(...)``) just above the ``def``, under ``@authorize``/``@public``, take ``body`` as
 a parameter and delete the hand-written type, presence and unknown-attribute checks.
@@ -38,6 +45,8 @@ from __future__ import annotations
 
 import functools
 import inspect
+import json
+import math
 import re
 import types
 from collections.abc import Callable
@@ -45,6 +54,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from flask import request
+from flask.json.provider import DefaultJSONProvider
 
 from labmetal.api.auth import FORM_TYPES
 from labmetal.api.common import is_uuid
@@ -67,6 +77,12 @@ class _NoDefault:
 
 
 NO_DEFAULT: Any = _NoDefault()
+
+DEFAULT_BODY_LIMIT = 2**20  # bytes: any JSON body or CSV file; a view may declare @streams
+MAX_JSON_DEPTH = 32  # objects and lists inside each other; labmetal's bodies use a few
+# A string of JSON (escapes included), then the brackets outside strings.
+_JSON_STRING = re.compile(r'"[^"\\]*(?:\\.[^"\\]*)*"')
+_JSON_BRACKET = re.compile(r"[\[\]{}]")
 
 
 @dataclass(frozen=True)
@@ -172,6 +188,9 @@ def _pattern(pattern: str) -> re.Pattern[str]:
 
 
 def _check_number(spec: Field, path: str, value: float) -> None:
+    if not math.isfinite(value):  # "nan" or "inf" in a query; JSON bodies have none
+        raise _invalid(spec, path, value, f"Invalid {path or spec.name} {value!r}: expected "
+                                          f"{_WORDS[int if int in spec.types else float]}")
     low, high = spec.minimum, spec.maximum
     if (low is not None and value < low) or (high is not None and value > high):
         bounds = (f"from {low:g} to {high:g}" if low is not None and high is not None
@@ -241,6 +260,74 @@ def check_query(params: tuple[Field, ...]) -> dict[str, Any]:
     return checked
 
 
+# -- reading JSON -------------------------------------------------------------------------
+class JsonRefused(ValueError):
+    """A body that is JSON text but not one the service takes; the message says why."""
+
+
+def parse_json(data: str | bytes) -> Any:
+    """The JSON value of ``data``, or JsonRefused (ValueError). The depth is counted before
+    parsing: Python's parser recurses once per level, and a body of a few thousand ``[``
+    would end in RecursionError, a 500, instead of a clear 400. A string holding half of a
+    UTF-16 surrogate pair ("\\ud800" alone) is JSON but not text: the database cannot
+    store it (UnicodeEncodeError, a 500), so it is refused here too."""
+    text = data.decode(json.detect_encoding(data), "surrogatepass") \
+        if isinstance(data, bytes) else data
+    if nesting_depth(text) > MAX_JSON_DEPTH:
+        raise JsonRefused(f"objects and lists are nested deeper than {MAX_JSON_DEPTH} levels")
+    value = json.loads(text, parse_constant=_no_constant, parse_float=_finite)
+    try:
+        json.dumps(value, ensure_ascii=False).encode()
+    except UnicodeEncodeError:
+        raise JsonRefused("a string holds a lone UTF-16 surrogate (\\ud800 to \\udfff): "
+                          "not Unicode text") from None
+    return value
+
+
+def nesting_depth(text: str) -> int:
+    """How deep objects and lists nest in JSON text (strings left out); it stops counting
+    once past MAX_JSON_DEPTH."""
+    depth = deepest = 0
+    for bracket in _JSON_BRACKET.finditer(_JSON_STRING.sub("", text)):
+        if bracket.group() in "[{":
+            depth += 1
+            deepest = max(deepest, depth)
+            if deepest > MAX_JSON_DEPTH:
+                break
+        else:
+            depth -= 1
+    return deepest
+
+
+def _no_constant(name: str) -> Any:
+    raise JsonRefused(f"{name} is not a JSON number")
+
+
+def _finite(text: str) -> float:
+    value = float(text)
+    if not math.isfinite(value):
+        raise JsonRefused(f"{text[:40]} is too large a number")
+    return value
+
+
+class RequestJSON(DefaultJSONProvider):
+    """Flask's JSON, with ``parse_json`` for every request body (``request.get_json``)."""
+
+    def loads(self, s: str | bytes, **kwargs: Any) -> Any:
+        return parse_json(s)
+
+
+def json_body() -> Any:
+    """The request's JSON body; None when it is not sent as JSON (the check then says what
+    was expected); a 400 that says why when it is not valid JSON."""
+    if not request.is_json:
+        return None
+    try:
+        return parse_json(request.get_data(cache=True))
+    except ValueError as error:  # JsonRefused, json's own errors, bad UTF-8
+        raise bad_request(f"The request body is not valid JSON: {error}") from None
+
+
 # -- what the views wear ------------------------------------------------------------------
 @dataclass(frozen=True)
 class RequestBody:
@@ -268,7 +355,7 @@ def body(spec: Field, optional: bool = False, form: bool = False) -> Callable:
             elif optional and not request.get_data():
                 value = {}
             else:
-                value = request.get_json(silent=True)
+                value = json_body()
             value = validate(spec, value)
             return view(*args, **kwargs, **({"body": value} if takes else {}))
         checked.request_body = RequestBody(spec, media, not optional)  # type: ignore[attr-defined]
@@ -288,6 +375,29 @@ def query(*params: Field) -> Callable:
         checked.query_params = params  # type: ignore[attr-defined]
         return checked
     return wrap
+
+
+def streams(limit: Callable[[], int]) -> Callable[[Callable], Callable]:
+    """The view reads its body itself, as a stream, up to ``limit()`` bytes (a setting, read
+    per request) instead of DEFAULT_BODY_LIMIT: an image upload. It checks Content-Length
+    itself (with its own message); api/app.py still stops a longer body as it is read."""
+    def mark(view: Callable) -> Callable:
+        view.body_limit = limit  # type: ignore[attr-defined]
+        return view
+    return mark
+
+
+def body_limit(view: Callable | None) -> tuple[int, bool]:
+    """The most bytes the view's body may have, and whether the view checks Content-Length
+    itself (``@streams``)."""
+    limit = getattr(view, "body_limit", None)
+    return (limit(), True) if limit is not None else (DEFAULT_BODY_LIMIT, False)
+
+
+def takes_form(view: Callable | None) -> bool:
+    """The view takes an HTML form post (``@body(..., form=True)``)."""
+    declared = getattr(view, "request_body", None)
+    return declared is not None and FORM_TYPES[0] in declared.media_types
 
 
 def accepts(media_type: str, description: str) -> Callable[[Callable], Callable]:
@@ -355,10 +465,15 @@ PATCH = Field(
               extra=True))
 
 
-def not_uuid(error: str) -> Callable[[str | None], str | None]:
-    """A ``check`` for names that are looked up like UUIDs: a name must not be one."""
+DOT_NAMES = (".", "..")  # path segments that URLs remove: such a name could not be asked for
+
+
+def name_check(error: str) -> Callable[[str | None], str | None]:
+    """A ``check`` for the names of things found by name or UUID in a URL (nodes, images,
+    rooms): a name must not look like a UUID, nor be ``.`` or ``..``, which clients and
+    proxies fold away (``/v1/nodes/..`` is ``/v1``)."""
     def check(name: str | None) -> str | None:
-        if name is not None and is_uuid(name):
+        if name is not None and (is_uuid(name) or name in DOT_NAMES):
             raise bad_request(error.format(value=name))
         return name
     return check

@@ -27,10 +27,22 @@ class AgentCommand:
 
     @classmethod
     def from_json(cls, data: dict[str, Any]) -> AgentCommand:
-        progress = data.get("progress") or {}
-        return cls(id=str(data["id"]), name=data.get("name", ""), status=data["status"],
-                   done=int(progress.get("done") or 0), total=int(progress.get("total") or 0),
-                   error=data.get("error"), result=data.get("result") or {})
+        """Checked: an agent's answer is input from the seat network."""
+        try:
+            progress = data.get("progress") or {}
+            status = data["status"]
+            if status not in ("running", "succeeded", "failed"):
+                raise ValueError(status)
+            result = data.get("result") or {}
+            if not isinstance(result, dict):
+                raise ValueError("result")
+            return cls(id=str(data["id"])[:64], name=str(data.get("name", ""))[:64],
+                       status=status, done=int(progress.get("done") or 0),
+                       total=int(progress.get("total") or 0),
+                       error=None if data.get("error") is None else str(data["error"]),
+                       result=result)
+        except (KeyError, TypeError, ValueError, AttributeError):
+            raise AgentRefused("the agent's answer is not a command's status") from None
 
 
 class AgentClient:
@@ -49,9 +61,19 @@ class AgentClient:
         if response.status_code >= 500:
             raise AgentUnreachable(f"agent at {self.url} failed: HTTP {response.status_code}")
         if response.status_code >= 400:
+            # Its body stays out: the seat network is hostile, and a message from it
+            # would land in last_error as is.
             raise AgentRefused(f"agent at {self.url} refused {path}: HTTP "
-                               f"{response.status_code} {response.text[:300]}")
-        return response.json() if response.content else {}
+                               f"{response.status_code}")
+        if not response.content:
+            return {}
+        try:
+            answer = response.json()
+        except ValueError:
+            answer = None
+        if not isinstance(answer, dict):
+            raise AgentRefused(f"agent at {self.url} answered {path} with no JSON object")
+        return answer
 
     def start(self, name: str, params: dict[str, Any], request_id: str) -> AgentCommand:
         return AgentCommand.from_json(self._call("POST", "/v1/commands", {

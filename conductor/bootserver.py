@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import logging
 import subprocess
+import threading
 
 from sqlalchemy import select
 
@@ -17,9 +18,11 @@ from labmetal.config import Settings, split_host_port
 from labmetal.db import Database
 from labmetal.conductor.tftp_files import TftpFiles
 from labmetal.images.store import ImageStore
+from labmetal.leases import LeaseFileWatcher
 from labmetal.models import Node, Port
 from labmetal.pxe.dnsmasq import LOADERS, DhcpConfig, DhcpHost, Dnsmasq
 from labmetal.pxe.tftp import TftpService, install_ipxe_binaries, install_secure_boot_loaders
+from labmetal.rundir import private_dir
 
 LOG = logging.getLogger(__name__)
 
@@ -32,6 +35,9 @@ class BootServer:
         self.tftp: TftpService | None = None
         self.dhcp: Dnsmasq | None = None
         self._hosts: list[DhcpHost] = []
+        self.leases: LeaseFileWatcher | None = None
+        self._stopping = threading.Event()
+        self._lease_thread: threading.Thread | None = None
 
     def start(self) -> None:
         settings = self.settings
@@ -58,12 +64,30 @@ class BootServer:
                 router_advertisements=settings.dhcp_mode == "server" and has_global_ipv6(
                     settings.dhcp_interface, settings.dhcp_namespace))
             self._hosts = self._enrolled()
-            self.dhcp = Dnsmasq(config, settings.state_dir / "dhcp",
+            # dnsmasq's config, hosts, leases and log: root-run, so a private directory
+            self.dhcp = Dnsmasq(config, private_dir(settings.state_dir / "dhcp"),
                                 namespace=settings.dhcp_namespace or None).start(self._hosts)
+            if settings.dhcp_mode == "server":
+                self._watch_leases(self.dhcp.lease_file)
             LOG.info("DHCP (%s) on %s%s for %s, %d enrolled port(s)", settings.dhcp_mode,
                      settings.dhcp_interface,
                      f" in namespace {settings.dhcp_namespace}" if settings.dhcp_namespace else "",
                      settings.dhcp_network, len(self._hosts))
+
+    def _watch_leases(self, path) -> None:  # type: ignore[no-untyped-def]
+        """The leases dnsmasq hands out, into the database within half a second: what the
+        API binds a seat's secrets to (labmetal/leases.py)."""
+        self.leases = LeaseFileWatcher(self.db, self.settings.hostname, path)
+        self.leases.poll()
+
+        def watch() -> None:
+            while not self._stopping.wait(0.5):
+                try:
+                    self.leases.poll()  # type: ignore[union-attr]
+                except Exception:  # the database may be away a moment; next poll
+                    LOG.warning("could not copy the DHCP leases", exc_info=True)
+        self._lease_thread = threading.Thread(target=watch, name="dhcp-leases", daemon=True)
+        self._lease_thread.start()
 
     @property
     def boot_server_ip(self) -> str:
@@ -101,6 +125,14 @@ class BootServer:
             LOG.info("DHCP hosts updated: %d enrolled port(s)", len(hosts))
 
     def stop(self) -> None:
+        self._stopping.set()
+        if self._lease_thread is not None:
+            self._lease_thread.join(timeout=10)
+        if self.leases is not None:
+            try:
+                self.leases.forget()
+            except Exception:
+                LOG.warning("could not drop this conductor's DHCP leases", exc_info=True)
         if self.dhcp is not None:
             self.dhcp.stop()
         if self.tftp is not None:

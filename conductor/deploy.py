@@ -8,7 +8,9 @@ deploy_step while the lock is held, so a teacher sees each seat's percentage.
 """
 from __future__ import annotations
 
+import hmac
 import logging
+import os
 import secrets
 import time
 import uuid as uuidlib
@@ -18,6 +20,7 @@ from typing import Any, Callable
 from sqlalchemy import select, update
 
 from labmetal import states
+from labmetal.agent import proof
 from labmetal.conductor.actions import NodeWork, Outcome
 from labmetal.conductor.agent_client import AgentClient, AgentRefused, AgentUnreachable
 from labmetal.conductor.power.base import InvalidDriverInfo, PowerError
@@ -91,7 +94,7 @@ def _failure(work: NodeWork, message: str) -> Outcome:
     state = states.FAILURE_STATE.get(work.node.provision_state, work.node.provision_state)
     return Outcome({"provision_state": state, "target_provision_state": None,
                     "last_error": message, "agent_url": None, "agent_token": None,
-                    "agent_token_given": False},
+                    "agent_token_given": False, "agent_address": None, "agent_alarm": None},
                    [("provisioning", "ERROR", message),
                     ("provisioning", "INFO", f"{work.node.provision_state} -> {state}")])
 
@@ -121,6 +124,7 @@ def boot_ramdisk(work: NodeWork, wait_state: str, step: str) -> Outcome:
     return Outcome({"provision_state": wait_state, "power_state": new_power,
                     "agent_url": None, "agent_heartbeat_at": None,
                     "agent_token": ctx.box.seal(token), "agent_token_given": False,
+                    "agent_address": None, "agent_alarm": None,
                     "deploy_step": {"step": step, "id": str(uuidlib.uuid4()),
                                     "started_at": time.time()}},
                    [("provisioning", "INFO",
@@ -171,15 +175,37 @@ def _agent(work: NodeWork) -> AgentClient:
     node = work.node
     if not node.agent_url or not node.agent_token:
         raise DeployError("the agent has not reported where it listens")
+    check_trusted(work)
     return AgentClient(node.agent_url, work.ctx.box.open(node.agent_token))
 
 
+def check_trusted(work: NodeWork) -> None:
+    """A second lookup of this deploy's token raised an alarm (api/agent.py): whatever the
+    agent says from now on may come from someone else."""
+    with work.ctx.db.read() as session:
+        alarm = session.scalar(select(Node.agent_alarm).where(Node.id == work.node.id))
+    if alarm:
+        raise DeployError(alarm)
+
+
+def agent_says(text: object, limit: int = 200) -> str:
+    """An agent's words for last_error and the history: its message, but printable, short,
+    and marked as its own (the seat network is hostile: a seat's text is data)."""
+    cleaned = "".join(ch if ch.isprintable() else " " for ch in str(text or ""))
+    cleaned = " ".join(cleaned.split())
+    if len(cleaned) > limit:
+        cleaned = cleaned[:limit] + "..."
+    return f"the agent reports: {cleaned!r}" if cleaned else "the agent gave no reason"
+
+
 def run_agent_command(work: NodeWork, name: str, params: dict[str, Any],
-                      step: str, wait: bool = True) -> dict[str, Any]:
+                      step: str, wait: bool = True, key: str = "") -> dict[str, Any]:
     """Start (or find again, after a takeover) an agent command and wait for its end,
     saving progress. An agent that stops answering for agent_timeout fails the step.
     ``wait=False`` is for reboot and power off: accepted is all one can know, since the
-    agent is gone (or a new one, with a new token, answers) once it has acted."""
+    agent is gone (or a new one, with a new token, answers) once it has acted. ``key``
+    makes the command a new one where re-sending the same would be wrong (a challenge:
+    a conductor that took over asks its own)."""
     ctx = work.ctx
     client = _agent(work)
     step_id = (work.node.deploy_step or {}).get("id") or work.node.uuid
@@ -189,7 +215,7 @@ def run_agent_command(work: NodeWork, name: str, params: dict[str, Any],
     saved_at = 0.0
     while True:
         try:
-            command = (client.start(name, params, f"{step_id}:{name}") if command is None
+            command = (client.start(name, params, f"{step_id}:{name}{key}") if command is None
                        else client.get(command.id))
             last_answer = time.monotonic()
         except AgentRefused as error:
@@ -203,12 +229,13 @@ def run_agent_command(work: NodeWork, name: str, params: dict[str, Any],
         if not wait:
             return command.result
         if command.status == "succeeded":
+            check_trusted(work)
             ctx.save_step(work.node.id, {**(work.node.deploy_step or {}), "step": step,
                                          "done": command.total or command.done,
                                          "total": command.total})
             return command.result
         if command.status == "failed":
-            raise DeployError(f"{name} failed on the node: {command.error}")
+            raise DeployError(f"{name} failed on the node: {agent_says(command.error)}")
         if time.monotonic() - saved_at >= 1.0:
             ctx.save_step(work.node.id, {**(work.node.deploy_step or {}), "step": step,
                                          "done": command.done, "total": command.total})
@@ -230,32 +257,54 @@ def _write_direct(work: NodeWork, image: Image) -> dict[str, Any]:
         params["multicast"] = info["multicast"]
     if image.kind == "whole-disk":
         result = run_agent_command(work, "write_image", params, "write image")
-    else:
-        kernel = ctx.image_by_id(image.kernel_id)
-        ramdisk = ctx.image_by_id(image.ramdisk_id)
-        if kernel is None or ramdisk is None:
-            raise DeployError(f"partition image {image.name} lost its kernel or ramdisk")
-        params.update(kernel_url=ctx.file_url(kernel, "file"),
-                      ramdisk_url=ctx.file_url(ramdisk, "file"),
-                      # auto: as the PC booted the ramdisk (BIOS or UEFI)
-                      boot_mode=(work.node.instance_info or {}).get("boot_mode", "auto"),
-                      kernel_cmdline=(work.node.instance_info or {}).get(
-                          "kernel_append_params", "console=ttyS0"))
-        result = run_agent_command(work, "deploy_partition_image", params, "write image")
-    if not (result or {}).get("raw_sha256"):
-        raise DeployError("the agent reported no sha256 of what it wrote: no receipt, no done")
+        _check_written(work, image, result)
+        return result
+    kernel = ctx.image_by_id(image.kernel_id)
+    ramdisk = ctx.image_by_id(image.ramdisk_id)
+    if kernel is None or ramdisk is None:
+        raise DeployError(f"partition image {image.name} lost its kernel or ramdisk")
+    info = work.node.instance_info or {}
+    # auto: as the PC booted the ramdisk (BIOS or UEFI)
+    params["boot_mode"] = info.get("boot_mode", "auto")
+    result = run_agent_command(work, "deploy_partition_image", params, "write image")
+    _check_written(work, image, result)  # before the boot loader changes the file system
+    boot = run_agent_command(work, "install_bootloader", {
+        "kernel_url": ctx.file_url(kernel, "file"), "ramdisk_url": ctx.file_url(ramdisk, "file"),
+        "kernel_cmdline": info.get("kernel_append_params", "console=ttyS0")},
+        "install the boot loader")
+    return {**result, **boot}
+
+
+def _check_written(work: NodeWork, image: Image, result: dict[str, Any]) -> None:
     if result.get("raw_sha256") != image.raw_sha256:
-        raise DeployError(f"the disk reads back as sha256 {result.get('raw_sha256')}, the "
-                          f"image is {image.raw_sha256}")
-    return result
+        raise DeployError("the agent's sha256 of what it wrote is not the image's "
+                          f"({image.raw_sha256[:12]})")
+    _check_receipt(work, image)
+
+
+def _check_receipt(work: NodeWork, image: Image) -> None:
+    """The disk holds the image: a fresh challenge over random extents, answered from the
+    disk, checked against the store's copy (agent/proof.py). The sha256 above is public;
+    this answer cannot be made without the bytes."""
+    raw = str(work.ctx.store.raw_path(image.uuid))
+    challenge = proof.challenge(os.path.getsize(raw))
+    answer = run_agent_command(work, "prove_disk", challenge.params(), "prove the write",
+                               key=f":{challenge.nonce[:16]}")
+    expected = proof.digest(raw, 0, challenge)
+    given = answer.get("hmac")
+    if not (isinstance(given, str) and hmac.compare_digest(given, expected)):
+        raise DeployError("the disk's answer to the receipt challenge does not match the "
+                          "image: the write cannot be verified")
 
 
 def _chunks_written(result: dict[str, Any], info: dict[str, Any]) -> str:
     """"; 3 of 64 chunks written" for the history: a delta re-image shows what it spared."""
-    if not result.get("chunks_total"):
+    try:
+        written, total = int(result.get("chunks_written") or 0), int(result["chunks_total"])
+    except (KeyError, TypeError, ValueError):
         return ""
     source = " from multicast" if info.get("multicast") else ""
-    return f"; {result['chunks_written']} of {result['chunks_total']} chunks written{source}"
+    return f"; {written} of {total} chunks written{source}"
 
 
 def _write_iscsi(work: NodeWork, image: Image) -> None:
@@ -302,6 +351,7 @@ def _power_off(work: NodeWork) -> str:
 
 
 _DONE_WITH_AGENT = {"agent_url": None, "agent_token": None, "agent_token_given": False,
+                    "agent_address": None, "agent_alarm": None,
                     "deploy_step": {}, "target_provision_state": None, "last_error": None}
 
 
@@ -340,6 +390,7 @@ def continue_clean(work: NodeWork) -> Outcome:
 def continue_inspect(work: NodeWork) -> Outcome:
     inventory = work.node.inventory or {}
     try:
+        check_trusted(work)
         if not inventory:
             raise DeployError("the agent sent no inventory")
         properties = {**(work.node.properties or {}), **inventory_properties(inventory)}

@@ -353,5 +353,6 @@ def cancel_waits(session: Any, job_id: int, user: str | None) -> None:
         node.last_error = "the room job was cancelled"
         node.agent_token = node.agent_url = None
         node.agent_token_given = False
+        node.agent_address = node.agent_alarm = None
         history.record(session, node.id, "provisioning",
                        "room job cancelled: wait call-back -> deploy failed", user=user)

@@ -328,7 +328,8 @@ class ConductorService:
                                        Node.provision_state == row.provision_state)
                     .values(provision_state=failed, target_provision_state=None,
                             last_error=message, provision_updated_at=utcnow(),
-                            agent_url=None, agent_token=None, agent_token_given=False)).rowcount
+                            agent_url=None, agent_token=None, agent_token_given=False,
+                            agent_address=None, agent_alarm=None)).rowcount
                 if done:
                     history.record(session, row.id, "provisioning", message, "ERROR",
                                    conductor=self.hostname)

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import json
 import os
+import signal
 import struct
 import subprocess
 from dataclasses import dataclass
@@ -80,12 +81,18 @@ def inspect(path: Path, declared_format: str | None,
     return info
 
 
-def convert_to_raw(path: Path, image_format: str, raw_path: Path) -> None:
-    """Write the sparse raw file of an image that ``inspect`` accepted."""
+def convert_to_raw(path: Path, image_format: str, raw_path: Path, max_size: int) -> None:
+    """Write the sparse raw file of an image that ``inspect`` accepted. ``max_size`` (its
+    virtual size, already checked against the limit) is also the kernel's bound on the
+    file qemu-img writes (RLIMIT_FSIZE): past it, the write fails, not the disk."""
     if image_format not in FORMATS:
         raise ValueError(f"not an accepted format: {image_format}")
-    result = subprocess.run(["qemu-img", "convert", "-q", "-f", image_format, "-O", "raw",
+    result = subprocess.run(["prlimit", f"--fsize={max_size}", "--",
+                             "qemu-img", "convert", "-q", "-f", image_format, "-O", "raw",
                              str(path), str(raw_path)], capture_output=True, text=True)
+    if result.returncode == -signal.SIGXFSZ:
+        raise ImageRejected(f"the raw form of the {image_format} image grows past its "
+                            f"virtual size of {max_size} bytes: refused")
     if result.returncode != 0:
         raise ImageRejected(f"qemu-img cannot convert the {image_format} image: "
                             f"{_reason(result.stderr, path)}")

@@ -26,7 +26,8 @@ class AlreadyActive(Exception):
 
 def ingest(db: Database, store: ImageStore, image: Image, stream: BinaryIO) -> Image:
     """Receive, check (images.inspect), store and activate ``image``'s data. Raises
-    ImageRejected (or UploadTooLarge) with the reason; nothing is kept then."""
+    ImageRejected (or UploadTooLarge, or StoreFull when the store's disk has not the room
+    for the raw form) with the reason; nothing is kept then."""
     with store.receive(stream, image.sha256) as upload:
         values: dict[str, object] = {"size": upload.size, "sha256": upload.sha256}
         if image.kind in DISK_KINDS:

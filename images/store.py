@@ -6,6 +6,12 @@ Layout under the root::
     <uuid>/raw, <uuid>/packed, <uuid>/manifest.json   disk images (whole-disk, partition)
     <uuid>/file                                        kernels and ramdisks
     .incoming/<random>/                                uploads being received or converted
+
+The store is private (0700): seats get images over HTTP from the service, not from disk.
+A small upload can stand for a large disk (a qcow2 of compressed clusters: 1.6 MB for
+1.1 GiB of raw), so before anything is written that is bigger than the upload, the store's
+disk is checked for the room, keeping a reserve: the database and the students' overlays
+often share that disk, and a full disk stops them too.
 """
 from __future__ import annotations
 
@@ -14,6 +20,7 @@ import hashlib
 import os
 import shutil
 import tempfile
+import threading
 import uuid as uuidlib
 from dataclasses import dataclass
 from pathlib import Path
@@ -25,10 +32,15 @@ from labmetal.agent.manifest import Manifest, build, is_zero, read_chunks
 READ_SIZE = 1024 * 1024
 HOLE_SIZE = 4096  # zero blocks this large are left as holes, as qemu-img convert does
 RAW, PACKED, MANIFEST, FILE = "raw", "packed", "manifest.json", "file"
+RESERVE_MAX = 1024 ** 3  # free space kept on the store's disk: 5% of it, at most this
 
 
 class UploadTooLarge(ImageRejected):
     """The upload is past the store's size limit (HTTP 413 rather than 400)."""
+
+
+class StoreFull(ImageRejected):
+    """The store's disk has not the room for what the upload would become."""
 
 
 @dataclass(frozen=True)
@@ -58,6 +70,8 @@ class ImageStore:
     def __init__(self, root: Path, max_size: int):
         self.root = Path(root)
         self.max_size = max_size
+        self._lock = threading.Lock()
+        self._promised = 0  # bytes that conversions under way will still write
 
     def raw_path(self, uuid: str) -> Path:
         return self._dir(uuid) / RAW
@@ -75,9 +89,7 @@ class ImageStore:
     def receive(self, stream: BinaryIO, expected_sha256: str | None = None) -> Iterator[Upload]:
         """Read the stream to a sparse file, hashing it on the way; whatever is not
         published when the block ends is removed, so a rejected upload leaves nothing."""
-        incoming = self.root / ".incoming"
-        incoming.mkdir(parents=True, exist_ok=True)
-        workdir = Path(tempfile.mkdtemp(dir=incoming))
+        workdir = Path(tempfile.mkdtemp(dir=self._incoming()))
         try:
             yield self._write(stream, workdir, expected_sha256)
         finally:
@@ -85,16 +97,23 @@ class ImageStore:
 
     def add_disk_image(self, upload: Upload, declared_format: str | None) -> DiskImage:
         """Inspect, convert to a sparse raw file, build the chunks and manifest: ready to
-        publish."""
+        publish. The raw form is bounded by ``max_size`` (its virtual size is checked before
+        conversion) and by the room on the store's disk; what was made is removed with the
+        upload's work directory when this fails."""
         info = inspect(upload.path, declared_format, max_virtual_size=self.max_size)
         upload.content.mkdir()
         raw = upload.content / RAW
         if info.format == "raw":
             upload.path.rename(raw)  # received sparse already
         else:
-            convert_to_raw(upload.path, info.format, raw)
+            with self._room_for(info.virtual_size, f"the {info.format} image's raw form "
+                                f"(its virtual size)"):
+                convert_to_raw(upload.path, info.format, raw, max_size=info.virtual_size)
             upload.path.unlink()
-        manifest = build(raw, upload.content / PACKED)
+        # The packed copy holds the raw file's data, compressed: at most about what the
+        # raw file has allocated.
+        with self._room_for(os.stat(raw).st_blocks * 512, "the image's packed copy"):
+            manifest = build(raw, upload.content / PACKED)
         (upload.content / MANIFEST).write_text(manifest.to_json())
         return DiskImage(info, manifest)
 
@@ -115,11 +134,36 @@ class ImageStore:
         directory = self._dir(uuid)
         if not directory.exists():
             return
-        incoming = self.root / ".incoming"
-        incoming.mkdir(parents=True, exist_ok=True)
-        doomed = Path(tempfile.mkdtemp(dir=incoming)) / uuid
+        doomed = Path(tempfile.mkdtemp(dir=self._incoming())) / uuid
         directory.rename(doomed)
         shutil.rmtree(doomed.parent, ignore_errors=True)
+
+    def _incoming(self) -> Path:
+        """The work area, made with the store (0700) if need be."""
+        self.root.mkdir(mode=0o700, parents=True, exist_ok=True)
+        incoming = self.root / ".incoming"
+        incoming.mkdir(mode=0o700, exist_ok=True)
+        return incoming
+
+    @contextlib.contextmanager
+    def _room_for(self, size: int, what: str) -> Iterator[None]:
+        """Promise ``size`` bytes of the store's disk while the block runs, or raise
+        StoreFull. Concurrent uploads count each other's promises (and, while they write,
+        their bytes twice: on the safe side)."""
+        with self._lock:
+            usage = shutil.disk_usage(self.root)
+            reserve = min(RESERVE_MAX, usage.total // 20)
+            room = usage.free - reserve - self._promised
+            if size > room:
+                raise StoreFull(f"{what} needs {size} bytes, and the image store's disk has "
+                                f"{max(room, 0)} bytes to give (keeping {reserve} free): "
+                                "free space there, or upload a smaller image")
+            self._promised += size
+        try:
+            yield
+        finally:
+            with self._lock:
+                self._promised -= size
 
     def _dir(self, uuid: str) -> Path:
         if str(uuidlib.UUID(uuid)) != uuid:

@@ -274,6 +274,8 @@ def run(options: DemoOptions) -> int:
         env = {**os.environ, **{f"LABMETAL_{key.upper()}": str(value)
                                 for key, value in settings.items()},
                "LABMETAL_STATE_DIR": str(state_dir / "labmetal"),
+               # no accounts in the demo, on the room's own network: said explicitly
+               "LABMETAL_AUTH": "noauth", "LABMETAL_ALLOW_NOAUTH": "true",
                "LABMETAL_DEPLOY_KERNEL": "deploy-kernel",
                "LABMETAL_DEPLOY_RAMDISK": "deploy-ramdisk",
                "LABMETAL_CALLBACK_TIMEOUT": "900"}

@@ -20,12 +20,33 @@ import sys
 import time
 from pathlib import Path
 
+from importlib import resources
+
 import requests
 
 REBOOT_FLAG = "reboot-requested"
 _running: list[subprocess.Popen] = []  # the agent, while it runs
 _stopping: list[bool] = []  # set by SIGTERM
 _KERNEL = re.compile(r"^kernel\s+(?:--name\s+\S+\s+)?(\S+)\s*(.*)$", re.MULTILINE)
+
+
+def dhcp(interface: str, state_dir: Path) -> None:
+    """An address from the room's DHCP server, as a PC's PXE ROM gets one at each network
+    boot (busybox's udhcpc, with the deploy ramdisk's event script): labmetal gives a seat's
+    secrets only to the address leased to its MAC."""
+    script = state_dir / "udhcpc.sh"
+    source = resources.files("labmetal.images").joinpath("ramdisk_udhcpc.sh").read_bytes()
+    script.write_bytes(source)
+    script.chmod(0o700)
+    for attempt in range(1, 31):
+        result = subprocess.run(["busybox", "udhcpc", "-i", interface, "-f", "-q", "-n",
+                                 "-t", "4", "-T", "2", "-s", str(script)],
+                                capture_output=True, text=True)
+        if result.returncode == 0:
+            print(f"labmetal-seat: DHCP lease on {interface}", flush=True)
+            return
+        time.sleep(min(attempt, 5))
+    raise SystemExit(f"firmware: no DHCP lease on {interface}")
 
 
 def fetch_script(boot_url: str, mac: str, attempts: int = 30) -> str:
@@ -104,6 +125,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--interface", default="eth0")
     parser.add_argument("--boot-device", choices=("network", "disk"), default="network")
     parser.add_argument("--state-dir", type=Path, required=True)
+    parser.add_argument("--dhcp", action="store_true",
+                        help="ask for an address by DHCP at each network boot")
     args = parser.parse_args(argv)
     args.state_dir.mkdir(parents=True, exist_ok=True)
     signal.signal(signal.SIGTERM, _power_cut)
@@ -111,6 +134,8 @@ def main(argv: list[str] | None = None) -> int:
         if args.boot_device == "disk":
             boot_disk(args.disk)
             return 0
+        if args.dhcp:
+            dhcp(args.interface, args.state_dir)
         script = fetch_script(args.boot_url, args.mac)
         kernel = kernel_args(script)
         if kernel is not None and "labmetal.api" in kernel:

@@ -9,7 +9,9 @@ and the next ``lab up`` after a crash know about it.
 
 Addresses in the room's network (a /24 or larger): .1 the room's own side (the bridge,
 which also has an IPv6 ULA), .2 this host's side of the uplink (where labmetal listens),
-light seats from .11 (static, as they do no DHCP), DHCP pool from .100 for QEMU seats.
+and the DHCP pool from .100 for every seat: QEMU seats' firmware and light seats alike ask
+labmetal's dnsmasq for their address at each power-on, as PCs do, and labmetal binds a
+seat's secrets to that lease (labmetal/leases.py).
 """
 from __future__ import annotations
 
@@ -72,10 +74,10 @@ class RoomPlan:
             raise ValueError(f"the room's subnet must be a /24 or larger, not {self.subnet}")
         if self.profile not in PROFILES:
             raise ValueError(f"profile must be one of {', '.join(PROFILES)}, not {self.profile!r}")
-        if self.light_seats > 89:
-            raise ValueError("at most 89 light seats (their static addresses are .11-.99)")
-        if self.qemu_seats + self.light_seats > 250:
-            raise ValueError("at most 250 seats per room")
+        pool = self.network.num_addresses - 101  # .100 up to the broadcast address
+        if self.qemu_seats + self.light_seats > pool:
+            raise ValueError(f"at most {pool} seats in a {self.subnet} room (the DHCP pool "
+                             "from .100)")
         for rate in (self.seat_rate, self.uplink_rate):
             if rate and not _RATE.match(rate):
                 raise ValueError(f"a rate looks like 100mbit or 1gbit, not {rate!r}")
@@ -204,11 +206,9 @@ class RoomRunner:
                                           str(seat_dir), plan.memory_mib, port, plan.profile))
             else:
                 light = number - plan.qemu_seats
-                seat = lab.add_seat(room, f"s{number}", mac,
-                                    address=f"{plan.address(10 + light)}/{prefix}",
-                                    rate=plan.seat_rate)
+                seat = lab.add_seat(room, f"s{number}", mac, rate=plan.seat_rate)
                 specs.append(LightSeatSpec(name, seat.namespace, mac, str(disk), seat_url,
-                                           str(seat_dir), bmc_port=port))
+                                           str(seat_dir), bmc_port=port, dhcp=True))
         save_seats(state_dir / SEATS_FILE, specs)
         state.seats = [{"name": spec.name, "kind": seat_kind(spec), "mac": spec.mac,
                         "bmc_port": spec.bmc_port, "disk": spec.disk,
@@ -322,7 +322,9 @@ def report_up(state: RoomState, out: Out) -> None:
         out(f"  {seat['name']:<10} {seat['kind']:<6} {seat['mac']}  {power}")
     out("serve this room with:")
     out(f"  {serve_command(state.settings)}")
-    out("  (enrolled seats get DHCP; LABMETAL_SELF_REGISTRATION=true answers unknown ones)")
+    out("  (enrolled seats get DHCP; LABMETAL_SELF_REGISTRATION=true answers unknown ones;")
+    out("   it has accounts: `labmetal user set NAME --role admin --password-stdin` first,")
+    out("   and LABMETAL_USER/LABMETAL_PASSWORD for `lab up --api`)")
     out(f"state file: {Path(state.state_dir) / STATE_FILE}; stop with Ctrl-C or "
         f"`labmetal lab down --state-dir {state.state_dir}`")
 
@@ -336,6 +338,9 @@ def enroll(api: str, state: RoomState, deploy_kernel: str | None, deploy_ramdisk
     api = api.rstrip("/")
     session = requests.Session()
     session.headers["X-OpenStack-Ironic-API-Version"] = "latest"
+    user = os.environ.get("LABMETAL_USER")
+    if user:  # a service with accounts (the default): an admin's, from the environment
+        session.auth = (user, os.environ.get("LABMETAL_PASSWORD", ""))
     deadline = time.monotonic() + wait
     waiting_said = False
     while True:

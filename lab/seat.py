@@ -26,6 +26,7 @@ class LightSeatSpec:
     state_dir: str
     interface: str = "eth0"
     bmc_port: int | None = None
+    dhcp: bool = False  # ask the room's DHCP server for an address at each network boot
 
     @staticmethod
     def load_all(path: Path) -> list[LightSeatSpec]:
@@ -56,7 +57,8 @@ class LightSeat(SeatPower):
             argv = in_namespace(self.spec.namespace, [
                 sys.executable, "-m", "labmetal.lab.firmware", "--boot-url", self.spec.boot_url,
                 "--mac", self.spec.mac, "--disk", self.spec.disk, "--interface",
-                self.spec.interface, "--boot-device", device, "--state-dir", self.spec.state_dir])
+                self.spec.interface, "--boot-device", device, "--state-dir", self.spec.state_dir,
+                *(["--dhcp"] if self.spec.dhcp else [])])
             with open(self.console_log, "ab") as console:
                 console.write(f"--- power on ({device})\n".encode())
                 console.flush()

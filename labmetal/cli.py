@@ -9,26 +9,49 @@ import socket
 import sys
 import threading
 
+from labmetal.client import add_ca_file_option, ca_bundle, unreachable
 from labmetal.config import load_settings
 from labmetal.images.cli import register as register_images
 from labmetal.node_cli import register as register_nodes
 from labmetal.room_cli import register as register_room
 from labmetal.session_cli import register as register_sessions
 
-SERVICE_OPTIONS = ("listen", "database", "auth", "state_dir", "hostname", "secret_key_file",
-                   "public_url", "wake_listen", "log_file", "log_level", "power_sync_interval",
-                   "heartbeat_interval", "conductor_dead_after", "seat_url", "image_dir",
+SERVICE_OPTIONS = ("listen", "database", "auth", "allow_noauth", "state_dir", "hostname",
+                   "secret_key_file", "public_url", "wake_listen", "log_file", "log_level",
+                   "power_sync_interval", "heartbeat_interval", "conductor_dead_after",
+                   "seat_url", "image_dir",
                    "tftp_listen", "dhcp_interface", "dhcp_network", "dhcp_pool", "dhcp_mode",
-                   "dhcp_namespace", "uefi_loader", "policy_file")
+                   "dhcp_namespace", "uefi_loader", "policy_file", "front", "tls_listen",
+                   "tls_cert", "tls_key", "client_timeout")
 
 
 def _service_parser(sub, name: str, help_text: str) -> argparse.ArgumentParser:
     parser = sub.add_parser(name, help=help_text)
     parser.add_argument("--config", help="TOML file with a [labmetal] section")
-    parser.add_argument("--listen", help="HOST:PORT of the REST API (default 127.0.0.1:6385)")
+    parser.add_argument("--listen", help="HOST:PORT of the REST API, plain HTTP (default "
+                                         "127.0.0.1:6385)")
+    parser.add_argument("--front", choices=("nginx", "none"),
+                        help="nginx (default): the front on --listen and --tls-listen (HTTPS), "
+                             "bodies bounded, slow clients cut off; none: waitress alone on "
+                             "--listen, plain HTTP (a machine of its own, not a lab network)")
+    parser.add_argument("--tls-listen", help="HOST:PORT, or PORT on --listen's host, of the "
+                                             "HTTPS listener (default: port 6443)")
+    parser.add_argument("--tls-cert", help="your own certificate (PEM) instead of one from "
+                                           "labmetal's CA; with --tls-key")
+    parser.add_argument("--tls-key", help="the key of --tls-cert")
+    parser.add_argument("--client-timeout", type=float,
+                        help="seconds a client may take to send a request's head or the "
+                             "next piece of its body before the front closes it (default 15)")
     parser.add_argument("--database", help="SQLAlchemy URL: sqlite:///PATH (default, under "
                                            "--state-dir) or postgresql+psycopg://...")
-    parser.add_argument("--auth", choices=("noauth", "http_basic"))
+    parser.add_argument("--auth", choices=("http_basic", "noauth"),
+                        help="http_basic (default): every request as one of labmetal's users; "
+                             "noauth: every caller is an admin (loopback only, unless "
+                             "--insecure-noauth)")
+    parser.add_argument("--insecure-noauth", dest="allow_noauth", action="store_true",
+                        default=None, help="allow --auth noauth on an address other hosts "
+                                           "reach (LABMETAL_ALLOW_NOAUTH=true): anyone on "
+                                           "the network, a seat too, is then an admin")
     parser.add_argument("--state-dir", help="where the SQLite file and the secret key live")
     parser.add_argument("--hostname", help="this conductor's name in the ring (default: host name)")
     parser.add_argument("--secret-key-file", help="key that seals BMC passwords at rest; every "
@@ -129,9 +152,13 @@ def cmd_login(args: argparse.Namespace) -> int:
     from labmetal.profile import Profile, save_profile
     password = (sys.stdin.readline().rstrip("\n") if args.password_stdin
                 else getpass.getpass(f"password for {args.user} at {args.url}: "))
-    response = requests.post(args.url.rstrip("/") + "/v1/auth/tokens", timeout=30,
-                             auth=(args.user, password),
-                             json={"description": f"labmetal login on {socket.gethostname()}"})
+    try:
+        response = requests.post(args.url.rstrip("/") + "/v1/auth/tokens", timeout=30,
+                                 auth=(args.user, password), verify=ca_bundle(),
+                                 json={"description": f"labmetal login on "
+                                                      f"{socket.gethostname()}"})
+    except requests.RequestException as error:
+        raise ValueError(unreachable(args.url, error)) from None
     if response.status_code != 201:
         from labmetal.client import server_message
         raise ValueError(f"login refused: {server_message(response)}")
@@ -152,7 +179,7 @@ def cmd_logout(args: argparse.Namespace) -> int:
         return 0
     try:
         requests.delete(f"{profile.url}/v1/auth/tokens/{profile.token_uuid}", timeout=30,
-                        headers={"X-Auth-Token": profile.token})
+                        headers={"X-Auth-Token": profile.token}, verify=ca_bundle())
     except requests.RequestException as error:
         print(f"labmetal: warning: could not revoke the token at {profile.url}: {error}",
               file=sys.stderr)
@@ -342,6 +369,8 @@ def build_parser() -> argparse.ArgumentParser:
     login.set_defaults(func=cmd_login)
     logout = sub.add_parser("logout", help="revoke the saved token and forget it")
     logout.set_defaults(func=cmd_logout)
+    for command in (login, logout):
+        add_ca_file_option(command)
 
     policy = sub.add_parser("policy", help="who may do what")
     policy_sub = policy.add_subparsers(dest="policy_command", required=True)

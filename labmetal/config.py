@@ -7,14 +7,19 @@ from __future__ import annotations
 
 import dataclasses
 import hashlib
+import ipaddress
 import os
 import socket
-import tempfile
 import tomllib
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Mapping
 from urllib.parse import urlsplit
+
+from labmetal.rundir import default_run_root
+
+
+DEFAULT_TLS_PORT = 6443  # the HTTPS listener's port when tls_listen names none
 
 
 def default_state_dir() -> Path:
@@ -25,9 +30,22 @@ def default_state_dir() -> Path:
 
 @dataclass
 class Settings:
-    listen: str = "127.0.0.1:6385"
+    listen: str = "127.0.0.1:6385"  # plain HTTP: seats (iPXE has no TLS), this machine
+    # What faces the network (labmetal/front.py): nginx, with HTTPS on tls_listen, bodies
+    # bounded per route, slow clients cut off; or none: waitress directly on listen, plain
+    # HTTP only (for a machine of its own, not a lab network).
+    front: str = "nginx"
+    tls_listen: str = ""  # HOST:PORT, or PORT on listen's host; default listen's host:6443
+    tls_cert: Path | None = None  # an operator's certificate (PEM, chain included) ...
+    tls_key: Path | None = None  # ... and key; default: made by labmetal's own CA
+    # Seconds a client may take to send its request's head, the next piece of its body,
+    # or to take the next piece of the answer, before the front closes its connection.
+    client_timeout: float = 15.0
     database: str = ""  # default: sqlite under state_dir
-    auth: str = "noauth"  # noauth | http_basic (labmetal's users: basic, tokens, web login)
+    auth: str = "http_basic"  # http_basic (labmetal's users: basic, tokens, web login) | noauth
+    # noauth makes every caller an admin: the API refuses it on an address that is not
+    # loopback unless this says so (--insecure-noauth): the seat network is hostile.
+    allow_noauth: bool = False
     state_dir: Path = field(default_factory=default_state_dir)
     secret_key_file: Path | None = None  # default: state_dir/secret.key
     hostname: str = field(default_factory=socket.gethostname)
@@ -89,7 +107,7 @@ class Settings:
     # disks live and the iSCSI portal the seats boot them from.
     overlay_backend: str = "local"  # local (qcow2 overlays) | ceph (RBD clones)
     overlay_dir: Path | None = None  # the local store; default: state_dir/overlays
-    overlay_run_dir: Path | None = None  # sockets, FUSE mounts, tgtd; default: short, in /tmp
+    overlay_run_dir: Path | None = None  # sockets, FUSE mounts, tgtd; default: /run/labmetal/...
     ceph_conf: Path = Path("/etc/ceph/ceph.conf")
     ceph_pool: str = "labmetal"
     ceph_client: str = "admin"  # the cephx client id (client.admin)
@@ -127,11 +145,12 @@ class Settings:
     @property
     def overlay_run_path(self) -> Path:
         """Unix socket paths are limited to 107 bytes: the default is short and stable
-        for a state directory."""
+        for a state directory, in a private run root (labmetal/rundir.py: whoever uses it
+        makes or checks it with ``private_dir``, never trusting a directory found there)."""
         if self.overlay_run_dir:
             return self.overlay_run_dir
         digest = hashlib.sha256(str(self.overlay_path.resolve()).encode()).hexdigest()[:10]
-        return Path(tempfile.gettempdir()) / f"labmetal-ov-{digest}"
+        return default_run_root() / f"ov-{digest}"
 
     @property
     def iscsi_portal_host_port(self) -> tuple[str, int]:
@@ -146,6 +165,36 @@ class Settings:
     @property
     def listen_host_port(self) -> tuple[str, int]:
         return split_host_port(self.listen)
+
+    @property
+    def tls_listen_host_port(self) -> tuple[str, int]:
+        """The front's HTTPS listener: ``tls_listen``, a bare port meaning listen's host."""
+        host, _ = self.listen_host_port
+        if not self.tls_listen:
+            return host, DEFAULT_TLS_PORT
+        if self.tls_listen.isdigit():
+            return host, int(self.tls_listen)
+        return split_host_port(self.tls_listen)
+
+    @property
+    def tls_dir(self) -> Path:
+        """labmetal's CA and the front's server certificate (labmetal/tls.py)."""
+        return self.state_dir / "tls"
+
+
+def is_loopback(host: str) -> bool:
+    """Whether only this machine can reach ``host``: a loopback address, or a name that
+    resolves to loopback addresses only. The wildcard (0.0.0.0, ::) is not."""
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        pass
+    try:
+        found = {info[4][0] for info in socket.getaddrinfo(host, None)}
+    except (OSError, UnicodeError):
+        return False
+    return bool(found) and all(ipaddress.ip_address(a.split("%")[0]).is_loopback
+                               for a in found)
 
 
 def split_host_port(value: str) -> tuple[str, int]:
@@ -201,6 +250,15 @@ def load_settings(overrides: Mapping[str, Any] | None = None, config_file: str |
     if settings.auth not in ("noauth", "http_basic"):
         raise ValueError(f"auth must be noauth or http_basic, not {settings.auth!r}")
     split_host_port(settings.listen)
+    if settings.front not in ("nginx", "none"):
+        raise ValueError(f"front must be nginx or none, not {settings.front!r}")
+    if settings.tls_listen and not settings.tls_listen.isdigit():
+        split_host_port(settings.tls_listen)
+    if (settings.tls_cert is None) != (settings.tls_key is None):
+        raise ValueError("tls_cert and tls_key go together: the certificate and its key")
+    if settings.client_timeout <= 0:
+        raise ValueError(f"client_timeout is seconds, more than 0, not "
+                         f"{settings.client_timeout}")
     if settings.overlay_backend not in ("local", "ceph"):
         raise ValueError(f"overlay_backend must be local or ceph, not "
                          f"{settings.overlay_backend!r}")

@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import contextlib
 import logging
+import os
 from pathlib import Path
 from typing import Iterator
 
@@ -24,9 +25,8 @@ class Database:
         self.url = url
         self.is_sqlite = url.startswith("sqlite")
         if self.is_sqlite:
-            path = url.split("///", 1)[-1]
-            if path and path != ":memory:":
-                Path(path).parent.mkdir(parents=True, exist_ok=True)
+            if self.sqlite_path:
+                _create_private(self.sqlite_path)
             self.engine = create_engine(url, connect_args={"check_same_thread": False, "timeout": 60},
                                         pool_size=20, max_overflow=40)
             _make_sqlite_behave(self.engine)
@@ -35,6 +35,12 @@ class Database:
         self._reader = sessionmaker(self.engine, expire_on_commit=False)
         self._writer = sessionmaker(self.engine.execution_options(labmetal_write=True),
                                     expire_on_commit=False)
+
+    @property
+    def sqlite_path(self) -> Path | None:
+        """The SQLite file, None for PostgreSQL or an in-memory database."""
+        path = self.url.split("///", 1)[1] if self.is_sqlite and "///" in self.url else ""
+        return Path(path) if path and path != ":memory:" else None
 
     @contextlib.contextmanager
     def read(self) -> Iterator[Session]:
@@ -52,6 +58,17 @@ class Database:
 
     def dispose(self) -> None:
         self.engine.dispose()
+
+
+def _create_private(path: Path) -> None:
+    """The database holds password hashes and tokens: its directory is made 0700 and the
+    file 0600 before SQLite opens it (SQLite gives its -wal and -shm files the database
+    file's mode), whatever the umask of the command that makes it first."""
+    path.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
+    try:
+        os.close(os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600))
+    except FileExistsError:
+        pass
 
 
 def _make_sqlite_behave(engine: Engine) -> None:

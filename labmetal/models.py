@@ -56,6 +56,12 @@ class Node(Base):
     agent_token_given: Mapped[bool] = mapped_column(Boolean, default=False,
                                                     server_default="0")
     agent_heartbeat_at: Mapped[datetime | None]
+    # The seat address the agent token is bound to: its DHCP lease's, or the first
+    # lookup's where labmetal hands out no leases. Calls from elsewhere are refused.
+    agent_address: Mapped[str | None] = mapped_column(String(45))
+    # Why this deploy's agent is no longer believed (a second lookup of its token): the
+    # conductor fails the deploy rather than call it verified.
+    agent_alarm: Mapped[str | None] = mapped_column(Text)
     inventory: Mapped[dict[str, Any]] = mapped_column(default=dict, server_default="{}")
     # The intent the reserving conductor must carry out ("power on", "verify", ...).
     # Written with the reservation in one statement, so a dead process loses nothing.
@@ -100,6 +106,19 @@ class Conductor(Base):
     drivers: Mapped[dict[str, Any]] = mapped_column(default=dict)  # {"names": [...]}
     created_at: Mapped[datetime] = mapped_column(default=utcnow)
     updated_at: Mapped[datetime | None] = mapped_column(onupdate=utcnow)
+
+
+class DhcpLease(Base):
+    """An address the room's DHCP server (labmetal's dnsmasq) leased to a MAC, as the
+    conductor running it last read its lease file: what binds a seat's secrets to the seat
+    (DESIGN §11). A MAC may hold several (the PXE ROM, iPXE and the ramdisk may each ask
+    with their own client id)."""
+    __tablename__ = "dhcp_leases"
+
+    mac: Mapped[str] = mapped_column(String(17), primary_key=True)
+    address: Mapped[str] = mapped_column(String(45), primary_key=True)
+    expires_at: Mapped[datetime | None]
+    conductor: Mapped[str] = mapped_column(String(255))
 
 
 class NodeHistory(Base):
@@ -315,6 +334,9 @@ class StudentSession(Base):
     # never returned by the API or logged.
     chap_user: Mapped[str] = mapped_column(String(64))
     chap_secret: Mapped[str] = mapped_column(Text)
+    # The address the running session's boot script (with its CHAP secret) was given to:
+    # the seat's DHCP lease, or the first to ask where labmetal leases nothing.
+    seat_address: Mapped[str | None] = mapped_column(String(45))
     used_bytes: Mapped[int] = mapped_column(BigInteger, default=0)
     last_saved_at: Mapped[datetime | None]
     started_at: Mapped[datetime | None]

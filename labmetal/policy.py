@@ -67,18 +67,21 @@ ACTIONS: dict[str, Action] = {action.name: action for action in (
     Action("template:create", STAFF),
     Action("template:update", STAFF),
     Action("template:delete", STAFF),
-    # Student sessions (endpoints to come): a student's own saved disk state.
+    # Student sessions: a student's own saved disk state. Teachers see everyone's and take
+    # copies of them (to keep or grade); changing one is its student's (README, "Accounts
+    # and policy": a policy file can give teachers more).
     Action("session:get", (ADMIN, TEACHER, OWN[1]), ownable=True,
            description="list and show sessions"),
     Action("session:create", (ADMIN, OWN[1]), ownable=True,
-           description="start a session of a template"),
-    Action("session:resume", (ADMIN, OWN[1]), ownable=True),
+           description="make a session of a template"),
+    Action("session:resume", (ADMIN, OWN[1]), ownable=True,
+           description="start a session on a seat (powering it on), stop it"),
     Action("session:save", (ADMIN, OWN[1]), ownable=True),
-    Action("session:reset", (ADMIN, TEACHER, OWN[1]), ownable=True,
-           description="back to the template (teachers: any of their class's)"),
+    Action("session:reset", (ADMIN, OWN[1]), ownable=True,
+           description="back to the template, or to a save point (revert)"),
     Action("session:delete", (ADMIN, OWN[1]), ownable=True),
     Action("session:export", (ADMIN, TEACHER, OWN[1]), ownable=True,
-           description="download a copy of a session's disk (teachers: any of their class's)"),
+           description="download a copy of a session's disk (teachers: anyone's)"),
     # Accounts: admins manage users; everybody reads themself and changes their password.
     Action("user:list", (ADMIN,)),
     Action("user:get", (ADMIN, *OWN), ownable=True),

@@ -31,10 +31,12 @@ class SecretBox:
 
     @classmethod
     def from_file(cls, path: Path) -> SecretBox:
-        """Load the key, creating it (mode 0600) the first time."""
+        """Load the key, creating it (mode 0600, in a 0700 directory if it makes one) the
+        first time. An existing key readable by others is tightened at the service's
+        start (labmetal/service.py)."""
         path = Path(path)
         if not path.exists():
-            path.parent.mkdir(parents=True, exist_ok=True)
+            path.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
             fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
             with os.fdopen(fd, "wb") as fh:
                 fh.write(Fernet.generate_key())

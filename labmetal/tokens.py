@@ -35,19 +35,29 @@ class Holder:
     token: AuthToken
 
 
+class AccountGone(LookupError):
+    """The user a secret was to be issued to was deleted or disabled meanwhile (between
+    the password check and the issue)."""
+
+
 def secret_hash(secret: str) -> str:
     return hashlib.sha256(secret.encode()).hexdigest()
 
 
 def issue(db: Database, user_id: int, kind: str, lifetime: float | None,
           description: str | None = None) -> Issued:
-    """A new secret; expired ones of every user are swept on the way."""
+    """A new secret; expired ones of every user are swept on the way. AccountGone if the
+    user no longer exists or is disabled, in the same transaction as the issue: a secret
+    is never made for an account that is gone."""
     secret = PREFIX + secrets.token_urlsafe(32)
     now = utcnow()
     token = AuthToken(user_id=user_id, kind=kind, secret_hash=secret_hash(secret),
                       description=description, created_at=now, last_used_at=now,
                       expires_at=now + timedelta(seconds=lifetime) if lifetime else None)
     with db.write() as session:
+        if session.scalar(select(User.id).where(User.id == user_id,
+                                                User.disabled.is_(False))) is None:
+            raise AccountGone("This account was deleted or disabled")
         session.execute(delete(AuthToken).where(AuthToken.expires_at < now))
         session.add(token)
     return Issued(secret, token)

@@ -57,7 +57,8 @@ def start_labmetal(procs: Processes, workdir: Path, settings: dict[str, Any],
                    name: str = "labmetal") -> Proc:
     """`labmetal serve` with the settings `lab up` printed (listen, DHCP in the room)."""
     env = service_env(state_dir=workdir / name, log_file=workdir / f"{name}.log",
-                      hostname=f"{name}-service", **settings)
+                      hostname=f"{name}-service",
+                      **{"auth": "noauth", "allow_noauth": "true", **settings})
     proc = procs.start([LABMETAL, "serve"], name, env)
     proc.wait_for_output("listening on http://", timeout=60)
     return proc

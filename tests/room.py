@@ -150,25 +150,33 @@ class TestRoom:
 
 
 def open_room(lab: Lab, procs: Processes, workdir: Path, index: int, seats: int,
-              power: str = "ipmi", disk_mib: int = 64, **settings: Any) -> TestRoom:
-    """Room 10.99.<index>.0/24: labmetal at .2 (the uplink), seats from .11."""
+              power: str = "ipmi", disk_mib: int = 64, dhcp: bool = False,
+              **settings: Any) -> TestRoom:
+    """Room 10.99.<index>.0/24: labmetal at .2 (the uplink), seats from .11; with ``dhcp``,
+    labmetal's dnsmasq serves the room (pool .100-.200) and the seats ask it for their
+    address at each network boot, as PCs do."""
     room = lab.add_room(f"r{index}", server=f"10.99.{index}.1/24")
     host = f"10.99.{index}.2"
     lab.add_uplink(room, f"{host}/24")
     settings = {"callback_timeout": 60, "agent_timeout": 15, **settings}
+    if dhcp:
+        settings.update(dhcp_interface=room.bridge, dhcp_namespace=room.namespace,
+                        dhcp_network=f"10.99.{index}.0/24",
+                        dhcp_pool=f"10.99.{index}.100,10.99.{index}.200")
     service = start_service(procs, f"room{index}", host=host, **settings)
     test_room = TestRoom(lab, room, service, procs, workdir, power=power)
     first_port = free_udp_range(seats)
     for i in range(seats):
         mac = f"52:54:00:99:{index:02x}:{i + 1:02x}"
-        seat = lab.add_seat(room, f"s{i + 1}", mac, address=f"10.99.{index}.{11 + i}/24")
+        seat = lab.add_seat(room, f"s{i + 1}", mac,
+                            address=None if dhcp else f"10.99.{index}.{11 + i}/24")
         disk = workdir / f"seat{i + 1}.disk"
         with open(disk, "wb") as out:
             out.truncate(disk_mib * MIB)
         test_room.seats.append(LightSeatSpec(
             name=f"pc{index}-{i + 1}", namespace=seat.namespace, mac=mac, disk=str(disk),
             boot_url=service.url, state_dir=str(workdir / f"seat{i + 1}"),
-            bmc_port=first_port + i))
+            bmc_port=first_port + i, dhcp=dhcp))
     specs = workdir / "seats.json"
     LightSeatSpec.save_all(specs, test_room.seats)
     if power == "ipmi":

@@ -173,6 +173,15 @@ def error_text(response: requests.Response) -> str:
 
 
 def service_env(**settings: Any) -> dict[str, str]:
+    # The front's HTTPS listener (labmetal/front.py): a free port on the service's listen
+    # host, so that services started at once (by one test, or by tests run side by side)
+    # do not all ask for the default 6443.
+    if "tls_listen" not in settings:
+        listen_port = str(settings.get("listen", "")).rpartition(":")[2]
+        port = free_port()
+        while str(port) == listen_port:  # a port just closed may be handed out again
+            port = free_port()
+        settings["tls_listen"] = str(port)
     env = dict(os.environ)
     env.update({f"LABMETAL_{key.upper()}": str(value) for key, value in settings.items()})
     return env
@@ -185,6 +194,11 @@ def start_service(procs: Processes, name: str, command: str = "serve", database:
     state_dir = state_dir or procs.workdir / f"{name}-state"
     port = port or free_port()
     database = database or f"sqlite:///{state_dir / 'labmetal.db'}"
+    # Without accounts unless the test asks for them; on a room's address (not loopback)
+    # that takes the explicit flag, as it would for an operator.
+    settings.setdefault("auth", "noauth")
+    if settings["auth"] == "noauth" and not host.startswith("127."):
+        settings.setdefault("allow_noauth", "true")
     env = service_env(state_dir=state_dir, database=database, listen=f"{host}:{port}",
                       hostname=settings.pop("hostname", name),
                       log_file=procs.workdir / f"{name}.service.log", **settings)

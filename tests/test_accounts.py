@@ -169,7 +169,8 @@ def test_web_login_cookie_needs_the_csrf_token_and_ends_when_idle_or_logged_out(
     assert "session has ended" in error_text(expired)
 
 
-def test_session_cookie_is_secure_over_https(tmp_path):
+def app_client(tmp_path: Path):
+    """The application in this process (Flask's test client), with the teacher tom."""
     from cryptography.fernet import Fernet
 
     from labmetal.api.app import Services, create_app
@@ -177,17 +178,34 @@ def test_session_cookie_is_secure_over_https(tmp_path):
     from labmetal.db import Database
     from labmetal.secrets import SecretBox
     from labmetal.users import set_user
-    db = Database(f"sqlite:///{tmp_path / 'https.db'}")
+    db = Database(f"sqlite:///{tmp_path / 'app.db'}")
     db.upgrade()
     set_user(db, "tom", TEACHER_PASSWORD, "teacher")
     app = create_app(Services(Settings(auth="http_basic", state_dir=tmp_path), db, None, None,
                               {}, SecretBox(Fernet.generate_key())))
-    client = app.test_client()
+    return app.test_client()
+
+
+def test_session_cookie_is_secure_over_https(tmp_path):
+    client = app_client(tmp_path)
     csrf = client.get("/v1/auth/session", base_url="https://lab.example").json["csrf_token"]
     logged = client.post("/login", base_url="https://lab.example",
                          data={"user": "tom", "password": TEACHER_PASSWORD, "csrf_token": csrf})
     assert logged.status_code == 303
     assert "Secure" in logged.headers["Set-Cookie"]
+
+
+def test_a_forged_csrf_token_of_any_characters_is_refused(tmp_path):
+    # a token with characters outside ASCII was a 500 (hmac.compare_digest refuses such str)
+    client = app_client(tmp_path)
+    assert client.get("/v1/auth/session").status_code == 200  # the anonymous session's token
+    login = {"user": "tom", "password": TEACHER_PASSWORD}
+    for forged in ({"data": {**login, "csrf_token": "\u00db\x0e\u00a5"}},
+                   {"data": login, "headers": {"X-CSRF-Token": "caf\u00e9"}},
+                   {"json": login, "headers": {"X-CSRF-Token": "\u00ff" * 43}}):
+        refused = client.post("/login", **forged)
+        assert refused.status_code == 403, (forged, refused.text)
+        assert "CSRF token missing or wrong" in refused.text
 
 
 def test_admin_manages_users_and_nobody_sees_a_password(procs, tmp_path):

@@ -33,6 +33,7 @@ import requests
 
 from labmetal.agent.main import options
 from labmetal.agent.bootloader import SIGNED_LOADERS
+from labmetal.agent import proof
 from labmetal.agent.manifest import Manifest, build
 from tests.support import Processes, free_port, wait_for
 
@@ -325,6 +326,18 @@ class Seat:
         assert response.status_code == 202, response.text
         return self.wait(response.json()["id"], timeout)
 
+    def deploy_partition(self, params: dict, request_id: str | None = None) -> dict:
+        """The conductor's two steps for a partition image: the write, then (its receipt
+        checked in between) the boot loader; one view with both results."""
+        loader = {key: params.pop(key) for key in ("kernel_url", "ramdisk_url",
+                                                   "kernel_cmdline") if key in params}
+        view = self.run("deploy_partition_image", params, request_id)
+        if view["status"] != "succeeded":
+            return view
+        boot = self.run("install_bootloader", loader,
+                        f"{request_id}-boot" if request_id else None)
+        return {**boot, "result": {**view["result"], **(boot["result"] or {})}}
+
     def wait(self, command_id: str, timeout: float = 60) -> dict:
         def finished() -> dict | None:
             view = self.get(f"/v1/commands/{command_id}").json()
@@ -438,6 +451,61 @@ def test_write_image_gives_the_image_byte_for_byte_and_zeros_over_old_garbage(
     assert [path for path, _ in files.requests].count("/disk/packed") == 1
 
 
+def test_the_receipt_answers_a_fresh_challenge_from_the_disks_bytes(images, files, disks,
+                                                                   start_seat, tmp_path):
+    """prove_disk: an HMAC keyed by the conductor's nonce over random extents of the image,
+    read from the disk; the conductor computes the same over its copy (agent/proof.py)."""
+    image = images["disk"]
+    disk = disks(64 * MIB)
+    seat = start_seat(disk)
+    before = seat.run("prove_disk", proof.challenge(len(image.raw)).params(), "early")
+    assert before["status"] == "failed" and "no image was written" in before["error"]
+    assert seat.run("write_image", files.serve("disk", image))["status"] == "succeeded"
+    copy = tmp_path / "copy.raw"
+    copy.write_bytes(image.raw)
+    for n in range(2):  # each challenge its own: an old answer is no answer
+        challenge = proof.challenge(len(image.raw))
+        view = seat.run("prove_disk", challenge.params(), f"prove-{n}")
+        assert view["status"] == "succeeded", view["error"]
+        assert view["result"]["hmac"] == proof.digest(str(copy), 0, challenge)
+    other = proof.challenge(len(image.raw))
+    assert view["result"]["hmac"] != proof.digest(str(copy), 0, other)
+    with open(disk.file, "r+b") as raw:  # one byte changed inside an asked extent
+        offset, _ = other.extents[0]
+        raw.seek(offset)
+        byte = raw.read(1)
+        raw.seek(offset)
+        raw.write(bytes([byte[0] ^ 0xFF]))
+    assert seat.run("prove_disk", other.params(), "changed")["result"]["hmac"] != \
+        proof.digest(str(copy), 0, other)
+    for n, bad in enumerate(({"nonce": "zz" * 16, "extents": [[0, 4096]]},
+                             {"nonce": "00" * 32, "extents": [[0, 64 * MIB]]},
+                             {"nonce": "00" * 32, "extents": [[-1, 4096]]},
+                             {"nonce": "00" * 32, "extents": [[0, 4096]] * 257})):
+        refused = seat.run("prove_disk", bad, f"bad-{n}")
+        assert refused["status"] == "failed", bad
+
+
+def test_a_partition_images_receipt_is_of_the_root_partition_before_its_boot_loader(
+        images, files, disks, start_seat, tmp_path):
+    image = images["rootfs"]
+    files.files.update({"/boot/vmlinuz": b"k" * 4096, "/boot/initrd": b"i" * 4096})
+    seat = start_seat(disks(64 * MIB))
+    copy = tmp_path / "copy.raw"
+    copy.write_bytes(image.raw)
+    written = seat.run("deploy_partition_image", {**files.serve("rootfs", image),
+                                                  "boot_mode": "bios"})
+    assert written["status"] == "succeeded", written["error"]
+    challenge = proof.challenge(len(image.raw))
+    view = seat.run("prove_disk", challenge.params())
+    assert view["result"]["hmac"] == proof.digest(str(copy), 0, challenge)
+    boot = seat.run("install_bootloader", {"kernel_url": f"{files.url}/boot/vmlinuz",
+                                           "ramdisk_url": f"{files.url}/boot/initrd"})
+    assert boot["status"] == "succeeded", boot["error"]
+    after = seat.run("prove_disk", proof.challenge(len(image.raw)).params(), "after")
+    assert after["status"] == "failed"  # the file system changed: nothing to prove now
+
+
 def test_a_corrupted_chunk_fails_the_command_naming_it(images, files, disks, start_seat):
     image = images["disk"]
     seat = start_seat(disks(64 * MIB))
@@ -527,7 +595,7 @@ def test_partition_image_deploy_makes_a_bootable_disk(images, files, disks, star
     params = {**files.serve("rootfs", image), "kernel_url": f"{files.url}/boot/vmlinuz",
               "ramdisk_url": f"{files.url}/boot/initrd", "boot_mode": "bios",
               "kernel_cmdline": "quiet labmetal.seat=a01"}
-    view = seat.run("deploy_partition_image", params)
+    view = seat.deploy_partition(dict(params))
     assert view["status"] == "succeeded", view["error"]
     result = view["result"]
     assert result["raw_sha256"] == image.manifest.raw_sha256
@@ -566,7 +634,7 @@ def test_partition_deploy_failures_leave_no_loop_device_or_mount(images, files, 
     seat = start_seat(disk)
     params = {**files.serve("rootfs", images["rootfs"]), "kernel_url": f"{files.url}/missing",
               "ramdisk_url": f"{files.url}/missing"}
-    view = seat.run("deploy_partition_image", params)
+    view = seat.deploy_partition(dict(params))
     assert view["status"] == "failed" and f"{files.url}/missing: HTTP 404" in view["error"]
     assert loops_of(disk.file) == []
     assert "labmetal-root-" not in Path("/proc/mounts").read_text()
@@ -590,7 +658,7 @@ def test_a_uefi_partition_image_gets_gpt_an_efi_partition_and_the_images_own_loa
     params = {**files.serve("uefi-rootfs", images["uefi-rootfs"]),
               "kernel_url": f"{files.url}/boot/vmlinuz", "ramdisk_url": f"{files.url}/boot/initrd",
               "boot_mode": "uefi", "kernel_cmdline": "quiet"}
-    view = seat.run("deploy_partition_image", params)
+    view = seat.deploy_partition(dict(params))
     assert view["status"] == "succeeded", view["error"]
     result = view["result"]
     root_start = MIB + 64 * MIB
@@ -640,7 +708,7 @@ def test_a_uefi_partition_image_without_loaders_is_refused_clearly_off_the_ramdi
     seat = start_seat(disks(128 * MIB))
     params = {**files.serve("rootfs", images["rootfs"]), "boot_mode": "uefi",
               "kernel_url": f"{files.url}/boot/vmlinuz", "ramdisk_url": f"{files.url}/boot/initrd"}
-    view = seat.run("deploy_partition_image", params)
+    view = seat.deploy_partition(dict(params))
     # This machine is not the ramdisk: no /usr/lib/labmetal/efi to fall back on.
     assert view["status"] == "failed"
     assert "carries no signed shim and GRUB (usr/lib/shim/shimx64.efi.signed" in view["error"]

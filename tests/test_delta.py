@@ -278,13 +278,13 @@ def test_a_partition_image_redeploy_rewrites_little_and_still_boots(tmp_path, fi
     seat = start_seat(disk)
     params = {**files.serve("part", image), "kernel_url": f"{files.url}/boot/vmlinuz",
               "ramdisk_url": f"{files.url}/boot/initrd", "boot_mode": "bios"}
-    first = seat.run("deploy_partition_image", params, "class-1")
+    first = seat.deploy_partition(dict(params), "class-1")
     assert first["status"] == "succeeded", first["error"]
     before = disk.file.read_bytes()[MIB:MIB + len(image.raw)]  # the bootloader added /boot
     expected = differing(before, image)
     assert 0 < len(expected) < len(manifest.chunks) // 2
 
-    view = seat.run("deploy_partition_image", params, "class-2")
+    view = seat.deploy_partition(dict(params), "class-2")
     assert view["status"] == "succeeded", view["error"]
     result = view["result"]
     assert result["raw_sha256"] == manifest.raw_sha256

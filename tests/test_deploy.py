@@ -36,7 +36,7 @@ def test_teacher_deploys_a_whole_disk_image_and_the_seat_boots_it(lab, procs, tm
         wait_for(lambda: "booted from disk: mbr=bootable" in room.console(seat), 30,
                  "the seat booting its disk")
     events = [e["event"] for e in room.service.history(room.seats[0].name)]
-    assert "deploy agent looked up; token handed out" in events
+    assert "deploy agent looked up from 10.99.11.11; token handed out" in events
     assert any(e.startswith("image debian12-reseaux written and verified") for e in events)
     assert events[-1] == "deploying -> active"
 

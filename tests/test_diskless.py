@@ -202,6 +202,8 @@ def test_a_student_logs_in_at_the_seat_and_resumes_their_session(classroom):
     room, api = classroom
     seat = room.state["seats"][1]
     ann = next(s for s in ok(api, "GET", "/v1/sessions")["sessions"] if s["student"] == "ann")
+    ok(api, "POST", "/v1/rooms", {"name": "tpr-2"}, 201)  # a student starts on a room's seat
+    ok(api, "PUT", "/v1/rooms/tpr-2/seats/b1", {"node": seat["name"]})
     before = len(room.console(seat))
 
     def screen(text: str, timeout: float = 180) -> None:
@@ -237,3 +239,4 @@ def test_a_student_logs_in_at_the_seat_and_resumes_their_session(classroom):
     assert powered.status_code == 202, powered.text
     wait_for(lambda: ok(api, "GET", f"/v1/sessions/{ann['uuid']}")["state"] == "stopped", 60,
              "ann's session to end")
+    ok(api, "DELETE", "/v1/rooms/tpr-2", status=204)

@@ -540,9 +540,15 @@ def test_tftp_keeps_serving_when_a_client_vanishes_or_sends_garbage(tftp_root, t
         assert out.read_bytes() == (tftp_root / "undionly.kpxe").read_bytes()
         assert tftp.restarts == 0
 
-        # A request tftpy cannot decode kills its listen(); the supervisor starts it again.
+        # A request tftpy cannot decode is refused before tftpy sees it (more in
+        # tests/test_hostile_input.py).
         with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as garbage:
+            garbage.settimeout(10)
             garbage.sendto(b"\x00\x01\xff\xfe\x00octet\x00", ("127.0.0.1", tftp.port))
+            assert garbage.recvfrom(1024)[0][:4] == b"\x00\x05\x00\x01"  # ERROR: not found
+        assert tftp.restarts == 0
+        # A listen() that dies anyway (here: its socket closed under it) is started again.
+        tftp._server.sock.close()
         wait_for(lambda: tftp.restarts == 1 and tftp.listening, 10,
                  "the TFTP server to be started again")
         out.unlink()

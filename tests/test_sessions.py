@@ -10,6 +10,7 @@ checks that none is left.
 """
 from __future__ import annotations
 
+import http.client
 import json
 import os
 import shutil
@@ -138,8 +139,9 @@ def tgtd_pid(run_dir: Path) -> int:
 
 @pytest.fixture
 def make_lab(procs, tmp_path, request):
-    """Starts a service with the given store and settings, its four users, two seats;
-    stops it at teardown and checks it left no storage process behind."""
+    """Starts a service with the given store and settings, its four users, two seats (nodes
+    a01 and a02 of room tpr); stops it at teardown and checks it left no storage process
+    behind."""
     made: list[Lab] = []
 
     def make(backend: str = "local", ceph: CephCluster | None = None, **settings: Any) -> Lab:
@@ -159,6 +161,9 @@ def make_lab(procs, tmp_path, request):
             node = lab.ok("ada", "POST", "/v1/nodes", {"name": seat, "driver": "wol"},
                           status=201)
             lab.seats[seat] = node["uuid"]
+        lab.ok("ada", "POST", "/v1/rooms", {"name": "tpr"}, status=201)
+        for seat in lab.seats:  # students start sessions on a room's seats only
+            lab.ok("ada", "PUT", f"/v1/rooms/tpr/seats/{seat.upper()}", {"node": seat})
         return lab
 
     yield make
@@ -416,3 +421,42 @@ def test_the_cli_starts_saves_and_lists_a_students_session(make_lab):
     assert [(s["student"], s["state"]) for s in listed] == [("sam", "stopped")]
     cli("sam", "session", "delete", "tp1")
     assert cli("sam", "session", "list") == []
+
+
+def boot_script(lab: Lab, mac: str, source: str) -> str:
+    """The seat's per-MAC script as a PC at ``source`` gets it (the service sees that
+    address: loopback has all of 127/8)."""
+    host, port = lab.service.url.split("//", 1)[1].rsplit(":", 1)
+    connection = http.client.HTTPConnection(host, int(port), timeout=60,
+                                            source_address=(source, 0))
+    try:
+        connection.request("GET", f"/boot/{mac.replace(':', '-')}.ipxe")
+        answer = connection.getresponse()
+        assert answer.status == 200
+        return answer.read().decode()
+    finally:
+        connection.close()
+
+
+def test_a_running_sessions_boot_script_goes_to_one_address_only(make_lab):
+    """Without labmetal's DHCP (as in a proxy-DHCP room) the first address to fetch the
+    script after a start holds the session's CHAP secret; another PC asking with the
+    seat's MAC gets an idle script. The next start binds again, with a new secret."""
+    lab = make_lab("local")
+    mac = "52:54:00:5e:00:01"
+    lab.ok("ada", "POST", "/v1/ports", {"address": mac, "node_uuid": lab.seats["a01"]},
+           status=201)
+    path, ses = lab.sams_session_on_a01("tp-bind")
+    _, secret = lab.chap(ses["uuid"])
+    seat = boot_script(lab, mac, "127.0.0.2")
+    assert "sanboot" in seat and secret in seat
+    neighbour = boot_script(lab, mac, "127.0.0.3")
+    assert "sanboot" not in neighbour and secret not in neighbour
+    assert "127.0.0.3" in neighbour  # says whose address it is not
+    assert secret in boot_script(lab, mac, "127.0.0.2")  # the seat again, after a reboot
+    lab.ok("sam", "POST", f"{path}/stop")
+    again = lab.ok("sam", "POST", f"{path}/start", {"seat": "a01", "boot": False})
+    _, new_secret = lab.chap(again["uuid"])
+    assert new_secret != secret
+    assert new_secret in boot_script(lab, mac, "127.0.0.3")
+    assert new_secret not in boot_script(lab, mac, "127.0.0.2")

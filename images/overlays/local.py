@@ -52,6 +52,7 @@ from labmetal.images.overlays.base import (OverlayBackend, OverlayError, Quota, 
                                            SavePoint, SessionDisk, TemplateVersion,
                                            check_raw_image, parse_save_name)
 from labmetal.images.overlays.tgt import SessionTargets, process_alive
+from labmetal.rundir import private_dir
 
 LOG = logging.getLogger(__name__)
 
@@ -69,10 +70,14 @@ class LocalOverlays(OverlayBackend):
         super().__init__(quota)
         self.root = Path(root)
         self.targets = targets
-        self.run_dir = Path(run_dir) if run_dir else self.root / "run"
         self.daemon_timeout = daemon_timeout
-        for sub in (self.root / "templates", self.root / "sessions", self.run_dir):
-            sub.mkdir(parents=True, exist_ok=True)
+        # Students' disks: the store is 0700 (what is in it need not be: nobody else can
+        # reach it). The daemons' sockets, pid files and FUSE mounts go in a run directory
+        # that must be private (labmetal/rundir.py), as root follows what is there.
+        self.root.mkdir(mode=0o700, parents=True, exist_ok=True)
+        for sub in (self.root / "templates", self.root / "sessions"):
+            sub.mkdir(mode=0o700, exist_ok=True)
+        self.run_dir = private_dir(run_dir if run_dir else self.root / "run")
 
     def validate(self) -> None:
         missing = [f"{tool} ({package})" for tool, package in TOOLS.items()
@@ -102,7 +107,7 @@ class LocalOverlays(OverlayBackend):
                   str(partial)], "copy the template image")
             with open(partial, "rb+") as file:
                 os.fsync(file.fileno())
-            partial.chmod(0o444)
+            partial.chmod(0o400)  # frozen: read-only, and for this service alone
             os.link(partial, final)  # fails, rather than replaces, if a racer made it first
         except FileExistsError:
             raise OverlayError(f"template {name} version {version} exists and is frozen",

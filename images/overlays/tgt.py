@@ -16,6 +16,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from labmetal.agent.iscsi import Chap, Export, ExportError, TgtExporter
+from labmetal.rundir import private_dir
 
 LOG = logging.getLogger(__name__)
 
@@ -121,7 +122,9 @@ class SessionTargets:
 
     def _exporter_started(self) -> TgtExporter:
         if self._exporter is None:
-            self.run_dir.mkdir(parents=True, exist_ok=True)
+            # tgtd's control socket, pid file and log: a private run directory, as
+            # root kills the pid it finds there and writes where the log path leads.
+            self.run_dir = private_dir(self.run_dir)
             self._exporter = TgtExporter(self.run_dir, stop_timeout=self.stop_timeout)
         return self._exporter
 

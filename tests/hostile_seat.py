@@ -1,0 +1,117 @@
+"""A hostile seat: a student who is root on a PC of the room, run inside that PC's network
+namespace by the tests (tests/test_hostile_seats.py). It steals a deploy's agent token by
+asking first with the victim's MAC, then plays the victim's agent: it heartbeats with a
+callback URL of its choosing and answers the conductor's commands its way.
+
+    python -m tests.hostile_seat --api URL --mac MAC --mode MODE [--callback URL]
+        [--sha256 HEX] [--port 9999]
+
+Modes: ``steal`` only takes the token and prints it; ``reflect`` answers every command
+with HTTP 400 and a body that must never reach labmetal's last_error; ``fake-receipt``
+claims every command succeeded, with the image's public sha256 as its "receipt". Each
+event is printed on its own line (``token ...``, ``heartbeat 202``, ``command write_image``).
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import threading
+import time
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+
+import requests
+
+REFLECTED = "REFLECTED-BODY-FROM-THE-SEAT"
+
+
+def say(line: str) -> None:
+    print(line, flush=True)
+
+
+def steal(api: str, mac: str) -> tuple[str, str]:
+    """Ask with the victim's MAC until labmetal hands out the token: (node uuid, token)."""
+    while True:
+        try:
+            answer = requests.get(f"{api}/v1/lookup", params={"addresses": mac}, timeout=10)
+        except requests.RequestException:
+            time.sleep(0.05)
+            continue
+        if answer.status_code == 200:
+            token = answer.json()["config"]["agent_token"]
+            if token != "******":
+                return answer.json()["node"]["uuid"], token
+        if answer.status_code in (403, 409):
+            say(f"lookup {answer.status_code}")
+        time.sleep(0.02)
+
+
+def agent(mode: str, sha256: str, port: int) -> ThreadingHTTPServer:
+    commands: dict[str, dict] = {}
+
+    class Handler(BaseHTTPRequestHandler):
+        def log_message(self, *args: object) -> None:
+            pass
+
+        def reply(self, status: int, body: object) -> None:
+            data = body.encode() if isinstance(body, str) else json.dumps(body).encode()
+            self.send_response(status)
+            self.send_header("Content-Length", str(len(data)))
+            self.end_headers()
+            self.wfile.write(data)
+
+        def do_POST(self) -> None:
+            body = json.loads(self.rfile.read(int(self.headers.get("Content-Length", 0))))
+            say(f"command {body.get('name')}")
+            if mode == "reflect":
+                self.reply(400, REFLECTED)
+                return
+            result = {"raw_sha256": sha256} if "image" in body["name"] else {}
+            if body["name"] == "prove_disk":
+                result = {"hmac": "0" * 64}  # what a seat that wrote nothing can say
+            command = {"id": str(len(commands) + 1), "name": body["name"],
+                       "status": "succeeded", "progress": {"done": 1, "total": 1},
+                       "error": None, "result": result}
+            commands[command["id"]] = command
+            self.reply(202, command)
+
+        def do_GET(self) -> None:
+            if mode == "reflect":
+                self.reply(400, REFLECTED)
+                return
+            command = commands.get(self.path.rsplit("/", 1)[-1])
+            self.reply(200 if command else 404, command or {"error": "no such command"})
+
+    server = ThreadingHTTPServer(("0.0.0.0", port), Handler)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    return server
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--api", required=True)
+    parser.add_argument("--mac", required=True)
+    parser.add_argument("--mode", choices=("steal", "reflect", "fake-receipt"), required=True)
+    parser.add_argument("--callback", default="")
+    parser.add_argument("--sha256", default="0" * 64)
+    parser.add_argument("--port", type=int, default=9999)
+    args = parser.parse_args(argv)
+    node, token = steal(args.api, args.mac)
+    say(f"token {node}")
+    if args.mode == "steal":
+        return 0
+    agent(args.mode, args.sha256, args.port)
+    say("agent listening")
+    callback = args.callback or f"http://127.0.0.1:{args.port}"
+    while True:
+        try:
+            answer = requests.post(f"{args.api}/v1/heartbeat/{node}", timeout=10, json={
+                "callback_url": callback, "agent_token": token})
+            say(f"heartbeat {answer.status_code}")
+        except requests.RequestException as error:
+            say(f"heartbeat failed {type(error).__name__}")
+        time.sleep(1.0)
+
+
+if __name__ == "__main__":
+    sys.exit(main())
