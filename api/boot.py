@@ -18,8 +18,9 @@ from labmetal.api.sessions import seat_iqn
 from labmetal.api.validation import produces
 from labmetal.models import Image, Node, Port, StudentSession, Template, User
 from labmetal.pxe import grub
-from labmetal.pxe.ipxe import (BootScript, ChainScript, IdleScript, LocalDiskScript, RamdiskScript,
-                               SanbootScript, SeatMenuScript, script_mac)
+from labmetal.pxe.ipxe import (BootScript, ChainScript, IdleScript, LeaseWaitScript,
+                               LocalDiskScript, RamdiskScript, SanbootScript, SeatMenuScript,
+                               script_mac)
 
 LOG = logging.getLogger(__name__)
 blueprint = Blueprint("boot", __name__)
@@ -95,11 +96,12 @@ def _offers_login() -> bool:
                               .limit(1)) is not None
 
 
-def _session(node: Node) -> SanbootScript | IdleScript | None:
+def _session(node: Node) -> SanbootScript | LeaseWaitScript | IdleScript | None:
     """The student's session running on this seat, if any: the seat boots its disk. Its
     script holds the session's CHAP secret, so it goes to the seat alone: the address
     leased to the seat's MAC, or (where labmetal leases nothing) the first to ask for it
-    after the start (DESIGN §11)."""
+    after the start (DESIGN §11). Another address is told to ask again shortly: the seat
+    itself may have asked before its fresh lease reached the database."""
     svc = services()
     address = caller_address()
     with svc.db.write() as session:
@@ -120,7 +122,9 @@ def _session(node: Node) -> SanbootScript | IdleScript | None:
         if not allowed:
             LOG.warning("session %s's boot script refused to %s: not seat %s's address",
                         ses.uuid, address, node.name or node.uuid)
-            return IdleScript(f"this address ({address}) is not seat {node.name or node.uuid}'s")
+            return LeaseWaitScript(svc.settings.seat_base_url,
+                                   f"this address ({address}) is not seat "
+                                   f"{node.name or node.uuid}'s (yet)")
         portal, iqn, chap_user, sealed = (ses.target_portal, ses.target_iqn, ses.chap_user,
                                           ses.chap_secret)
     host, _, port = portal.rpartition(":")

@@ -23,8 +23,8 @@ from __future__ import annotations
 import re
 from urllib.parse import urlsplit
 
-from labmetal.pxe.ipxe import (BootScript, IdleScript, LocalDiskScript, MessageScript,
-                               RamdiskScript, SanbootScript, SeatMenuScript,
+from labmetal.pxe.ipxe import (BootScript, IdleScript, LeaseWaitScript, LocalDiskScript,
+                               MessageScript, RamdiskScript, SanbootScript, SeatMenuScript,
                                SessionMenuScript, kernel_arg, shown)
 
 CHAIN_PATH = "grub/grub.cfg"  # where Debian's grubnetx64 looks first: $prefix is (tftp,…)/grub
@@ -84,7 +84,7 @@ def render(script: BootScript, mac: str) -> str:
         # The seat's login asks for a password, which must not cross the seat network in
         # clear: GRUB (no TLS) only runs the menu's default.
         lines = render(script.default, mac).splitlines()
-    elif isinstance(script, SanbootScript):
+    elif isinstance(script, (SanbootScript, LeaseWaitScript)):
         lines = _idle(IdleScript(
             f"the session of {script.student or 'this seat'} boots diskless over iSCSI, "
             "which needs iPXE: not under Secure Boot"))

@@ -220,6 +220,41 @@ class IdleScript:
 
 
 @dataclass(frozen=True)
+class LeaseWaitScript:
+    """The seat asked before labmetal copied its DHCP lease (labmetal/leases.py polls
+    dnsmasq's file every half second, and iPXE asks for its script right after its DHCP
+    answer): wait ``delay`` seconds and ask again, up to ``attempts`` times (a counter kept
+    in iPXE's settings across ``chain --replace``), then give up as an idle PC does. A PC
+    that holds no lease at all gets nothing more than this by asking."""
+    base_url: str
+    message: str
+    attempts: int = 5
+    delay: int = 2
+
+    def __post_init__(self) -> None:
+        url(self.base_url, "base URL")
+        if self.attempts < 1 or self.delay < 0:
+            raise ValueError("attempts must be >= 1 and delay >= 0")
+
+    def render(self) -> str:
+        target = f"{self.base_url.rstrip('/')}/{SCRIPT_PATH.format(mac=BOOTED_MAC)}"
+        return _lines(
+            "# labmetal: this seat's lease is not known yet",
+            "isset ${labmetal_lease_wait} || set labmetal_lease_wait:int32 0",
+            "inc labmetal_lease_wait",
+            f"iseq ${{labmetal_lease_wait}} {self.attempts + 1} && goto give_up ||",
+            f"echo labmetal: {shown(self.message)}; asking again in {self.delay} s",
+            f"sleep {self.delay}",
+            f"chain --replace --autofree {target} ||",
+            ":give_up",
+            "set labmetal_lease_wait:int32 0",
+            f"echo labmetal: {shown(self.message)}; booting the next device in 30 s",
+            "sleep 30",
+            "exit 1",
+        )
+
+
+@dataclass(frozen=True)
 class SanbootScript:
     """Boot a student's session disk from its iSCSI target (LUN 1; LUN 0 is tgt's
     controller) as the seat's BIOS disk. iPXE describes the connection in an iBFT (target,
@@ -394,4 +429,4 @@ class MessageScript:
 
 
 BootScript = (ChainScript | RamdiskScript | LocalDiskScript | IdleScript | SanbootScript
-              | SeatMenuScript | SessionMenuScript | MessageScript)
+              | LeaseWaitScript | SeatMenuScript | SessionMenuScript | MessageScript)

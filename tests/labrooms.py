@@ -2,7 +2,10 @@
 settings the room printed (DHCP in the room, listening on its uplink)."""
 from __future__ import annotations
 
+import ipaddress
 import json
+import subprocess
+import sys
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
@@ -10,7 +13,7 @@ from typing import Any, Iterator
 
 import requests
 
-from labmetal.lab.network import namespaces, remove_namespace
+from labmetal.lab.network import Lab, Room, in_namespace, namespaces, remove_namespace, run_in
 from labmetal.lab.room import STATE_FILE, recover
 from tests.support import LABMETAL, Proc, Processes, free_port, service_env, wait_for
 
@@ -62,6 +65,55 @@ def start_labmetal(procs: Processes, workdir: Path, settings: dict[str, Any],
     proc = procs.start([LABMETAL, "serve"], name, env)
     proc.wait_for_output("listening on http://", timeout=60)
     return proc
+
+
+class StandIn:
+    """HTTP as a seat of the room sends it: from a namespace on the room's switch with the
+    seat's MAC and the address labmetal's DHCP leased to it (the service gives a seat's
+    secrets and its login only to that address, api/seat_address.py)."""
+
+    def __init__(self, namespace: str, address: str):
+        self.namespace = namespace
+        self.address = address
+
+    def get(self, url: str, auth: tuple[str, str] | None = None) -> requests.Response:
+        """GET ``url`` from the seat's address; the answer's status, headers and text."""
+        code = ("import json, sys, requests\n"
+                "args = json.load(sys.stdin)\n"
+                "r = requests.get(args['url'], auth=args['auth'] and tuple(args['auth']),"
+                " timeout=60)\n"
+                "print(json.dumps({'status': r.status_code, 'headers': dict(r.headers),"
+                " 'text': r.text}))\n")
+        done = subprocess.run(in_namespace(self.namespace, [sys.executable, "-c", code]),
+                              input=json.dumps({"url": url, "auth": auth}), text=True,
+                              capture_output=True, timeout=120, check=True)
+        answer = json.loads(done.stdout)
+        response = requests.Response()
+        response.status_code = answer["status"]
+        response.headers.update(answer["headers"])
+        response._content = answer["text"].encode()  # a Response as requests would give
+        response.encoding = "utf-8"
+        return response
+
+
+@contextmanager
+def stand_in(room: UpRoom, seat: dict[str, Any]) -> Iterator[StandIn]:
+    """The seat, powered off, stood in for by a namespace cabled to the room's switch with
+    its MAC, which asks labmetal's DHCP for its address as the seat's firmware does. Only
+    while the seat is off: two ports with one MAC on a switch would confuse it."""
+    network = ipaddress.IPv4Network(room.state["network"])
+    switch = Room(room.state["room"], room.state["namespace"], room.state["bridge"],
+                  ipaddress.IPv4Interface(f"{network.network_address + 1}/{network.prefixlen}"))
+    with Lab() as lab:
+        double = lab.add_seat(switch, "standin", seat["mac"])
+        run_in(double.namespace, [sys.executable, "-c",
+                                  "import sys, pathlib, tempfile\n"
+                                  "from labmetal.lab.firmware import dhcp\n"
+                                  "dhcp('eth0', pathlib.Path(tempfile.mkdtemp()))\n"],
+               timeout=180)
+        shown = run_in(double.namespace, ["ip", "-4", "-o", "addr", "show", "eth0"]).stdout
+        address = shown.split(" inet ", 1)[1].split("/", 1)[0]
+        yield StandIn(double.namespace, address)
 
 
 class Labmetal:

@@ -24,7 +24,8 @@ import requests
 from labmetal.lab.osimage import build_session_disk, session_counter_line
 from labmetal.lab.qemu_seat import type_text
 from tests.ceph import CephCluster, missing_tools
-from tests.labrooms import  BOOT_TIMEOUT, Labmetal, UpRoom, lab_up, start_labmetal, tear_down
+from tests.labrooms import (BOOT_TIMEOUT, Labmetal, UpRoom, lab_up, stand_in, start_labmetal,
+                            tear_down)
 from tests.support import LABMETAL, Processes, free_port, wait_for
 
 pytestmark = pytest.mark.ramdisk
@@ -108,8 +109,12 @@ def boot_session(room: UpRoom, api: Labmetal, session: dict[str, Any], seat_inde
     assert started["state"] == "running" and started["last_error"] is None, started
     line = session_counter_line(IMAGE, seat["mac"], expected)
     saved = f"counter={expected + 1} saved on /dev/sda2"
-    wait_for(lambda: saved in room.console(seat)[before:], BOOT_TIMEOUT,
-             f"{saved!r} on {seat['name']}'s console", interval=0.5)
+    try:
+        wait_for(lambda: saved in room.console(seat)[before:], BOOT_TIMEOUT,
+                 f"{saved!r} on {seat['name']}'s console", interval=0.5)
+    except AssertionError as error:
+        raise AssertionError(f"{error}; the screen ends with "
+                             f"{room.console(seat)[-1500:]!r}") from None
     console = room.console(seat)[before:]
     assert line in console, console[-2000:]
     assert "labmetal: booting the session of" in console
@@ -151,22 +156,28 @@ def test_a_seat_without_a_session_gets_no_target(classroom):
 
 
 def test_the_seat_login_shows_a_student_their_own_sessions_only(classroom):
-    """What iPXE fetches after the login, as HTTP: bob's menu lists his session only, and
-    neither a guessed ticket nor his own one starts ann's session."""
+    """What iPXE fetches after the login, as HTTP from the seat's leased address: bob's
+    menu lists his session only, and neither a guessed ticket nor his own one starts ann's
+    session. From any other address (here this host's) the login is refused."""
     room, api = classroom
     folder = f"{api.url}/boot/{room.state['seats'][0]['mac'].replace(':', '-')}"
     sessions = {s["student"]: s["uuid"] for s in ok(api, "GET", "/v1/sessions")["sessions"]}
-    anonymous = requests.get(f"{folder}/login.ipxe", timeout=30)
-    assert anonymous.status_code == 401 and "Basic" in anonymous.headers["WWW-Authenticate"]
     bob = ("bob", PASSWORDS["bob"])
-    menu = requests.get(f"{folder}/login.ipxe", auth=bob, timeout=30).text
-    assert f"s-{sessions['bob']}" in menu and sessions["ann"] not in menu, menu
-    ticket = menu.split("?ticket=", 1)[1].split()[0]
-    for guess, why in ((ticket, "could not be found"), ("1900000000." + "0" * 64, "too old")):
-        refused = requests.get(f"{folder}/start/s-{sessions['ann']}.ipxe",
-                               params={"ticket": guess}, auth=bob, timeout=30)
-        assert refused.status_code == 200 and why in refused.text, refused.text
-        assert "sanboot" not in refused.text
+    elsewhere = requests.get(f"{folder}/login.ipxe", auth=bob, timeout=30)
+    assert elsewhere.status_code == 403 and "is not the address of seat" in elsewhere.text
+    with stand_in(room, room.state["seats"][0]) as seat:
+        anonymous = seat.get(f"{folder}/login.ipxe")
+        assert anonymous.status_code == 401
+        assert "Basic" in anonymous.headers["WWW-Authenticate"]
+        menu = seat.get(f"{folder}/login.ipxe", auth=bob).text
+        assert f"s-{sessions['bob']}" in menu and sessions["ann"] not in menu, menu
+        ticket = menu.split("?ticket=", 1)[1].split()[0]
+        for guess, why in ((ticket, "could not be found"),
+                           ("1900000000." + "0" * 64, "too old")):
+            refused = seat.get(f"{folder}/start/s-{sessions['ann']}.ipxe?ticket={guess}",
+                               auth=bob)
+            assert refused.status_code == 200 and why in refused.text, refused.text
+            assert "sanboot" not in refused.text
     assert ok(api, "GET", f"/v1/sessions/{sessions['ann']}")["state"] == "stopped"
 
 
@@ -182,8 +193,8 @@ def test_in_a_room_open_for_a_tp_the_login_starts_that_tps_session_at_once(class
     assert opened["tp"]["template"] == "net-tp" and opened["tp"]["started_by"] == "ada"
     assert opened["powered_on"] == [] and opened["not_powered"] == {}
     folder = f"{api.url}/boot/{seat['mac'].replace(':', '-')}"
-    script = requests.get(f"{folder}/login.ipxe", auth=("bob", PASSWORDS["bob"]),
-                          timeout=60).text
+    with stand_in(room, seat) as stand:
+        script = stand.get(f"{folder}/login.ipxe", auth=("bob", PASSWORDS["bob"])).text
     assert "sanboot iscsi:" in script and "menu" not in script, script
     grid = ok(api, "GET", "/v1/rooms/tpr-1")
     assert grid["seats"][0]["student"] == "bob" and grid["seats"][1]["student"] is None

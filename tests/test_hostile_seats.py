@@ -10,6 +10,7 @@ attacker asks with its MAC the whole time.
 """
 from __future__ import annotations
 
+import sqlite3
 import sys
 
 from labmetal.lab.network import in_namespace, run_in
@@ -175,8 +176,13 @@ def test_with_labmetals_dhcp_only_the_leased_address_gets_the_token(lab, procs, 
     assert "token " not in thief.output()
     events = history(room, seat.name)
     handed = [event for event in events if "token handed out" in event]
-    leased = run_in(seat.namespace, ["ip", "-4", "-o", "addr", "show", "eth0"]).stdout
-    address = leased.split(" inet ", 1)[1].split("/", 1)[0]
+    # the seat's lease as labmetal recorded it from dnsmasq (the seat itself may be
+    # rebooting by now, without an address)
+    with sqlite3.connect(room.service.database.removeprefix("sqlite:///")) as db:
+        leases = db.execute("SELECT address FROM dhcp_leases WHERE mac = ?",
+                            (seat.mac,)).fetchall()
+    assert len(leases) == 1, leases
+    address = leases[0][0]
     assert address.startswith("10.99.76.1")  # from the pool, .100-.200
     assert handed == [f"deploy agent looked up from {address}; token handed out"]
     assert any("written and verified" in event for event in events)

@@ -20,8 +20,9 @@ import tftpy
 
 from labmetal.lab.network import Lab, in_namespace, remove_leftovers, run_in
 from labmetal.pxe.dnsmasq import DhcpConfig, DhcpHost, Dnsmasq, render_config, render_hosts
-from labmetal.pxe.ipxe import (ChainScript, IdleScript, LocalDiskScript, RamdiskScript,
-                               SanbootScript, SeatMenuScript, SessionMenuScript, script_mac)
+from labmetal.pxe.ipxe import (ChainScript, IdleScript, LeaseWaitScript, LocalDiskScript,
+                               RamdiskScript, SanbootScript, SeatMenuScript, SessionMenuScript,
+                               script_mac)
 from labmetal.pxe.tftp import TftpService, install_ipxe_binaries, requested_path
 from tests.support import free_port, wait_for
 
@@ -82,6 +83,23 @@ def test_a_pc_with_nothing_to_do_says_why_and_powers_off_or_moves_on():
     assert "sleep 20" in text
     assert text.splitlines()[-1] == "poweroff || exit 1"  # Debian's iPXE has no poweroff
     assert IdleScript("no action pending").render().splitlines()[-1] == "exit 1"
+
+
+def test_a_seat_that_asks_before_its_lease_is_known_asks_again_a_few_times():
+    """iPXE asks for its script right after its DHCP answer, before labmetal may have
+    copied the lease: it is told to wait and ask again (its own URL), 3 times, then it
+    gives up as an idle PC does; the counter lives in iPXE's settings across chains."""
+    text = LeaseWaitScript("http://10.99.1.1:6385", "not seat a01's ${x}", attempts=3,
+                           delay=2).render()
+    lines = text.splitlines()
+    assert "isset ${labmetal_lease_wait} || set labmetal_lease_wait:int32 0" in lines
+    assert "iseq ${labmetal_lease_wait} 4 && goto give_up ||" in lines
+    assert ("chain --replace --autofree http://10.99.1.1:6385/boot/${netX/mac:hexhyp}.ipxe ||"
+            in lines)
+    assert lines.index("sleep 2") < lines.index(":give_up") < lines.index("exit 1")
+    assert "${x}" not in text and "not seat a01's ??x?" in text
+    with pytest.raises(ValueError):
+        LeaseWaitScript("http://10.99.1.1/${x}", "m")
 
 
 @pytest.mark.parametrize("bad_url", [
