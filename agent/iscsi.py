@@ -153,6 +153,8 @@ class _TgtTarget:
     tid: int
     portal: str
     chap_user: str | None
+    # what tgtd lets in: ("address", "10.0.0.5" or "ALL") and ("name", "iqn...") entries
+    bindings: list[tuple[str, str]] = field(default_factory=list)
 
 
 class TgtExporter(DiskExporter):
@@ -219,11 +221,9 @@ class TgtExporter(DiskExporter):
                          str(tid), "--lun", str(LUN), "--backing-store", str(disk),
                          "--bstype", bstype, *(["--bsopts", bsopts] if bsopts else []))
             for address in addresses or ([] if names else ["ALL"]):
-                self._tgtadm("--lld", "iscsi", "--mode", "target", "--op", "bind", "--tid",
-                             str(tid), "--initiator-address", address)
+                self._bind(iqn, "address", address)
             for name in names:
-                self._tgtadm("--lld", "iscsi", "--mode", "target", "--op", "bind", "--tid",
-                             str(tid), "--initiator-name", name)
+                self._bind(iqn, "name", name)
             if chap:
                 if chap.user not in self._accounts:
                     self._new_account(chap)
@@ -251,6 +251,35 @@ class TgtExporter(DiskExporter):
             name, _, rest = block.partition("\n")
             found[name.strip()] = re.findall(r"^\s+Initiator: (\S+)", rest, re.MULTILINE)
         return found
+
+    def admit_only(self, iqn: str, address: str) -> None:
+        """From now on let in ``address`` alone (and CHAP, where the target has it): the
+        target's other bindings go. tgtd lets in an initiator that matches any one of a
+        target's bindings, address or name, so binding an address beside a name would let
+        in either; and a name crosses the wire in clear at every login."""
+        target = self._targets.get(iqn)
+        if target is None:
+            raise ExportError(f"{iqn} is not exported by this tgtd")
+        try:
+            address = str(ipaddress.ip_address(address))
+        except ValueError:
+            raise ExportError(f"{address!r} is not an IP address") from None
+        if target.bindings == [("address", address)]:
+            return
+        if ("address", address) not in target.bindings:
+            self._bind(iqn, "address", address)  # first: never a moment with no binding
+        for kind, value in list(target.bindings):
+            if (kind, value) != ("address", address):
+                self._tgtadm("--lld", "iscsi", "--mode", "target", "--op", "unbind", "--tid",
+                             str(target.tid), f"--initiator-{kind}", value)
+                target.bindings.remove((kind, value))
+        LOG.info("%s now lets in %s only", iqn, address)
+
+    def _bind(self, iqn: str, kind: str, value: str) -> None:
+        target = self._targets[iqn]
+        self._tgtadm("--lld", "iscsi", "--mode", "target", "--op", "bind", "--tid",
+                     str(target.tid), f"--initiator-{kind}", value)
+        target.bindings.append((kind, value))
 
     def unexport(self, iqn: str) -> None:
         """Remove the target. The record goes only once tgtd has removed it: if tgtadm

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import logging
+import re
 import shlex
 import signal
 import socket
@@ -13,18 +14,19 @@ from pathlib import Path
 from typing import Any, Callable
 from urllib.parse import urlsplit
 
-from labmetal.agent import heartbeat, inventory
+from labmetal.agent import heartbeat, inventory, seat_login
 from labmetal.agent.api import CommandServer
 from labmetal.agent.commands import Commands, Seat
 from labmetal.agent.identity import Identity
 
 LOG = logging.getLogger("labmetal.agent")
 
-# Every mode looks the seat up and heartbeats; the conductor decides what the seat does.
-# Only discovery differs: a seat no node has is enlisted with its inventory.
-MODES = ("deploy", "inspect", "clean", "discovery")
+# Every mode but login looks the seat up and heartbeats; the conductor decides what the
+# seat does. Discovery enlists a seat no node has with its inventory. Login is a student's
+# seat login (agent/seat_login.py): no token, no command API.
+MODES = ("deploy", "inspect", "clean", "discovery", "login")
 KERNEL_PARAMETERS = ("api", "mode", "disk", "listen", "advertise_address", "interface",
-                     "poweroff_cmd", "reboot_cmd")
+                     "poweroff_cmd", "reboot_cmd", "tls", "ca")
 
 
 def parser() -> argparse.ArgumentParser:
@@ -46,6 +48,16 @@ def parser() -> argparse.ArgumentParser:
                         help="NICs whose MACs identify this machine (default: all but loopback)")
     parser.add_argument("--poweroff-cmd", default="poweroff -f")
     parser.add_argument("--reboot-cmd", default="reboot -f")
+    login = parser.add_argument_group("login mode (a student's seat login)")
+    login.add_argument("--tls", help="labmetal's HTTPS URL, where the password goes")
+    login.add_argument("--ca", help="SHA-256 (hex) of labmetal's CA certificate, fetched from "
+                       "the API URL and trusted only if it matches")
+    login.add_argument("--mac", help="the seat's MAC (default: BOOTIF= on the kernel command "
+                       "line, the NIC the seat booted from)")
+    login.add_argument("--screen", action="append", metavar="TTY",
+                       help="a terminal to log in on (default: /dev/tty1 and /dev/console)")
+    login.add_argument("--idle", type=float, default=120,
+                       help="seconds without typing before the seat goes back to its menu")
     return parser
 
 
@@ -75,11 +87,22 @@ def options(argv: list[str] | None, cmdline: str) -> argparse.Namespace:
     command_line.set_defaults(**from_kernel)
     args = command_line.parse_args(argv)
     args.interface = args.interface or interfaces
+    args.mac = args.mac or booted_mac(cmdline)
     if not args.api:
         command_line.error("--api (or labmetal.api= on the kernel command line) is required")
     if args.mode not in MODES:
         command_line.error(f"--mode must be one of {', '.join(MODES)}, not {args.mode!r}")
     return args
+
+
+def booted_mac(cmdline: str) -> str | None:
+    """The MAC in ``BOOTIF=01-52-54-00-12-34-56`` (pxelinux's convention, which labmetal's
+    boot scripts follow), as 52:54:00:12:34:56."""
+    for word in cmdline.split():
+        key, _, value = word.partition("=")
+        if key == "BOOTIF" and re.fullmatch(r"01-([0-9a-fA-F]{2}-){5}[0-9a-fA-F]{2}", value):
+            return value[3:].replace("-", ":").lower()
+    return None
 
 
 def local_address_towards(url: str) -> str:
@@ -103,6 +126,10 @@ def main(argv: list[str] | None = None) -> None:
                         format="%(asctime)s %(levelname)s labmetal-agent %(name)s: %(message)s")
     cmdline = Path("/proc/cmdline")
     args = options(argv, cmdline.read_text() if cmdline.exists() else "")
+    if args.mode == "login":
+        sys.exit(seat_login.run(args.api, args.tls, args.ca, args.mac,
+                                shlex.split(args.reboot_cmd),
+                                args.screen or seat_login.SCREENS, args.idle))
     machine = inventory.collect(args.disk, args.interface)
     if machine.install_disk is None:
         LOG.warning("no install disk found (none of 4 GiB or more): disk commands will fail")

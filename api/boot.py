@@ -5,6 +5,7 @@ conductor's TFTP relays it, as GRUB has no HTTP)."""
 from __future__ import annotations
 
 import logging
+from dataclasses import replace
 
 from flask import Blueprint, Response
 from sqlalchemy import select
@@ -12,12 +13,13 @@ from sqlalchemy import select
 from labmetal import states
 from labmetal.api.app import services
 from labmetal.api.auth import public
-from labmetal.api.errors import not_found
+from labmetal.api.errors import ApiError, not_found
 from labmetal.api.seat_address import caller_address, holds_lease, leases_known
-from labmetal.api.sessions import seat_iqn
+from labmetal.api.sessions import seat_iqn, storage
 from labmetal.api.validation import produces
 from labmetal.models import Image, Node, Port, StudentSession, Template, User
 from labmetal.pxe import grub
+from labmetal.tls import ca_pin
 from labmetal.pxe.ipxe import (BootScript, ChainScript, IdleScript, LeaseWaitScript,
                                LocalDiskScript, RamdiskScript, SanbootScript, SeatMenuScript,
                                script_mac)
@@ -87,9 +89,11 @@ def script_for(mac: str) -> BootScript:
 
 
 def _offers_login() -> bool:
-    """The seat menu's login, where there are accounts and a template to start from."""
+    """The seat menu's login, where there are accounts, HTTPS for the password and a
+    template to start from."""
     svc = services()
-    if svc.settings.auth == "noauth" or svc.settings.seat_menu_timeout <= 0:
+    if (svc.settings.auth == "noauth" or svc.settings.seat_menu_timeout <= 0
+            or svc.settings.seat_https_url is None):
         return False
     with svc.db.read() as session:
         return session.scalar(select(Template.id).where(Template.versions.any())
@@ -127,9 +131,38 @@ def _session(node: Node) -> SanbootScript | LeaseWaitScript | IdleScript | None:
                                    f"{node.name or node.uuid}'s (yet)")
         portal, iqn, chap_user, sealed = (ses.target_portal, ses.target_iqn, ses.chap_user,
                                           ses.chap_secret)
+        session_uuid = ses.uuid
+    try:  # the CHAP account goes to this address: the target lets in this address alone
+        storage().admit_only(session_uuid, address)
+    except ApiError as error:
+        LOG.warning("session %s's target could not be bound to %s: %s", session_uuid,
+                    address, error.message)
+        return LeaseWaitScript(svc.settings.seat_base_url,
+                               "the session's disk is not ready for this seat")
     host, _, port = portal.rpartition(":")
     return SanbootScript(host, int(port), iqn, seat_iqn(node.uuid), chap_user,
                          svc.box.open(sealed), student)
+
+
+def login_ramdisk(mac: str) -> RamdiskScript | None:
+    """labmetal's ramdisk in ``login`` mode for the seat ``mac``: told where labmetal's
+    HTTPS is and (for labmetal's own CA) the CA's fingerprint, which it checks before it
+    sends a password (agent/seat_login.py). None without HTTPS or without the ramdisk."""
+    svc = services()
+    https = svc.settings.seat_https_url
+    if https is None:
+        return None
+    args = [f"labmetal.tls={https}"]
+    if svc.settings.tls_cert is None:  # labmetal's own CA (an operator's is known already)
+        ca_cert = svc.settings.tls_dir / "ca.crt"
+        if not ca_cert.exists():
+            return None
+        args.append(f"labmetal.ca={ca_pin(ca_cert)}")
+    with svc.db.read() as session:
+        port = session.scalar(select(Port).where(Port.address == mac))
+        node = session.get(Node, port.node_id) if port is not None else None
+    script = _ramdisk(node, "login", mac)
+    return None if script is None else replace(script, kernel_args=(*script.kernel_args, *args))
 
 
 def _ramdisk(node: Node | None, mode: str, mac: str) -> RamdiskScript | None:

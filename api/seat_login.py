@@ -1,14 +1,23 @@
-"""A student at a seat: the seat's iPXE menu (api/boot.py) offers a login; iPXE's ``login``
-prompt reads a user name and password, and the next scripts come with them (HTTP basic,
-sent when these views answer 401). After the login the student picks one of their TP
-sessions, or a template to start a new one, and the seat sanboots that disk at once.
+"""A student at a seat logs in to their TP session, from labmetal's ramdisk, over HTTPS.
 
-The credentials are checked like any API caller's (labmetal's users, LDAP), and the choice
-by the same policy actions as ``POST /v1/sessions`` and ``/v1/sessions/<id>/start``. iPXE
-can only GET here (Debian's iPXE has no ``params`` for a POST), so the start URL carries
-a ticket the login made for this user and seat, valid for a few minutes: a link on a web
-page cannot start a session with a browser's remembered credentials. Errors come back as
-scripts that show the message on the seat and return to its menu.
+The seat's iPXE menu (api/boot.py) offers a login. Choosing it boots labmetal's ramdisk in
+``login`` mode (``/boot/<mac>/login.ipxe``: public, it holds nothing secret). The ramdisk
+asks for a user name and a password on the seat's screen and sends them here over HTTPS,
+checking the server against labmetal's CA, whose fingerprint came on its kernel command
+line (agent/seat_login.py). No password crosses the seat network in clear (DESIGN §11):
+Debian's iPXE, which asked for it before, has no TLS, and plain HTTP (the front refuses
+credentials there, labmetal/front.py) carries only what is public.
+
+The login answers with the student's sessions (not running elsewhere) and the templates
+they have none of yet; in a room open for a TP, with nothing to choose: that TP's session
+starts at once. A choice comes back with the login's ticket (made for this user and seat,
+for ten minutes). Starting a session only marks it running on this seat; the ramdisk then
+reboots the seat, whose next boot script (api/boot.py) sanboots the session's disk.
+
+The credentials are checked like any API caller's (labmetal's users, LDAP; slowed per user
+and address), the choices by the same policy actions as ``POST /v1/sessions`` and
+``/v1/sessions/<id>/start``, and the caller must hold the seat's DHCP lease where labmetal
+knows it: a login for a seat is made at that seat.
 """
 from __future__ import annotations
 
@@ -20,29 +29,33 @@ import time
 from collections.abc import Callable
 from typing import Any
 
-from flask import Blueprint, Response, current_app, g
+from flask import Blueprint, current_app, g
 from sqlalchemy import select
 
 from labmetal import states
 from labmetal.api.app import services
 from labmetal.api.auth import Caller, public
-from labmetal.api.boot import ipxe_response, mac_path, script_for
-from labmetal.api.errors import ApiError, bad_request, not_found
+from labmetal.api.boot import ipxe_response, login_ramdisk
+from labmetal.api.errors import ApiError, conflict, error_response, not_found
 from labmetal.api.seat_address import caller_address, holds_lease, leases_known
 from labmetal.api.sessions import LIVE, new_session, session_owner, start_on_seat
-from labmetal.api.validation import Field, produces, query
-from labmetal.models import  Node, Port, Room, Seat, StudentSession, Template, TemplateVersion, User
+from labmetal.api.validation import Field, body, obj, produces
+from labmetal.models import Node, Port, Room, Seat, StudentSession, Template, TemplateVersion, User
 from labmetal.policy import Verdict
-from labmetal.pxe.ipxe import MessageScript, SessionMenuScript, script_mac
+from labmetal.pxe.ipxe import IdleScript, script_mac
 
 blueprint = Blueprint("seat_login", __name__)
 REALM = 'Basic realm="labmetal seat login"'
-IPXE = "text/plain"  # an iPXE script
 CHOICE = re.compile(r"[st]-[A-Za-z0-9-]{1,80}")
 TICKET_SECONDS = 600
-TICKET = Field("ticket", str, required=True, pattern=r"^[0-9]{1,12}\.[0-9a-f]{64}$",
-               max_length=77, example=f"1800000000.{'0' * 64}",
-               description="made by the login for this user and seat, for ten minutes")
+MAX_CHOICES = 9  # one key each on the seat's screen
+START = obj("a choice of the seat's login menu",
+            Field("choice", str, required=True, pattern=CHOICE.pattern, max_length=82,
+                  example="s-5d2f0c1e-0000-4000-8000-000000000001",
+                  description="s-<session uuid> resumes a session, t-<template> begins one"),
+            Field("ticket", str, required=True, pattern=r"^[0-9]{1,12}\.[0-9a-f]{64}$",
+                  max_length=77, example=f"1800000000.{'0' * 64}",
+                  description="the login's, made for this user and seat, for ten minutes"))
 
 
 def ticket(user: str, mac: str, expires: int | None = None) -> str:
@@ -58,14 +71,16 @@ def ticket_ok(value: str, user: str, mac: str) -> bool:
 
 
 def logged_in(view: Callable) -> Callable:
-    """A caller without a user's credentials gets the 401 that makes iPXE send them. The
-    web login's cookie does not count: a browser sends it on its own, so a mere link to
-    this URL would start the student's session on a seat of the link's choosing."""
+    """A caller without a user's credentials gets 401. The web login's cookie does not
+    count: a browser sends it on its own, so a mere form on a page would start the
+    student's session on a seat of the page's choosing."""
     @functools.wraps(view)
     def checked(*args: Any, **kwargs: Any) -> Any:
         if g.caller.name is None or g.caller.via == "session":
-            return Response("labmetal: log in first\n", 401, {"WWW-Authenticate": REALM},
-                            mimetype="text/plain")
+            refused = error_response(401, "log in first: a user name and password "
+                                          "(HTTP basic)")
+            refused.headers["WWW-Authenticate"] = REALM
+            return refused
         return view(*args, **kwargs)
     return checked
 
@@ -73,7 +88,7 @@ def logged_in(view: Callable) -> Callable:
 def _seat(name: str) -> tuple[str, Node]:
     mac = script_mac(f"{name}.ipxe")
     if mac is None:
-        raise not_found(f"{name} is not a seat (expected aa-bb-cc-dd-ee-ff)")
+        raise not_found(f"{name[:40]} is not a seat (expected aa-bb-cc-dd-ee-ff)")
     with services().db.read() as session:
         node = session.scalar(select(Node).join(Port, Port.node_id == Node.id)
                               .where(Port.address == mac))
@@ -88,10 +103,6 @@ def _seat(name: str) -> tuple[str, Node]:
     return mac, node
 
 
-def _message(mac: str, text: str) -> Response:
-    return ipxe_response(MessageScript(services().settings.seat_base_url, mac_path(mac), text))
-
-
 def _allowed(action: str, caller: Caller, owner: str | None) -> bool:
     verdict = current_app.extensions["labmetal"].policy.verdict(action, caller.role)
     return verdict is Verdict.ALLOWED or (verdict is Verdict.OWN_ONLY and caller.name is not None
@@ -99,13 +110,24 @@ def _allowed(action: str, caller: Caller, owner: str | None) -> bool:
 
 
 @blueprint.get("/boot/<name>/login.ipxe")
+@public("the seat menu's login item: boots labmetal's ramdisk, which asks for the password "
+        "and sends it over HTTPS; nothing secret is in it")
+@produces("text/plain")
+def login_script(name: str):
+    mac = script_mac(f"{name}.ipxe")
+    if mac is None:
+        raise not_found(f"{name[:40]} is not a seat (expected aa-bb-cc-dd-ee-ff)")
+    return ipxe_response(login_ramdisk(mac) or IdleScript(
+        "the seat login needs the deploy kernel and ramdisk, and labmetal's HTTPS front"))
+
+
+@blueprint.post("/v1/seat-login/<name>")
 @public("a seat's login: the view refuses a caller without a user's credentials")
 @logged_in
-@produces(IPXE)
 def login(name: str):
-    """The menu of the caller's sessions (not running elsewhere) and of the templates they
-    have no session of yet. In a room open for a TP, that TP's only, and no menu: the
-    student's session of it starts at once."""
+    """The caller's menu at this seat: ``choices`` (``choice``, ``label``; at most 9) and
+    the ``ticket`` to choose with. In a room open for a TP, ``started`` instead: the
+    student's session of it, started on this seat."""
     caller: Caller = g.caller
     mac, node = _seat(name)
     with services().db.read() as session:
@@ -130,52 +152,45 @@ def login(name: str):
         if state in ("starting", "running"):
             continue  # on another seat: it cannot start here
         when = f"saved {saved:%Y-%m-%d %H:%M}" if saved else "not saved yet"
-        choices.append((f"s-{uuid}", f"{template} ({when})"))
+        choices.append({"choice": f"s-{uuid}", "label": f"{template} ({when})"})
     if _allowed("session:create", caller, caller.name):
         have = {template for *_, template in rows}
-        choices += [(f"t-{name}", f"{name}: new session") for name in templates
-                    if name not in have]
+        choices += [{"choice": f"t-{name}", "label": f"{name}: new session"}
+                    for name in templates if name not in have]
     if not choices:
         running = "running on another seat" if rows else "to start here"
-        return _message(mac, f"{caller.name} has no {tp or 'TP'} session {running}")
+        raise conflict(f"{caller.name} has no {tp or 'TP'} session {running}")
     if tp is not None:
-        return _start(caller, mac, node, choices[0][0])
-    return ipxe_response(SessionMenuScript(services().settings.seat_base_url, mac_path(mac),
-                                           caller.name, tuple(choices[:9]),
-                                           ticket(caller.name, mac)))
+        return {"student": caller.name, "started": _start(caller, node, choices[0]["choice"])}
+    return {"student": caller.name, "choices": choices[:MAX_CHOICES],
+            "ticket": ticket(caller.name, mac)}
 
 
-@blueprint.get("/boot/<name>/start/<choice>.ipxe")
+@blueprint.post("/v1/seat-login/<name>/start")
 @public("a seat's login: the view refuses a caller without a user's credentials")
 @logged_in
-@query(TICKET)
-@produces(IPXE)
-def start(name: str, choice: str, query: dict[str, Any]):
-    """``s-<session uuid>`` resumes a session, ``t-<template>`` begins one. The answer is
-    this seat's script, which now sanboots the session."""
+@body(START)
+def start(name: str, body: dict[str, Any]):
+    """``s-<session uuid>`` resumes a session, ``t-<template>`` begins one, on this seat;
+    the seat then reboots into it (its boot script sanboots the session's disk)."""
     caller: Caller = g.caller
     mac, node = _seat(name)
-    if not CHOICE.fullmatch(choice):
-        raise bad_request(f"{choice[:80]!r} is not a choice of the seat's menu")
-    if not ticket_ok(query["ticket"], caller.name, mac):
-        return _message(mac, "this menu is too old: log in again")
-    return _start(caller, mac, node, choice)
+    if not ticket_ok(body["ticket"], caller.name, mac):
+        raise ApiError(409, "this menu is too old or not yours: log in again")
+    return _start(caller, node, body["choice"])
 
 
-def _start(caller: Caller, mac: str, node: Node, choice: str) -> Response:
-    """Resume (``s-``) or begin (``t-``) the session on this seat; the seat's next script."""
-    try:
-        if choice.startswith("s-"):
-            ident = choice[2:]
-            if not _allowed("session:resume", caller, session_owner(ident)):
-                raise not_found(f"Session {ident} could not be found.")
-        else:
-            if not _allowed("session:create", caller, caller.name):
-                raise ApiError(403, f"{caller.name} may not start new sessions")
-            ident = new_session(choice[2:], caller.name)["uuid"]
-        if node.provision_state in states.RAMDISK_MODE:
-            raise ApiError(409, f"this seat is {node.provision_state}")
-        start_on_seat(ident, node.uuid, boot=False)  # the seat is in iPXE already
-    except ApiError as error:
-        return _message(mac, error.message)
-    return ipxe_response(script_for(mac))
+def _start(caller: Caller, node: Node, choice: str) -> dict[str, Any]:
+    """Resume (``s-``) or begin (``t-``) the session on this seat; what the seat shows."""
+    if choice.startswith("s-"):
+        ident = choice[2:]
+        if not _allowed("session:resume", caller, session_owner(ident)):
+            raise not_found(f"Session {ident} could not be found.")
+    else:
+        if not _allowed("session:create", caller, caller.name):
+            raise ApiError(403, f"{caller.name} may not start new sessions")
+        ident = new_session(choice[2:], caller.name)["uuid"]
+    if node.provision_state in states.RAMDISK_MODE:
+        raise conflict(f"this seat is {node.provision_state}")
+    view = start_on_seat(ident, node.uuid, boot=False)  # the ramdisk reboots the seat
+    return {"session": view["uuid"], "template": view["template"], "student": caller.name}

@@ -162,6 +162,22 @@ class Storage:
         LOG.info("session store: %s, iSCSI portal %s:%d", backend.name, host, port)
         return backend
 
+    def admit_only(self, session_uuid: str, address: str) -> None:
+        """The session's target lets in the seat's ``address`` alone from now on (its boot
+        script, with the CHAP account, just went there: api/boot.py). Raises ApiError if
+        this process does not serve the session, or its target server refuses."""
+        if not self.lock.acquire(timeout=30):
+            raise ApiError(503, "the session store is busy; ask again")
+        try:
+            if self._backend is None or not self._backend.is_exported(session_uuid):
+                raise conflict(f"Session {session_uuid} is not served by this process")
+            try:
+                self._backend.admit_only(session_uuid, address)
+            except OverlayError as error:
+                raise backend_error(error) from None
+        finally:
+            self.lock.release()
+
     def close(self) -> None:
         """Stop the target server and what serves the disks (not the data)."""
         self._stop.set()

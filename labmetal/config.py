@@ -177,6 +177,17 @@ class Settings:
         return split_host_port(self.tls_listen)
 
     @property
+    def seat_https_url(self) -> str | None:
+        """Where seats reach the front's HTTPS listener (the seat login of labmetal's
+        ramdisk sends passwords there): the seat URL's host on the TLS port. None without
+        the front: then nothing may ask a seat for a password."""
+        if self.front == "none":
+            return None
+        host = urlsplit(self.seat_base_url).hostname or "127.0.0.1"
+        host = f"[{host}]" if ":" in host else host
+        return f"https://{host}:{self.tls_listen_host_port[1]}"
+
+    @property
     def tls_dir(self) -> Path:
         """labmetal's CA and the front's server certificate (labmetal/tls.py)."""
         return self.state_dir / "tls"

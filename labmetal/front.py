@@ -15,9 +15,10 @@ What the front does, by listener:
   carries credentials (``Authorization``, ``X-Auth-Token``, the login cookie, or the login
   form's ``POST /login``) from another machine is refused with 403 and the https URL to
   use, before anything reads it; the web pages (``/ui``, ``/login``) send other machines'
-  browsers to https. The seat login of iPXE (``/boot/...``) is the exception: iPXE cannot
-  do TLS. Requests from this machine itself (loopback, or from the address they came to)
-  keep working: the local CLI and the tests use them.
+  browsers to https. The seat login is no exception: labmetal's ramdisk sends it over
+  HTTPS (api/seat_login.py), as iPXE (no TLS) cannot. Requests from this machine itself
+  (loopback, or from the address they came to) keep working: the local CLI and the tests
+  use them.
 - ``tls_listen`` (HTTPS): everything.
 
 On both: bodies of at most 1 MiB (the API's own limit for JSON, api/validation.py),
@@ -227,11 +228,10 @@ def render(config: FrontConfig) -> str:
         '    "" 0;',
         "    default 1;",
         "  }",
-        # Refused on the plain listener: credentials from another machine (iPXE's seat
-        # login under /boot/ excepted: it has no TLS), and the login form's password.
+        # Refused on the plain listener: credentials from another machine (the seat login
+        # too: labmetal's ramdisk sends it over HTTPS), and the login form's password.
         '  map "$labmetal_local$labmetal_credentials $request_method $uri"'
         " $labmetal_in_clear {",
-        r"    ~^01\s\S+\s/boot/ 0;",
         r"    ~^01\s 1;",
         r"    ~^0.\sPOST\s/login/?$ 1;",
         "    default 0;",

@@ -59,6 +59,14 @@ class TlsFiles:
         return ":".join(f"{byte:02X}" for byte in cert.fingerprint(hashes.SHA256()))
 
 
+def ca_pin(ca_cert: Path) -> str:
+    """The CA certificate's SHA-256 over its DER form, in hex: what labmetal's ramdisk is
+    told on its kernel command line, to check the CA it fetches over plain HTTP before it
+    trusts it with a password (agent/seat_login.py)."""
+    cert = x509.load_pem_x509_certificate(ca_cert.read_bytes())
+    return cert.fingerprint(hashes.SHA256()).hex()
+
+
 def server_names(hosts: list[str]) -> list[str]:
     """The names a server certificate must carry: every host the service listens on or is
     reached at (an address on a wildcard listener: each of this machine's addresses), the

@@ -24,8 +24,7 @@ import re
 from urllib.parse import urlsplit
 
 from labmetal.pxe.ipxe import (BootScript, IdleScript, LeaseWaitScript, LocalDiskScript,
-                               MessageScript, RamdiskScript, SanbootScript, SeatMenuScript,
-                               SessionMenuScript, kernel_arg, shown)
+                               RamdiskScript, SanbootScript, SeatMenuScript, kernel_arg, shown)
 
 CHAIN_PATH = "grub/grub.cfg"  # where Debian's grubnetx64 looks first: $prefix is (tftp,…)/grub
 CONFIG_SUFFIX = ".grub"
@@ -81,15 +80,15 @@ def render(script: BootScript, mac: str) -> str:
     elif isinstance(script, IdleScript):
         lines = _idle(script)
     elif isinstance(script, SeatMenuScript):
-        # The seat's login asks for a password, which must not cross the seat network in
-        # clear: GRUB (no TLS) only runs the menu's default.
+        # A session boots diskless through iPXE's sanboot, which a Secure Boot seat (GRUB)
+        # has not: no login to offer, the menu's default runs.
         lines = render(script.default, mac).splitlines()
-    elif isinstance(script, (SanbootScript, LeaseWaitScript)):
+    elif isinstance(script, LeaseWaitScript):
+        lines = _idle(IdleScript(script.message, delay=10))
+    elif isinstance(script, SanbootScript):
         lines = _idle(IdleScript(
             f"the session of {script.student or 'this seat'} boots diskless over iSCSI, "
             "which needs iPXE: not under Secure Boot"))
-    elif isinstance(script, (SessionMenuScript, MessageScript)):
-        lines = _idle(IdleScript("seat logins need iPXE: not under Secure Boot", delay=10))
     else:
         raise TypeError(f"no GRUB rendering for {type(script).__name__}")
     return "\n".join(lines) + "\n"

@@ -27,7 +27,7 @@ _CHAP = re.compile(r"^[A-Za-z0-9._-]{1,64}$")
 _IPV4 = re.compile(r"^\d{1,3}(?:\.\d{1,3}){3}$")
 _SCRIPT_NAME = re.compile(r"^([0-9a-f]{2}(?:-[0-9a-f]{2}){5})\.ipxe$")
 
-RamdiskMode = Literal["deploy", "inspect", "clean", "discovery"]
+RamdiskMode = Literal["deploy", "inspect", "clean", "discovery", "login"]
 
 
 def url(value: str, what: str = "URL") -> str:
@@ -126,7 +126,7 @@ class RamdiskScript:
         url(self.kernel_url, "kernel URL")
         url(self.ramdisk_url, "ramdisk URL")
         url(self.api_url, "API URL")
-        if self.mode not in ("deploy", "inspect", "clean", "discovery"):
+        if self.mode not in ("deploy", "inspect", "clean", "discovery", "login"):
             raise ValueError(f"unknown ramdisk mode {self.mode!r}")
         for arg in (*self.kernel_args, *(f"console={c}" for c in self.consoles)):
             kernel_arg(arg)
@@ -312,13 +312,6 @@ class SanbootScript:
         )
 
 
-def _login_url(base_url: str, path: str) -> str:
-    """``base_url``/``path`` with the credentials the seat's ``login`` prompt read: iPXE
-    sends them (HTTP basic) when the server answers 401."""
-    scheme, rest = url(base_url, "base URL").rstrip("/").split("://", 1)
-    return f"{scheme}://${{username:uristring}}:${{password:uristring}}@{rest}/{path}"
-
-
 def _body(script: BootScript) -> list[str]:
     """A script's lines after its ``#!ipxe``, to inline it under a label."""
     return script.render().splitlines()[1:]
@@ -327,9 +320,9 @@ def _body(script: BootScript) -> list[str]:
 @dataclass(frozen=True)
 class SeatMenuScript:
     """A PC with nothing else to do shows a menu for ``timeout`` seconds: a student logs in
-    to boot their TP session (the seat's ``login`` prompt; the next script comes with
-    their credentials), or ``default`` runs (the PC's own disk, or back to the firmware).
-    A refused login returns to this menu."""
+    to boot their TP session, or ``default`` runs (the PC's own disk, or back to the
+    firmware). The login is labmetal's ramdisk in ``login`` mode (``<mac_path>/login.ipxe``):
+    it asks for the password and sends it over HTTPS, which iPXE cannot (DESIGN §11)."""
     base_url: str
     mac_path: str  # this PC's scripts' folder under base_url: "boot/52-54-00-12-34-56"
     node: str
@@ -355,78 +348,14 @@ class SeatMenuScript:
             " || goto default",
             "goto ${choice}",
             ":session",
-            "clear username ||",  # a login that was refused leaves its values for the next
-            "clear password ||",
-            "login || goto default",
-            f"chain --replace --autofree {_login_url(base, self.mac_path + '/login.ipxe')}"
-            " || goto refused",
-            ":refused",
-            "echo labmetal: login refused (wrong user name or password?)",
+            f"chain --replace --autofree {base}/{self.mac_path}/login.ipxe || goto failed",
+            ":failed",
+            "echo labmetal: the login could not be loaded",
             "sleep 3",
-            f"chain --replace --autofree {base}/{self.mac_path}.ipxe || goto default",
             ":default",
             *_body(self.default),
         )
 
 
-@dataclass(frozen=True)
-class SessionMenuScript:
-    """After a login: the student's sessions and the templates they have none of yet;
-    the choice is fetched, with the same credentials and the login's ``ticket``, from
-    ``<mac_path>/start/<key>.ipxe``, which answers with the seat's next script."""
-    base_url: str
-    mac_path: str
-    student: str
-    choices: tuple[tuple[str, str], ...]  # (key: letters, digits, '-'; label); 9 at most
-    ticket: str  # letters, digits and '.'
-
-    def __post_init__(self) -> None:
-        url(self.base_url, "base URL")
-        if not 0 < len(self.choices) <= 9:
-            raise ValueError("a session menu has 1 to 9 choices")
-        if not re.fullmatch(r"[A-Za-z0-9.]{1,120}", self.ticket):
-            raise ValueError("a ticket is letters, digits and '.'")
-        for key, _ in self.choices:
-            if not re.fullmatch(r"[A-Za-z0-9-]{1,80}", key):
-                raise ValueError(f"menu key must be letters, digits and '-': {key!r}")
-
-    def render(self) -> str:
-        base = self.base_url.rstrip("/")
-        start = _login_url(base, f"{self.mac_path}/start/${{choice}}.ipxe?ticket={self.ticket}")
-        return _lines(
-            f"# labmetal: the TP sessions of {shown(self.student)}",
-            f"menu labmetal - TP sessions of {shown(self.student)}",
-            *(f"item --key {number} {key} [{number}] {shown(label)}"
-              for number, (key, label) in enumerate(self.choices[:9], start=1)),
-            "item --gap",
-            "item back Back",
-            "choose choice || goto back",
-            "iseq ${choice} back && goto back ||",
-            f"chain --replace --autofree {start} || goto failed",
-            ":failed",
-            "echo labmetal: the session could not be started",
-            "sleep 5",
-            ":back",
-            f"chain --replace --autofree {base}/{self.mac_path}.ipxe",
-        )
-
-
-@dataclass(frozen=True)
-class MessageScript:
-    """Show ``message`` for ``delay`` seconds, then fetch this PC's script again."""
-    base_url: str
-    mac_path: str
-    message: str
-    delay: int = 8
-
-    def render(self) -> str:
-        base = url(self.base_url, "base URL").rstrip("/")
-        return _lines(
-            f"echo labmetal: {shown(self.message)}",
-            f"sleep {self.delay}",
-            f"chain --replace --autofree {base}/{self.mac_path}.ipxe",
-        )
-
-
 BootScript = (ChainScript | RamdiskScript | LocalDiskScript | IdleScript | SanbootScript
-              | LeaseWaitScript | SeatMenuScript | SessionMenuScript | MessageScript)
+              | LeaseWaitScript | SeatMenuScript)

@@ -77,16 +77,22 @@ class StandIn:
         self.address = address
 
     def get(self, url: str, auth: tuple[str, str] | None = None) -> requests.Response:
-        """GET ``url`` from the seat's address; the answer's status, headers and text."""
+        return self.request("GET", url, auth)
+
+    def request(self, method: str, url: str, auth: tuple[str, str] | None = None,
+                json_body: Any = None, verify: str | bool = True) -> requests.Response:
+        """The request made from the seat's address; the answer's status, headers, text."""
         code = ("import json, sys, requests\n"
                 "args = json.load(sys.stdin)\n"
-                "r = requests.get(args['url'], auth=args['auth'] and tuple(args['auth']),"
+                "r = requests.request(args['method'], args['url'], json=args['json'],"
+                " auth=args['auth'] and tuple(args['auth']), verify=args['verify'],"
                 " timeout=60)\n"
                 "print(json.dumps({'status': r.status_code, 'headers': dict(r.headers),"
                 " 'text': r.text}))\n")
         done = subprocess.run(in_namespace(self.namespace, [sys.executable, "-c", code]),
-                              input=json.dumps({"url": url, "auth": auth}), text=True,
-                              capture_output=True, timeout=120, check=True)
+                              input=json.dumps({"method": method, "url": url, "auth": auth,
+                                                "json": json_body, "verify": verify}),
+                              text=True, capture_output=True, timeout=120, check=True)
         answer = json.loads(done.stdout)
         response = requests.Response()
         response.status_code = answer["status"]

@@ -12,6 +12,7 @@ the next boot.
 """
 from __future__ import annotations
 
+import os
 import subprocess
 import tempfile
 from collections.abc import Iterator
@@ -21,6 +22,7 @@ from typing import Any
 import pytest
 import requests
 
+from labmetal.images.ramdisk import build_ramdisk
 from labmetal.lab.osimage import build_session_disk, session_counter_line
 from labmetal.lab.qemu_seat import type_text
 from tests.ceph import CephCluster, missing_tools
@@ -29,6 +31,7 @@ from tests.labrooms import (BOOT_TIMEOUT, Labmetal, UpRoom, lab_up, stand_in, st
 from tests.support import LABMETAL, Processes, free_port, wait_for
 
 pytestmark = pytest.mark.ramdisk
+RAMDISK_CACHE = Path(os.environ.get("LABMETAL_RAMDISK_CACHE", "/var/cache/labmetal/ramdisk"))
 IMAGE = "tp-counter"
 PASSWORDS = {"ada": "ada-admin-pass", "ann": "ann-pass-1", "bob": "bob-pass-2"}
 
@@ -46,10 +49,17 @@ def session_disk():
     return build_session_disk(IMAGE)
 
 
+@pytest.fixture(scope="module")
+def ramdisk():
+    return build_ramdisk(RAMDISK_CACHE)
+
+
 @pytest.fixture(scope="module", params=["local", "ceph"])
-def classroom(request, tmp_path_factory, session_disk) -> Iterator[tuple[UpRoom, Labmetal]]:
+def classroom(request, tmp_path_factory, session_disk,
+              ramdisk) -> Iterator[tuple[UpRoom, Labmetal]]:
     """A room of 2 QEMU seats behind virtual BMCs, labmetal serving it with the given
-    store, the TP template ``net-tp`` and its two students."""
+    store, the TP template ``net-tp`` and its two students; the seat login boots the
+    built ramdisk."""
     backend = request.param
     work = tmp_path_factory.mktemp(f"diskless-{backend}")
     procs = Processes(work)
@@ -73,8 +83,11 @@ def classroom(request, tmp_path_factory, session_disk) -> Iterator[tuple[UpRoom,
             **room.state["settings"], "auth": "http_basic", "power_sync_interval": 2,
             "seat_menu_timeout": 20, "overlay_backend": backend,
             "overlay_run_dir": tempfile.mkdtemp(prefix="lm-dl-"),  # short: socket paths
-            "iscsi_portal": f"{host}:{free_port()}", **settings})
+            "iscsi_portal": f"{host}:{free_port()}", "deploy_kernel": "deploy-kernel",
+            "deploy_ramdisk": "deploy-ramdisk", **settings})
         api = AdminApi(f"http://{room.state['settings']['listen']}")
+        api.upload("deploy-kernel", "kernel", ramdisk.kernel)
+        api.upload("deploy-ramdisk", "ramdisk", ramdisk.initramfs)
         api.upload(IMAGE, "whole-disk", session_disk.path)
         for student in ("ann", "bob"):
             made = api.call("POST", "/v1/users", json={"name": student, "role": "student",
@@ -155,35 +168,48 @@ def test_a_seat_without_a_session_gets_no_target(classroom):
     assert "sanboot iscsi:" not in script and "set password" not in script, script
 
 
-def test_the_seat_login_shows_a_student_their_own_sessions_only(classroom):
-    """What iPXE fetches after the login, as HTTP from the seat's leased address: bob's
-    menu lists his session only, and neither a guessed ticket nor his own one starts ann's
+def seat_https(api: Labmetal, mac: str, work: Path) -> tuple[str, str]:
+    """Where the seat's login ramdisk sends the login (from its kernel command line in
+    ``login.ipxe``) and labmetal's CA certificate (from ``/ca.crt``), in a file."""
+    script = requests.get(f"{api.url}/boot/{mac.replace(':', '-')}/login.ipxe", timeout=30)
+    https = script.text.split("labmetal.tls=", 1)[1].split()[0]
+    ca = work / "labmetal-ca.pem"
+    ca.write_bytes(requests.get(f"{api.url}/ca.crt", timeout=30).content)
+    return https, str(ca)
+
+
+def test_the_seat_login_shows_a_student_their_own_sessions_only(classroom, tmp_path):
+    """What the login ramdisk sends, as HTTPS from the seat's leased address: bob's menu
+    lists his session only, and neither a guessed ticket nor his own one starts ann's
     session. From any other address (here this host's) the login is refused."""
     room, api = classroom
-    folder = f"{api.url}/boot/{room.state['seats'][0]['mac'].replace(':', '-')}"
+    mac = room.state["seats"][0]["mac"]
+    login = f"/v1/seat-login/{mac.replace(':', '-')}"
+    https, ca = seat_https(api, mac, tmp_path)
     sessions = {s["student"]: s["uuid"] for s in ok(api, "GET", "/v1/sessions")["sessions"]}
     bob = ("bob", PASSWORDS["bob"])
-    elsewhere = requests.get(f"{folder}/login.ipxe", auth=bob, timeout=30)
+    elsewhere = requests.post(https + login, json={}, auth=bob, verify=ca, timeout=30)
     assert elsewhere.status_code == 403 and "is not the address of seat" in elsewhere.text
     with stand_in(room, room.state["seats"][0]) as seat:
-        anonymous = seat.get(f"{folder}/login.ipxe")
+        anonymous = seat.request("POST", https + login, json_body={}, verify=ca)
         assert anonymous.status_code == 401
         assert "Basic" in anonymous.headers["WWW-Authenticate"]
-        menu = seat.get(f"{folder}/login.ipxe", auth=bob).text
-        assert f"s-{sessions['bob']}" in menu and sessions["ann"] not in menu, menu
-        ticket = menu.split("?ticket=", 1)[1].split()[0]
-        for guess, why in ((ticket, "could not be found"),
-                           ("1900000000." + "0" * 64, "too old")):
-            refused = seat.get(f"{folder}/start/s-{sessions['ann']}.ipxe?ticket={guess}",
-                               auth=bob)
-            assert refused.status_code == 200 and why in refused.text, refused.text
-            assert "sanboot" not in refused.text
+        menu = seat.request("POST", https + login, bob, {}, ca).json()
+        choices = [choice["choice"] for choice in menu["choices"]]
+        assert f"s-{sessions['bob']}" in choices and f"s-{sessions['ann']}" not in choices
+        for guess, status, why in ((menu["ticket"], 404, "could not be found"),
+                                   ("1900000000." + "0" * 64, 409, "too old")):
+            refused = seat.request("POST", f"{https}{login}/start", bob,
+                                   {"choice": f"s-{sessions['ann']}", "ticket": guess}, ca)
+            assert refused.status_code == status and why in refused.text, refused.text
     assert ok(api, "GET", f"/v1/sessions/{sessions['ann']}")["state"] == "stopped"
 
 
-def test_in_a_room_open_for_a_tp_the_login_starts_that_tps_session_at_once(classroom):
-    """A teacher opens the room for net-tp: bob's login at a seat gets no menu but his
-    session's sanboot; the room's grid shows him on that seat."""
+def test_in_a_room_open_for_a_tp_the_login_starts_that_tps_session_at_once(classroom,
+                                                                            tmp_path):
+    """A teacher opens the room for net-tp: bob's login at a seat gets no menu, his
+    session starts there and the seat's next script sanboots it; the room's grid shows
+    him on that seat."""
     room, api = classroom
     seat = room.state["seats"][0]
     ok(api, "POST", "/v1/rooms", {"name": "tpr-1"}, 201)
@@ -192,10 +218,16 @@ def test_in_a_room_open_for_a_tp_the_login_starts_that_tps_session_at_once(class
     opened = ok(api, "PUT", "/v1/rooms/tpr-1/tp", {"template": "net-tp", "power_on": False})
     assert opened["tp"]["template"] == "net-tp" and opened["tp"]["started_by"] == "ada"
     assert opened["powered_on"] == [] and opened["not_powered"] == {}
-    folder = f"{api.url}/boot/{seat['mac'].replace(':', '-')}"
+    https, ca = seat_https(api, seat["mac"], tmp_path)
     with stand_in(room, seat) as stand:
-        script = stand.get(f"{folder}/login.ipxe", auth=("bob", PASSWORDS["bob"])).text
-    assert "sanboot iscsi:" in script and "menu" not in script, script
+        login = stand.request("POST", f"{https}/v1/seat-login/{seat['mac'].replace(':', '-')}",
+                              ("bob", PASSWORDS["bob"]), {}, ca)
+        assert login.status_code == 200, login.text
+        assert "choices" not in login.json()
+        assert login.json()["started"]["template"] == "net-tp"
+        # the seat restarts: its script now boots bob's session
+        script = stand.get(f"{api.url}/boot/{seat['mac'].replace(':', '-')}.ipxe").text
+    assert "sanboot iscsi:" in script, script
     grid = ok(api, "GET", "/v1/rooms/tpr-1")
     assert grid["seats"][0]["student"] == "bob" and grid["seats"][1]["student"] is None
     bob = next(s for s in ok(api, "GET", "/v1/sessions")["sessions"] if s["student"] == "bob")
@@ -207,9 +239,10 @@ def test_in_a_room_open_for_a_tp_the_login_starts_that_tps_session_at_once(class
 
 
 def test_a_student_logs_in_at_the_seat_and_resumes_their_session(classroom):
-    """At the seat's menu, ann presses L, types her name and password, picks her session
-    (key 1): the seat boots her disk (a reset made it 0, one boot since made it 1). A wrong
-    password brings the menu back."""
+    """At the seat's menu, ann presses L: the seat boots labmetal's ramdisk, which asks for
+    her name and password (a wrong one is refused, she tries again), lists her sessions,
+    and she picks hers (key 1): the seat restarts into her disk (a reset made it 0, one
+    boot since made it 1)."""
     room, api = classroom
     seat = room.state["seats"][1]
     ann = next(s for s in ok(api, "GET", "/v1/sessions")["sessions"] if s["student"] == "ann")
@@ -217,32 +250,41 @@ def test_a_student_logs_in_at_the_seat_and_resumes_their_session(classroom):
     ok(api, "PUT", "/v1/rooms/tpr-2/seats/b1", {"node": seat["name"]})
     before = len(room.console(seat))
 
-    def screen(text: str, timeout: float = 180) -> None:
+    def screen(text: str, timeout: float = BOOT_TIMEOUT) -> None:
+        """Wait for ``text`` on the seat's screen after what the last wait found."""
+        nonlocal before
         try:
-            wait_for(lambda: text in room.console(seat)[before:], timeout,
-                     f"{text!r} on {seat['name']}'s screen", interval=0.2)
+            found = wait_for(lambda: room.console(seat).find(text, before) + 1, timeout,
+                             f"{text!r} on {seat['name']}'s screen", interval=0.2)
         except AssertionError as error:
             raise AssertionError(f"{error}; the screen ends with "
                                  f"{room.console(seat)[-1500:]!r}") from None
+        before = found - 1 + len(text)
 
     powered = api.call("PUT", f"/v1/nodes/{seat['name']}/states/power",
                        json={"target": "power on"})
     assert powered.status_code == 202, powered.text
     screen("Log in to my TP session")
     type_text(seat["state_dir"], "l")
-    screen("Username")
-    type_text(seat["state_dir"], "ann\nwrong-password\n")
+    screen("loading the login ramdisk")
+    screen("Username: ")
+    type_text(seat["state_dir"], "ann\n")
+    screen("Password: ")
+    type_text(seat["state_dir"], "wrong-password\n")
     screen("login refused")
-    before = len(room.console(seat))
-    screen("Log in to my TP session")
-    type_text(seat["state_dir"], "l")
-    screen("Username")
-    type_text(seat["state_dir"], f"ann\n{PASSWORDS['ann']}\n")
-    screen("TP sessions of ann")
-    type_text(seat["state_dir"], "1")
-    saved = "counter=2 saved on /dev/sda2"
-    screen(saved)
-    assert session_counter_line(IMAGE, seat["mac"], 1) in room.console(seat)[before:]
+    screen("Username: ")
+    type_text(seat["state_dir"], "ann\n")
+    screen("Password: ")
+    type_text(seat["state_dir"], f"{PASSWORDS['ann']}\n")
+    screen("TP sessions of ann:")
+    screen("Your choice")
+    type_text(seat["state_dir"], "1\n")
+    screen("this seat restarts into it")
+    console = room.console(seat)  # the serial line: the ramdisk echoes no password there
+    assert PASSWORDS["ann"] not in console and "wrong-password" not in console
+    restarted = before
+    screen("counter=2 saved on /dev/sda2")
+    assert session_counter_line(IMAGE, seat["mac"], 1) in room.console(seat)[restarted:]
     running = ok(api, "GET", f"/v1/sessions/{ann['uuid']}")
     assert running["state"] == "running" and running["seat"] == seat["name"], running
     powered = api.call("PUT", f"/v1/nodes/{seat['name']}/states/power",

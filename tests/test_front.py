@@ -389,9 +389,10 @@ def test_a_seat_sending_credentials_over_plain_http_is_told_to_use_https(lab, tm
         for page in ("/ui/rooms", "/login?next=/ui/"):
             sent = from_seat("GET", plain + page)
             assert (sent["status"], sent["location"]) == (301, https + page)
-        # iPXE's seat login has no TLS to use: the API answers it as before
-        assert from_seat("GET", plain + "/boot/x/login.ipxe",
-                         auth=["ada", "wrong"])["status"] != 403
+        # the seat login too: labmetal's ramdisk sends it over HTTPS
+        seat_login = from_seat("POST", plain + "/v1/seat-login/52-54-00-00-00-01",
+                               auth=list(ADA))
+        assert seat_login["status"] == 403 and told in fault(seat_login["text"])
 
         over_tls = from_seat("GET", https + "/v1/nodes", auth=list(ADA), verify=str(front.ca))
         assert over_tls["status"] == 200, over_tls

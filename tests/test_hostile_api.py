@@ -188,8 +188,8 @@ def test_malformed_requests_get_a_clear_400_not_a_500(shared):
 
     # the seat login's ticket: a number of 5,000 digits
     ticket = "1" * 5000 + "." + "0" * 64
-    refused = service.get(f"/boot/{SEAT_MAC.replace(':', '-')}/start/s-{NO_SESSION}.ipxe",
-                          params={"ticket": ticket}, auth=auth("sue"))
+    refused = service.post(f"/v1/seat-login/{SEAT_MAC.replace(':', '-')}/start",
+                           {"choice": f"s-{NO_SESSION}", "ticket": ticket}, auth=auth("sue"))
     assert refused.status_code == 400, refused.text
     assert "ticket" in error_text(refused)
     assert "Traceback" not in service_log(procs, "shared")
@@ -314,10 +314,13 @@ def test_password_guesses_get_429_before_any_bcrypt_per_user_and_per_address(pro
     has ended are checked again, one each time the wait (doubled) ends."""
     service = hostile_service(procs, "guesses")
     http = requests.Session()  # one connection: waitress holds at most 100
-    seat_login = f"/boot/{SEAT_MAC.replace(':', '-')}/login.ipxe"
+    seat_login = f"/v1/seat-login/{SEAT_MAC.replace(':', '-')}"
 
     def get(path: str, user: str, password: str) -> requests.Response:
         return http.get(service.url + path, auth=(user, password), timeout=30)
+
+    def post(path: str, user: str, password: str) -> requests.Response:
+        return http.post(service.url + path, json={}, auth=(user, password), timeout=30)
 
     def checked() -> int:
         return service_log(procs, "guesses").count("failed authentication for user")
@@ -328,7 +331,7 @@ def test_password_guesses_get_429_before_any_bcrypt_per_user_and_per_address(pro
     right = get("/v1/nodes", *auth("tom"))
     assert right.status_code == 429 and int(right.headers["Retry-After"]) >= 1
     assert "Too many failed logins for user 'tom'" in error_text(right)
-    assert get(seat_login, *auth("tom")).status_code == 429  # the seat's login (iPXE)
+    assert post(seat_login, *auth("tom")).status_code == 429  # the seat's login (ramdisk)
     csrf = http.get(service.url + "/v1/auth/session", timeout=30).json()["csrf_token"]
     web = http.post(service.url + "/login", json={"user": "tom",
                                                   "password": PASSWORDS["tom"]},

@@ -25,11 +25,12 @@ PUBLIC_ENDPOINTS = {
     "agent.lookup", "agent.heartbeat", "agent.discovery",  # the agent token protects them
     "boot.chain", "boot.per_mac", "images.image_file",  # what seats boot and download
     "seat_login.login", "seat_login.start",  # a seat's login: the views check the student
+    "seat_login.login_script",  # boots the login ramdisk, which asks for the password
     "login.login_form", "login.login", "login.logout", "login.session_info",
     # page shells (they check the caller themselves; data comes from the API) and their CSS/JS
     "pages.home", "pages.page", "pages.detail", "pages.static_file",
 }
-# Public views that ask an anonymous caller for credentials (iPXE sends them on a 401).
+# Public views that ask an anonymous caller for credentials (the login ramdisk's).
 CHALLENGING = {"seat_login.login", "seat_login.start"}
 # Own-only rules where the caller's own is implied: a collection that lists only the
 # caller's own, a session made for the caller.

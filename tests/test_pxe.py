@@ -21,8 +21,7 @@ import tftpy
 from labmetal.lab.network import Lab, in_namespace, remove_leftovers, run_in
 from labmetal.pxe.dnsmasq import DhcpConfig, DhcpHost, Dnsmasq, render_config, render_hosts
 from labmetal.pxe.ipxe import (ChainScript, IdleScript, LeaseWaitScript, LocalDiskScript,
-                               RamdiskScript, SanbootScript, SeatMenuScript, SessionMenuScript,
-                               script_mac)
+                               RamdiskScript, SanbootScript, SeatMenuScript, script_mac)
 from labmetal.pxe.tftp import TftpService, install_ipxe_binaries, requested_path
 from tests.support import free_port, wait_for
 
@@ -156,28 +155,22 @@ def test_sanboot_values_that_would_change_the_script_are_refused(field, bad):
         SanbootScript(**values)
 
 
-def test_the_seat_menu_offers_a_login_then_the_students_sessions():
+def test_the_seat_menu_offers_a_login_in_labmetals_ramdisk_and_asks_no_password():
+    """iPXE has no TLS: the menu's login boots labmetal's ramdisk (the seat's login.ipxe),
+    which asks for the password; nothing in the menu reads or sends one."""
     base, folder = "http://10.99.1.2:6385", "boot/52-54-00-12-34-56"
     menu = SeatMenuScript(base, folder, "pc1 && shell", LocalDiskScript("pc1"),
                           "Boot the local disk", timeout=7).render().splitlines()
     assert "menu labmetal - pc1 ?? shell" in menu
     assert "choose --timeout 7000 --default default choice || goto default" in menu
-    assert menu.index("clear username ||") < menu.index("login || goto default")
-    assert (f"chain --replace --autofree http://${{username:uristring}}:${{password:uristring}}"
-            f"@10.99.1.2:6385/{folder}/login.ipxe || goto refused") in menu
+    assert (f"chain --replace --autofree http://10.99.1.2:6385/{folder}/login.ipxe"
+            " || goto failed") in menu
+    assert not any(line.startswith("login") or "password" in line for line in menu)
     assert menu[-1] == "exit 1"  # the default: the local disk's own lines, inlined
-    sessions = SessionMenuScript(base, folder, "ann", (("s-1234", "net-tp (saved)"),
-                                                       ("t-os-tp", "os-tp: new session")),
-                                 "1800000000.abcdef").render().splitlines()
-    assert "item --key 1 s-1234 [1] net-tp (saved)" in sessions
-    assert "item --key 2 t-os-tp [2] os-tp: new session" in sessions
-    assert any(line.endswith(f"{folder}/start/${{choice}}.ipxe?ticket=1800000000.abcdef"
-                             " || goto failed") for line in sessions)
-    for bad in ((("s 1", "x"),), (("s-1;shell", "x"),), ()):
-        with pytest.raises(ValueError):
-            SessionMenuScript(base, folder, "ann", bad, "1.ab")
-    with pytest.raises(ValueError):
-        SessionMenuScript(base, folder, "ann", (("s-1", "x"),), "1.ab${x}")
+    login = RamdiskScript("http://10.99.1.2/k", "http://10.99.1.2/r", base, mode="login",
+                          kernel_args=("labmetal.tls=https://10.99.1.2:6443",
+                                       "labmetal.ca=" + "ab" * 32)).render()
+    assert "labmetal.mode=login" in login and "labmetal.tls=https://10.99.1.2:6443" in login
 
 
 # --- DHCP: dnsmasq in a room's namespace, real clients in the seats' namespaces -------------

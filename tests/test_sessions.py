@@ -441,14 +441,21 @@ def boot_script(lab: Lab, mac: str, source: str) -> str:
 def test_a_running_sessions_boot_script_goes_to_one_address_only(make_lab):
     """Without labmetal's DHCP (as in a proxy-DHCP room) the first address to fetch the
     script after a start holds the session's CHAP secret; another PC asking with the
-    seat's MAC gets an idle script. The next start binds again, with a new secret."""
+    seat's MAC gets an idle script. The target then lets in that address alone: the
+    seat's initiator name and CHAP account, sniffed, are worth nothing from another
+    address (tgtd lets in an initiator matching any binding, so the name binding goes).
+    The next start binds again, with a new secret."""
     lab = make_lab("local")
     mac = "52:54:00:5e:00:01"
     lab.ok("ada", "POST", "/v1/ports", {"address": mac, "node_uuid": lab.seats["a01"]},
            status=201)
     path, ses = lab.sams_session_on_a01("tp-bind")
     _, secret = lab.chap(ses["uuid"])
+    here = lab.seat(ses, "a01")  # qemu-io connects from 127.0.0.1
+    here.write(0x61, 0, 4096)  # before the script went anywhere: the name and CHAP do
     seat = boot_script(lab, mac, "127.0.0.2")
+    result = here.io("read 0 4096")  # all the seat's values, but not its address
+    assert result.returncode != 0, result.stdout
     assert "sanboot" in seat and secret in seat
     neighbour = boot_script(lab, mac, "127.0.0.3")
     assert "sanboot" not in neighbour and secret not in neighbour
@@ -458,5 +465,6 @@ def test_a_running_sessions_boot_script_goes_to_one_address_only(make_lab):
     again = lab.ok("sam", "POST", f"{path}/start", {"seat": "a01", "boot": False})
     _, new_secret = lab.chap(again["uuid"])
     assert new_secret != secret
-    assert new_secret in boot_script(lab, mac, "127.0.0.3")
+    assert new_secret in boot_script(lab, mac, "127.0.0.1")
     assert new_secret not in boot_script(lab, mac, "127.0.0.2")
+    assert lab.seat(again, "a01").holds(0x61, 0, 4096)  # from the address it went to

@@ -27,8 +27,12 @@ from collections.abc import Iterable
 from dataclasses import dataclass, field
 from datetime import datetime
 from pathlib import Path
+from typing import TYPE_CHECKING
 
-from labmetal.agent.iscsi import Chap, Export
+from labmetal.agent.iscsi import Chap, Export, ExportError
+
+if TYPE_CHECKING:
+    from labmetal.images.overlays.tgt import SessionTargets
 
 __all__ = ["Chap", "DISK_FORMATS", "Export", "OverlayBackend", "OverlayError", "Quota",
            "Reason", "SavePoint", "SessionDisk", "TemplateVersion", "mib"]
@@ -145,6 +149,7 @@ class OverlayBackend(abc.ABC):
     """A storage backend for session disks. Not thread-safe: one caller per backend object
     (the conductor owning the session holds its lock)."""
     name: str
+    targets: SessionTargets  # the iSCSI side: one target per exported session
 
     def __init__(self, quota: Quota | None = None):
         self.quota = quota or Quota()
@@ -211,6 +216,18 @@ class OverlayBackend(abc.ABC):
         """Stop serving the session (flushing it); a session not exported is left as is."""
         self._require_session(session_id)
         self._unexport(session_id)
+
+    def admit_only(self, session_id: str, address: str) -> None:
+        """From now on the session's target lets in the seat's ``address`` alone (with the
+        CHAP account): called once the seat's boot script, which carries the account, went
+        to that address (api/boot.py). Before, the target knows the seat by its initiator
+        name, which any seat can claim."""
+        self._require_session(session_id)
+        try:
+            self.targets.admit_only(session_id, address)
+        except ExportError as error:
+            raise OverlayError(f"session {session_id}'s target: {error}",
+                               Reason.INVALID) from None
 
     @abc.abstractmethod
     def is_exported(self, session_id: str) -> bool: ...

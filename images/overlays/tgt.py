@@ -72,6 +72,14 @@ class SessionTargets:
                                 allowed_initiators=allowed, chap=chap, bstype="rbd",
                                 bsopts=f"conf={conf_path};id={client_id}"))
 
+    def admit_only(self, session_id: str, address: str) -> None:
+        """The session's target lets in ``address`` alone from now on (TgtExporter)."""
+        self._forget_dead_tgtd()
+        served = self._served.get(session_id)
+        if served is None or self._exporter is None:
+            raise ExportError(f"session {session_id} is not exported")
+        self._exporter.admit_only(served.iqn, address)
+
     def connected(self) -> set[str]:
         """The sessions a seat is logged in to now."""
         self._forget_dead_tgtd()
