@@ -15,18 +15,30 @@ so what one log call can cost and carry is bounded:
   minutes.)
 
 A cut is marked ``…[N more characters]``.
+
+And what one sender can cost in lines is bounded too: the loggers that write a line per
+packet or request from a seat (TFTP, boot scripts) pass at most ``FLOOD_BURST`` lines of one
+message (its format, not its values) per ``FLOOD_WINDOW`` seconds; the next line that passes
+says how many were dropped. A seat flooding TFTP wrote 1,100 lines a second before.
 """
 from __future__ import annotations
 
 import logging
 import re
 import sys
-from collections.abc import Mapping
+import threading
+import time
+from collections.abc import Callable, Mapping
 from pathlib import Path
 
 MAX_VALUE = 2000
 MAX_MESSAGE = 8000
 MAX_TRACEBACK_LINES = 200  # the first and last half of a longer traceback are kept
+FLOOD_BURST = 20
+FLOOD_WINDOW = 60.0
+# Loggers that write a line per seat packet or request: tftpy's, labmetal's TFTP front and
+# the boot scripts' refusals.
+FLOOD_LOGGERS = ("tftpy", "labmetal.pxe.tftp", "labmetal.api.boot")
 
 # A key names a secret if one of these words is inside it: password=, "secret":, token:,
 # agent_token, chap_secret, X-Auth-Token, quoted or not. The key starts at a word start (the
@@ -104,14 +116,62 @@ class RedactSecrets(logging.Filter):
         return True
 
 
+class RateLimit(logging.Filter):
+    """At most ``burst`` records of one message per ``window`` seconds from the loggers
+    under ``prefixes`` (see the module's docstring); one instance for all handlers."""
+
+    MAX_KEYS = 1000  # messages tracked at once; the oldest go first
+
+    def __init__(self, prefixes: tuple[str, ...] = FLOOD_LOGGERS, burst: int = FLOOD_BURST,
+                 window: float = FLOOD_WINDOW, clock: Callable[[], float] = time.monotonic):
+        super().__init__()
+        self.prefixes = prefixes
+        self.burst = burst
+        self.window = window
+        self.clock = clock
+        self._lock = threading.Lock()
+        self._seen: dict[tuple[str, int, str], list[float | int]] = {}
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        if not record.name.startswith(self.prefixes):
+            return True
+        verdict = getattr(record, "labmetal_flood", None)
+        if verdict is not None:  # another handler decided on this record already
+            return verdict
+        record.labmetal_flood = self._let_through(record)
+        return record.labmetal_flood
+
+    def _let_through(self, record: logging.LogRecord) -> bool:
+        key = (record.name, record.levelno, str(record.msg)[:200])
+        with self._lock:
+            now = self.clock()
+            state = self._seen.pop(key, None) or [now, 0, 0]  # start, passed, dropped
+            dropped = 0
+            if now - state[0] >= self.window:
+                dropped, state = int(state[2]), [now, 0, 0]
+            self._seen[key] = state  # last in: the most recent
+            if len(self._seen) > self.MAX_KEYS:
+                del self._seen[next(iter(self._seen))]
+            if state[1] >= self.burst:
+                state[2] += 1
+                return False
+            state[1] += 1
+        if dropped:
+            record.msg = f"{record.msg} [{dropped} more like this dropped in " \
+                         f"{self.window:.0f} s]"
+        return True
+
+
 def setup(level: str = "INFO", log_file: Path | None = None, name: str = "labmetal") -> None:
     handlers: list[logging.Handler] = [logging.StreamHandler(sys.stderr)]
     if log_file:
         Path(log_file).parent.mkdir(parents=True, exist_ok=True)
         handlers.append(logging.FileHandler(log_file, encoding="utf-8"))  # a cut's "…"
     formatter = logging.Formatter(f"%(asctime)s %(levelname)s {name} %(name)s: %(message)s")
+    flood = RateLimit()
     for handler in handlers:
         handler.setFormatter(formatter)
+        handler.addFilter(flood)
         handler.addFilter(RedactSecrets())
     logging.basicConfig(level=level.upper(), handlers=handlers, force=True)
     logging.getLogger("waitress.queue").setLevel(logging.ERROR)

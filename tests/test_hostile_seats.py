@@ -11,12 +11,16 @@ attacker asks with its MAC the whole time.
 from __future__ import annotations
 
 import sqlite3
+import subprocess
 import sys
+import tempfile
+from pathlib import Path
 
 from labmetal.lab.network import in_namespace, run_in
+from tests.labrooms import StandIn
 from tests.room import disk_image, lab  # noqa: F401 (fixtures)
 from tests.room import TestRoom, open_room, sha256_of
-from tests.support import Proc, wait_for
+from tests.support import Proc, free_port, free_udp_range, wait_for
 
 VICTIM_MAC = "52:54:00:66:00:01"
 
@@ -190,3 +194,82 @@ def test_with_labmetals_dhcp_only_the_leased_address_gets_the_token(lab, procs, 
         size = image.seek(0, 2)
         image.seek(0)
         assert disk.read(size) == image.read()
+
+
+def test_during_a_session_a_neighbour_with_its_sniffed_values_gets_nothing_and_floods_stop_no_one(
+        lab, procs, tmp_path):
+    """A student's session runs on a seat that got its address from labmetal's DHCP. The
+    attacker (another PC of the room) holds everything the seat's boot script carried, as
+    if sniffed off the wire: initiator name, CHAP account, target; its iSCSI login is
+    refused, as the target now lets in the seat's address alone. It asks for the seat's
+    script itself: no secret. It floods the API (300 connections that never finish a
+    request, the seat's script in a loop) and TFTP (missing files, bad options, garbage,
+    transfers never acknowledged). Meanwhile the seat gets its script, logs in to its disk
+    and writes to it, and downloads its first file over TFTP."""
+    tftp_port = free_udp_range(1)
+    room = open_room(lab, procs, tmp_path, index=78, seats=2, dhcp=True, power="wol",
+                     overlay_backend="local", overlay_run_dir=tempfile.mkdtemp(prefix="lm-hs-"),
+                     iscsi_portal=f"10.99.78.2:{free_port()}",
+                     tftp_listen=f"10.99.78.2:{tftp_port}")
+    seat, spy = room.seats
+    run_in(spy.namespace, ["ip", "addr", "add", "10.99.78.50/24", "dev", "eth0"])
+    image = tmp_path / "tp.raw"
+    with open(image, "wb") as out:
+        out.write(b"\x54" * 2**20)
+        out.truncate(16 * 2**20)
+    room.upload("tp-v1", "whole-disk", image)
+    for path, body in (("/v1/users", {"name": "sam", "role": "student", "password": "x" * 12}),
+                       ("/v1/templates", {"name": "net-tp", "image": "tp-v1"})):
+        made = room.api("POST", path, json=body)
+        assert made.status_code == 201, made.text
+    room.enroll(seat, manage_and_provide=False)
+    ses = room.api("POST", "/v1/sessions", json={"template": "net-tp", "student": "sam"})
+    assert ses.status_code == 201, ses.text
+    started = room.api("POST", f"/v1/sessions/{ses.json()['uuid']}/start",
+                       json={"seat": seat.name, "boot": False})
+    assert started.status_code == 200, started.text
+    run_in(seat.namespace, [sys.executable, "-c", "import pathlib, tempfile\n"
+                            "from labmetal.lab.firmware import dhcp\n"
+                            "dhcp('eth0', pathlib.Path(tempfile.mkdtemp()))\n"], timeout=180)
+    flooder = room.procs.start(in_namespace(spy.namespace, [
+        sys.executable, "-m", "tests.hostile_seat", "--api", room.service.url, "--mac",
+        seat.mac, "--mode", "flood", "--tftp", f"10.99.78.2:{tftp_port}"]), "attacker-flood")
+    try:
+        flooder.wait_for_output("holding 300 connections", timeout=120)
+        flooder.wait_for_output("tftp 10000", timeout=120)
+        as_seat = StandIn(seat.namespace, "")
+        script = as_seat.get(f"{room.service.url}/boot/{seat.mac.replace(':', '-')}.ipxe").text
+        assert "sanboot iscsi:" in script, script
+        sniffed = dict(line.split(" ", 2)[1:] for line in script.splitlines()
+                       if line.startswith("set ") and len(line.split(" ", 2)) == 3)
+        target = script.split("sanboot iscsi:", 1)[1].split()[0]
+        host, _, port, lun, iqn = target.split(":", 4)
+        secret = tmp_path / "chap-secret"
+        secret.write_text(sniffed["password"])
+
+        def iscsi(namespace: str, command: str) -> subprocess.CompletedProcess:
+            opts = ",".join(["driver=iscsi", "transport=tcp", f"portal={host}:{port}",
+                             f"target={iqn}", f"lun={lun}", f"user={sniffed['username']}",
+                             "password-secret=chap",
+                             f"initiator-name={sniffed['initiator-iqn']}"])
+            return run_in(namespace, ["qemu-io", "--object", f"secret,id=chap,file={secret}",
+                                      "--image-opts", opts, "-c", command], timeout=120,
+                          check=False)
+
+        stolen = iscsi(spy.namespace, "read 0 4096")
+        assert stolen.returncode != 0, stolen.stdout
+        mine = iscsi(seat.namespace, "write -P 0x61 0 4096")
+        assert mine.returncode == 0 and "wrote 4096/4096" in mine.stdout, mine.stderr
+        assert iscsi(seat.namespace, "read -P 0x61 0 4096").returncode == 0
+        first_file = tmp_path / "undionly.kpxe"
+        run_in(seat.namespace, ["tftp", "-m", "binary", "10.99.78.2", str(tftp_port), "-c",
+                                "get", "undionly.kpxe", str(first_file)], timeout=120)
+        assert first_file.read_bytes() == Path("/usr/lib/ipxe/undionly.kpxe").read_bytes()
+        wait_for(lambda: "scripts 100" in flooder.output(), 120, "the attacker's requests")
+    finally:
+        flooder.stop()
+    assert "script sanboot" not in flooder.output()
+    assert flooder.output().count("connection refused") == 0
+    assert room.service.proc.popen.poll() is None, "the service died"
+    log = (procs.workdir / "room78.service.log").read_text()
+    assert log.count("tftpy.") < 200, "the TFTP flood went into the log line by line"
