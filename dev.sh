@@ -26,6 +26,12 @@ setup() {
         as_root apt-get update -q
         as_root env DEBIAN_FRONTEND=noninteractive apt-get install -y -q "${missing[@]}"
     fi
+    # The front's nginx workers run as this system user when the service runs as root
+    # (labmetal/front.py); deploy/install.sh makes it on a lab's server the same way.
+    if ! getent passwd labmetal-front > /dev/null; then
+        as_root useradd --system --user-group --no-create-home --home-dir /nonexistent \
+            --shell /usr/sbin/nologin labmetal-front
+    fi
     # PostgreSQL is needed as a package only: the tests start their own private clusters.
     if [ ! -x .venv/bin/python ]; then
         python3 -m venv .venv

@@ -57,6 +57,12 @@ if on_this_system; then
         echo "disabling Debian's own nginx.service (port 80, welcome page): labmetal runs its own"
         systemctl disable --now nginx.service
     fi
+    # nginx's workers (the front) parse what every client sends: not as root.
+    if ! getent passwd labmetal-front > /dev/null; then
+        echo "making the system user labmetal-front (the front's nginx workers)"
+        useradd --system --user-group --no-create-home --home-dir /nonexistent \
+            --shell /usr/sbin/nologin labmetal-front
+    fi
     echo "installing labmetal into $prefix"
     [ -x "$prefix/bin/python" ] || python3 -m venv "$prefix"
     "$prefix/bin/pip" install -q --upgrade pip

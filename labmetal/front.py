@@ -34,16 +34,23 @@ always replaced, never appended to) is trusted there and nowhere else, and
 
 nginx runs as a child of the service (like dnsmasq, pxe/dnsmasq.py): its configuration is
 written at every start from the settings, it is started again if it dies, and it stops
-with the service, also when the service is killed (``PR_SET_PDEATHSIG``). Its workers run
-as the service's own user: they must reach the socket in the private run directory.
+with the service, also when the service is killed (``PR_SET_PDEATHSIG``).
+
+Its workers, which parse what every client sends, do not run as root: a service started as
+root runs them as the system user ``labmetal-front`` (made by ``./dev.sh setup`` and
+deploy/install.sh), and waitress's socket is then in a directory of its own that only root
+and that user's group may pass (``/run/labmetal-front/<id>``, 0710; the socket 0660). Without
+that user the workers run as root, and the log says so.
 """
 from __future__ import annotations
 
 import ctypes
+import grp
 import hashlib
 import json
 import logging
 import os
+import pwd
 import re
 import shutil
 import signal
@@ -57,7 +64,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from labmetal.config import Settings
-from labmetal.rundir import default_run_root, private_dir
+from labmetal.rundir import default_run_root, group_dir, private_dir
 from labmetal.tls import WILDCARD_HOSTS, TlsFiles, ensure, server_names
 
 LOG = logging.getLogger(__name__)
@@ -67,6 +74,8 @@ _PLAIN = re.compile(r"[A-Za-z0-9._/@:\[\]+-]+|https://\$server_addr:[0-9]+")
 
 PACKAGE = "nginx"  # Debian's: has the auth_request, ssl, limit_conn and limit_req modules
 JSON_LIMIT = 2**20  # bytes; the API's DEFAULT_BODY_LIMIT (api/validation.py)
+FRONT_USER = "labmetal-front"  # nginx's workers, when the service runs as root
+FRONT_SOCKETS = Path("/run/labmetal-front")  # waitress's sockets, for those workers
 UPLOAD_MARGIN = 2**26  # over max_image_size: the API's own check says it first, by name
 SEAT_ROUTES = r"^/(boot/|boot\.ipxe$|files/|v1/lookup|v1/heartbeat/|v1/discovery)"
 UPLOAD_ROUTE = r"^/v1/images/[^/]+/data$"
@@ -110,12 +119,14 @@ class FrontConfig:
     listen: tuple[str, int]  # plain HTTP
     tls_listen: tuple[str, int]
     upstream: Path  # waitress's unix socket
-    run_dir: Path  # nginx's configuration, pid file and temporary files
+    run_dir: Path  # nginx's configuration and pid file (its temporary files: upstream's)
     tls: TlsFiles
     https_base: str  # what a refusal on the plain listener tells to use; may use $server_addr
     max_upload: int  # bytes, for the upload route
     limits: Limits = Limits()
     user: str | None = None  # the workers' user (root must name one); None: not root
+    socket_group: int | None = None  # the group the workers reach waitress's socket with
+    public_ca: Path | None = None  # the CA certificate's copy the workers serve at /ca.crt
 
     @property
     def conf_file(self) -> Path:
@@ -149,14 +160,34 @@ def plan(settings: Settings) -> tuple[FrontConfig, Callable[[], bool]]:
 
         def renew() -> bool:
             return ensure(settings.tls_dir, names())[1]
+    user, group, upstream = None, None, run_dir / "app.sock"
+    if os.geteuid() == 0:
+        try:
+            worker = pwd.getpwnam(FRONT_USER)
+        except KeyError:
+            LOG.warning("nginx's workers run as root: there is no system user %s (./dev.sh "
+                        "setup and deploy/install.sh make it)", FRONT_USER)
+            user = "root"
+        else:
+            group = worker.pw_gid
+            user = f"{FRONT_USER} {grp.getgrgid(group).gr_name}"
+            socket_dir = group_dir(group_dir(FRONT_SOCKETS, group) / digest.hexdigest()[:10],
+                                   group)
+            upstream = socket_dir / "app.sock"
+    public_ca = tls.ca_cert
+    if group is not None and tls.ca_cert is not None:  # the workers cannot read the state
+        public_ca = upstream.parent / "ca.crt"
+        public_ca.write_bytes(tls.ca_cert.read_bytes())
+        os.chown(public_ca, os.geteuid(), group)
+        os.chmod(public_ca, 0o640)
     config = FrontConfig(
-        listen=(host, port), tls_listen=(tls_host, tls_port), upstream=run_dir / "app.sock",
+        listen=(host, port), tls_listen=(tls_host, tls_port), upstream=upstream,
         run_dir=run_dir, tls=tls, https_base=https_base(settings),
         max_upload=settings.max_image_size + UPLOAD_MARGIN,
-        limits=Limits(timeout=settings.client_timeout),
-        user="root" if os.geteuid() == 0 else None)
-    for value in (config.https_base, config.run_dir, *(path for path in (
-            tls.cert, tls.key, tls.ca_cert) if path)):
+        limits=Limits(timeout=settings.client_timeout), user=user, socket_group=group,
+        public_ca=public_ca)
+    for value in (config.https_base, config.run_dir, config.upstream, *(path for path in (
+            tls.cert, tls.key, tls.ca_cert, config.public_ca) if path)):
         if not _PLAIN.fullmatch(str(value)):
             raise FrontError(f"{value} cannot go into nginx's configuration as it is: use "
                              "letters, digits and . _ - + / : @ [ ] only")
@@ -193,7 +224,9 @@ def render(config: FrontConfig) -> str:
         "  access_log off;",
         "  server_tokens off;",
         "  default_type application/json;",
-        *(f"  {kind}_temp_path {run / kind};"
+        # Next to waitress's socket: where the workers may go (nginx's master makes each
+        # folder theirs); a JSON body past the memory buffer is written there.
+        *(f"  {kind}_temp_path {config.upstream.parent / kind};"
           for kind in ("client_body", "proxy", "fastcgi", "uwsgi", "scgi")),
         f"  client_header_timeout {timeout};",
         f"  client_body_timeout {timeout};",
@@ -288,7 +321,7 @@ def _server(config: FrontConfig, tls: bool) -> list[str]:
         "    error_page 429 @labmetal_429;",
         "    error_page 502 504 @labmetal_502;",
         f"    location = {READY_PATH} {{ return 204; }}",
-        *_ca_location(config.tls),
+        *_ca_location(config),
         f"    location ~ {UPLOAD_ROUTE} {{",
         f"      client_max_body_size {config.max_upload};",
         "      proxy_request_buffering off;",
@@ -338,12 +371,12 @@ def _answer(location: str, status: int, message: str, *extra: str) -> list[str]:
             f"      return {status} {_quote(_error(status, message))};", "    }"]
 
 
-def _ca_location(tls: TlsFiles) -> list[str]:
-    if tls.ca_cert is None:
+def _ca_location(config: FrontConfig) -> list[str]:
+    if config.tls.ca_cert is None:
         return _answer("= /ca.crt", 404, GIVEN_CERTIFICATE)
     return ["    location = /ca.crt {",
             "      default_type application/x-x509-ca-cert;",
-            f"      alias {tls.ca_cert};",
+            f"      alias {config.public_ca or config.tls.ca_cert};",
             "    }"]
 
 
@@ -538,6 +571,8 @@ class Nginx:
             thread.join(timeout)
         # Its configuration, pid file and temporary files; the next start writes them anew.
         shutil.rmtree(self.config.run_dir, ignore_errors=True)
+        if self.config.upstream.parent != self.config.run_dir:
+            shutil.rmtree(self.config.upstream.parent, ignore_errors=True)
 
 
 def _end_group(process: subprocess.Popen) -> None:

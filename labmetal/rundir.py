@@ -58,6 +58,29 @@ def private_dir(path: str | os.PathLike) -> Path:
     return path
 
 
+def group_dir(path: str | os.PathLike, gid: int) -> Path:
+    """Make ``path`` mode 0710, owned by this process and group ``gid`` (a directory of ours
+    already there is set so: systemd's RuntimeDirectory= makes it 0700): a directory that
+    group may pass through but not list or write, for a socket a less privileged helper must
+    reach (the front's nginx workers, labmetal/front.py). Refused if it is anyone else's."""
+    path = Path(path).absolute()
+    parent = Path(os.path.realpath(path.parent))
+    _check_parents(parent)
+    path = parent / path.name
+    try:
+        os.mkdir(path, 0o700)
+    except FileExistsError:
+        pass
+    info = os.lstat(path)
+    if stat.S_ISLNK(info.st_mode) or not stat.S_ISDIR(info.st_mode) \
+            or info.st_uid != os.geteuid():
+        raise UnsafeDirectory(f"refusing to use {path}: it is not a directory of uid "
+                              f"{os.geteuid()}; remove it")
+    os.chown(path, os.geteuid(), gid)
+    os.chmod(path, 0o710)
+    return path
+
+
 def tighten(path: str | os.PathLike) -> str | None:
     """Take the group and world bits off a state file or directory of ours; returns what
     was done (for a warning in the log), or None if nothing needed doing. Someone else's

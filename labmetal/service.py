@@ -118,7 +118,8 @@ def serve_behind_front(app: Flask, settings: Settings, role: str) -> tuple[Any, 
     headers it sets (``X-Forwarded-For``, ``X-Forwarded-Proto``): ``request.remote_addr``
     is the seat's address. The "listening" lines are printed once nginx answers."""
     config, renew = front_plan(settings)
-    server = create_server(app, unix_socket=str(config.upstream), unix_socket_perms="600",
+    perms = "660" if config.socket_group is not None else "600"
+    server = create_server(app, unix_socket=str(config.upstream), unix_socket_perms=perms,
                            threads=16, ident="labmetal",
                            max_request_body_size=_body_limit(settings),
                            # nginx holds the slow and idle clients; what reaches waitress
@@ -128,6 +129,8 @@ def serve_behind_front(app: Flask, settings: Settings, role: str) -> tuple[Any, 
                            trusted_proxy_count=1,
                            trusted_proxy_headers={"x-forwarded-for", "x-forwarded-proto"},
                            clear_untrusted_proxy_headers=True)
+    if config.socket_group is not None:  # nginx's workers reach it through their group
+        os.chown(config.upstream, os.geteuid(), config.socket_group)
     front = Nginx(config, renew)
     try:
         front.start()

@@ -11,6 +11,7 @@ import datetime
 import hashlib
 import json
 import os
+import pwd
 import resource
 import shutil
 import socket
@@ -245,6 +246,12 @@ def test_a_json_body_over_1_mib_is_refused_before_anything_reads_it(front):
     assert "x-openstack-ironic-api-maximum-version" not in headers
     assert requests.get(front.url + "/v1/nodes", auth=ADA,
                         timeout=ANSWER_WAIT).json()["nodes"] == []
+    # one under 1 MiB but past nginx's memory buffer goes through a temporary file, which
+    # the unprivileged workers must be able to write: it reaches the API, which answers
+    big = requests.post(front.url + "/v1/nodes", auth=ADA, timeout=ANSWER_WAIT,
+                        json={"driver": "no-such-driver", "description": "x" * 600_000})
+    assert big.status_code == 400, big.text[:300]
+    assert "x-openstack-ironic-api-maximum-version" in big.headers
 
 
 def test_an_admins_large_upload_streams_over_https_while_others_are_answered(front):
@@ -337,6 +344,32 @@ def test_https_works_with_labmetals_ca_whose_certificate_names_the_listen_addres
 
 
 # -- 4. the seat's own address reaches the API ------------------------------------------------
+def test_the_fronts_workers_parse_requests_as_labmetal_front_not_root(front):
+    """nginx's master (root: it holds the ports and the key) runs its workers as the
+    system user labmetal-front, which reaches waitress's socket through its group alone."""
+    worker_user = pwd.getpwnam("labmetal-front")
+    children = {int(pid) for pid in Path(f"/proc/{front.service.proc.pid}/task/"
+                f"{front.service.proc.pid}/children").read_text().split()}
+    masters = [pid for pid in children
+               if Path(f"/proc/{pid}/cmdline").read_bytes().startswith(b"nginx: master")]
+    assert len(masters) == 1, children
+    workers = Path(f"/proc/{masters[0]}/task/{masters[0]}/children").read_text().split()
+    assert workers
+    for pid in workers:
+        status = Path(f"/proc/{pid}/status").read_text()
+        uids = next(line for line in status.splitlines() if line.startswith("Uid:")).split()
+        assert set(uids[1:]) == {str(worker_user.pw_uid)}, (pid, uids)
+    sockets = list(Path("/run/labmetal-front").glob("*/app.sock"))
+    assert sockets
+    for sock in sockets:
+        info = sock.stat()
+        assert (info.st_uid, info.st_gid) == (0, worker_user.pw_gid)
+        assert stat.S_IMODE(info.st_mode) == 0o660
+        folder = sock.parent.stat()
+        assert stat.S_IMODE(folder.st_mode) == 0o710 and folder.st_gid == worker_user.pw_gid
+    assert requests.get(front.service.url + "/v1", timeout=30).ok  # through those workers
+
+
 def test_the_api_sees_the_clients_own_address_through_the_front(front):
     """The API binds seats' secrets to their address (api/seat_address.py): through the
     front it must still be the client's, never the front's, nor one the client claims."""
