@@ -82,7 +82,7 @@ def script_for(mac: str) -> BootScript:
     else:
         default = IdleScript(f"node {name} is {node.provision_state}: nothing to do")
         label = "Continue without a session"
-    if not _offers_login():
+    if not _offers_login() or login_ramdisk(mac) is None:
         return default
     return SeatMenuScript(svc.settings.seat_base_url, mac_path(mac), name, default, label,
                           svc.settings.seat_menu_timeout)

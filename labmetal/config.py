@@ -179,13 +179,16 @@ class Settings:
     @property
     def seat_https_url(self) -> str | None:
         """Where seats reach the front's HTTPS listener (the seat login of labmetal's
-        ramdisk sends passwords there): the seat URL's host on the TLS port. None without
-        the front: then nothing may ask a seat for a password."""
+        ramdisk sends passwords there): its address, or the seat URL's host if it listens
+        on every address. None without the front: then nothing may ask a seat for a
+        password."""
         if self.front == "none":
             return None
-        host = urlsplit(self.seat_base_url).hostname or "127.0.0.1"
+        host, port = self.tls_listen_host_port
+        if host in ("", "0.0.0.0", "::"):  # every address: the one seats reach labmetal at
+            host = urlsplit(self.seat_base_url).hostname or "127.0.0.1"
         host = f"[{host}]" if ":" in host else host
-        return f"https://{host}:{self.tls_listen_host_port[1]}"
+        return f"https://{host}:{port}"
 
     @property
     def tls_dir(self) -> Path:

@@ -41,7 +41,9 @@ def test_local_boot_chainloads_the_disks_own_loader_with_the_disk_as_root():
     assert config[-1] == "exit 1"  # no such disk: a failure, so the firmware tries its next
 
 
-def test_the_seat_menu_runs_its_default_no_password_over_grub():
+def test_the_seat_menu_runs_its_default_over_grub():
+    """A session boots through iPXE's sanboot, which a Secure Boot seat has not: GRUB
+    offers no login, the menu's default runs."""
     menu = SeatMenuScript(BASE, "boot/52-54-00-12-34-56", "a01", LocalDiskScript("a01"),
                           "Boot the local disk")
     assert grub.render(menu, MAC) == grub.render(LocalDiskScript("a01"), MAC)

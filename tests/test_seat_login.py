@@ -20,6 +20,7 @@ from pathlib import Path
 import pytest
 import requests
 
+from labmetal.config import Settings
 from tests.support import wait_for
 from tests.test_sessions import (PASSWORDS, TEMPLATE_BYTE, Lab, auth,  # noqa: F401 (fixtures)
                                  make_lab, storage_tools)
@@ -203,3 +204,13 @@ def test_nobody_at_the_seat_sends_it_back_to_its_menu_and_a_choice_needs_ones_ow
     assert lab.ok("sam", "GET", "/v1/sessions")["sessions"] == []
     anonymous = requests.post(lab.service.url + login, json={}, timeout=30)
     assert anonymous.status_code == 401 and "Basic" in anonymous.headers["WWW-Authenticate"]
+
+
+def test_seats_send_the_login_to_the_tls_listener_or_on_every_address_to_the_seat_urls_host():
+    assert Settings(listen="10.99.1.2:6385", tls_listen="6443").seat_https_url == \
+        "https://10.99.1.2:6443"
+    assert Settings(listen="0.0.0.0:6385",
+                    seat_url="http://10.99.1.2:6385").seat_https_url == "https://10.99.1.2:6443"
+    assert Settings(listen="0.0.0.0:6385", seat_url="http://10.99.1.2:6385",
+                    tls_listen="10.99.1.3:8443").seat_https_url == "https://10.99.1.3:8443"
+    assert Settings(listen="10.99.1.2:6385", front="none").seat_https_url is None
