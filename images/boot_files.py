@@ -16,11 +16,21 @@ here, the files with e2fsprogs' debugfs on ``image?offset=N``. A template withou
 """
 from __future__ import annotations
 
+import logging
 import re
 import struct
 import subprocess
+import tempfile
 from dataclasses import dataclass
 from pathlib import Path
+
+from labmetal.db import Database
+from labmetal.images.inspect import ImageRejected
+from labmetal.images.registry import QUEUED, ingest
+from labmetal.images.store import ImageStore
+from labmetal.models import Image
+
+LOG = logging.getLogger(__name__)
 
 SECTOR = 512
 GPT_SIGNATURE = b"EFI PART"
@@ -134,3 +144,49 @@ def find(image: Path, into: Path) -> BootFiles | None:
 def _version_key(version: str) -> list[tuple[int, str]]:
     return [(int(part), "") if part.isdigit() else (-1, part)
             for part in re.split(r"[.+~-]", version)]
+
+
+@dataclass(frozen=True)
+class Registered:
+    """A template version's boot files in the image store: UUIDs of a ``kernel`` and a
+    ``ramdisk`` image (served over TFTP to GRUB like labmetal's own), and the root's UUID."""
+    kernel: str
+    initrd: str
+    root_uuid: str
+
+
+def register(db: Database, store: ImageStore, raw: Path, name: str) -> Registered | None:
+    """Find the boot files in the raw template image and add them to the image store as
+    ``<name>-kernel`` and ``<name>-initrd``; None (logged) if the image has none or they
+    cannot be read: its sessions then boot diskless under iPXE only."""
+    with tempfile.TemporaryDirectory(prefix="labmetal-boot-files-") as work:
+        try:
+            found = find(raw, Path(work))
+        except (BootFilesError, OSError, subprocess.TimeoutExpired) as error:
+            LOG.warning("%s: no boot files for Secure Boot seats: %s", name, error)
+            return None
+        if found is None:
+            LOG.info("%s: no /boot/vmlinuz-* on an ext filesystem: its sessions boot "
+                     "diskless under iPXE only (not on Secure Boot seats)", name)
+            return None
+        uuids = []
+        for kind, path, suffix in (("kernel", found.kernel, "kernel"),
+                                   ("ramdisk", found.initrd, "initrd")):
+            with db.write() as session:
+                made = Image(name=f"{name}-{suffix}", kind=kind, status=QUEUED,
+                             description=f"{path.name} of {name}: its sessions' boot on "
+                                         "Secure Boot seats")
+                session.add(made)
+                session.flush()
+                image_id = made.id
+            with db.read() as session:
+                image = session.get(Image, image_id)
+            try:
+                with open(path, "rb") as stream:
+                    uuids.append(ingest(db, store, image, stream).uuid)
+            except ImageRejected as error:
+                LOG.warning("%s: its %s was refused: %s", name, suffix, error)
+                return None
+    LOG.info("%s: kernel %s and its initrd kept for Secure Boot seats (root %s)", name,
+             found.version, found.root_uuid)
+    return Registered(uuids[0], uuids[1], found.root_uuid)

@@ -17,15 +17,17 @@
 from __future__ import annotations
 
 import os
+import tempfile
 from pathlib import Path
 from typing import Any
 
 import pytest
 
 from labmetal.images.ramdisk import build_ramdisk
-from labmetal.lab.osimage import build_partition, build_whole_disk, marker_line
+from labmetal.lab.osimage import (build_partition, build_session_disk, build_whole_disk,
+                                  marker_line, session_counter_line)
 from tests.labrooms import BOOT_TIMEOUT, UpRoom, served_room
-from tests.support import wait_for
+from tests.support import free_port, wait_for
 
 pytestmark = pytest.mark.ramdisk
 
@@ -47,8 +49,11 @@ def uefi_image():
 
 @pytest.fixture(scope="module")
 def secureboot_room(tmp_path_factory, ramdisk):
-    with served_room(tmp_path_factory.mktemp("sb-room"), "r74", "10.99.74.0/24", ramdisk,
-                         "--qemu", "1", "--profile", "secureboot") as served:
+    """One Secure Boot seat; labmetal also serves students' sessions (the local store)."""
+    with served_room(tmp_path_factory.mktemp("sb-room"), "r79", "10.99.79.0/24", ramdisk,
+                     "--qemu", "1", "--profile", "secureboot", overlay_backend="local",
+                     overlay_run_dir=tempfile.mkdtemp(prefix="lm-sb-"),  # short: sockets
+                     iscsi_portal=f"10.99.79.2:{free_port()}") as served:
         yield served
 
 
@@ -123,6 +128,41 @@ def test_a_secure_boot_seat_is_rebuilt_with_a_partition_image_and_boots_its_own_
               api.call("GET", f"/v1/nodes/{seat['name']}/history").json()["history"]]
     assert any("image lab-uefi-part written and verified" in event for event in events)
     api.call("PUT", f"/v1/nodes/{seat['name']}/states/power", json={"target": "power off"})
+
+
+def test_a_secure_boot_seat_boots_a_students_session_through_the_templates_own_kernel(
+        secureboot_room):
+    """Under Secure Boot GRUB cannot sanboot: labmetal found the template's own signed
+    kernel and initrd in its /boot when the template was made, and GRUB boots them with the
+    session's target and CHAP account on the kernel command line (Debian open-iscsi's
+    parameters). GRUB asks the conductor's TFTP, which relays the seat's address to the
+    API (signed): the target is bound to it. The session OS counts its boot on its disk."""
+    room, api = secureboot_room
+    seat = room.state["seats"][0]
+    disk = build_session_disk("tp-counter", firmware="uefi")
+    api.upload("tp-sb", "whole-disk", disk.path)
+    student = api.call("POST", "/v1/users", json={"name": "ann", "role": "student",
+                                                  "password": "ann-pass-1234"})
+    assert student.status_code == 201, student.text
+    template = api.call("POST", "/v1/templates", json={"name": "sb-tp", "image": "tp-sb"})
+    assert template.status_code == 201, template.text
+    assert template.json()["versions"][0]["secure_boot"] is True
+    ses = api.call("POST", "/v1/sessions", json={"template": "sb-tp", "student": "ann"})
+    assert ses.status_code == 201, ses.text
+    if api.call("GET", f"/v1/nodes/{seat['name']}").status_code == 404:  # run alone
+        api.enroll(room, seat)
+    before = len(room.console(seat))
+    started = api.call("POST", f"/v1/sessions/{ses.json()['uuid']}/start",
+                       json={"seat": seat["name"]})
+    assert started.status_code == 200 and started.json()["last_error"] is None, started.text
+    booted = wait_console(room, seat, "counter=1 saved on /dev/sda1", after=before,
+                          timeout=BOOT_TIMEOUT)[before:]
+    assert session_counter_line("tp-counter", seat["mac"], 0) in booted
+    assert "booting the session of ann over iSCSI (its own kernel)" in booted
+    assert SECURE_BOOT_ON in booted and LOCKED_DOWN in booted
+    off = api.call("PUT", f"/v1/nodes/{seat['name']}/states/power",
+                   json={"target": "power off"})
+    assert off.status_code == 202, off.text
 
 
 def test_a_uefi_seat_with_an_intel_nic_and_a_sata_disk_is_deployed(uefi_room, uefi_image):
