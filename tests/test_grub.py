@@ -2,8 +2,11 @@
 rendering; tests/test_firmware_boots.py boots them on QEMU seats with Secure Boot on)."""
 from __future__ import annotations
 
+import time
+
 import pytest
 
+from labmetal import seat_relay
 from labmetal.pxe import grub
 from labmetal.pxe.dnsmasq import DhcpConfig, DhcpHost, render_config
 from labmetal.pxe.ipxe import (IdleScript, LocalDiskScript, OwnKernel, RamdiskScript,
@@ -136,10 +139,12 @@ def tftp_files(tmp_path):
     from labmetal.models import Image
 
     asked: list[str] = []
+    relayed: list[str | None] = []
 
     class Api(BaseHTTPRequestHandler):  # labmetal's /boot/<mac>.grub, as the API renders it
         def do_GET(self) -> None:
             asked.append(self.path)
+            relayed.append(self.headers.get(seat_relay.HEADER))
             found = self.path == "/boot/52-54-00-12-34-56.grub"
             self.send_response(200 if found else 404)
             self.end_headers()
@@ -162,19 +167,22 @@ def tftp_files(tmp_path):
             store.file_path(image.uuid).write_bytes(f"{name} bytes".encode())
     with db.read() as session:
         uuids = {image.name: image.uuid for image in session.query(Image)}
-    yield TftpFiles(f"http://127.0.0.1:{server.server_port}", db, store), uuids, asked
+    files = TftpFiles(f"http://127.0.0.1:{server.server_port}", db, store, relay_key=b"k" * 32)
+    yield files, uuids, asked, relayed
     server.shutdown()
     server.server_close()
     db.engine.dispose()
 
 
 def test_tftp_gives_grub_its_chain_its_per_mac_config_and_boot_files_only(tftp_files):
-    files, uuids, asked = tftp_files
+    files, uuids, asked, relayed = tftp_files
     assert files.render("grub/grub.cfg", "10.99.1.5") == grub.chain_config().encode()
     # GRUB names its MAC with colons; the API's path has hyphens
     assert files.render("boot/52:54:00:12:34:56.grub", "10.99.1.5") == \
         b"# the config of 52:54:00:12:34:56\n"
     assert asked == ["/boot/52-54-00-12-34-56.grub"]
+    # on the seat's behalf: its address, signed (labmetal/seat_relay.py)
+    assert seat_relay.verify(b"k" * 32, relayed[0], asked[0], time.time()) == "10.99.1.5"
     assert files.render("boot/52:54:00:aa:bb:cc.grub", "10.99.1.5") is None  # API said 404
     kernel = files.render(f"files/images/{uuids['deploy-kernel']}/file", "10.99.1.5")
     assert kernel.read_bytes() == b"deploy-kernel bytes"
