@@ -9,6 +9,7 @@ from dataclasses import replace
 
 from flask import Blueprint, Response
 from sqlalchemy import select
+from sqlalchemy.orm import Session
 
 from labmetal import states
 from labmetal.api.app import services
@@ -17,12 +18,12 @@ from labmetal.api.errors import ApiError, not_found
 from labmetal.api.seat_address import caller_address, holds_lease, leases_known
 from labmetal.api.sessions import seat_iqn, storage
 from labmetal.api.validation import produces
-from labmetal.models import Image, Node, Port, StudentSession, Template, User
+from labmetal.models import Image, Node, Port, StudentSession, Template, TemplateVersion, User
 from labmetal.pxe import grub
 from labmetal.tls import ca_pin
 from labmetal.pxe.ipxe import (BootScript, ChainScript, IdleScript, LeaseWaitScript,
-                               LocalDiskScript, RamdiskScript, SanbootScript, SeatMenuScript,
-                               script_mac)
+                               LocalDiskScript, OwnKernel, RamdiskScript, SanbootScript,
+                               SeatMenuScript, script_mac)
 
 LOG = logging.getLogger(__name__)
 blueprint = Blueprint("boot", __name__)
@@ -82,10 +83,11 @@ def script_for(mac: str) -> BootScript:
     else:
         default = IdleScript(f"node {name} is {node.provision_state}: nothing to do")
         label = "Continue without a session"
-    if not _offers_login() or login_ramdisk(mac) is None:
+    login = login_ramdisk(mac) if _offers_login() else None
+    if login is None:
         return default
     return SeatMenuScript(svc.settings.seat_base_url, mac_path(mac), name, default, label,
-                          svc.settings.seat_menu_timeout)
+                          svc.settings.seat_menu_timeout, login)
 
 
 def _offers_login() -> bool:
@@ -132,6 +134,7 @@ def _session(node: Node) -> SanbootScript | LeaseWaitScript | IdleScript | None:
         portal, iqn, chap_user, sealed = (ses.target_portal, ses.target_iqn, ses.chap_user,
                                           ses.chap_secret)
         session_uuid = ses.uuid
+        own_kernel = _own_kernel(session, ses.template_version)
     try:  # the CHAP account goes to this address: the target lets in this address alone
         storage().admit_only(session_uuid, address)
     except ApiError as error:
@@ -141,7 +144,21 @@ def _session(node: Node) -> SanbootScript | LeaseWaitScript | IdleScript | None:
                                "the session's disk is not ready for this seat")
     host, _, port = portal.rpartition(":")
     return SanbootScript(host, int(port), iqn, seat_iqn(node.uuid), chap_user,
-                         svc.box.open(sealed), student)
+                         svc.box.open(sealed), student, own_kernel=own_kernel)
+
+
+def _own_kernel(session: Session, version: TemplateVersion) -> OwnKernel | None:
+    """The template version's own kernel and initrd, for a Secure Boot seat's GRUB
+    (images/boot_files.py); None if it has none (or they were deleted since)."""
+    if not (version.boot_kernel and version.boot_initrd and version.boot_root_uuid):
+        return None
+    active = set(session.scalars(select(Image.uuid).where(
+        Image.uuid.in_([version.boot_kernel, version.boot_initrd]), Image.status == "active")))
+    if active != {version.boot_kernel, version.boot_initrd}:
+        return None
+    base = services().settings.seat_base_url
+    return OwnKernel(f"{base}/files/images/{version.boot_kernel}/file",
+                     f"{base}/files/images/{version.boot_initrd}/file", version.boot_root_uuid)
 
 
 def login_ramdisk(mac: str) -> RamdiskScript | None:

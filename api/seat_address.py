@@ -8,17 +8,24 @@ binds the secret to the first address that asks instead.
 from __future__ import annotations
 
 import ipaddress
+import time
 from typing import Any, Iterable
 
 from flask import request
 
+from labmetal import seat_relay
+from labmetal.api.app import services
 from labmetal.config import Settings
 from labmetal.leases import leased_to
 
 
 def caller_address() -> str:
-    """The peer's address as the server saw it (an IPv4-mapped IPv6 one as plain IPv4)."""
-    raw = request.remote_addr or ""
+    """The peer's address as the server saw it (an IPv4-mapped IPv6 one as plain IPv4), or
+    the seat's that a conductor's TFTP relayed with a valid proof."""
+    relayed = request.headers.get(seat_relay.HEADER)
+    seat = seat_relay.verify(services().box.derive(seat_relay.PURPOSE), relayed,
+                             request.path, time.time()) if relayed else None
+    raw = seat or request.remote_addr or ""
     try:
         ip = ipaddress.ip_address(raw)
     except ValueError:

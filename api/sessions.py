@@ -47,6 +47,7 @@ from labmetal.conductor.power.base import InvalidDriverInfo, PowerError
 from labmetal.conductor.rpcapi import NoConductor, NodeLocked, Unchanged
 from labmetal.config import Settings
 from labmetal.db import Database
+from labmetal.images import boot_files
 from labmetal.images.overlays.base import OverlayBackend, OverlayError, Quota, Reason
 from labmetal.images.overlays.tgt import SessionTargets
 from labmetal.images.registry import ACTIVE
@@ -328,7 +329,21 @@ def version_view(version: TemplateVersion) -> dict[str, Any]:
     return {"version": version.version, "image": version.image_name,
             "backend": version.backend, "backend_key": version.backend_key,
             "size": version.size, "description": version.description,
+            # its own kernel and initrd were found: Secure Boot seats boot its sessions too
+            "secure_boot": version.boot_kernel is not None,
             "created_by": version.created_by, "created_at": isotime(version.created_at)}
+
+
+def boot_files_of(key: str, version: int, image: Image) -> dict[str, str | None]:
+    """The frozen version's own boot files for Secure Boot seats (images/boot_files.py),
+    as TemplateVersion's columns; all None if the image has none."""
+    store = image_store()
+    found = boot_files.register(services().db, store, store.raw_path(image.uuid),
+                                f"{key}-v{version}")
+    if found is None:
+        return {"boot_kernel": None, "boot_initrd": None, "boot_root_uuid": None}
+    return {"boot_kernel": found.kernel, "boot_initrd": found.initrd,
+            "boot_root_uuid": found.root_uuid}
 
 
 def template_view(template: Template) -> dict[str, Any]:
@@ -447,6 +462,7 @@ def create_template(body: dict[str, Any]):
     key = f"{name}-{template_uuid[:8]}"
     with backend_call() as backend:
         frozen = backend.make_template(key, 1, image_store().raw_path(image.uuid))
+        booted = boot_files_of(key, 1, image)
         try:
             with svc.db.write() as session:
                 template = Template(uuid=template_uuid, name=name, description=description,
@@ -456,7 +472,8 @@ def create_template(body: dict[str, Any]):
                 session.add(TemplateVersion(template_id=template.id, version=1,
                                             image_id=image.id, image_name=image.name,
                                             backend=backend.name, backend_key=key,
-                                            size=frozen.size, created_by=g.caller.name))
+                                            size=frozen.size, created_by=g.caller.name,
+                                            **booted))
                 session.flush()
                 session.refresh(template)
                 view = template_view(template)
@@ -484,13 +501,14 @@ def add_template_version(ident: str, body: dict[str, Any]):
             number = 1 + max((v.version for v in find_template(session, ident).versions),
                              default=0)
         frozen = backend.make_template(key, number, image_store().raw_path(image.uuid))
+        booted = boot_files_of(key, number, image)
         with svc.db.write() as session:
             template = find_template(session, ident)
             session.add(TemplateVersion(template_id=template.id, version=number,
                                         image_id=image.id, image_name=image.name,
                                         backend=backend.name, backend_key=key,
                                         size=frozen.size, description=description,
-                                        created_by=g.caller.name))
+                                        created_by=g.caller.name, **booted))
             template.updated_at = utcnow()
             session.flush()
             session.refresh(template)

@@ -28,10 +28,11 @@ LOG = logging.getLogger(__name__)
 
 
 class BootServer:
-    def __init__(self, settings: Settings, db: Database, store: ImageStore):
+    def __init__(self, settings: Settings, db: Database, store: ImageStore,
+                 relay_key: bytes | None = None):
         self.settings = settings
         self.db = db
-        self.files = TftpFiles(settings.seat_base_url, db, store)
+        self.files = TftpFiles(settings.seat_base_url, db, store, relay_key)
         self.tftp: TftpService | None = None
         self.dhcp: Dnsmasq | None = None
         self._hosts: list[DhcpHost] = []

@@ -30,6 +30,7 @@ from labmetal.config import Settings
 from labmetal.db import Database
 from labmetal.images.store import ImageStore
 from labmetal.models import Conductor, Node, Port, utcnow
+from labmetal import seat_relay
 from labmetal.secrets import SecretBox
 
 LOG = logging.getLogger(__name__)
@@ -70,7 +71,7 @@ class ConductorService:
         self.deploy_context = DeployContext(settings, db, box, settings.hostname, store)
         self.wake_server = WakeServer(settings.wake_listen, settings.hostname, self.wake,
                                       self.status)
-        self.boot_server = BootServer(settings, db, store)
+        self.boot_server = BootServer(settings, db, store, box.derive(seat_relay.PURPOSE))
         self.room_jobs = RoomJobRunner(settings, db, self.registry, store, settings.hostname,
                                        ConductorAPI(db, self.registry, settings, local=self))
         self._room_wake = threading.Event()

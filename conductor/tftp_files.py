@@ -14,11 +14,14 @@ from __future__ import annotations
 
 import logging
 import re
+import time
 from pathlib import Path
+from urllib.parse import urlsplit
 
 import requests
 from sqlalchemy import select
 
+from labmetal import seat_relay
 from labmetal.db import Database
 from labmetal.images.store import ImageStore
 from labmetal.models import Image
@@ -36,10 +39,11 @@ class TftpFiles:
     """``render(path, client_ip)`` for :class:`~labmetal.pxe.tftp.TftpService`."""
 
     def __init__(self, seat_base_url: str, db: Database, store: ImageStore,
-                 timeout: float = 10.0):
+                 relay_key: bytes | None = None, timeout: float = 10.0):
         self.base = seat_base_url.rstrip("/")
         self.db = db
         self.store = store
+        self.relay_key = relay_key  # signs the seat's address for the API (seat_address.py)
         self.timeout = timeout
 
     def render(self, path: str, client: str) -> bytes | Path | None:
@@ -48,8 +52,12 @@ class TftpFiles:
         config = _CONFIG.match(path)
         if config:
             mac = config.group(1).lower().replace(":", "-")
-            response = requests.get(f"{self.base}/boot/{mac}{grub.CONFIG_SUFFIX}",
-                                    timeout=self.timeout)
+            url = f"{self.base}/boot/{mac}{grub.CONFIG_SUFFIX}"
+            headers = {}
+            if self.relay_key is not None:  # the seat's secrets go to the seat's address
+                headers[seat_relay.HEADER] = seat_relay.header(
+                    self.relay_key, client, urlsplit(url).path, int(time.time()))
+            response = requests.get(url, headers=headers, timeout=self.timeout)
             return response.content if response.ok else None
         image = _IMAGE.match(path)
         if image:

@@ -129,6 +129,13 @@ SESSION_ROOT_START = 33 * MIB  # partition 1 (FAT: syslinux, kernel, initrd) end
 SESSION_ROOT_LABEL = "labmetal-tp"
 SESSION_MARKER_PREFIX = "labmetal-tp:"
 SESSION_MODULES = ("virtio_pci", "virtio_net", "sd_mod", "iscsi_tcp", "iscsi_ibft")
+# The Secure Boot variant: Debian's generic kernel (signed), the NICs of UEFI seats, ext4.
+SESSION_DISK_UEFI_TOOLS = {tool: package for tool, package in SESSION_DISK_TOOLS.items()
+                           if package not in ("syslinux", "syslinux-common", "dosfstools",
+                                              "mtools")}
+SESSION_UEFI_MODULES = ("virtio_pci", "virtio_net", "e1000e", "e1000", "sd_mod", "iscsi_tcp",
+                        "crc32c_generic", "ext4")
+SESSION_UEFI_DISK_SIZE = 64 * MIB  # kernel 8 MiB, initrd, busybox: its root holds them all
 # What the initramfs loads, if the kernel has it as a module: a NIC for the MAC; the root
 # disk and its filesystem for the partition image.
 WHOLE_DISK_MODULES = ("virtio_pci", "virtio_net")
@@ -229,11 +236,24 @@ def build_partition(name: str, cache_dir: Path | None = None,
 
 
 def build_session_disk(name: str, cache_dir: Path | None = None,
-                       progress: Callable[[str], None] = print) -> SessionDiskImage:
+                       progress: Callable[[str], None] = print,
+                       firmware: str = "bios") -> SessionDiskImage:
     """The TP session disk called ``name``: a seat boots it with iPXE's ``sanboot`` from
     the session's iSCSI target; its initramfs logs in to that target again from the iBFT
     (open-iscsi's ``iscsistart``), mounts partition 2 as its root and the OS counts its
-    boots in /var/lib/labmetal-tp/counter, on the student's own disk."""
+    boots in /var/lib/labmetal-tp/counter, on the student's own disk.
+
+    The "uefi" one is for Secure Boot seats, which cannot sanboot: its one partition is
+    its ext4 root, whose /boot holds Debian's signed kernel and an initrd that logs in to
+    the target named on the kernel command line (the ``iscsi_*`` parameters of Debian's
+    open-iscsi initramfs) and mounts ``root=UUID=...``; labmetal finds both there
+    (images/boot_files.py) and GRUB boots them (pxe/grub.py)."""
+    if _firmware(firmware) == "uefi":
+        entry = _cached("session-disk-uefi", name, SESSION_DISK_UEFI_TOOLS,
+                        _build_uefi_session_disk, cache_dir, progress,
+                        downloads=SESSION_DISK_DOWNLOADS, kernel_package=UEFI_KERNEL_PACKAGE)
+        return SessionDiskImage(entry / "disk.img", name,
+                                f"{SESSION_MARKER_PREFIX} image={name} ")
     entry = _cached("session-disk", name, SESSION_DISK_TOOLS, _build_session_disk, cache_dir,
                     progress, downloads=SESSION_DISK_DOWNLOADS)
     return SessionDiskImage(entry / "disk.img", name, f"{SESSION_MARKER_PREFIX} image={name} ")
@@ -507,6 +527,42 @@ def _build_session_disk(inputs: _Inputs, key: str, work: Path, out: Path,
     run_step(["syslinux", "--offset", str(PARTITION_START), "--install", str(disk)], _env())
     with open(rootfs, "rb") as source, open(disk, "r+b") as target:
         target.seek(SESSION_ROOT_START)
+        shutil.copyfileobj(source, target, MIB)
+
+
+def _build_uefi_session_disk(inputs: _Inputs, key: str, work: Path, out: Path,
+                             progress: Callable[[str], None]) -> None:
+    kernel = _kernel(inputs, work, progress)
+    version = kernel.name.removeprefix("vmlinuz-")
+    initrd = work / "initrd.img"
+    _initramfs(work, SESSION_UEFI_INITRD_INIT, SESSION_UEFI_MODULES, initrd,
+               extra={**_iscsistart(inputs, work, progress),
+                      "/bin/udhcpc-script": UDHCPC_SCRIPT.encode()})
+    root = work / "rootfs"
+    _busybox(root)
+    install_file(root / "sbin" / "init", SESSION_ROOTFS_INIT.encode(), 0o755)
+    install_file(root / "etc" / "labmetal-os" / "name", f"{inputs.name}\n".encode(), 0o644)
+    install_file(root / "var" / "lib" / "labmetal-tp" / "counter", b"0\n", 0o644)
+    install_file(root / "boot" / f"vmlinuz-{version}", kernel.read_bytes(), 0o644)
+    install_file(root / "boot" / f"initrd.img-{version}", initrd.read_bytes(), 0o644)
+    (root / ROOTFS_KERNEL_LINK).symlink_to(f"boot/vmlinuz-{version}")
+    (root / ROOTFS_INITRD_LINK).symlink_to(f"boot/initrd.img-{version}")
+    for path in [root, *sorted(root.rglob("*"))]:
+        os.utime(path, (EPOCH, EPOCH), follow_symlinks=False)
+    uuid = f"{key[:8]}-{key[8:12]}-4{key[13:16]}-8{key[1:4]}-{key[4:16]}"
+    rootfs = work / "rootfs.img"
+    run_step(["mkfs.ext4", "-q", "-F", "-L", SESSION_ROOT_LABEL, "-U", uuid, "-E",
+              f"hash_seed={uuid},root_owner=0:0", "-d", str(root), str(rootfs),
+              f"{(SESSION_UEFI_DISK_SIZE - PARTITION_START) // 1024}k"], _env())
+    disk = out / "disk.img"
+    with open(disk, "wb") as stream:
+        stream.truncate(SESSION_UEFI_DISK_SIZE)
+    run_step(["parted", "--script", "--align", "none", str(disk), "unit", "B", "mklabel",
+              "msdos", "mkpart", "primary", "ext4", f"{PARTITION_START}B",
+              f"{SESSION_UEFI_DISK_SIZE - 1}B"], _env())
+    _write_at(disk, 440, bytes.fromhex(key[:8]))
+    with open(rootfs, "rb") as source, open(disk, "r+b") as target:
+        target.seek(PARTITION_START)
         shutil.copyfileobj(source, target, MIB)
 
 
@@ -786,6 +842,57 @@ iscsistart -b >> /tmp/iscsi.log 2>&1 || fail "iSCSI login: $(tail -n 1 /tmp/iscs
 device=
 for i in $(seq 150); do device=$(findfs LABEL={SESSION_ROOT_LABEL}) && break; sleep 0.1; done
 [ -n "$device" ] || fail "no {SESSION_ROOT_LABEL} filesystem on the iSCSI disk"
+mount -o rw "$device" /newroot || fail "cannot mount $device"
+for fs in dev proc sys; do mount --move "/$fs" "/newroot/$fs"; done
+exec switch_root /newroot /sbin/init
+"""
+
+UDHCPC_SCRIPT = """\
+#!/bin/sh
+# busybox udhcpc's event script: the leased address and the default route
+case "$1" in
+bound|renew)
+    ip addr flush dev "$interface"
+    ip addr add "$ip/${mask:-24}" dev "$interface"
+    [ -n "$router" ] && ip route replace default via "${router%% *}" dev "$interface"
+    ;;
+esac
+exit 0
+"""
+
+SESSION_UEFI_INITRD_INIT = _INITRAMFS_START.format(
+    comment="# labmetal TP session disk's initrd, Secure Boot seats: attach the iSCSI root "
+            "named on the kernel command line.",
+    common=_SHELL_COMMON) + f"""\
+fail() {{ say "{SESSION_MARKER_PREFIX} error: $1"; sleep 1; poweroff -f; }}
+arg() {{  # the value of NAME= on the kernel command line
+    for word in $(cat /proc/cmdline); do
+        case $word in "$1"=*) echo "${{word#*=}}"; return ;; esac
+    done
+}}
+target=$(arg iscsi_target_name)
+[ -n "$target" ] || fail "no iscsi_target_name= on the kernel command line"
+# the NIC the seat booted from (BOOTIF=01-aa-bb-...), else the first Ethernet one
+want=$(arg BOOTIF | sed 's/^01-//; s/-/:/g')
+first_mac > /dev/null
+dev=
+for nic in /sys/class/net/*; do
+    [ "$(cat "$nic/type" 2>/dev/null)" = 1 ] || continue
+    [ -z "$dev" ] && dev=${{nic##*/}}
+    [ "$(cat "$nic/address")" = "$want" ] && {{ dev=${{nic##*/}}; break; }}
+done
+[ -n "$dev" ] || fail "no Ethernet interface"
+ip link set lo up
+ip link set "$dev" up
+udhcpc -i "$dev" -q -n -t 20 -T 1 -s /bin/udhcpc-script > /tmp/dhcp.log 2>&1 \
+    || fail "no DHCP answer on $dev"
+iscsistart -i "$(arg iscsi_initiator)" -t "$target" -g 1 -a "$(arg iscsi_target_ip)" \
+    -p "$(arg iscsi_target_port)" -u "$(arg iscsi_username)" -w "$(arg iscsi_password)" \
+    > /tmp/iscsi.log 2>&1 || fail "iSCSI login: $(tail -n 1 /tmp/iscsi.log)"
+root=$(arg root)
+device=
+for i in $(seq 150); do device=$(findfs "$root") && break; sleep 0.1; done
+[ -n "$device" ] || fail "no $root filesystem on the iSCSI disk"
 mount -o rw "$device" /newroot || fail "cannot mount $device"
 for fs in dev proc sys; do mount --move "/$fs" "/newroot/$fs"; done
 exec switch_root /newroot /sbin/init

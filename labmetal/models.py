@@ -307,6 +307,12 @@ class TemplateVersion(Base):
     description: Mapped[str | None] = mapped_column(Text)
     created_by: Mapped[str | None] = mapped_column(String(255))
     created_at: Mapped[datetime] = mapped_column(default=utcnow)
+    # Its own kernel and initrd (image UUIDs) and root filesystem: how a Secure Boot seat
+    # boots a session of it, where iPXE cannot sanboot (images/boot_files.py). None: the
+    # image has none (ext root with /boot/vmlinuz-*), so it boots diskless under iPXE only.
+    boot_kernel: Mapped[str | None] = mapped_column(String(36))
+    boot_initrd: Mapped[str | None] = mapped_column(String(36))
+    boot_root_uuid: Mapped[str | None] = mapped_column(String(36))
 
     template: Mapped[Template] = relationship(back_populates="versions")
 

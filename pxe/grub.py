@@ -79,16 +79,19 @@ def render(script: BootScript, mac: str) -> str:
                  *_local_disk()]
     elif isinstance(script, IdleScript):
         lines = _idle(script)
+    elif isinstance(script, SeatMenuScript) and script.login is not None:
+        lines = _seat_menu(script, script.login, mac)
     elif isinstance(script, SeatMenuScript):
-        # A session boots diskless through iPXE's sanboot, which a Secure Boot seat (GRUB)
-        # has not: no login to offer, the menu's default runs.
         lines = render(script.default, mac).splitlines()
     elif isinstance(script, LeaseWaitScript):
         lines = _idle(IdleScript(script.message, delay=10))
+    elif isinstance(script, SanbootScript) and script.own_kernel is not None:
+        lines = _own_kernel(script, mac)
     elif isinstance(script, SanbootScript):
         lines = _idle(IdleScript(
             f"the session of {script.student or 'this seat'} boots diskless over iSCSI, "
-            "which needs iPXE: not under Secure Boot"))
+            "which needs iPXE or (under Secure Boot) a template with its own kernel in "
+            "/boot: this one has none"))
     else:
         raise TypeError(f"no GRUB rendering for {type(script).__name__}")
     return "\n".join(lines) + "\n"
@@ -116,6 +119,52 @@ def _ramdisk(script: RamdiskScript, mac: str) -> list[str]:
         "done",
         f'echo "labmetal: could not load the ramdisk after {script.attempts} attempts; '
         'rebooting"',
+        "sleep 10",
+        "reboot",
+    ]
+
+
+def _seat_menu(script: SeatMenuScript, login: RamdiskScript, mac: str) -> list[str]:
+    """The seat's menu as iPXE shows it: L boots labmetal's login ramdisk (which asks for
+    the password and sends it over HTTPS), else the default runs after ``timeout``."""
+    indent = ["  " + line for line in _ramdisk(login, mac)]
+    default = ["  " + line for line in render(script.default, mac).splitlines()]
+    return [f"# labmetal: the seat menu of {shown(script.node)}",
+            f"set timeout={script.timeout}",
+            "set default=1",
+            'menuentry "[L] Log in to my TP session" --hotkey=l {', *indent, "}",
+            f"menuentry {_quoted(script.default_label)} {{", *default, "}"]
+
+
+def _own_kernel(script: SanbootScript, mac: str) -> list[str]:
+    """A session under Secure Boot: GRUB cannot sanboot, so it loads the template's own
+    signed kernel and its own initrd, which logs in to the session's target from the
+    kernel command line (the parameters of Debian's open-iscsi initramfs) and mounts the
+    root filesystem by its UUID from that disk."""
+    own = script.own_kernel
+    assert own is not None
+    who = f" of {script.student}" if shown(script.student) else ""
+    args = [f"root=UUID={own.root_uuid}", "ro", *(f"console={c}" for c in
+                                                  ("tty0", "ttyS0,115200n8")),
+            f"BOOTIF=01-{mac.replace(':', '-')}", "ip=dhcp",
+            f"iscsi_initiator={script.initiator_iqn}",
+            f"iscsi_target_name={script.target_iqn}",
+            f"iscsi_target_ip={script.portal_host}", f"iscsi_target_port={script.portal_port}",
+            f"iscsi_username={script.chap_user}", f"iscsi_password={script.chap_secret}"]
+    for arg in args:
+        word(arg)
+    kernel, initrd = tftp_path(own.kernel_url), tftp_path(own.initrd_url)
+    return [
+        f"# labmetal: boot the session{who}: its own kernel, its disk over iSCSI",
+        f"echo {_quoted(f'labmetal: booting the session{who} over iSCSI (its own kernel)')}",
+        "for attempt in " + " ".join(str(n) for n in range(1, script.attempts + 1)) + "; do",
+        f"  if linux {SERVER}{kernel} {' '.join(args)}; then",
+        f"    if initrd {SERVER}{initrd}; then boot; fi",
+        "  fi",
+        '  echo "labmetal: loading the session\'s kernel failed (attempt $attempt)"',
+        f"  sleep {script.retry_delay}",
+        "done",
+        'echo "labmetal: the session did not boot; rebooting"',
         "sleep 10",
         "reboot",
     ]

@@ -255,6 +255,21 @@ class LeaseWaitScript:
 
 
 @dataclass(frozen=True)
+class OwnKernel:
+    """A template's own kernel and initrd (labmetal's HTTP URLs) and its root filesystem's
+    UUID: how a seat without iPXE (Secure Boot: GRUB) boots a session (pxe/grub.py)."""
+    kernel_url: str
+    initrd_url: str
+    root_uuid: str
+
+    def __post_init__(self) -> None:
+        url(self.kernel_url, "kernel URL")
+        url(self.initrd_url, "initrd URL")
+        if not re.fullmatch(r"[0-9A-Fa-f-]{8,36}", self.root_uuid):
+            raise ValueError(f"not a filesystem UUID: {self.root_uuid!r}")
+
+
+@dataclass(frozen=True)
 class SanbootScript:
     """Boot a student's session disk from its iSCSI target (LUN 1; LUN 0 is tgt's
     controller) as the seat's BIOS disk. iPXE describes the connection in an iBFT (target,
@@ -271,6 +286,7 @@ class SanbootScript:
     student: str = ""  # shown on the PC's screen only
     attempts: int = 3
     retry_delay: int = 5
+    own_kernel: OwnKernel | None = None  # for GRUB (Secure Boot seats); iPXE sanboots
 
     def __post_init__(self) -> None:
         if not _IPV4.match(self.portal_host) or not 0 < self.portal_port < 65536:
@@ -329,6 +345,7 @@ class SeatMenuScript:
     default: LocalDiskScript | IdleScript
     default_label: str
     timeout: int = 5
+    login: RamdiskScript | None = None  # the login ramdisk, for GRUB's menu (pxe/grub.py)
 
     def __post_init__(self) -> None:
         url(self.base_url, "base URL")

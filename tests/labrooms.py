@@ -123,12 +123,14 @@ def stand_in(room: UpRoom, seat: dict[str, Any]) -> Iterator[StandIn]:
 
 
 class Labmetal:
-    """The API of the service serving one room."""
+    """The API of the service serving one room (as ``auth``, where it has accounts)."""
 
-    def __init__(self, url: str):
+    def __init__(self, url: str, auth: tuple[str, str] | None = None):
         self.url = url
+        self.auth = auth
 
     def call(self, method: str, path: str, **kwargs: Any) -> requests.Response:
+        kwargs.setdefault("auth", self.auth)
         return requests.request(method, self.url + path, headers=LATEST, timeout=60, **kwargs)
 
     def node(self, name: str) -> dict[str, Any]:
@@ -182,18 +184,26 @@ class Labmetal:
 
 @contextmanager
 def served_room(tmp_path: Path, name: str, subnet: str, ramdisk: Any, *options: str,
+                admin: tuple[str, str] | None = None,
                 **settings: Any) -> Iterator[tuple[UpRoom, Labmetal]]:
     """A `lab up` room, `labmetal serve` for it (long waits: TCG seats are slow) with the
-    deploy ramdisk uploaded as its default; everything stopped and removed after."""
+    deploy ramdisk uploaded as its default; everything stopped and removed after. With
+    ``admin`` (name, password), the service has accounts (``http_basic``: what the seat
+    login needs) and the API is called as that admin."""
     procs = Processes(tmp_path)
     room = None
     try:
         port = free_port()
         room = lab_up(procs, tmp_path / "room", name, subnet, "--port", str(port), *options)
+        if admin is not None:
+            subprocess.run([LABMETAL, "user", "set", admin[0], "--role", "admin",
+                            "--password-stdin", "--state-dir", str(tmp_path / "labmetal")],
+                           input=admin[1] + "\n", check=True, capture_output=True, text=True)
+            settings = {"auth": "http_basic", **settings}
         start_labmetal(procs, tmp_path, {**room.state["settings"], "callback_timeout": 900,
                                          "agent_timeout": 120, "deploy_kernel": "deploy-kernel",
                                          "deploy_ramdisk": "deploy-ramdisk", **settings})
-        api = Labmetal(f"http://{room.state['settings']['listen']}")
+        api = Labmetal(f"http://{room.state['settings']['listen']}", admin)
         api.upload("deploy-kernel", "kernel", ramdisk.kernel)
         api.upload("deploy-ramdisk", "ramdisk", ramdisk.initramfs)
         yield room, api

@@ -17,21 +17,26 @@
 from __future__ import annotations
 
 import os
+import tempfile
 from pathlib import Path
 from typing import Any
 
 import pytest
 
 from labmetal.images.ramdisk import build_ramdisk
-from labmetal.lab.osimage import build_partition, build_whole_disk, marker_line
-from tests.labrooms import BOOT_TIMEOUT, UpRoom, served_room
-from tests.support import wait_for
+from labmetal.lab.osimage import (build_partition, build_session_disk, build_whole_disk,
+                                  marker_line, session_counter_line)
+from labmetal.lab.qemu_seat import type_text
+from tests.labrooms import BOOT_TIMEOUT, Labmetal, UpRoom, served_room
+from tests.support import free_port, wait_for
 
 pytestmark = pytest.mark.ramdisk
 
 RAMDISK_CACHE = Path(os.environ.get("LABMETAL_RAMDISK_CACHE", "/var/cache/labmetal/ramdisk"))
 SECURE_BOOT_ON = "Secure boot enabled"  # the kernel's own words (arch/x86 efi)
 LOCKED_DOWN = "Kernel is locked down from EFI Secure Boot"
+ADMIN = ("ada", "ada-admin-pass")
+ANN = ("ann", "ann-pass-1234")
 
 
 @pytest.fixture(scope="module")
@@ -47,8 +52,12 @@ def uefi_image():
 
 @pytest.fixture(scope="module")
 def secureboot_room(tmp_path_factory, ramdisk):
-    with served_room(tmp_path_factory.mktemp("sb-room"), "r74", "10.99.74.0/24", ramdisk,
-                         "--qemu", "1", "--profile", "secureboot") as served:
+    """One Secure Boot seat; labmetal also serves students' sessions (the local store)."""
+    with served_room(tmp_path_factory.mktemp("sb-room"), "r79", "10.99.79.0/24", ramdisk,
+                     "--qemu", "1", "--profile", "secureboot", admin=ADMIN,
+                     overlay_backend="local", seat_menu_timeout=30,
+                     overlay_run_dir=tempfile.mkdtemp(prefix="lm-sb-"),  # short: sockets
+                     iscsi_portal=f"10.99.79.2:{free_port()}") as served:
         yield served
 
 
@@ -123,6 +132,103 @@ def test_a_secure_boot_seat_is_rebuilt_with_a_partition_image_and_boots_its_own_
               api.call("GET", f"/v1/nodes/{seat['name']}/history").json()["history"]]
     assert any("image lab-uefi-part written and verified" in event for event in events)
     api.call("PUT", f"/v1/nodes/{seat['name']}/states/power", json={"target": "power off"})
+
+
+def anns_session(api: Labmetal, room: UpRoom, seat: dict[str, Any]) -> tuple[str, int]:
+    """ann's session of the Secure Boot template (made if need be) and the counter its
+    disk holds now (0 when made here)."""
+    sessions = api.call("GET", "/v1/sessions").json()["sessions"]
+    if sessions:
+        return sessions[0]["uuid"], 1
+    disk = build_session_disk("tp-counter", firmware="uefi")
+    api.upload("tp-sb", "whole-disk", disk.path)
+    student = api.call("POST", "/v1/users", json={"name": ANN[0], "role": "student",
+                                                  "password": ANN[1]})
+    assert student.status_code == 201, student.text
+    template = api.call("POST", "/v1/templates", json={"name": "sb-tp", "image": "tp-sb"})
+    assert template.status_code == 201, template.text
+    assert template.json()["versions"][0]["secure_boot"] is True
+    ses = api.call("POST", "/v1/sessions", json={"template": "sb-tp", "student": ANN[0]})
+    assert ses.status_code == 201, ses.text
+    if api.call("GET", f"/v1/nodes/{seat['name']}").status_code == 404:  # run alone
+        api.enroll(room, seat)
+    for method, path, body in (("POST", "/v1/rooms", {"name": "sb-room"}),  # students
+                               ("PUT", "/v1/rooms/sb-room/seats/a1", {"node": seat["name"]})):
+        made = api.call(method, path, json=body)  # start sessions on a room's seats only
+        assert made.status_code in (200, 201), made.text
+    return ses.json()["uuid"], 0
+
+
+def power(api: Labmetal, seat: dict[str, Any], target: str) -> None:
+    asked = api.call("PUT", f"/v1/nodes/{seat['name']}/states/power", json={"target": target})
+    assert asked.status_code == 202, asked.text
+
+
+def test_a_secure_boot_seat_boots_a_students_session_through_the_templates_own_kernel(
+        secureboot_room):
+    """Under Secure Boot GRUB cannot sanboot: labmetal found the template's own signed
+    kernel and initrd in its /boot when the template was made, and GRUB boots them with the
+    session's target and CHAP account on the kernel command line (Debian open-iscsi's
+    parameters). GRUB asks the conductor's TFTP, which relays the seat's address to the
+    API (signed): the target is bound to it. The session OS counts its boot on its disk."""
+    room, api = secureboot_room
+    seat = room.state["seats"][0]
+    uuid, counter = anns_session(api, room, seat)
+    before = len(room.console(seat))
+    started = api.call("POST", f"/v1/sessions/{uuid}/start", json={"seat": seat["name"]})
+    assert started.status_code == 200 and started.json()["last_error"] is None, started.text
+    booted = wait_console(room, seat, f"counter={counter + 1} saved on /dev/sda1",
+                          after=before, timeout=BOOT_TIMEOUT)[before:]
+    assert session_counter_line("tp-counter", seat["mac"], counter) in booted
+    assert "booting the session of ann over iSCSI (its own kernel)" in booted
+    assert SECURE_BOOT_ON in booted and LOCKED_DOWN in booted
+    power(api, seat, "power off")
+    wait_for(lambda: api.call("GET", f"/v1/sessions/{uuid}").json()["state"] == "stopped",
+             60, "ann's session to end")
+
+
+def test_a_student_logs_in_at_a_secure_boot_seats_grub_menu_and_resumes_her_session(
+        secureboot_room):
+    """GRUB's seat menu: L boots labmetal's login ramdisk (Debian's signed kernel), ann
+    types her name and password on the keyboard (a wrong one first), the login goes over
+    HTTPS with labmetal's CA pinned, she picks her session, and the seat restarts into it
+    through the template's own kernel: her disk's counter goes on from where it was."""
+    room, api = secureboot_room
+    seat = room.state["seats"][0]
+    uuid, counter = anns_session(api, room, seat)
+    before = len(room.console(seat))
+
+    def screen(text: str) -> None:
+        nonlocal before
+        try:
+            found = wait_console(room, seat, text, after=before, timeout=BOOT_TIMEOUT)
+        except AssertionError as error:
+            raise AssertionError(f"{error}; the screen ends with "
+                                 f"{room.console(seat)[-2500:]!r}") from None
+        before = found.index(text, before) + len(text)
+
+    power(api, seat, "power on")
+    screen("Log in to my TP session")
+    type_text(seat["state_dir"], "l")
+    screen("loading the login ramdisk")
+    for password in ("not-her-password", ANN[1]):
+        screen("Username: ")
+        type_text(seat["state_dir"], f"{ANN[0]}\n")
+        screen("Password: ")
+        type_text(seat["state_dir"], f"{password}\n")
+        if password != ANN[1]:
+            screen("login refused")
+    screen("TP sessions of ann:")
+    screen("Your choice")
+    type_text(seat["state_dir"], "1\n")
+    screen("this seat restarts into it")
+    restarted = before
+    screen(f"counter={counter + 1} saved on /dev/sda1")
+    console = room.console(seat)
+    assert session_counter_line("tp-counter", seat["mac"], counter) in console[restarted:]
+    assert SECURE_BOOT_ON in console[restarted:]
+    assert ANN[1] not in console and "not-her-password" not in console
+    power(api, seat, "power off")
 
 
 def test_a_uefi_seat_with_an_intel_nic_and_a_sata_disk_is_deployed(uefi_room, uefi_image):

@@ -2,12 +2,15 @@
 rendering; tests/test_firmware_boots.py boots them on QEMU seats with Secure Boot on)."""
 from __future__ import annotations
 
+import time
+
 import pytest
 
+from labmetal import seat_relay
 from labmetal.pxe import grub
 from labmetal.pxe.dnsmasq import DhcpConfig, DhcpHost, render_config
-from labmetal.pxe.ipxe import (IdleScript, LocalDiskScript, RamdiskScript, SanbootScript,
-                               SeatMenuScript)
+from labmetal.pxe.ipxe import (IdleScript, LocalDiskScript, OwnKernel, RamdiskScript,
+                               SanbootScript, SeatMenuScript)
 
 BASE = "http://10.99.1.1:6385"
 MAC = "52:54:00:12:34:56"
@@ -41,20 +44,53 @@ def test_local_boot_chainloads_the_disks_own_loader_with_the_disk_as_root():
     assert config[-1] == "exit 1"  # no such disk: a failure, so the firmware tries its next
 
 
-def test_the_seat_menu_runs_its_default_over_grub():
-    """A session boots through iPXE's sanboot, which a Secure Boot seat has not: GRUB
-    offers no login, the menu's default runs."""
+def test_the_seat_menu_offers_the_login_ramdisk_or_runs_its_default_over_grub():
+    """As iPXE's menu: L boots labmetal's login ramdisk (the password goes over HTTPS from
+    there), else the default after the timeout. Without a login ramdisk, the default."""
+    login = RamdiskScript(KERNEL, RAMDISK, BASE, "login", "a01",
+                          kernel_args=("labmetal.tls=https://10.99.1.1:6443",))
     menu = SeatMenuScript(BASE, "boot/52-54-00-12-34-56", "a01", LocalDiskScript("a01"),
-                          "Boot the local disk")
-    assert grub.render(menu, MAC) == grub.render(LocalDiskScript("a01"), MAC)
+                          "Boot the local disk", timeout=7, login=login)
+    lines = grub.render(menu, MAC).splitlines()
+    assert "set timeout=7" in lines and "set default=1" in lines
+    first = lines.index('menuentry "[L] Log in to my TP session" --hotkey=l {')
+    second = lines.index('menuentry "Boot the local disk" {')
+    assert any("labmetal.mode=login" in line and "labmetal.tls=https://10.99.1.1:6443" in line
+               for line in lines[first:second])
+    assert lines[second + 1:-1] == ["  " + line for line in
+                                    grub.render(LocalDiskScript("a01"), MAC).splitlines()]
+    assert lines[-1] == "}" and not any("password" in line for line in lines)
+    plain = SeatMenuScript(BASE, "boot/52-54-00-12-34-56", "a01", LocalDiskScript("a01"),
+                           "Boot the local disk")
+    assert grub.render(plain, MAC) == grub.render(LocalDiskScript("a01"), MAC)
 
 
-def test_a_diskless_session_says_it_needs_ipxe_and_gives_no_secret_away():
+def test_a_diskless_session_without_its_own_kernel_says_so_and_gives_no_secret_away():
     sanboot = SanbootScript("10.99.1.1", 3260, "iqn.2026-11.org.labmetal:session.x",
                             "iqn.2026-11.org.labmetal:node", "user1", "s3cret", "ann")
     config = grub.render(sanboot, MAC)
     assert "s3cret" not in config and "user1" not in config
-    assert "needs iPXE: not under Secure Boot" in config
+    assert "needs iPXE or (under Secure Boot) a template with its own kernel" in config
+
+
+def test_a_diskless_session_with_its_own_kernel_boots_it_with_its_target_on_the_command_line():
+    own = OwnKernel(KERNEL, RAMDISK, "02380d16-c287-442c-8238-0d16c287742c")
+    sanboot = SanbootScript("10.99.1.1", 3260, "iqn.2026-11.org.labmetal:session.x",
+                            "iqn.2026-11.org.labmetal:node", "user1", "s3cret", "ann",
+                            own_kernel=own)
+    lines = grub.render(sanboot, MAC).splitlines()
+    linux = next(line.strip() for line in lines if line.strip().startswith("if linux "))
+    args = linux.removesuffix("; then").split()[3:]
+    assert linux.split()[2] == "${cmdpath}" + KERNEL.removeprefix(BASE)
+    assert args == ["root=UUID=02380d16-c287-442c-8238-0d16c287742c", "ro", "console=tty0",
+                    "console=ttyS0,115200n8", "BOOTIF=01-52-54-00-12-34-56", "ip=dhcp",
+                    "iscsi_initiator=iqn.2026-11.org.labmetal:node",
+                    "iscsi_target_name=iqn.2026-11.org.labmetal:session.x",
+                    "iscsi_target_ip=10.99.1.1", "iscsi_target_port=3260",
+                    "iscsi_username=user1", "iscsi_password=s3cret"]
+    assert any("initrd ${cmdpath}/files/images/1c5f9d2b" in line for line in lines)
+    with pytest.raises(ValueError):
+        OwnKernel(KERNEL, RAMDISK, "x; reboot")
 
 
 @pytest.mark.parametrize("message", ['"; reboot; echo "', "${prefix}", "a\nreboot", "\\$x"])
@@ -103,10 +139,12 @@ def tftp_files(tmp_path):
     from labmetal.models import Image
 
     asked: list[str] = []
+    relayed: list[str | None] = []
 
     class Api(BaseHTTPRequestHandler):  # labmetal's /boot/<mac>.grub, as the API renders it
         def do_GET(self) -> None:
             asked.append(self.path)
+            relayed.append(self.headers.get(seat_relay.HEADER))
             found = self.path == "/boot/52-54-00-12-34-56.grub"
             self.send_response(200 if found else 404)
             self.end_headers()
@@ -129,19 +167,22 @@ def tftp_files(tmp_path):
             store.file_path(image.uuid).write_bytes(f"{name} bytes".encode())
     with db.read() as session:
         uuids = {image.name: image.uuid for image in session.query(Image)}
-    yield TftpFiles(f"http://127.0.0.1:{server.server_port}", db, store), uuids, asked
+    files = TftpFiles(f"http://127.0.0.1:{server.server_port}", db, store, relay_key=b"k" * 32)
+    yield files, uuids, asked, relayed
     server.shutdown()
     server.server_close()
     db.engine.dispose()
 
 
 def test_tftp_gives_grub_its_chain_its_per_mac_config_and_boot_files_only(tftp_files):
-    files, uuids, asked = tftp_files
+    files, uuids, asked, relayed = tftp_files
     assert files.render("grub/grub.cfg", "10.99.1.5") == grub.chain_config().encode()
     # GRUB names its MAC with colons; the API's path has hyphens
     assert files.render("boot/52:54:00:12:34:56.grub", "10.99.1.5") == \
         b"# the config of 52:54:00:12:34:56\n"
     assert asked == ["/boot/52-54-00-12-34-56.grub"]
+    # on the seat's behalf: its address, signed (labmetal/seat_relay.py)
+    assert seat_relay.verify(b"k" * 32, relayed[0], asked[0], time.time()) == "10.99.1.5"
     assert files.render("boot/52:54:00:aa:bb:cc.grub", "10.99.1.5") is None  # API said 404
     kernel = files.render(f"files/images/{uuids['deploy-kernel']}/file", "10.99.1.5")
     assert kernel.read_bytes() == b"deploy-kernel bytes"
