@@ -56,8 +56,10 @@ def cmd_template_show(client: Client, args: argparse.Namespace) -> Any:
         return template
     print(f"template {template['name']} ({template['uuid']}), owner {template['owner']}"
           f"{' — ' + template['description'] if template['description'] else ''}")
-    print_table(["VERSION", "IMAGE", "SIZE", "CREATED", "BY"],
-           [[str(v["version"]), v["image"] or "-", _mib(v["size"]), v["created_at"][:19],
+    # SECURE BOOT: its own kernel was found, so Secure Boot seats boot its sessions too
+    print_table(["VERSION", "IMAGE", "SIZE", "SECURE BOOT", "CREATED", "BY"],
+           [[str(v["version"]), v["image"] or "-", _mib(v["size"]),
+             "yes" if v.get("secure_boot") else "no", v["created_at"][:19],
              v["created_by"] or ""] for v in template["versions"]])
     return None
 
