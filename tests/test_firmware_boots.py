@@ -243,6 +243,29 @@ def test_a_uefi_seat_with_an_intel_nic_and_a_sata_disk_is_deployed(uefi_room, ue
     assert SECURE_BOOT_ON not in console
 
 
+@pytest.fixture  # one test, as uefi_room
+def ipxe_uefi_room(tmp_path, ramdisk):
+    """A UEFI seat whose first file is iPXE's snponly.efi (``uefi_loader = ipxe``), for
+    firmware that shim does not suit: the iPXE path of BIOS seats, on UEFI."""
+    with served_room(tmp_path, "r77", "10.99.77.0/24", ramdisk, "--qemu", "1",
+                     "--profile", "uefi", uefi_loader="ipxe") as served:
+        yield served
+
+
+def test_a_uefi_seat_on_ipxes_snponly_is_deployed_and_boots_its_disk(ipxe_uefi_room,
+                                                                      uefi_image):
+    room, api = ipxe_uefi_room
+    seat = room.state["seats"][0]
+    api.upload("lab-uefi", "whole-disk", uefi_image.path)
+    api.enroll(room, seat)
+    node = api.deploy(seat["name"], "lab-uefi")
+    assert node["provision_state"] == "active", node["last_error"]
+    console = wait_console(room, seat, marker_line("lab-uefi", seat["mac"]))
+    assert "NBP filename is snponly.efi" in console and "iPXE" in console
+    assert "labmetal: loading the deploy ramdisk" in console
+    assert "NBP filename is shimx64.efi" not in console
+
+
 @pytest.fixture
 def bios_room(tmp_path, ramdisk):
     with served_room(tmp_path, "r76", "10.99.76.0/24", ramdisk,
