@@ -494,18 +494,7 @@ def _build_session_disk(inputs: _Inputs, key: str, work: Path, out: Path,
                extra=_iscsistart(inputs, work, progress))
     (files / "syslinux.cfg").write_text(SYSLINUX_CFG)
 
-    root = work / "rootfs"
-    _busybox(root)
-    install_file(root / "sbin" / "init", SESSION_ROOTFS_INIT.encode(), 0o755)
-    install_file(root / "etc" / "labmetal-os" / "name", f"{inputs.name}\n".encode(), 0o644)
-    install_file(root / "var" / "lib" / "labmetal-tp" / "counter", b"0\n", 0o644)
-    for path in [root, *sorted(root.rglob("*"))]:
-        os.utime(path, (EPOCH, EPOCH), follow_symlinks=False)
-    uuid = f"{key[:8]}-{key[8:12]}-4{key[13:16]}-8{key[1:4]}-{key[4:16]}"
-    rootfs = work / "rootfs.img"
-    run_step(["mkfs.ext4", "-q", "-F", "-L", SESSION_ROOT_LABEL, "-U", uuid, "-E",
-              f"hash_seed={uuid},root_owner=0:0", "-d", str(root), str(rootfs),
-              f"{(SESSION_DISK_SIZE - SESSION_ROOT_START) // 1024}k"], _env())
+    rootfs = _session_rootfs(inputs, key, work, SESSION_DISK_SIZE - SESSION_ROOT_START)
 
     disk = out / "disk.img"
     with open(disk, "wb") as stream:
@@ -538,22 +527,14 @@ def _build_uefi_session_disk(inputs: _Inputs, key: str, work: Path, out: Path,
     _initramfs(work, SESSION_UEFI_INITRD_INIT, SESSION_UEFI_MODULES, initrd,
                extra={**_iscsistart(inputs, work, progress),
                       "/bin/udhcpc-script": UDHCPC_SCRIPT.encode()})
-    root = work / "rootfs"
-    _busybox(root)
-    install_file(root / "sbin" / "init", SESSION_ROOTFS_INIT.encode(), 0o755)
-    install_file(root / "etc" / "labmetal-os" / "name", f"{inputs.name}\n".encode(), 0o644)
-    install_file(root / "var" / "lib" / "labmetal-tp" / "counter", b"0\n", 0o644)
-    install_file(root / "boot" / f"vmlinuz-{version}", kernel.read_bytes(), 0o644)
-    install_file(root / "boot" / f"initrd.img-{version}", initrd.read_bytes(), 0o644)
-    (root / ROOTFS_KERNEL_LINK).symlink_to(f"boot/vmlinuz-{version}")
-    (root / ROOTFS_INITRD_LINK).symlink_to(f"boot/initrd.img-{version}")
-    for path in [root, *sorted(root.rglob("*"))]:
-        os.utime(path, (EPOCH, EPOCH), follow_symlinks=False)
-    uuid = f"{key[:8]}-{key[8:12]}-4{key[13:16]}-8{key[1:4]}-{key[4:16]}"
-    rootfs = work / "rootfs.img"
-    run_step(["mkfs.ext4", "-q", "-F", "-L", SESSION_ROOT_LABEL, "-U", uuid, "-E",
-              f"hash_seed={uuid},root_owner=0:0", "-d", str(root), str(rootfs),
-              f"{(SESSION_UEFI_DISK_SIZE - PARTITION_START) // 1024}k"], _env())
+    def boot_files(root: Path) -> None:  # where Debian keeps them, and its links
+        install_file(root / "boot" / f"vmlinuz-{version}", kernel.read_bytes(), 0o644)
+        install_file(root / "boot" / f"initrd.img-{version}", initrd.read_bytes(), 0o644)
+        (root / ROOTFS_KERNEL_LINK).symlink_to(f"boot/vmlinuz-{version}")
+        (root / ROOTFS_INITRD_LINK).symlink_to(f"boot/initrd.img-{version}")
+
+    rootfs = _session_rootfs(inputs, key, work, SESSION_UEFI_DISK_SIZE - PARTITION_START,
+                             boot_files)
     disk = out / "disk.img"
     with open(disk, "wb") as stream:
         stream.truncate(SESSION_UEFI_DISK_SIZE)
@@ -564,6 +545,27 @@ def _build_uefi_session_disk(inputs: _Inputs, key: str, work: Path, out: Path,
     with open(rootfs, "rb") as source, open(disk, "r+b") as target:
         target.seek(PARTITION_START)
         shutil.copyfileobj(source, target, MIB)
+
+
+def _session_rootfs(inputs: _Inputs, key: str, work: Path, size: int,
+                    extra: Callable[[Path], None] | None = None) -> Path:
+    """The session OS's ext4 root filesystem (``size`` bytes, its UUID from the build's
+    key): busybox, the init that counts boots, the counter at 0, and what ``extra`` adds."""
+    root = work / "rootfs"
+    _busybox(root)
+    install_file(root / "sbin" / "init", SESSION_ROOTFS_INIT.encode(), 0o755)
+    install_file(root / "etc" / "labmetal-os" / "name", f"{inputs.name}\n".encode(), 0o644)
+    install_file(root / "var" / "lib" / "labmetal-tp" / "counter", b"0\n", 0o644)
+    if extra is not None:
+        extra(root)
+    for path in [root, *sorted(root.rglob("*"))]:
+        os.utime(path, (EPOCH, EPOCH), follow_symlinks=False)
+    uuid = f"{key[:8]}-{key[8:12]}-4{key[13:16]}-8{key[1:4]}-{key[4:16]}"
+    rootfs = work / "rootfs.img"
+    run_step(["mkfs.ext4", "-q", "-F", "-L", SESSION_ROOT_LABEL, "-U", uuid, "-E",
+              f"hash_seed={uuid},root_owner=0:0", "-d", str(root), str(rootfs),
+              f"{size // 1024}k"], _env())
+    return rootfs
 
 
 def _iscsistart(inputs: _Inputs, work: Path, progress: Callable[[str], None]) -> dict[str, bytes]:

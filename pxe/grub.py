@@ -104,21 +104,30 @@ def _ramdisk(script: RamdiskScript, mac: str) -> list[str]:
             f"BOOTIF=01-{mac.replace(':', '-')}", *script.kernel_args]
     for arg in args:
         word(arg)
-    kernel, ramdisk = tftp_path(script.kernel_url), tftp_path(script.ramdisk_url)
     return [
         f"# labmetal: {script.mode} ramdisk{who}",
         f"echo {_quoted(f'labmetal: loading the {script.mode} ramdisk{who}')}",
-        # A failed load is tried again a few times, then the PC reboots into PXE, where it
-        # gets whatever its config says by then (as iPXE's RamdiskScript does).
-        "for attempt in " + " ".join(str(n) for n in range(1, script.attempts + 1)) + "; do",
+        *_boot_linux(script.kernel_url, script.ramdisk_url, args, script.attempts,
+                     script.retry_delay, "the ramdisk",
+                     f"could not load the ramdisk after {script.attempts} attempts"),
+    ]
+
+
+def _boot_linux(kernel_url: str, initrd_url: str, args: list[str], attempts: int,
+                retry_delay: int, what: str, given_up: str) -> list[str]:
+    """Load a kernel and its initrd over TFTP and boot them. A failed load is tried again a
+    few times, then the PC reboots into PXE, where it gets whatever its config says by then
+    (as iPXE's RamdiskScript does)."""
+    kernel, initrd = tftp_path(kernel_url), tftp_path(initrd_url)
+    return [
+        "for attempt in " + " ".join(str(n) for n in range(1, attempts + 1)) + "; do",
         f"  if linux {SERVER}{kernel} {' '.join(args)}; then",
-        f"    if initrd {SERVER}{ramdisk}; then boot; fi",
+        f"    if initrd {SERVER}{initrd}; then boot; fi",
         "  fi",
-        '  echo "labmetal: loading the ramdisk failed (attempt $attempt)"',
-        f"  sleep {script.retry_delay}",
+        f'  echo "labmetal: loading {what} failed (attempt $attempt)"',
+        f"  sleep {retry_delay}",
         "done",
-        f'echo "labmetal: could not load the ramdisk after {script.attempts} attempts; '
-        'rebooting"',
+        f'echo "labmetal: {given_up}; rebooting"',
         "sleep 10",
         "reboot",
     ]
@@ -153,20 +162,11 @@ def _own_kernel(script: SanbootScript, mac: str) -> list[str]:
             f"iscsi_username={script.chap_user}", f"iscsi_password={script.chap_secret}"]
     for arg in args:
         word(arg)
-    kernel, initrd = tftp_path(own.kernel_url), tftp_path(own.initrd_url)
     return [
         f"# labmetal: boot the session{who}: its own kernel, its disk over iSCSI",
         f"echo {_quoted(f'labmetal: booting the session{who} over iSCSI (its own kernel)')}",
-        "for attempt in " + " ".join(str(n) for n in range(1, script.attempts + 1)) + "; do",
-        f"  if linux {SERVER}{kernel} {' '.join(args)}; then",
-        f"    if initrd {SERVER}{initrd}; then boot; fi",
-        "  fi",
-        '  echo "labmetal: loading the session\'s kernel failed (attempt $attempt)"',
-        f"  sleep {script.retry_delay}",
-        "done",
-        'echo "labmetal: the session did not boot; rebooting"',
-        "sleep 10",
-        "reboot",
+        *_boot_linux(own.kernel_url, own.initrd_url, args, script.attempts,
+                     script.retry_delay, "the session's kernel", "the session did not boot"),
     ]
 
 

@@ -231,14 +231,19 @@ def test_a_student_logs_in_at_a_secure_boot_seats_grub_menu_and_resumes_her_sess
     power(api, seat, "power off")
 
 
-def test_a_uefi_seat_with_an_intel_nic_and_a_sata_disk_is_deployed(uefi_room, uefi_image):
-    room, api = uefi_room
+def deploy_uefi_image(room: UpRoom, api: Labmetal, image: Any) -> str:
+    """The room's one seat enrolled, deployed with the UEFI whole-disk image and booted
+    into it: its console."""
     seat = room.state["seats"][0]
-    api.upload("lab-uefi", "whole-disk", uefi_image.path)
+    api.upload("lab-uefi", "whole-disk", image.path)
     api.enroll(room, seat)
     node = api.deploy(seat["name"], "lab-uefi")
     assert node["provision_state"] == "active", node["last_error"]
-    console = wait_console(room, seat, marker_line("lab-uefi", seat["mac"]))
+    return wait_console(room, seat, marker_line("lab-uefi", seat["mac"]))
+
+
+def test_a_uefi_seat_with_an_intel_nic_and_a_sata_disk_is_deployed(uefi_room, uefi_image):
+    console = deploy_uefi_image(*uefi_room, uefi_image)
     assert "e1000e" in console and "ahci" in console  # the ramdisk's drivers, found by alias
     assert SECURE_BOOT_ON not in console
 
@@ -254,13 +259,7 @@ def ipxe_uefi_room(tmp_path, ramdisk):
 
 def test_a_uefi_seat_on_ipxes_snponly_is_deployed_and_boots_its_disk(ipxe_uefi_room,
                                                                       uefi_image):
-    room, api = ipxe_uefi_room
-    seat = room.state["seats"][0]
-    api.upload("lab-uefi", "whole-disk", uefi_image.path)
-    api.enroll(room, seat)
-    node = api.deploy(seat["name"], "lab-uefi")
-    assert node["provision_state"] == "active", node["last_error"]
-    console = wait_console(room, seat, marker_line("lab-uefi", seat["mac"]))
+    console = deploy_uefi_image(*ipxe_uefi_room, uefi_image)
     assert "NBP filename is snponly.efi" in console and "iPXE" in console
     assert "labmetal: loading the deploy ramdisk" in console
     assert "NBP filename is shimx64.efi" not in console
