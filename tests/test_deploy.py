@@ -33,7 +33,7 @@ def test_teacher_deploys_a_whole_disk_image_and_the_seat_boots_it(lab, procs, tm
         assert node["provision_state"] == "active", node["last_error"]
         assert node["last_error"] is None and node["deploy_step"] == {}
         assert sha256_of(Path(seat.disk), image["virtual_size"]) == image["raw_sha256"]
-        wait_for(lambda: "booted from disk: mbr=bootable" in room.console(seat), 30,
+        wait_for(lambda: "booted from disk: mbr=bootable" in room.console(seat), 180,
                  "the seat booting its disk")
     events = [e["event"] for e in room.service.history(room.seats[0].name)]
     assert "deploy agent looked up from 10.99.11.11; token handed out" in events
@@ -232,7 +232,7 @@ def test_a_wake_on_lan_seat_is_deployed_and_rebooted_in_band(lab, procs, tmp_pat
     node = room.wait_state(seat.name, "active", "deploy failed")
     assert node["provision_state"] == "active", node["last_error"]
     assert sha256_of(Path(seat.disk), image["virtual_size"]) == image["raw_sha256"]
-    wait_for(lambda: "booted from disk: mbr=bootable" in room.console(seat), 30,
+    wait_for(lambda: "booted from disk: mbr=bootable" in room.console(seat), 180,
              "the seat rebooting into its disk")
     assert "labmetal-seat: rebooting" in room.console(seat)
 
