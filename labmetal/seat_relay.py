@@ -33,6 +33,8 @@ def verify(key: bytes, value: str, path: str, now: float) -> str | None:
     address, when, given = parts
     if abs(now - int(when)) > FRESH_SECONDS:
         return None
-    if not hmac.compare_digest(given, proof(key, address, path, int(when))):
+    # as bytes: compare_digest refuses a str with non-ASCII characters (a seat sends any)
+    if not hmac.compare_digest(given.encode("utf-8", "replace"),
+                               proof(key, address, path, int(when)).encode()):
         return None
     return address

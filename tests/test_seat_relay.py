@@ -24,6 +24,7 @@ def test_anything_else_is_not_believed():
         f"{address} {int(when) + 1} {proof}",
         f"{address} {when}",
         "x" * 10_000,
+        f"{address} {when} \u00e9t\u00e9",  # not ASCII: a TypeError for compare_digest on str
         "",
     ]
     for bad in forged:
