@@ -205,7 +205,6 @@ class RoomRunner:
                 specs.append(QemuSeatSpec(name, room.namespace, tap, mac, str(disk),
                                           str(seat_dir), plan.memory_mib, port, plan.profile))
             else:
-                light = number - plan.qemu_seats
                 seat = lab.add_seat(room, f"s{number}", mac, rate=plan.seat_rate)
                 specs.append(LightSeatSpec(name, seat.namespace, mac, str(disk), seat_url,
                                            str(seat_dir), bmc_port=port, dhcp=True))
@@ -323,7 +322,7 @@ def report_up(state: RoomState, out: Out) -> None:
     out("serve this room with:")
     out(f"  {serve_command(state.settings)}")
     out("  (enrolled seats get DHCP; LABMETAL_SELF_REGISTRATION=true answers unknown ones;")
-    out("   it has accounts: `labmetal user set NAME --role admin --password-stdin` first,")
+    out("   it has accounts: `labmetal user set NAME --password-stdin --local` first,")
     out("   and LABMETAL_USER/LABMETAL_PASSWORD for `lab up --api`)")
     out(f"state file: {Path(state.state_dir) / STATE_FILE}; stop with Ctrl-C or "
         f"`labmetal lab down --state-dir {state.state_dir}`")
@@ -398,7 +397,8 @@ def _enroll_seat(session: requests.Session, api: str, state: RoomState, seat: di
 
 def _api_error(response: requests.Response) -> str:
     try:
-        return f"{response.status_code} {json.loads(response.json()['error_message'])['faultstring']}"
+        fault = json.loads(response.json()["error_message"])["faultstring"]
+        return f"{response.status_code} {fault}"
     except (ValueError, KeyError, TypeError):
         return f"{response.status_code} {response.text[:200]}"
 

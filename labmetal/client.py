@@ -14,8 +14,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import sys
-import uuid as uuidlib
 from collections.abc import Callable
 from dataclasses import dataclass
 from email.message import Message
@@ -25,6 +23,7 @@ from typing import Any
 import requests
 
 from labmetal.config import default_state_dir
+from labmetal.names import is_uuid as is_uuid  # the CLIs import it from here
 from labmetal.profile import load_profile
 
 DEFAULT_URL = "http://127.0.0.1:6385"
@@ -141,7 +140,8 @@ def make_client(url: str | None) -> Client:
     profile = load_profile()
     url = url or (profile.url if profile else DEFAULT_URL)
     same = profile is not None and profile.url.rstrip("/") == url.rstrip("/")
-    return Client(url, None, profile.token if same else None, verify=ca_bundle())
+    return Client(url, None, profile.token if profile is not None and same else None,
+                  verify=ca_bundle())
 
 
 class CaFileOption(argparse.Action):
@@ -152,52 +152,3 @@ class CaFileOption(argparse.Action):
                  values: Any, option_string: str | None = None) -> None:
         os.environ[CA_FILE] = str(values)
         setattr(namespace, self.dest, values)
-
-
-def add_ca_file_option(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--ca-file", action=CaFileOption,
-                        help=f"the CA to verify an https URL with (default: ${CA_FILE}, the "
-                             "state directory's labmetal CA when readable, else the "
-                             "system's)")
-
-
-def common_options() -> argparse.ArgumentParser:
-    """--url and --json, shared by every subcommand that talks to the API."""
-    common = argparse.ArgumentParser(add_help=False)
-    common.add_argument("--url", default=os.environ.get("LABMETAL_URL"),
-                        help=f"the labmetal API (default: $LABMETAL_URL, the URL of "
-                             f"`labmetal login`, or {DEFAULT_URL})")
-    common.add_argument("--json", action="store_true", help="print JSON instead of a table")
-    add_ca_file_option(common)
-    return common
-
-
-def is_uuid(value: str) -> bool:
-    try:
-        return str(uuidlib.UUID(value)) == value.lower()
-    except ValueError:
-        return False
-
-
-def print_table(header: list[str], rows: list[list[str]]) -> None:
-    """Columns as wide as their widest cell, two spaces apart."""
-    widths = [max(len(str(cell)) for cell in column) for column in zip(header, *rows)]
-    for row in [header, *rows]:
-        print("  ".join(str(cell).ljust(width) for cell, width in zip(row, widths)).rstrip())
-
-
-def run_command(args: argparse.Namespace, command: Callable[[Client, argparse.Namespace], Any],
-                name: str, hide: tuple[str, ...] = ()) -> int:
-    """One ``labmetal <name>`` command: what it returns printed as JSON; an API or I/O error
-    as one line (``hide``: text never to show, e.g. a password the user typed), exit 1."""
-    try:
-        result = command(make_client(args.url), args)
-    except (CliError, OSError) as error:
-        message = str(error)
-        for secret in hide:
-            message = message.replace(secret, "******")
-        print(f"labmetal {name}: {message}", file=sys.stderr)
-        return 1
-    if result is not None:
-        print(json.dumps(result, indent=2))
-    return 0

@@ -11,7 +11,7 @@ from typing import Any
 
 import pytest
 
-from tests.support import LABMETAL, ipmitool_power, start_bmcs, start_service
+from labmetal.lab.harness import LABMETAL, ipmitool_power, start_bmcs, start_service
 
 PASSWORD = "Bmc-Pa55-4d9e2a"  # distinctive, so a leak in any output is found by a plain search
 ADMIN_PASSWORD = "ada's long pass phrase"

@@ -12,7 +12,10 @@ import time
 from typing import Any, Callable, TextIO
 from urllib.parse import urlsplit
 
-from labmetal.client import CliError, Client, common_options, is_uuid, print_table, run_command
+from labmetal.cli.output import print_table
+from labmetal.cli.parsing import Group
+from labmetal.client import Client, CliError
+from labmetal.names import is_uuid
 from labmetal.secrets import is_secret_key
 
 # Pinned, so a later API version cannot change what these commands read; 1.78 serves node
@@ -66,7 +69,8 @@ def cmd_list(client: Client, args: argparse.Namespace) -> Any:
              node["conductor"] or "-", "yes" if node["maintenance"] else "",
              _short(node["last_error"])] for node in nodes]
     if args.room:
-        header, rows = ["SEAT", *header], [[seats[n["uuid"]], *row] for n, row in zip(nodes, rows)]
+        header = ["SEAT", *header]
+        rows = [[seats[n["uuid"]], *row] for n, row in zip(nodes, rows, strict=True)]
     print_table(header, rows)
     return None
 
@@ -188,8 +192,8 @@ def cmd_history(client: Client, args: argparse.Namespace) -> Any:
     if args.json:
         return events
     print_table(["TIME", "SEVERITY", "TYPE", "USER", "EVENT"],
-          [[e["created_at"][:19].replace("T", " "), e["severity"], e["event_type"] or "",
-            e["user"] or "", e["event"]] for e in events])
+                [[e["created_at"][:19].replace("T", " "), e["severity"], e["event_type"] or "",
+                  e["user"] or "", e["event"]] for e in events])
     return None
 
 
@@ -202,8 +206,8 @@ def cmd_port_list(client: Client, args: argparse.Namespace) -> Any:
     names = {n["uuid"]: n["name"] for n in all_pages(client, "/v1/nodes", "nodes",
                                                       {"fields": "uuid,name"})}
     print_table(["UUID", "ADDRESS", "NODE", "PXE"],
-          [[p["uuid"], p["address"], names.get(p["node_uuid"]) or p["node_uuid"],
-            "yes" if p["pxe_enabled"] else "no"] for p in ports])
+                [[p["uuid"], p["address"], names.get(p["node_uuid"]) or p["node_uuid"],
+                  "yes" if p["pxe_enabled"] else "no"] for p in ports])
     return None
 
 
@@ -236,8 +240,8 @@ def cmd_conductor_list(client: Client, args: argparse.Namespace) -> Any:
     if args.json:
         return conductors
     print_table(["HOSTNAME", "ALIVE", "DRIVERS", "LAST HEARTBEAT"],
-          [[c["hostname"], "yes" if c["alive"] else "no", ",".join(c["drivers"]),
-            (c["updated_at"] or "")[:19].replace("T", " ")] for c in conductors])
+                [[c["hostname"], "yes" if c["alive"] else "no", ",".join(c["drivers"]),
+                  (c["updated_at"] or "")[:19].replace("T", " ")] for c in conductors])
     return None
 
 
@@ -357,16 +361,9 @@ def secrets_given(args: argparse.Namespace) -> list[str]:
     return found
 
 
-def run(args: argparse.Namespace) -> int:
-    return run_command(args, args.node_func,
-                       " ".join(filter(None, (args.command, args.sub_command))),
-                       hide=tuple(secrets_given(args)))
-
-
-def register(subparsers: argparse._SubParsersAction) -> None:
-    """Add ``labmetal node ...`` and ``labmetal conductor ...`` to the labmetal command."""
-    common = common_options()
-    one = argparse.ArgumentParser(add_help=False, parents=[common])
+def register(top: Group) -> None:
+    """Add ``labmetal node ...`` and ``labmetal conductors``."""
+    one = argparse.ArgumentParser(add_help=False)
     one.add_argument("node", help="node name or UUID")
     waits = argparse.ArgumentParser(add_help=False)
     waits.add_argument("--wait", type=float, nargs="?", const=0, metavar="SECONDS",
@@ -386,70 +383,55 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     fields.add_argument("--description")
     fields.add_argument("--deploy-interface", choices=("direct", "iscsi"))
 
-    node = subparsers.add_parser("node", help="nodes (admins): enroll, power, provision, "
-                                              "maintenance, ports, history")
-    node.set_defaults(func=run)
-    sub = node.add_subparsers(dest="sub_command", required=True)
-
-    listing = sub.add_parser("list", parents=[common], help="the nodes, one line each")
+    node = top.group("node", help="nodes (admins): enroll, power, provision, maintenance, "
+                                  "ports, history")
+    listing = node.command("list", cmd_list, help="the nodes, one line each")
     listing.add_argument("--provision-state", help="e.g. available, 'deploy failed'")
     listing.add_argument("--driver")
     listing.add_argument("--conductor", help="nodes this conductor owns")
     listing.add_argument("--fault", help="e.g. 'power failure'")
     listing.add_argument("--maintenance", action=argparse.BooleanOptionalAction)
     listing.add_argument("--room", help="the room's seats only, by seat")
-    listing.set_defaults(node_func=cmd_list)
-    sub.add_parser("show", parents=[one], help="one node's fields and ports") \
-        .set_defaults(node_func=cmd_show)
-    create = sub.add_parser("create", parents=[common, fields],
-                            help="enroll a node (state enroll), with its ports")
+    node.command("show", cmd_show, parents=(one,), help="one node's fields and ports")
+    create = node.command("create", cmd_create, parents=(fields,), hide=secrets_given,
+                          help="enroll a node (state enroll), with its ports")
     create.add_argument("name", nargs="?")
     create.add_argument("--driver", required=True, help="ipmi or wol")
     create.add_argument("--mac", action="append", default=[],
                         help="a port's MAC address (repeatable)")
-    create.set_defaults(node_func=cmd_create)
-    change = sub.add_parser("set", parents=[one, fields], help="change fields (JSON patch)")
+    change = node.command("set", cmd_set, parents=(one, fields), hide=secrets_given,
+                          help="change fields (JSON patch)")
     change.add_argument("--name")
     change.add_argument("--driver")
     change.add_argument("--unset", action="append", default=[], metavar="FIELD[/KEY]",
                         help="e.g. description, properties/cpus (repeatable)")
-    change.set_defaults(node_func=cmd_set)
-    remove = sub.add_parser("delete", parents=[common], help="delete nodes (enroll, "
-                            "manageable, available, failed states, or in maintenance)")
+    remove = node.command("delete", cmd_delete, help="delete nodes (enroll, manageable, "
+                          "available, failed states, or in maintenance)")
     remove.add_argument("nodes", nargs="+", metavar="node")
-    remove.set_defaults(node_func=cmd_delete)
 
-    power = sub.add_parser("power", parents=[one, waits], help="power on, off or reboot")
+    power = node.command("power", cmd_power, parents=(one, waits),
+                         help="power on, off or reboot")
     power.add_argument("action", choices=sorted(POWER_TARGETS))
     power.add_argument("--soft", action="store_true", help="soft off / soft reboot")
-    power.set_defaults(node_func=cmd_power)
-    provision = sub.add_parser("provision", parents=[one, waits],
-                               help="Ironic's verbs: " + ", ".join(PROVISION_VERBS))
+    provision = node.command("provision", cmd_provision, parents=(one, waits),
+                             help="Ironic's verbs: " + ", ".join(PROVISION_VERBS))
     provision.add_argument("verb", choices=PROVISION_VERBS)
     provision.add_argument("--image", help="deploy/rebuild: set instance_info image_source")
-    provision.set_defaults(node_func=cmd_provision)
-    maintenance = sub.add_parser("maintenance", parents=[one],
-                                 help="set or clear maintenance (the conductor leaves it be)")
+    maintenance = node.command("maintenance", cmd_maintenance, parents=(one,),
+                               help="set or clear maintenance (the conductor leaves it be)")
     maintenance.add_argument("state", choices=("on", "off"))
     maintenance.add_argument("--reason")
-    maintenance.set_defaults(node_func=cmd_maintenance)
-    sub.add_parser("history", parents=[one], help="the node's events, oldest first") \
-        .set_defaults(node_func=cmd_history)
+    node.command("history", cmd_history, parents=(one,), help="the node's events, oldest first")
 
-    port = sub.add_parser("port", help="network ports: the MACs a node PXE-boots from")
-    port_sub = port.add_subparsers(dest="port_command", required=True)
-    port_list = port_sub.add_parser("list", parents=[common], help="ports, of one node or all")
-    port_list.add_argument("node", nargs="?")
-    port_list.set_defaults(node_func=cmd_port_list)
-    port_create = port_sub.add_parser("create", parents=[one], help="add a port to a node")
+    port = node.group("port", help="network ports: the MACs a node PXE-boots from")
+    port.command("list", cmd_port_list, help="ports, of one node or all") \
+        .add_argument("node", nargs="?")
+    port_create = port.command("create", cmd_port_create, parents=(one,),
+                               help="add a port to a node")
     port_create.add_argument("mac")
     port_create.add_argument("--no-pxe", action="store_true", help="not a PXE-boot port")
-    port_create.set_defaults(node_func=cmd_port_create)
-    port_delete = port_sub.add_parser("delete", parents=[common], help="remove a port")
-    port_delete.add_argument("port", help="UUID or MAC address")
-    port_delete.set_defaults(node_func=cmd_port_delete)
+    port.command("delete", cmd_port_delete, help="remove a port") \
+        .add_argument("port", help="UUID or MAC address")
 
     # `labmetal conductor` runs a conductor; the list is `labmetal conductors`.
-    subparsers.add_parser("conductors", parents=[common], help="the conductors, alive or not "
-                          "(admins)").set_defaults(func=run, node_func=cmd_conductor_list,
-                                                   sub_command=None)
+    top.command("conductors", cmd_conductor_list, help="the conductors, alive or not (admins)")

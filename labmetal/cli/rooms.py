@@ -10,7 +10,9 @@ import time
 from pathlib import Path
 from typing import Any, TextIO
 
-from labmetal.client import CliError, Client, common_options, print_table, run_command
+from labmetal.cli.output import print_table
+from labmetal.cli.parsing import Group
+from labmetal.client import Client, CliError
 
 FINISHED_JOB_STATES = ("done", "failed", "cancelled")
 BAR_WIDTH = 20
@@ -21,7 +23,8 @@ def cmd_list(client: Client, args: argparse.Namespace) -> Any:
     if args.json:
         return rooms
     print_table(["ROOM", "SEATS", "DESCRIPTION"],
-           [[room["name"], str(room["seat_count"]), room["description"] or ""] for room in rooms])
+                [[room["name"], str(room["seat_count"]), room["description"] or ""]
+                 for room in rooms])
     return None
 
 
@@ -98,8 +101,8 @@ def cmd_jobs(client: Client, args: argparse.Namespace) -> Any:
     if args.json:
         return jobs
     print_table(["JOB", "ACTION", "IMAGE", "STATE", "AT", "REPEAT", "SEATS"],
-           [[job["uuid"], job["action"], job["image"] or "", job["state"],
-             job["scheduled_at"][:16], job["repeat"] or "", _counts(job)] for job in jobs])
+                [[job["uuid"], job["action"], job["image"] or "", job["state"],
+                  job["scheduled_at"][:16], job["repeat"] or "", _counts(job)] for job in jobs])
     return None
 
 
@@ -182,66 +185,46 @@ def _counts(job: dict[str, Any]) -> str:
     return ", ".join(f"{count} {state}" for state, count in sorted(job["counts"].items()))
 
 
-def run(args: argparse.Namespace) -> int:
-    return run_command(args, args.room_func, f"room {args.room_command}")
-
-
-def register(subparsers: argparse._SubParsersAction) -> None:
-    common = common_options()
+def register(top: Group) -> None:
     when = argparse.ArgumentParser(add_help=False)
     when.add_argument("--at", help="HH:MM (the next one, lab time) or an ISO time; default now")
     when.add_argument("--repeat", choices=("daily", "weekly"), help="run again every day/week")
     when.add_argument("--watch", action="store_true", help="show each seat live until the end")
 
-    room = subparsers.add_parser("room", help="rooms and room jobs (deploy, power off)")
-    room.set_defaults(func=run)
-    sub = room.add_subparsers(dest="room_command", required=True)
-
-    sub.add_parser("list", parents=[common], help="the rooms").set_defaults(room_func=cmd_list)
-    create = sub.add_parser("create", parents=[common], help="a new, empty room")
+    room = top.group("room", help="rooms and room jobs (deploy, power off)")
+    room.command("list", cmd_list, help="the rooms")
+    create = room.command("create", cmd_create, help="a new, empty room")
     create.add_argument("room")
     create.add_argument("--description")
-    create.set_defaults(room_func=cmd_create)
-    imp = sub.add_parser("import", parents=[common],
-                         help="seats from CSV: seat,name,mac,driver,ipmi_address,ipmi_port,"
-                              "ipmi_username,ipmi_password (or wol_host)")
+    imp = room.command("import", cmd_import,
+                       help="seats from CSV: seat,name,mac,driver,ipmi_address,ipmi_port,"
+                            "ipmi_username,ipmi_password (or wol_host)")
     imp.add_argument("room")
     imp.add_argument("csv", help="CSV file, or - for standard input")
-    imp.set_defaults(room_func=cmd_import)
-    show = sub.add_parser("show", parents=[common], help="the room's seats and last job")
-    show.add_argument("room")
-    show.set_defaults(room_func=cmd_show)
+    room.command("show", cmd_show, help="the room's seats and last job").add_argument("room")
 
-    deploy = sub.add_parser("deploy", parents=[common, when], help="image the room's seats")
+    deploy = room.command("deploy", cmd_deploy, parents=(when,), help="image the room's seats")
     deploy.add_argument("room")
     deploy.add_argument("--image", required=True, help="whole-disk or partition image")
     deploy.add_argument("--transport", default="auto", choices=("auto", "unicast", "multicast"))
     deploy.add_argument("--retries", type=int, default=2, help="per failed seat (default 2)")
     deploy.add_argument("--seats", help="only these seats, e.g. A01,A02")
-    deploy.set_defaults(room_func=cmd_deploy)
-    power_off = sub.add_parser("power-off", parents=[common, when], help="power the room off")
-    power_off.add_argument("room")
-    power_off.set_defaults(room_func=cmd_power_off)
+    room.command("power-off", cmd_power_off, parents=(when,), help="power the room off") \
+        .add_argument("room")
 
-    tp = sub.add_parser("tp", parents=[common], help="open the room for a TP (or --end)")
+    tp = room.command("tp", cmd_tp, help="open the room for a TP (or --end)")
     tp.add_argument("room")
     tp.add_argument("--template", help="the TP's template")
     tp.add_argument("--no-power-on", action="store_true", help="leave the seats' power alone")
     tp.add_argument("--end", action="store_true", help="close the TP")
-    tp.set_defaults(room_func=cmd_tp)
 
-    jobs = sub.add_parser("jobs", parents=[common], help="the room's jobs, newest first")
-    jobs.add_argument("room")
-    jobs.set_defaults(room_func=cmd_jobs)
-    job = sub.add_parser("job", parents=[common], help="one room job")
+    room.command("jobs", cmd_jobs, help="the room's jobs, newest first").add_argument("room")
+    job = room.command("job", cmd_job, help="one room job")
     job.add_argument("job", help="job UUID")
     job.add_argument("--watch", action="store_true")
-    job.set_defaults(room_func=cmd_job)
-    cancel = sub.add_parser("cancel", parents=[common], help="cancel a scheduled or running job")
-    cancel.add_argument("job")
-    cancel.set_defaults(room_func=cmd_cancel)
-    retry = sub.add_parser("retry", parents=[common], help="re-image one seat of a job")
+    room.command("cancel", cmd_cancel, help="cancel a scheduled or running job") \
+        .add_argument("job")
+    retry = room.command("retry", cmd_retry, help="re-image one seat of a job")
     retry.add_argument("job")
     retry.add_argument("seat", help="seat label")
     retry.add_argument("--watch", action="store_true")
-    retry.set_defaults(room_func=cmd_retry)

@@ -5,20 +5,20 @@ A session is named by its UUID, or by its template's name: the caller's session 
 template (`--student NAME` for a teacher's or admin's look at someone else's).
 `session start TP --seat NODE` makes the session first if the student has none yet.
 `session export` downloads a copy of a session's disk; `template export` the whole class's.
-Credentials and the API URL are found as for `labmetal images` (images/cli.make_client).
+Credentials and the API URL are found as labmetal/client.py says.
 """
 from __future__ import annotations
 
 import argparse
-import json
-import os
 import sys
-import time
 from pathlib import Path
 from typing import Any
 
-from labmetal.client import DEFAULT_URL, CliError, Client, is_uuid, print_table, run_command
-from labmetal.images.cli import Progress
+from labmetal.cli.output import print_json, print_table
+from labmetal.cli.parsing import Group
+from labmetal.cli.progress import DownloadProgress
+from labmetal.client import Client, CliError
+from labmetal.names import is_uuid
 
 BUSY = ("starting", "running")  # in use on a seat: its disk is not exported
 
@@ -43,10 +43,10 @@ def cmd_template_list(client: Client, args: argparse.Namespace) -> Any:
     if args.json:
         return templates
     print_table(["TEMPLATE", "VERSION", "IMAGE", "SIZE", "OWNER", "DESCRIPTION"],
-           [[t["name"], str(t["latest_version"] or "-"),
-             (t["versions"][-1]["image"] or "-") if t["versions"] else "-",
-             _mib(t["versions"][-1]["size"]) if t["versions"] else "-", t["owner"] or "",
-             t["description"] or ""] for t in templates])
+                [[t["name"], str(t["latest_version"] or "-"),
+                  (t["versions"][-1]["image"] or "-") if t["versions"] else "-",
+                  _mib(t["versions"][-1]["size"]) if t["versions"] else "-", t["owner"] or "",
+                  t["description"] or ""] for t in templates])
     return None
 
 
@@ -58,9 +58,9 @@ def cmd_template_show(client: Client, args: argparse.Namespace) -> Any:
           f"{' — ' + template['description'] if template['description'] else ''}")
     # SECURE BOOT: its own kernel was found, so Secure Boot seats boot its sessions too
     print_table(["VERSION", "IMAGE", "SIZE", "SECURE BOOT", "CREATED", "BY"],
-           [[str(v["version"]), v["image"] or "-", _mib(v["size"]),
-             "yes" if v.get("secure_boot") else "no", v["created_at"][:19],
-             v["created_by"] or ""] for v in template["versions"]])
+                [[str(v["version"]), v["image"] or "-", _mib(v["size"]),
+                  "yes" if v.get("secure_boot") else "no", v["created_at"][:19],
+                  v["created_by"] or ""] for v in template["versions"]])
     return None
 
 
@@ -104,7 +104,7 @@ def cmd_template_export(client: Client, args: argparse.Namespace) -> Any:
     result = {"template": args.name, "directory": str(directory), "exported": exported,
               "skipped": skipped, "failed": failed}
     if args.json:
-        print(json.dumps(result, indent=2))
+        print_json(result)
     if failed:
         raise CliError(f"{len(failed)} session(s) of {args.name} could not be exported")
     return None
@@ -141,9 +141,9 @@ def cmd_session_list(client: Client, args: argparse.Namespace) -> Any:
     if args.json:
         return sessions
     print_table(["SESSION", "STUDENT", "TEMPLATE", "STATE", "SEAT", "USED", "LAST SAVED"],
-           [[s["uuid"], s["student"], f"{s['template']} v{s['template_version']}",
-             s["state"], s["seat"] or "", _mib(s["used_bytes"]),
-             (s["last_saved_at"] or "")[:19]] for s in sessions])
+                [[s["uuid"], s["student"], f"{s['template']} v{s['template_version']}",
+                  s["state"], s["seat"] or "", _mib(s["used_bytes"]),
+                  (s["last_saved_at"] or "")[:19]] for s in sessions])
     for failed in (s for s in sessions if s["last_error"] and s["state"] == "failed"):
         print(f"  {failed['uuid']}: {failed['last_error']}")
     return None
@@ -202,7 +202,7 @@ def cmd_session_saves(client: Client, args: argparse.Namespace) -> Any:
     if args.json:
         return saves
     print_table(["#", "LABEL", "SAVED", "UUID"],
-           [[str(s["number"]), s["label"], s["created_at"][:19], s["uuid"]] for s in saves])
+                [[str(s["number"]), s["label"], s["created_at"][:19], s["uuid"]] for s in saves])
     return None
 
 
@@ -214,30 +214,6 @@ def cmd_session_revert(client: Client, args: argparse.Namespace) -> Any:
         return result
     print(f"session {ses['uuid']} reverted to save point {args.save}")
     return None
-
-
-class DownloadProgress(Progress):
-    """The upload bar of `labmetal images`, for a download: from its first byte (the server
-    copies the disk before it sends any), then one summary line."""
-
-    def waiting(self) -> None:
-        if self.live:
-            self.out.write(f"\r{self.verb} {self.name}: the server is copying the disk\x1b[K")
-            self.out.flush()
-
-    def update(self, received: int, total: int | None) -> None:
-        if self.sent == 0:
-            self.started = self.drawn_at = time.monotonic()  # a rate needs some time
-            self.total = total or 0
-        self.add(received - self.sent)
-
-    def finish(self) -> None:
-        self.ended = time.monotonic()
-        if self.live:
-            self.out.write("\n")
-        self.out.write(f"downloaded {self.name}: {self.sent / 1e6:.1f} MB in "
-                       f"{self.elapsed():.1f} s ({self.rate():.1f} MB/s)\n")
-        self.out.flush()
 
 
 def download_disk(client: Client, ses: dict[str, Any], dest: Path, params: dict[str, str],
@@ -283,93 +259,68 @@ def cmd_session_delete(client: Client, args: argparse.Namespace) -> Any:
     return None
 
 
-def run(args: argparse.Namespace) -> int:
-    return run_command(args, args.session_func, f"{args.command} {args.sub_command}")
-
-
-def register(subparsers: argparse._SubParsersAction) -> None:
-    common = argparse.ArgumentParser(add_help=False)
-    common.add_argument("--url", default=os.environ.get("LABMETAL_URL"),
-                        help=f"the labmetal API (default: $LABMETAL_URL, the URL of "
-                             f"`labmetal login`, or {DEFAULT_URL})")
-    common.add_argument("--json", action="store_true", help="print JSON")
-    whose = argparse.ArgumentParser(add_help=False, parents=[common])
+def register(top: Group) -> None:
+    whose = argparse.ArgumentParser(add_help=False)
     whose.add_argument("session", help="the session's UUID, or its template's name")
     whose.add_argument("--student", help="whose session of the template (teachers, admins)")
 
-    template = subparsers.add_parser("template", help="TP templates: frozen versions of an "
-                                                      "image that sessions start from")
-    template.set_defaults(func=run)
-    sub = template.add_subparsers(dest="sub_command", required=True)
-    create = sub.add_parser("create", parents=[common],
-                            help="a template from a whole-disk image (version 1)")
+    template = top.group("template", help="TP templates: frozen versions of an image that "
+                                          "sessions start from")
+    create = template.command("create", cmd_template_create,
+                              help="a template from a whole-disk image (version 1)")
     create.add_argument("name", help="lower-case letters, digits and '-'")
     create.add_argument("--image", required=True, help="an active whole-disk image")
     create.add_argument("--description")
-    create.set_defaults(session_func=cmd_template_create)
-    version = sub.add_parser("version", parents=[common],
-                             help="a new version from an image; existing sessions keep theirs")
+    version = template.command("version", cmd_template_version,
+                               help="a new version from an image; existing sessions keep "
+                                    "theirs")
     version.add_argument("name")
     version.add_argument("--image", required=True)
     version.add_argument("--description")
-    version.set_defaults(session_func=cmd_template_version)
-    sub.add_parser("list", parents=[common], help="the templates and their latest versions") \
-        .set_defaults(session_func=cmd_template_list)
-    show = sub.add_parser("show", parents=[common], help="a template and its versions")
-    show.add_argument("name")
-    show.set_defaults(session_func=cmd_template_show)
-    remove = sub.add_parser("delete", parents=[common], help="a template without sessions")
-    remove.add_argument("name")
-    remove.set_defaults(session_func=cmd_template_delete)
-    export = sub.add_parser("export", parents=[common],
-                            help="download the disk of each of its sessions (the class's)")
+    template.command("list", cmd_template_list,
+                     help="the templates and their latest versions")
+    template.command("show", cmd_template_show, help="a template and its versions") \
+        .add_argument("name")
+    template.command("delete", cmd_template_delete, help="a template without sessions") \
+        .add_argument("name")
+    export = template.command("export", cmd_template_export,
+                              help="download the disk of each of its sessions (the class's)")
     export.add_argument("name")
     export.add_argument("--dir", required=True, help="where: one <student>.<format> each")
     export.add_argument("--format", choices=("qcow2", "raw"), default="qcow2")
-    export.set_defaults(session_func=cmd_template_export)
 
-    session = subparsers.add_parser("session", help="students' sessions of TP templates")
-    session.set_defaults(func=run)
-    sub = session.add_subparsers(dest="sub_command", required=True)
-    listing = sub.add_parser("list", parents=[common],
-                             help="sessions (a student sees their own)")
+    session = top.group("session", help="students' sessions of TP templates")
+    listing = session.command("list", cmd_session_list, help="sessions (a student sees their "
+                                                             "own)")
     listing.add_argument("--student")
     listing.add_argument("--template")
     listing.add_argument("--state", choices=("stopped", "starting", "running", "failed",
                                              "deleted"))
-    listing.set_defaults(session_func=cmd_session_list)
-    show = sub.add_parser("show", parents=[whose], help="one session")
-    show.set_defaults(session_func=cmd_session_show)
-    create = sub.add_parser("create", parents=[common], help="a new session of a template")
+    session.command("show", cmd_session_show, parents=(whose,), help="one session")
+    create = session.command("create", cmd_session_create, help="a new session of a template")
     create.add_argument("template")
     create.add_argument("--student", help="for this student (admins)")
     create.add_argument("--version", type=int, help="default: the latest")
-    create.set_defaults(session_func=cmd_session_create)
-    start = sub.add_parser("start", parents=[whose],
-                           help="start or resume the session on a seat (made if none yet)")
-    start.add_argument("--seat", required=True, help="the seat's node name or UUID")
-    start.set_defaults(session_func=cmd_session_start)
-    stop = sub.add_parser("stop", parents=[whose], help="end it on its seat (data kept)")
-    stop.set_defaults(session_func=_action("stop"))
-    save = sub.add_parser("save", parents=[whose], help="a save point")
-    save.add_argument("label")
-    save.set_defaults(session_func=cmd_session_save)
-    saves = sub.add_parser("saves", parents=[whose], help="its save points")
-    saves.set_defaults(session_func=cmd_session_saves)
-    revert = sub.add_parser("revert", parents=[whose], help="back to a save point (stopped)")
-    revert.add_argument("save", help="the save point's number, label or UUID")
-    revert.set_defaults(session_func=cmd_session_revert)
-    reset = sub.add_parser("reset", parents=[whose],
-                           help="back to the template (changes and save points go)")
-    reset.set_defaults(session_func=_action("reset"))
-    remove = sub.add_parser("delete", parents=[whose], help="delete it and its data")
-    remove.set_defaults(session_func=cmd_session_delete)
-    export = sub.add_parser("export", parents=[whose],
-                            help="download its disk, or a save point's, as one image file")
+    session.command("start", cmd_session_start, parents=(whose,),
+                    help="start or resume the session on a seat (made if none yet)") \
+        .add_argument("--seat", required=True, help="the seat's node name or UUID")
+    session.command("stop", _action("stop"), parents=(whose,),
+                    help="end it on its seat (data kept)")
+    session.command("save", cmd_session_save, parents=(whose,), help="a save point") \
+        .add_argument("label")
+    session.command("saves", cmd_session_saves, parents=(whose,), help="its save points")
+    session.command("revert", cmd_session_revert, parents=(whose,),
+                    help="back to a save point (stopped)") \
+        .add_argument("save", help="the save point's number, label or UUID")
+    session.command("reset", _action("reset"), parents=(whose,),
+                    help="back to the template (changes and save points go)")
+    session.command("delete", cmd_session_delete, parents=(whose,),
+                    help="delete it and its data")
+    export = session.command("export", cmd_session_export, parents=(whose,),
+                             help="download its disk, or a save point's, as one image file")
     export.add_argument("--save", help="a save point's number, label or UUID")
     export.add_argument("--format", choices=("qcow2", "raw"), default="qcow2")
     export.add_argument("--compress", action="store_true", help="a compressed qcow2")
     export.add_argument("-o", "--output", help="the file, or a directory for the server's "
                                                "name <template>-<student>-<date>.<format> "
                                                "(default: here)")
-    export.set_defaults(session_func=cmd_session_export)

@@ -1,19 +1,19 @@
-"""`labmetal images ...`: upload, list, show and delete images through the REST API
-(reached as labmetal/client.py says)."""
+"""`labmetal images ...`: upload, list, show, capture and delete images, and build the deploy
+ramdisk, through the REST API (reached as labmetal/client.py says)."""
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import sys
 import time
-from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Iterator, TextIO
+from typing import Any, Iterator
 from urllib.parse import urlsplit
 
-
-from labmetal.client import CliError, Client, common_options, make_client
+from labmetal.cli.output import print_fields, print_table
+from labmetal.cli.parsing import Group
+from labmetal.cli.progress import Progress
+from labmetal.client import Client, CliError
 from labmetal.images.ramdisk import Recipe
 
 KINDS = ("whole-disk", "partition", "kernel", "ramdisk")
@@ -22,49 +22,6 @@ TABLE_COLUMNS = (("NAME", "name"), ("KIND", "kind"), ("STATUS", "status"),
                  ("FORMAT", "disk_format"), ("SIZE", "size"), ("VIRTUAL", "virtual_size"),
                  ("UUID", "uuid"))
 SIZE_FIELDS = ("size", "virtual_size", "packed_size")
-
-
-@dataclass
-class Progress:
-    """A progress bar on a terminal, a single summary line otherwise (logs stay readable)."""
-    name: str
-    total: int
-    out: TextIO
-    sent: int = 0
-    started: float = field(default_factory=time.monotonic)
-    ended: float | None = None  # the last byte sent; the server then checks and converts
-    drawn_at: float = 0.0
-    verb: str = "upload"  # what is shown: "upload", "capture"
-
-    @property
-    def live(self) -> bool:
-        return self.out.isatty()
-
-    def add(self, count: int) -> None:
-        self.sent += count
-        now = time.monotonic()
-        if self.live and (now - self.drawn_at >= 0.2 or self.sent == self.total):
-            self.drawn_at = now
-            percent = 100 * self.sent / self.total if self.total else 100.0
-            self.out.write(f"\r{self.verb} {self.name}: {percent:5.1f}% "
-                           f"{self.sent / 1e6:.1f}/{self.total / 1e6:.1f} MB "
-                           f"{self.rate():.1f} MB/s\x1b[K")
-            self.out.flush()
-
-    def elapsed(self) -> float:
-        return max((self.ended or time.monotonic()) - self.started, 1e-6)
-
-    def rate(self) -> float:
-        return self.sent / 1e6 / self.elapsed()
-
-    def finish(self) -> None:
-        if self.live:
-            self.out.write("\n")
-        past = self.verb + ("d" if self.verb.endswith("e") else "ed")
-        self.out.write(f"{past} {self.name}: {self.sent / 1e6:.1f} MB in "
-                       f"{self.elapsed():.1f} s ({self.rate():.1f} MB/s), active after "
-                       f"{time.monotonic() - self.started:.1f} s\n")
-        self.out.flush()
 
 
 def file_pieces(path: Path, progress: Progress) -> Iterator[bytes]:
@@ -195,51 +152,22 @@ def human_size(value: Any) -> str:
     return f"{value:.1f} TB"
 
 
-def print_table(images: list[dict[str, Any]]) -> None:
-    rows = [[title for title, _ in TABLE_COLUMNS]]
-    rows += [[human_size(image[key]) if key in SIZE_FIELDS else str(image[key] or "")
-              for _, key in TABLE_COLUMNS] for image in images]
-    widths = [max(len(row[i]) for row in rows) for i in range(len(TABLE_COLUMNS))]
-    for row in rows:
-        print("  ".join(cell.ljust(width) for cell, width in zip(row, widths)).rstrip())
-
-
-def print_fields(image: dict[str, Any]) -> None:
-    width = max(len(key) for key in image)
-    for key, value in image.items():
-        if key == "links":
-            continue
-        shown = human_size(value) if key in SIZE_FIELDS else ("" if value is None else value)
-        print(f"{key.ljust(width)}  {shown}")
-
-
-def run(args: argparse.Namespace) -> int:
-    client = make_client(args.url)
-    try:
-        result = args.images_func(client, args)
-    except CliError as error:
-        print(f"labmetal images {args.images_command}: {error}", file=sys.stderr)
-        return 1
-    if result is None:
-        return 0
-    if args.json:
-        print(json.dumps(result, indent=2))
-    elif isinstance(result, list):
-        print_table(result)
+def show_images(result: list[dict[str, Any]] | dict[str, Any]) -> None:
+    """A list of images as a table, one image (or a command's answer) as its fields."""
+    if isinstance(result, list):
+        print_table([title for title, _ in TABLE_COLUMNS],
+                    [[human_size(image[key]) if key in SIZE_FIELDS else str(image[key] or "")
+                      for _, key in TABLE_COLUMNS] for image in result])
     else:
-        print_fields(result)
-    return 0
+        print_fields({key: human_size(value) if key in SIZE_FIELDS else value
+                      for key, value in result.items()})
 
 
-def register(subparsers: argparse._SubParsersAction) -> None:
-    """Add ``labmetal images ...`` to the labmetal command."""
-    common = common_options()
+def register(top: Group) -> None:
+    images = top.group("images", help="the image store: upload, list, show, delete")
 
-    images = subparsers.add_parser("images", help="the image store: upload, list, show, delete")
-    images.set_defaults(func=run)
-    sub = images.add_subparsers(dest="images_command", required=True)
-
-    upload = sub.add_parser("upload", parents=[common], help="register an image and upload it")
+    upload = images.command("upload", cmd_upload, human=show_images,
+                            help="register an image and upload it")
     upload.add_argument("name")
     upload.add_argument("file")
     upload.add_argument("--kind", required=True, choices=KINDS)
@@ -249,17 +177,14 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     upload.add_argument("--ramdisk", help="ramdisk image of a partition image (name or UUID)")
     upload.add_argument("--sha256", help="checksum the upload must have")
     upload.add_argument("--description")
-    upload.set_defaults(images_func=cmd_upload)
 
-    listing = sub.add_parser("list", parents=[common], help="list images")
+    listing = images.command("list", cmd_list, human=show_images, help="list images")
     listing.add_argument("--kind", choices=KINDS)
-    listing.set_defaults(images_func=cmd_list)
 
-    show = sub.add_parser("show", parents=[common], help="show one image")
+    show = images.command("show", cmd_show, human=show_images, help="show one image")
     show.add_argument("name", help="name or UUID")
-    show.set_defaults(images_func=cmd_show)
 
-    ramdisk = sub.add_parser("build-ramdisk", parents=[common],
+    ramdisk = images.command("build-ramdisk", cmd_build_ramdisk, human=show_images,
                              help="build the deploy kernel + initramfs (Debian packages, "
                                   "cached) and register them as images")
     ramdisk.add_argument("--cache", default=os.environ.get("LABMETAL_RAMDISK_CACHE",
@@ -267,17 +192,15 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     ramdisk.add_argument("--prefix", default="deploy", help="image names: PREFIX-kernel-KEY")
     ramdisk.add_argument("--force", action="store_true", help="rebuild even if cached")
     ramdisk.add_argument("--kernel-package", default=Recipe.kernel_package,
-                         help="Debian kernel package (default: %(default)s, with real PCs' drivers; "
-                              "linux-image-cloud-amd64 boots VMs only)")
-    ramdisk.set_defaults(images_func=cmd_build_ramdisk)
+                         help="Debian kernel package (default: %(default)s, with real PCs' "
+                              "drivers; linux-image-cloud-amd64 boots VMs only)")
 
-    capture = sub.add_parser("capture", parents=[common],
+    capture = images.command("capture", cmd_capture, human=show_images,
                              help="read a manageable node's disk into a new whole-disk image")
     capture.add_argument("node", help="node name or UUID (a reference PC)")
     capture.add_argument("name", help="name of the new image")
     capture.add_argument("--description")
-    capture.set_defaults(images_func=cmd_capture)
 
-    delete = sub.add_parser("delete", parents=[common], help="delete an image and its files")
+    delete = images.command("delete", cmd_delete, human=show_images,
+                            help="delete an image and its files")
     delete.add_argument("name", help="name or UUID")
-    delete.set_defaults(images_func=cmd_delete)
