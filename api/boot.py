@@ -12,12 +12,14 @@ from sqlalchemy import select
 from sqlalchemy.orm import Session
 
 from labmetal import states
-from labmetal.api.app import services
+from labmetal.api.services import services
 from labmetal.api.auth import public
 from labmetal.api.errors import ApiError, not_found
 from labmetal.api.seat_address import caller_address, holds_lease, leases_known
 from labmetal.api.sessions import seat_iqn, storage
 from labmetal.api.validation import produces
+from labmetal.lifecycles import IMAGE_ACTIVE, SESSION_RUNNING
+from labmetal.lookup import ImageUnusable, usable_image
 from labmetal.models import Image, Node, Port, StudentSession, Template, TemplateVersion, User
 from labmetal.pxe import grub
 from labmetal.tls import ca_pin
@@ -114,7 +116,7 @@ def _session(node: Node) -> SanbootScript | LeaseWaitScript | IdleScript | None:
         row = session.execute(
             select(StudentSession, User.name).join(User, User.id == StudentSession.user_id)
             .where(StudentSession.seat_node_id == node.id,
-                   StudentSession.state == "running")).first()
+                   StudentSession.state == SESSION_RUNNING)).first()
         if row is None or not row[0].target_portal or not row[0].target_iqn:
             return None
         ses, student = row
@@ -153,7 +155,8 @@ def _own_kernel(session: Session, version: TemplateVersion) -> OwnKernel | None:
     if not (version.boot_kernel and version.boot_initrd and version.boot_root_uuid):
         return None
     active = set(session.scalars(select(Image.uuid).where(
-        Image.uuid.in_([version.boot_kernel, version.boot_initrd]), Image.status == "active")))
+        Image.uuid.in_([version.boot_kernel, version.boot_initrd]),
+        Image.status == IMAGE_ACTIVE)))
     if active != {version.boot_kernel, version.boot_initrd}:
         return None
     base = services().settings.seat_base_url
@@ -188,12 +191,13 @@ def _ramdisk(node: Node | None, mode: str, mac: str) -> RamdiskScript | None:
     images = []
     for key in ("deploy_kernel", "deploy_ramdisk"):
         ident = (info or {}).get(key) or getattr(svc.settings, key)
-        with svc.db.read() as session:
-            image = session.scalar(select(Image).where(
-                (Image.name == ident) | (Image.uuid == ident), Image.status == "active"))
-        if image is None:
+        if not ident:
             return None
-        images.append(image)
+        try:
+            with svc.db.read() as session:
+                images.append(usable_image(session, ident))
+        except ImageUnusable:
+            return None
     base = svc.settings.seat_base_url
     return RamdiskScript(kernel_url=f"{base}/files/images/{images[0].uuid}/file",
                          ramdisk_url=f"{base}/files/images/{images[1].uuid}/file",

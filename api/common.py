@@ -1,7 +1,6 @@
 """Helpers every resource uses: links, times, finding a node, field selection, pagination."""
 from __future__ import annotations
 
-import uuid as uuidlib
 from datetime import datetime
 from typing import Any
 from urllib.parse import urlencode
@@ -11,13 +10,15 @@ from sqlalchemy import Select, and_, func, or_, select
 from sqlalchemy.orm import Session
 
 from labmetal.api.errors import bad_request, not_found
+from labmetal.lookup import by_name_or_uuid
 from labmetal.models import Node
+from labmetal.names import is_uuid as is_uuid  # the views import it from here
 
 MAX_LIMIT = 1000
 
 
 def base_url() -> str:
-    from labmetal.api.app import services
+    from labmetal.api.services import services
     return (services().settings.public_url or request.host_url).rstrip("/")
 
 
@@ -35,16 +36,8 @@ def caller_name() -> str | None:
     return g.caller.name
 
 
-def is_uuid(value: str) -> bool:
-    try:
-        return str(uuidlib.UUID(value)) == value.lower()
-    except ValueError:
-        return False
-
-
 def find_node(session: Session, ident: str) -> Node:
-    column = Node.uuid if is_uuid(ident) else Node.name
-    node = session.scalar(select(Node).where(column == (ident.lower() if is_uuid(ident) else ident)))
+    node = by_name_or_uuid(session, Node, ident)
     if node is None:
         raise not_found(f"Node {ident} could not be found.")
     return node
@@ -75,7 +68,8 @@ def page(session: Session, statement: Select, model: Any,
         same = and_(column == anchor_value,
                     model.id > anchor.id if sort_dir == "asc" else model.id < anchor.id)
         statement = statement.where(or_(after, same))
-    order = (column.asc(), model.id.asc()) if sort_dir == "asc" else (column.desc(), model.id.desc())
+    order = ((column.asc(), model.id.asc()) if sort_dir == "asc"
+             else (column.desc(), model.id.desc()))
     rows = list(session.scalars(statement.order_by(*order).limit(limit)))
     extra: dict[str, str] = {}
     if len(rows) == limit:

@@ -15,15 +15,16 @@ from sqlalchemy import or_, select
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session
 
-from labmetal.api.app import services
+from labmetal.api.services import services
 from labmetal.api.auth import authorize, public
-from labmetal.api.common import base_url, is_uuid, isotime, links, page
+from labmetal.api.common import base_url, isotime, links, page
 from labmetal.api.errors import ApiError, bad_request, conflict, not_found
 from labmetal.api.validation import (Field, accepts, body, name_check, obj, paging, produces,
                                      query, streams)
 from labmetal.images.inspect import FORMATS, ImageRejected
 from labmetal.images.registry import  ACTIVE, DISK_KINDS, QUEUED, AlreadyActive, ImageGone, ingest
 from labmetal.images.store import ImageStore, UploadTooLarge
+from labmetal.lookup import NOT_ACTIVE, WRONG_KIND, ImageUnusable, by_name_or_uuid, usable_image
 from labmetal.models import Image, Node
 
 LOG = logging.getLogger(__name__)
@@ -46,9 +47,7 @@ def image_store() -> ImageStore:
 
 
 def find_image(session: Session, ident: str) -> Image:
-    column = Image.uuid if is_uuid(ident) else Image.name
-    image = session.scalar(select(Image).where(column == (ident.lower() if is_uuid(ident)
-                                                          else ident)))
+    image = by_name_or_uuid(session, Image, ident)
     if image is None:
         raise not_found(f"Image {ident} could not be found.")
     return image
@@ -65,7 +64,8 @@ def image_view(image: Image, uuids: dict[int, str]) -> dict[str, Any]:
         "virtual_size": image.virtual_size, "raw_sha256": image.raw_sha256,
         "chunk_size": image.chunk_size, "chunk_count": image.chunk_count,
         "packed_size": image.packed_size,
-        "kernel": uuids.get(image.kernel_id), "ramdisk": uuids.get(image.ramdisk_id),
+        "kernel": uuids.get(image.kernel_id) if image.kernel_id is not None else None,
+        "ramdisk": uuids.get(image.ramdisk_id) if image.ramdisk_id is not None else None,
         "description": image.description,
         "created_at": isotime(image.created_at), "updated_at": isotime(image.updated_at),
         "links": links("images", image.uuid),
@@ -123,17 +123,17 @@ def check_new_image(body: dict[str, Any]) -> None:
 
 
 def linked_image(session: Session, ident: str, kind: str) -> Image:
-    column = Image.uuid if is_uuid(ident) else Image.name
-    image = session.scalar(select(Image).where(column == ident))
-    if image is None:
+    try:
+        return usable_image(session, ident, (kind,))
+    except ImageUnusable as error:
+        if error.problem == WRONG_KIND:
+            raise bad_request(f"Image {ident} is a {error.kind} image, not a {kind} "
+                              f"(field: {kind})") from None
+        if error.problem == NOT_ACTIVE:
+            raise bad_request(f"{kind.capitalize()} image {ident} has no data yet (status "
+                              f"{error.status}); upload it first (field: {kind})") from None
         raise bad_request(f"{kind.capitalize()} image {ident} could not be found "
-                          f"(field: {kind})")
-    if image.kind != kind:
-        raise bad_request(f"Image {ident} is a {image.kind} image, not a {kind} (field: {kind})")
-    if image.status != ACTIVE:
-        raise bad_request(f"{kind.capitalize()} image {ident} has no data yet (status "
-                          f"{image.status}); upload it first (field: {kind})")
-    return image
+                          f"(field: {kind})") from None
 
 
 def users_of(session: Session, image: Image) -> list[str]:

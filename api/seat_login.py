@@ -33,12 +33,12 @@ from flask import Blueprint, current_app, g
 from sqlalchemy import select
 
 from labmetal import states
-from labmetal.api.app import services
+from labmetal.api.services import services
 from labmetal.api.auth import Caller, public
 from labmetal.api.boot import ipxe_response, login_ramdisk
 from labmetal.api.errors import ApiError, conflict, error_response, not_found
 from labmetal.api.seat_address import caller_address, holds_lease, leases_known
-from labmetal.api.sessions import LIVE, new_session, session_owner, start_on_seat
+from labmetal.api.sessions import BUSY, LIVE, new_session, session_owner, start_on_seat
 from labmetal.api.validation import Field, body, obj, produces
 from labmetal.models import Node, Port, Room, Seat, StudentSession, Template, TemplateVersion, User
 from labmetal.policy import Verdict
@@ -149,7 +149,7 @@ def login(name: str):
         templates = [name for name in templates if name == tp]
     choices = []
     for uuid, state, saved, template in rows:
-        if state in ("starting", "running"):
+        if state in BUSY:
             continue  # on another seat: it cannot start here
         when = f"saved {saved:%Y-%m-%d %H:%M}" if saved else "not saved yet"
         choices.append({"choice": f"s-{uuid}", "label": f"{template} ({when})"})

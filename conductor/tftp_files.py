@@ -19,12 +19,11 @@ from pathlib import Path
 from urllib.parse import urlsplit
 
 import requests
-from sqlalchemy import select
 
 from labmetal import seat_relay
 from labmetal.db import Database
 from labmetal.images.store import ImageStore
-from labmetal.models import Image
+from labmetal.lookup import WRONG_KIND, ImageUnusable, usable_image
 from labmetal.pxe import grub
 
 LOG = logging.getLogger(__name__)
@@ -65,13 +64,13 @@ class TftpFiles:
         return None
 
     def _boot_image(self, uuid: str) -> Path | None:
-        with self.db.read() as session:
-            image = session.scalar(select(Image).where(Image.uuid == uuid))
-        if image is None or image.status != "active":
-            return None
-        if image.kind not in BOOT_KINDS:
-            LOG.warning("refused image %s (%s) over TFTP: only kernels and ramdisks",
-                        image.name, image.kind)
+        try:
+            with self.db.read() as session:
+                usable_image(session, uuid, BOOT_KINDS)
+        except ImageUnusable as error:
+            if error.problem == WRONG_KIND:
+                LOG.warning("refused image %s (%s) over TFTP: only kernels and ramdisks",
+                            error.name, error.kind)
             return None
         path = self.store.file_path(uuid)
         return path if path.is_file() else None

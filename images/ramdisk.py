@@ -30,7 +30,7 @@ import tempfile
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import BinaryIO, Callable, Iterator
+from typing import Any, BinaryIO, Callable, Iterator
 
 import zstandard
 
@@ -249,7 +249,7 @@ def _build(recipe: Recipe, inputs: Inputs, work: Path, key: str,
     with open(out / INITRAMFS, "wb") as stream:
         unpacked_size = write_initramfs(rootfs, stream, recipe.source_date_epoch,
                                         recipe.zstd_level)
-    record = {
+    record: dict[str, Any] = {
         "version_key": key,
         "kernel_package": deb.name,
         "efi_packages": efi_packages,
@@ -378,7 +378,8 @@ def _finish_userland(rootfs: Path, env: dict[str, str]) -> None:
     # Debian's .pyc files are checked against the source's mtime, which the archive's fixed
     # mtimes would make stale: Python would compile those modules again at every boot, slowly
     # under TCG. Hash-checked bytecode holds whatever the mtimes.
-    python_dirs = [f"/{path.relative_to(rootfs)}" for path in sorted(rootfs.glob("usr/lib/python3*"))]
+    python_dirs = [f"/{path.relative_to(rootfs)}"
+                   for path in sorted(rootfs.glob("usr/lib/python3*"))]
     run_step(["chroot", str(rootfs), "python3", "-m", "compileall", "-q", "-f",
           "--invalidation-mode", "checked-hash", *python_dirs], env)
 
@@ -429,6 +430,7 @@ def write_cpio(root: Path, stream: BinaryIO, mtime: int) -> int:
     first_links: dict[tuple[int, int], int] = {}
     for number, (name, path) in enumerate(_walk(root), start=1):
         info = path.lstat()
+        data: bytes | Path
         inode, nlink, data = number, 1, b""
         if stat.S_ISDIR(info.st_mode):
             nlink = 2

@@ -8,10 +8,11 @@ from sqlalchemy import select
 
 from labmetal.db import Database
 from labmetal.images.store import ImageStore
+from labmetal.lifecycles import IMAGE, IMAGE_ACTIVE, IMAGE_QUEUED
 from labmetal.models import Image
 
 DISK_KINDS = ("whole-disk", "partition")
-QUEUED, ACTIVE = "queued", "active"
+QUEUED, ACTIVE = IMAGE_QUEUED, IMAGE_ACTIVE  # the image lifecycle (labmetal/lifecycles.py)
 
 
 class ImageGone(Exception):
@@ -43,7 +44,7 @@ def ingest(db: Database, store: ImageStore, image: Image, stream: BinaryIO) -> I
             current = session.scalar(select(Image).where(Image.id == image.id).with_for_update())
             if current is None:
                 raise ImageGone(image.name)
-            if current.status == ACTIVE:
+            if not IMAGE.allows(current.status, ACTIVE):
                 raise AlreadyActive(current)
             store.publish(upload, current.uuid)
             for key, value in values.items():

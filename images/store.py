@@ -21,13 +21,13 @@ import os
 import shutil
 import tempfile
 import threading
-import uuid as uuidlib
 from dataclasses import dataclass
 from pathlib import Path
 from typing import BinaryIO, Iterator
 
 from labmetal.images.inspect import ImageInfo, ImageRejected, convert_to_raw, inspect
 from labmetal.agent.manifest import Manifest, build, is_zero, read_chunks
+from labmetal.names import is_uuid
 
 READ_SIZE = 1024 * 1024
 HOLE_SIZE = 4096  # zero blocks this large are left as holes, as qemu-img convert does
@@ -166,7 +166,7 @@ class ImageStore:
                 self._promised -= size
 
     def _dir(self, uuid: str) -> Path:
-        if str(uuidlib.UUID(uuid)) != uuid:
+        if not is_uuid(uuid) or uuid != uuid.lower():  # canonical: no path tricks
             raise ValueError(f"not a canonical UUID: {uuid!r}")
         return self.root / uuid
 

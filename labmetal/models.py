@@ -9,6 +9,8 @@ from sqlalchemy import (JSON, BigInteger, Boolean, DateTime, ForeignKey, String,
                         UniqueConstraint)
 from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column, relationship
 
+from labmetal.lifecycles import IMAGE, ROOM_JOB, ROOM_JOB_SEAT, SESSION
+
 
 def utcnow() -> datetime:
     """Naive UTC: SQLite keeps no time zone, so every timestamp is UTC by convention."""
@@ -177,7 +179,7 @@ class Image(Base):
     # whole-disk | partition | kernel | ramdisk (deploy kernels and ramdisks are kernels
     # and ramdisks too; the node's driver_info says which ones it boots)
     kind: Mapped[str] = mapped_column(String(16))
-    status: Mapped[str] = mapped_column(String(16), default="queued")  # queued | active
+    status: Mapped[str] = mapped_column(String(16), default=IMAGE.initial)  # queued | active
     disk_format: Mapped[str | None] = mapped_column(String(16))  # as uploaded: raw | qcow2
     size: Mapped[int | None] = mapped_column(BigInteger)  # bytes uploaded
     sha256: Mapped[str | None] = mapped_column(String(64))  # of the upload
@@ -235,7 +237,7 @@ class RoomJob(Base):
     image_id: Mapped[int | None] = mapped_column(ForeignKey("images.id", ondelete="SET NULL"))
     image_name: Mapped[str | None] = mapped_column(String(255))  # kept if the image goes
     # scheduled -> running -> done | failed (some seats failed after their retries) | cancelled
-    state: Mapped[str] = mapped_column(String(16), default="scheduled", index=True)
+    state: Mapped[str] = mapped_column(String(16), default=ROOM_JOB.initial, index=True)
     transport: Mapped[str] = mapped_column(String(16), default="auto")  # as requested
     chosen_transport: Mapped[str | None] = mapped_column(String(16))  # unicast | multicast
     multicast: Mapped[dict[str, Any]] = mapped_column(default=dict)  # group, port, sender
@@ -263,7 +265,7 @@ class RoomJobSeat(Base):
     node_id: Mapped[int] = mapped_column(ForeignKey("nodes.id", ondelete="CASCADE"))
     label: Mapped[str] = mapped_column(String(32))
     # queued | powering | booting | writing | verifying | done | failed | cancelled
-    state: Mapped[str] = mapped_column(String(16), default="queued")
+    state: Mapped[str] = mapped_column(String(16), default=ROOM_JOB_SEAT.initial)
     progress: Mapped[int] = mapped_column(default=0)  # percent
     attempts: Mapped[int] = mapped_column(default=0)
     error: Mapped[str | None] = mapped_column(Text)
@@ -331,7 +333,7 @@ class StudentSession(Base):
         ForeignKey("template_versions.id", ondelete="RESTRICT"), index=True)
     backend: Mapped[str] = mapped_column(String(16))  # local | ceph
     # stopped | starting | running | failed | deleted
-    state: Mapped[str] = mapped_column(String(16), default="stopped", index=True)
+    state: Mapped[str] = mapped_column(String(16), default=SESSION.initial, index=True)
     seat_node_id: Mapped[int | None] = mapped_column(ForeignKey("nodes.id",
                                                                 ondelete="SET NULL"))
     target_iqn: Mapped[str | None] = mapped_column(String(223))

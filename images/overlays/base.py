@@ -304,7 +304,7 @@ class OverlayBackend(abc.ABC):
         """Bytes the session's own data takes (its overlay and save points, not the
         template it shares)."""
 
-    def close(self) -> None:
+    def close(self) -> None:  # noqa: B027 (optional: most backends start nothing)
         """Stop whatever this backend started to serve sessions (not the data)."""
 
     # -- shared checks --
