@@ -2,9 +2,10 @@
 * BIOS: extlinux installed in /boot/extlinux, syslinux's MBR code in the disk's first sector;
 * UEFI: the EFI system partition's removable-media path ``EFI/BOOT/BOOTX64.EFI`` holds a
   signed shim, next to it the signed GRUB that shim loads (``grubx64.efi``) and the
-  ``grub.cfg`` that GRUB reads, in its built-in prefix (``EFI/debian``) and beside it. The image's own copies are used when
-  it carries them (a Debian image with shim-signed and grub-efi-amd64-signed installed:
-  SIGNED_LOADERS), so the OS boots with Secure Boot on and keeps its own versions;
+  ``grub.cfg`` that GRUB reads, in its built-in prefix (``EFI/debian``) and beside it.
+  The image's own copies are used when it carries them (a Debian image with shim-signed
+  and grub-efi-amd64-signed installed: SIGNED_LOADERS), so the OS boots with Secure Boot
+  on and keeps its own versions;
   otherwise the deploy ramdisk's (Debian's, the same packages). Under Secure Boot the
   kernel must be signed (Debian's are); without Secure Boot any kernel boots. No firmware
   boot entry is written: the PC's boot order stays network first, labmetal sends it to its

@@ -3,7 +3,9 @@
 Each command runs in its own thread and is kept with its progress and outcome for the
 conductor to poll. A command is found again by its request_id (a conductor that took a
 node over re-sends what its predecessor sent), and only one command writes to the disk
-at a time.
+at a time. Each command's params are a typed class (agent/command_params.py), the one the
+conductor builds them from; an image is written by the one pipeline (agent/writer.py)
+whatever its chunk source.
 """
 from __future__ import annotations
 
@@ -17,27 +19,21 @@ from typing import Any, Callable
 
 import requests
 
-from labmetal.agent import bootloader, delta, fetch, partition, power, proof, wipe, writer
+from labmetal.agent import bootloader, fetch, partition, power, proof, wipe, writer
+from labmetal.agent import command_params as cp
 from labmetal.agent.disk import as_block_device
 from labmetal.agent.identity import Identity
-from labmetal.agent.writer import Progress
 from labmetal.agent.manifest import Manifest
+from labmetal.agent.writer import Progress
 
 LOG = logging.getLogger(__name__)
 
-DISK_WRITERS = frozenset({"write_image", "deploy_partition_image", "install_bootloader",
-                          "wipe_metadata"})
-REQUIRED_PARAMS: dict[str, tuple[str, ...]] = {
-    "write_image": ("manifest_url", "packed_url"),
-    "deploy_partition_image": ("manifest_url", "packed_url"),
-    "install_bootloader": ("kernel_url", "ramdisk_url"),
-    "wipe_metadata": (),
-    "power_off": (),
-    "reboot": (),
-    "export_iscsi": (),
-    "unexport_iscsi": (),
-    "prove_disk": ("nonce", "extents"),
-}
+# The agent's own copy: the ramdisk carries this package alone. It must match the
+# server's labmetal/names.py IQN_PREFIX (tests/test_lifecycles.py checks it).
+IQN_PREFIX = "iqn.2026-11.org.labmetal"
+
+DISK_WRITERS = frozenset({cp.WriteImage.command, cp.DeployPartitionImage.command,
+                          cp.InstallBootloader.command, cp.WipeMetadata.command})
 
 
 class Refused(Exception):
@@ -87,24 +83,25 @@ class Commands:
         # prove_disk challenge reads.
         self._written: tuple[str, int] | None = None
         self._layout: partition.Layout | None = None  # of the last partition image
-        self._handlers: dict[str, Callable[[Command], dict[str, Any]]] = {
-            "write_image": self._write_image,
-            "deploy_partition_image": self._deploy_partition_image,
-            "wipe_metadata": self._wipe_metadata,
-            "power_off": lambda command: power.run(self.seat.poweroff_cmd),
-            "reboot": lambda command: power.run(self.seat.reboot_cmd),
-            "export_iscsi": self._export_iscsi,
-            "unexport_iscsi": self._unexport_iscsi,
-            "prove_disk": self._prove_disk,
-            "install_bootloader": self._install_bootloader,
+        # Each handler gets the command (for its progress) and its params, typed.
+        self._handlers: dict[str, Callable[[Command, Any], dict[str, Any]]] = {
+            cp.WriteImage.command: self._write_image,
+            cp.DeployPartitionImage.command: self._deploy_partition_image,
+            cp.WipeMetadata.command: self._wipe_metadata,
+            cp.PowerOff.command: lambda command, params: power.run(self.seat.poweroff_cmd),
+            cp.Reboot.command: lambda command, params: power.run(self.seat.reboot_cmd),
+            cp.ExportIscsi.command: self._export_iscsi,
+            cp.UnexportIscsi.command: self._unexport_iscsi,
+            cp.ProveDisk.command: self._prove_disk,
+            cp.InstallBootloader.command: self._install_bootloader,
         }
 
     def submit(self, name: str, params: dict[str, Any], request_id: str) -> tuple[Command, bool]:
         """The command for ``request_id`` and whether it is new; a new one is started by ``start``
         once the conductor has its answer."""
-        if name not in REQUIRED_PARAMS:
-            raise Refused(400, f"unknown command {name!r}; known: {', '.join(REQUIRED_PARAMS)}")
-        missing = [key for key in REQUIRED_PARAMS[name] if not params.get(key)]
+        if name not in cp.COMMANDS:
+            raise Refused(400, f"unknown command {name!r}; known: {', '.join(cp.COMMANDS)}")
+        missing = cp.missing(cp.COMMANDS[name].required, params)
         if missing:
             raise Refused(400, f"{name} needs params: {', '.join(missing)}")
         with self._lock:
@@ -132,8 +129,9 @@ class Commands:
 
     def _run(self, command: Command) -> None:
         LOG.info("command %s (%s) started", command.name, command.id)
-        try:
-            command.result = self._handlers[command.name](command)
+        try:  # params that are there but wrong fail the command, with the reason
+            params = cp.COMMANDS[command.name].from_dict(command.params)
+            command.result = self._handlers[command.name](command, params)
             command.status = "succeeded"
             LOG.info("command %s (%s) succeeded", command.name, command.id)
         except Exception as error:  # a failed command is reported, never fatal to the agent
@@ -147,45 +145,41 @@ class Commands:
             raise RuntimeError("this seat has no install disk (none of 4 GiB or more; see --disk)")
         return self.seat.disk
 
-    def _write_image(self, command: Command) -> dict[str, Any]:
+    def _write_image(self, command: Command, params: cp.WriteImage) -> dict[str, Any]:
         session = requests.Session()
-        manifest = fetch.manifest(session, command.params["manifest_url"])
+        manifest = fetch.manifest(session, params.manifest_url)
         self._written = None
-        result = asdict(self._write(command, session, manifest, self._disk()))
+        result = asdict(self._write(command, params, session, manifest, self._disk()))
         self._written = (self._disk(), 0)
         return result
 
     @staticmethod
-    def _write(command: Command, session: requests.Session, manifest: Manifest,
-               target: str) -> writer.WriteResult:
-        """The image onto ``target``: over HTTP, or from a room job's multicast group (the
-        chunks the disk already holds are skipped either way, unless delta is off)."""
-        params = command.params
-        use_delta = bool(params.get("delta", True))
-        group = params.get("multicast")
-        if not group:
-            return writer.write_image(session, manifest, params["packed_url"], target,
-                                      command.progress, bool(params.get("readback")), use_delta)
-        from labmetal.agent import multicast  # zfec is needed for multicast only
-        have = delta.matching_chunks(target, manifest, command.progress) if use_delta \
-            else frozenset()
-        host, _, port = str(group["sender"]).rpartition(":")
-        return multicast.receive_image(manifest, group["group"], int(group["port"]),
-                                       (host, int(port)), target, command.progress,
-                                       group["job"], have=have)
+    def _write(command: Command, params: cp.WriteImage, session: requests.Session,
+               manifest: Manifest, target: str) -> writer.WriteResult:
+        """The image onto ``target`` through the one pipeline, its chunks over HTTP or from
+        a room job's multicast group (the chunks the disk already holds are kept either
+        way, unless delta is off)."""
+        source: writer.ChunkSource
+        if params.multicast is None:
+            source = fetch.HttpChunks(session, params.packed_url)
+        else:
+            from labmetal.agent import multicast  # zfec is needed for multicast only
+            group = params.multicast
+            source = multicast.MulticastChunks(group.group, group.port, group.sender_address,
+                                               group.job)
+        return writer.write(manifest, source, target, command.progress,
+                            None if params.delta else frozenset())
 
-    def _deploy_partition_image(self, command: Command) -> dict[str, Any]:
+    def _deploy_partition_image(self, command: Command,
+                                params: cp.DeployPartitionImage) -> dict[str, Any]:
         """The partition layout for the boot mode and the image into its root partition.
         The boot loader comes with ``install_bootloader``, once the conductor has checked
         the receipt: installing it changes the root file system, the image's bytes."""
-        params = command.params
-        boot_mode = params.get("boot_mode", "auto")
+        boot_mode = params.boot_mode
         if boot_mode == "auto":  # as this PC booted the ramdisk
             boot_mode = "uefi" if os.path.isdir("/sys/firmware/efi") else "bios"
-        if boot_mode not in ("bios", "uefi"):
-            raise ValueError(f"unknown boot_mode {boot_mode!r} (auto, bios or uefi)")
         session = requests.Session()
-        manifest = fetch.manifest(session, params["manifest_url"])
+        manifest = fetch.manifest(session, params.manifest_url)
         target = self._disk()
         writer.check_fits(target, partition.disk_needed(manifest.raw_size, boot_mode))
         self._written = self._layout = None
@@ -198,22 +192,21 @@ class Commands:
                 esp, root = partition.make_uefi_layout(device, manifest.raw_size)
             else:
                 esp, root = None, partition.make_root_partition(device, manifest.raw_size)
-            written = self._write(command, session, manifest, root.node)
+            written = self._write(command, params, session, manifest, root.node)
         self._written = (target, root.start)
         self._layout = partition.Layout(boot_mode, esp, root)
         return {**asdict(written), "boot_mode": boot_mode, "partition": {
             "number": self._layout.root_number, "start": root.start, "size": root.size}}
 
-    def _install_bootloader(self, command: Command) -> dict[str, Any]:
+    def _install_bootloader(self, command: Command,
+                            params: cp.InstallBootloader) -> dict[str, Any]:
         """The kernel, initrd and boot loader of the partition image just written: extlinux
         and MBR code on BIOS, signed shim and GRUB on the EFI system partition on UEFI."""
-        params = command.params
         layout = self._layout
         if layout is None:
             raise RuntimeError("no partition image was written since this agent started")
         session = requests.Session()
-        kernel, ramdisk = params["kernel_url"], params["ramdisk_url"]
-        cmdline = params.get("kernel_cmdline", "")
+        kernel, ramdisk, cmdline = params.kernel_url, params.ramdisk_url, params.kernel_cmdline
         self._written = None  # the root file system changes now: no receipt of it after
         with as_block_device(self._disk()) as device:
             esp, root = layout.on(device)
@@ -221,33 +214,31 @@ class Commands:
                 return bootloader.install_uefi(session, esp, root, kernel, ramdisk, cmdline)
             return bootloader.install(session, device, root, kernel, ramdisk, cmdline)
 
-    def _prove_disk(self, command: Command) -> dict[str, Any]:
+    def _prove_disk(self, command: Command, params: cp.ProveDisk) -> dict[str, Any]:
         """The receipt of the last write: the challenge's HMAC over the disk's bytes."""
-        challenge = proof.Challenge.from_params(command.params)
         if self._written is None:
             raise RuntimeError("no image was written since this agent started")
         disk, base = self._written
-        return {"hmac": proof.digest(disk, base, challenge)}
+        return {"hmac": proof.digest(disk, base, params.challenge)}
 
-    def _wipe_metadata(self, command: Command) -> dict[str, Any]:
+    def _wipe_metadata(self, command: Command, params: cp.WipeMetadata) -> dict[str, Any]:
         self._written = self._layout = None
         with as_block_device(self._disk()) as device:
             return {"erased": wipe.wipe_metadata(device)}
 
-    def _export_iscsi(self, command: Command) -> dict[str, Any]:
-        params = command.params
+    def _export_iscsi(self, command: Command, params: cp.ExportIscsi) -> dict[str, Any]:
         export = self._iscsi_exporter().export(
-            self._disk(), self._iqn(command), params.get("portal_ip") or self.seat.address(),
-            int(params.get("port", 3260)), params.get("allowed_initiators"))
+            self._disk(), self._iqn(params.iqn), params.portal_ip or self.seat.address(),
+            params.port, params.allowed_initiators)
         return asdict(export)
 
-    def _unexport_iscsi(self, command: Command) -> dict[str, Any]:
-        iqn = self._iqn(command)
+    def _unexport_iscsi(self, command: Command, params: cp.UnexportIscsi) -> dict[str, Any]:
+        iqn = self._iqn(params.iqn)
         self._iscsi_exporter().unexport(iqn)
         return {"iqn": iqn}
 
-    def _iqn(self, command: Command) -> str:
-        return command.params.get("iqn") or f"iqn.2026-11.org.labmetal:{self.identity.node_uuid}"
+    def _iqn(self, iqn: str | None) -> str:
+        return iqn or f"{IQN_PREFIX}:{self.identity.node_uuid}"
 
     def close(self) -> None:
         """Remove the iSCSI exports: the exporter's daemon would outlive the agent."""

@@ -1,4 +1,5 @@
-"""The first stage of the image pipeline: the manifest, then the packed chunks off HTTP streams.
+"""The HTTP chunk source of the image pipeline (agent/writer.py): the manifest, then the
+packed chunks off HTTP streams.
 
 The packed file holds the data chunks back to back in manifest order, so one GET delivers
 them all. A delta re-image wants only some of them: each run of wanted chunks that lie back
@@ -12,17 +13,21 @@ from __future__ import annotations
 import logging
 import time
 from pathlib import Path
-from typing import Iterator
+from typing import TYPE_CHECKING, Generator
 
 import requests
 import urllib3
 
 from labmetal.agent.manifest import Chunk, Manifest
 
+if TYPE_CHECKING:
+    from labmetal.agent.writer import Handoff
+
 LOG = logging.getLogger(__name__)
 
 TIMEOUT = (10, 60)  # connect, read (seconds)
 RESUME_ATTEMPTS = 5
+FETCH_AHEAD = 8  # chunks received ahead of the writes (compressed, 4 MiB at most each)
 
 
 class FetchError(RuntimeError):
@@ -56,8 +61,29 @@ def download(session: requests.Session, url: str, target: Path) -> int:
     return size
 
 
+class HttpChunks:
+    """A chunk source: the image's packed file at ``url``, asked on ``session`` (the one the
+    manifest came on, so it is one kept-alive connection)."""
+    ahead = FETCH_AHEAD
+
+    def __init__(self, session: requests.Session, url: str) -> None:
+        self.session = session
+        self.url = url
+
+    def deliver(self, manifest: Manifest, wanted: list[Chunk], handoff: Handoff) -> None:
+        stream = packed_chunks(self.session, self.url, wanted, manifest.packed_size)
+        try:
+            for chunk, packed in stream:
+                handoff.put(chunk, packed)
+        finally:
+            stream.close()  # its HTTP response with it, also when the writes failed
+
+    def finish(self, ok: bool, reason: str) -> None:
+        pass  # nothing held: the session belongs to the caller
+
+
 def packed_chunks(session: requests.Session, url: str, chunks: list[Chunk],
-                  packed_size: int | None = None) -> Iterator[tuple[Chunk, bytes]]:
+                  packed_size: int | None = None) -> Generator[tuple[Chunk, bytes], None, None]:
     """(chunk, compressed bytes) for each of ``chunks`` (in manifest order, any subset) in
     order; zero chunks come with b"" and cost no transfer. ``packed_size``, the packed file's
     size, lets a run that goes to the end of the file be asked open-ended (``bytes=N-``, or

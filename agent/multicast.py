@@ -1,15 +1,17 @@
-"""The seat's side of a multicast room deploy: join the job's group, ask the conductor's
-sender for the chunks this disk lacks, rebuild each chunk from any ``k`` blocks of each of
-its groups (agent/multicast_wire.py), verify it (manifest.unpack_chunk) and write it, then
-read the whole image range back from the disk as the receipt.
+"""The seat's side of a multicast room deploy, as a chunk source of the agent's one write
+pipeline (agent/writer.py): join the job's group, ask the conductor's sender for the chunks
+this disk lacks, rebuild each chunk from any ``k`` blocks of each of its groups
+(agent/multicast_wire.py) and hand it to the pipeline, which verifies it, writes it, and
+reads the whole image range back from the disk, as for every other source.
 
 The seat asks at once for a group it still lacks blocks of when the sender says the group's
 burst is over, every 0.1 s for groups that got nothing for a while, and every half second
-for everything it lacks (which is also how the sender knows the seat is alive). Packets are read in batches from a large socket buffer
-and chunks are unpacked and written in a second thread, so that the receiving loop does
-little per packet: at a seat's 20 Mbit/s that is 1700 packets a second, times 40 seats on a
-lab machine. At most ``MAX_OPEN`` chunks are held in memory; blocks of further chunks are
-dropped and asked for again later.
+for everything it lacks (which is also how the sender knows the seat is alive). Packets
+are read in batches from a large socket buffer and chunks are unpacked and written in the
+pipeline's own thread, so that the receiving loop does little per packet: at a seat's
+20 Mbit/s that is 1700 packets a second, times 40 seats on a lab machine. At most
+``MAX_OPEN`` chunks are held in memory; blocks of further chunks are dropped and asked for
+again later.
 
 Run as ``python -m labmetal.agent.multicast --manifest ... --group ... --port ... --sender
 host:port --target ... --job ...``: it prints the WriteResult as one JSON line.
@@ -24,15 +26,14 @@ import select
 import socket
 import sys
 import time
-from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import asdict
-from typing import Any
 
 import zfec
 
-from labmetal.agent.writer import DiskSink, Progress, WriteResult, check_fits
 from labmetal.agent import multicast_wire as wire
-from labmetal.agent.manifest import Manifest, unpack_chunk
+from labmetal.agent import writer
+from labmetal.agent.manifest import Chunk, Manifest
+from labmetal.agent.writer import Handoff, Progress, WriteResult
 
 LOG = logging.getLogger(__name__)
 
@@ -87,8 +88,6 @@ class _Receiver:
         self.seat_id = random.getrandbits(32)
         self.waiting = set(wanted)  # not yet received in full
         self.open: dict[int, _Open] = {}
-        self.handed = 0  # chunks handed to the writer (this thread)
-        self.finished = 0  # chunks the writer is done with (its thread)
         self.decoders: dict[int, zfec.Decoder] = {}
         self.nacks: list[tuple[int, int, int, int, int]] = []
         if interface_ip is None:  # the address the route to the sender leaves from
@@ -136,7 +135,7 @@ class _Receiver:
 
     def done(self, ok: bool, reason: str = "") -> None:
         packet = wire.pack_done(self.session, self.seat_id, ok, reason)
-        for attempt in range(3):  # no answer comes back: say it thrice
+        for _ in range(3):  # no answer comes back: say it thrice
             self._send(packet)
             time.sleep(0.005)
 
@@ -155,7 +154,8 @@ class _Receiver:
             untouched = sorted(self.waiting.difference(self.open))
             if self.received:
                 untouched = untouched[:MAX_WHOLE_CHUNKS]
-            first = previous = None
+            first: int | None = None
+            previous = 0
             for index in untouched:
                 if first is None:
                     first = previous = index
@@ -176,9 +176,10 @@ class _Receiver:
 
     # receiving
 
-    def run(self, write: Any, failed: Any) -> None:
-        """Receive until every wanted chunk is handed to ``write(chunk, packed)``; raise on
-        silence or when ``failed()`` returns an error from the writing side."""
+    def run(self, handoff: Handoff) -> None:
+        """Receive until every wanted chunk is handed to ``handoff`` and written; raise on
+        silence or when the writing side failed. Never waits on the handoff: a chunk is
+        opened only while fewer than MAX_OPEN are open or waiting to be written."""
         started = last_data = time.monotonic()
         self.status(started, True, True)
         next_status, next_check = started + STATUS_PERIOD, started + CHECK_PERIOD
@@ -191,10 +192,9 @@ class _Receiver:
         block = wire.BLOCK
         opened, waiting, nacks = self.open, self.waiting, self.nacks
         sock, recv_into = self.data, self.data.recv_into
-        while waiting or self.handed > self.finished:
-            error = failed()
-            if error is not None:
-                raise error
+        while waiting or handoff.pending:
+            if handoff.error is not None:
+                raise handoff.error
             select.select([sock], [], [], 0.05)
             now = time.monotonic()
             batch = got = 0
@@ -217,8 +217,7 @@ class _Receiver:
                 last_seq = seq
                 chunk = opened.get(index)
                 if chunk is None:
-                    if index not in waiting or \
-                            len(opened) + self.handed - self.finished >= MAX_OPEN:
+                    if index not in waiting or len(opened) + handoff.pending >= MAX_OPEN:
                         continue
                     chunk = opened[index] = _Open(self.geometry[index], now)
                 number = sent & 0xFF
@@ -250,8 +249,7 @@ class _Receiver:
                     if chunk.missing == 0:
                         del opened[index]
                         waiting.discard(index)
-                        self.handed += 1
-                        write(chunk.geo.chunk, chunk.view[:chunk.geo.chunk.packed_length])
+                        handoff.put(chunk.geo.chunk, chunk.view[:chunk.geo.chunk.packed_length])
                 elif left == 0:
                     nacks.append((wire.GROUP, k - count, group, index, chunk.seen[group]))
                     if next_nack is None:
@@ -292,7 +290,8 @@ class _Receiver:
         k, mask = spec.k, chunk.masks[group]
         missing = [number for number in range(k) if not mask >> number & 1]
         if missing:
-            blocks, numbers = [], []
+            blocks: list[bytes | memoryview] = []
+            numbers: list[int] = []
             spare = iter(repairs.items())
             for number in range(k):
                 if mask >> number & 1:
@@ -313,80 +312,49 @@ class _Receiver:
         chunk.repairs[group] = None
 
 
+class MulticastChunks:
+    """A chunk source: the room job's multicast group, asked through the sender at
+    ``sender`` (host, port) for the wanted chunks; ``job_id`` is the job's session. The
+    sender is told at the end whether this seat has everything (or gave up, and why)."""
+    ahead = MAX_OPEN
+
+    def __init__(self, group: str, port: int, sender: tuple[str, int], job_id: int | str,
+                 interface_ip: str | None = None, timeout: float = 60.0) -> None:
+        self.group, self.port, self.sender = group, port, sender
+        self.session = wire.session_id(job_id)
+        self.interface_ip = interface_ip
+        self.timeout = timeout
+        self.receiver: _Receiver | None = None
+
+    def deliver(self, manifest: Manifest, wanted: list[Chunk], handoff: Handoff) -> None:
+        self.receiver = _Receiver(manifest, self.group, self.port, self.sender, self.session,
+                                  [chunk.index for chunk in wanted], self.interface_ip,
+                                  self.timeout)
+        self.receiver.run(handoff)
+
+    def finish(self, ok: bool, reason: str) -> None:
+        receiver = self.receiver
+        if receiver is None:
+            return
+        try:
+            receiver.done(ok, reason)  # when ok, the sender may forget this seat
+        finally:
+            receiver.close()
+        LOG.info("multicast: %d packets received (%d from other jobs or malformed)%s",
+                 receiver.received, receiver.strays, "" if ok else f"; gave up: {reason}")
+
+
 def receive_image(manifest: Manifest, group: str, port: int, sender_addr: tuple[str, int],
                   target: str, progress: Progress, job_id: int | str,
                   have: frozenset[int] = frozenset(), interface_ip: str | None = None,
                   timeout: float = 60.0) -> WriteResult:
     """Write the image onto ``target`` from the job's multicast group, skipping the chunks
-    in ``have`` (already on the disk, verified by the caller), and return the sha256 read
-    back from the disk over the image's range. Raises MulticastError if the sender stays
-    silent for ``timeout`` seconds and ValueError if a chunk or the whole image is wrong;
-    either way the sender is told that this seat gave up."""
-    check_fits(target, manifest.raw_size)
-    started = time.monotonic()
-    session = wire.session_id(job_id)
-    wanted = [chunk.index for chunk in manifest.data_chunks if chunk.index not in have]
-    progress.total = manifest.raw_size
-    progress.done = sum(chunk.length for chunk in manifest.chunks if chunk.index in have)
-    totals = {"written": 0, "zeroed": 0, "chunks": 0}
-    errors: list[BaseException] = []
-    receiver = _Receiver(manifest, group, port, sender_addr, session, wanted, interface_ip,
-                         timeout)
-    try:
-        with DiskSink(target) as sink, ThreadPoolExecutor(1, "multicast-write") as writer:
-            def write_chunk(chunk, packed) -> None:
-                try:
-                    data = unpack_chunk(chunk, packed)
-                    sink.write(chunk.offset, data)
-                    totals["written"] += chunk.length
-                    totals["chunks"] += 1
-                    progress.done += chunk.length
-                except BaseException as error:
-                    errors.append(error)
-                finally:
-                    receiver.finished += 1
-
-            def zero_chunks() -> None:
-                try:
-                    for chunk in manifest.chunks:
-                        if chunk.zero and chunk.index not in have:
-                            sink.zero(chunk.offset, chunk.length)
-                            totals["zeroed"] += chunk.length
-                            totals["chunks"] += 1
-                            progress.done += chunk.length
-                except BaseException as error:
-                    errors.append(error)
-
-            futures: list[Future] = [writer.submit(zero_chunks)]
-            def write(chunk, packed) -> None:
-                futures.append(writer.submit(write_chunk, chunk, packed))
-
-            try:
-                receiver.run(write, lambda: errors[0] if errors else None)
-                for future in futures:
-                    future.result()
-                if errors:
-                    raise errors[0]
-            except BaseException as error:
-                receiver.done(False, str(error) or type(error).__name__)
-                raise
-            receiver.done(True)  # every chunk is written: the sender may forget this seat
-            sink.sync()
-            digest = sink.sha256(0, manifest.raw_size)
-    finally:
-        receiver.close()
-    if digest != manifest.raw_sha256:
-        raise ValueError(f"{target} reads back as sha256 {digest}, the image is "
-                         f"{manifest.raw_sha256}")
-    seconds = round(time.monotonic() - started, 2)
-    skipped = manifest.raw_size - totals["written"] - totals["zeroed"]
-    LOG.info("received %d bytes (%d zeroed, %d held already) by multicast into %s in %.1f s "
-             "(%d packets, %d from other jobs or malformed), verified by reading back",
-             totals["written"], totals["zeroed"], skipped, target, seconds, receiver.received,
-             receiver.strays)
-    return WriteResult(digest, totals["written"], totals["zeroed"], seconds,
-                       chunks_total=len(manifest.chunks), chunks_written=totals["chunks"],
-                       bytes_skipped=skipped)
+    in ``have`` (already on the disk, verified by the caller), through the write pipeline
+    (agent/writer.py). Raises MulticastError if the sender stays silent for ``timeout``
+    seconds and ValueError if a chunk or the whole image is wrong; either way the sender is
+    told that this seat gave up."""
+    source = MulticastChunks(group, port, sender_addr, job_id, interface_ip, timeout)
+    return writer.write(manifest, source, target, progress, have)
 
 
 def _load_manifest(source: str) -> Manifest:

@@ -1,19 +1,31 @@
-"""The image pipeline's last stages: each chunk unpacked and verified, written at its offset,
-the whole image hashed as it goes by and checked against the manifest after an fsync. With
-``readback`` the whole range is read back from the medium instead (slower: the disk is
-read once more; it catches a disk that loses writes).
+"""The agent's one write pipeline: chunk source -> decompress -> verify -> write, then the
+whole image read back from the disk and checked. Every way an image reaches a seat's disk
+through the agent goes through :func:`write` (Tinkerbell's image2disk has the same shape:
+a stream through small stages).
 
-With ``delta`` (the default) the disk is scanned first (agent/delta.py) and only the chunks
-it does not already hold are fetched and written. The whole-image hash still covers every
-byte of the image range as the disk holds it afterwards: the chunks left alone are read
-again, in order, and hashed with the rest (those the scan found in a file's holes are
-taken as the zeros they read as). Trusting the scan's per-chunk verdicts alone would
-leave the manifest's own consistency unchecked.
+Stages, in order:
 
-Zero chunks never cross the network, but whatever the disk held there must read back as
-zeros, so they are zeroed the cheapest way the target offers: a hole punched in a file,
-BLKZEROOUT on a block device (the kernel uses WRITE ZEROES or unmap where the device
-guarantees zeros), and plain zero writes where neither works.
+1. Delta (agent/delta.py): the disk is asked first which chunks it already holds; those are
+   left alone and never asked of the source. Off, nothing is kept.
+2. A chunk source delivers the packed bytes of every other data chunk, once each, in any
+   order: HTTP from the image store (``fetch.HttpChunks``) or a room job's multicast group
+   (``multicast.MulticastChunks``). The source runs in the caller's thread; it hands each
+   chunk to a :class:`Handoff`.
+3. In a thread of its own (the network and the disk overlap), each chunk is decompressed and
+   checked against its manifest sha256 (manifest.unpack_chunk) before a byte of it is
+   written: a wrong chunk fails the write naming it, and never reaches the disk. Zero
+   chunks never cross the network: whatever the disk held there must read back as zeros,
+   so they are zeroed the cheapest way the target offers: a hole punched in a file,
+   BLKZEROOUT on a block device (the kernel uses WRITE ZEROES or unmap where the device
+   guarantees zeros), and plain zero writes where neither works.
+4. One verification rule for every source, the stricter of the two the HTTP and multicast
+   paths used to have: after an fsync, the whole image range is read back from the medium
+   (past the page cache) and its sha256 must be the manifest's. This covers the chunks
+   delta kept as well, and it catches a disk that loses writes. The conductor then asks for
+   a receipt over random extents (agent/proof.py).
+
+The iSCSI path is not a source here: there the conductor writes through the seat's exported
+disk (conductor/iscsi_writer.py) and the agent only exports it (agent/iscsi.py).
 """
 from __future__ import annotations
 
@@ -26,19 +38,16 @@ import os
 import struct
 import threading
 import time
-from collections import deque
 from concurrent.futures import Future, ThreadPoolExecutor
-from contextlib import contextmanager
 from dataclasses import dataclass
-from queue import Full, Queue
-from typing import Any, Iterator, TypeVar
+from typing import Protocol
 
 import requests
 
 from labmetal.agent import fetch
-from labmetal.agent.delta import Scan, read_exactly, scan as scan_disk
+from labmetal.agent.delta import matching_chunks
 from labmetal.agent.disk import is_block_device, size_of
-from labmetal.agent.manifest import Manifest, unpack_chunk
+from labmetal.agent.manifest import Chunk, Manifest, unpack_chunk
 
 LOG = logging.getLogger(__name__)
 
@@ -46,10 +55,6 @@ BLKZEROOUT = 0x127F
 FALLOC_FL_KEEP_SIZE = 0x01
 FALLOC_FL_PUNCH_HOLE = 0x02
 BLOCK = 4 * 1024 * 1024
-FETCH_AHEAD = 8  # chunks received ahead of the writes (compressed, 4 MiB at most each)
-HASH_BEHIND = 8  # chunks the whole-image hash may lag behind the writes
-_END = object()
-T = TypeVar("T")
 
 _libc = ctypes.CDLL(None, use_errno=True)
 _libc.fallocate.argtypes = [ctypes.c_int, ctypes.c_int, ctypes.c_int64, ctypes.c_int64]
@@ -135,52 +140,95 @@ class DiskSink:
         return digest.hexdigest()
 
 
-@contextmanager
-def _ahead(items: Iterator[T], depth: int) -> Iterator[Iterator[T]]:
-    """``items`` produced by a thread of their own, up to ``depth`` ahead of the consumer;
-    the producer's exception is raised in the consumer. The generator is closed (its HTTP
-    response with it) by the thread that runs it, also when the consumer stops early."""
-    queue: Queue[tuple[Any, BaseException | None]] = Queue(depth)
-    stop = threading.Event()
+class Handoff:
+    """Where a source hands the packed chunks it got. Decompressing, verifying and writing
+    run in one thread of their own, in the order handed. ``put`` waits while ``depth``
+    chunks are handed and not yet written; a source that must never wait (multicast keeps
+    reading its socket) stays within ``depth`` itself by looking at ``pending``. ``error``
+    is the first failure of these stages; ``put`` raises it too."""
 
-    def put(item: Any, error: BaseException | None = None) -> bool:
-        while not stop.is_set():
-            try:
-                queue.put((item, error), timeout=0.2)
-                return True
-            except Full:
-                continue
-        return False
+    def __init__(self, sink: DiskSink, progress: Progress, depth: int) -> None:
+        self.sink = sink
+        self.progress = progress
+        self.error: BaseException | None = None
+        self.written = self.zeroed = self.chunks = 0
+        self._handed = 0  # counted by the source's thread
+        self._finished = 0  # counted by the writing thread
+        self._room = threading.Semaphore(depth)
+        self._pool = ThreadPoolExecutor(1, "image-write")
+        self._last: Future | None = None
+        self._cancelled = False
 
-    def produce() -> None:
+    def __enter__(self) -> Handoff:
+        return self
+
+    def __exit__(self, kind: object, *exc: object) -> None:
+        self._cancelled = kind is not None  # what is still queued is not written
+        self._pool.shutdown(wait=True)
+
+    @property
+    def pending(self) -> int:
+        """Chunks handed and not yet written (or failed)."""
+        return self._handed - self._finished
+
+    def put(self, chunk: Chunk, packed: bytes | memoryview) -> None:
+        if self.error is not None:
+            raise self.error
+        self._room.acquire()
+        self._handed += 1
+        self._last = self._pool.submit(self._write, chunk, packed)
+
+    def zero(self, chunks: list[Chunk]) -> None:
+        """Zero these chunks (before anything handed after this call)."""
+        if chunks:
+            self._last = self._pool.submit(self._zero, chunks)
+
+    def drain(self) -> None:
+        """Wait until everything handed is written; raise the first failure."""
+        if self._last is not None:
+            self._last.result()
+        if self.error is not None:
+            raise self.error
+
+    def _write(self, chunk: Chunk, packed: bytes | memoryview) -> None:
         try:
-            for item in items:
-                if not put(item):
-                    return
-            put(_END)
-        except BaseException as error:  # handed to the consumer, who raises it
-            put(_END, error)
+            if self.error is None and not self._cancelled:
+                data = unpack_chunk(chunk, packed)  # raises, naming the chunk, if wrong
+                self.sink.write(chunk.offset, data)
+                self.written += chunk.length
+                self.chunks += 1
+                self.progress.done += chunk.length
+        except BaseException as error:  # the source's thread raises it
+            if self.error is None:
+                self.error = error
         finally:
-            close = getattr(items, "close", None)
-            if close is not None:
-                close()
+            self._finished += 1
+            self._room.release()
 
-    def consume() -> Iterator[T]:
-        while True:
-            item, error = queue.get()
-            if error is not None:
-                raise error
-            if item is _END:
-                return
-            yield item
+    def _zero(self, chunks: list[Chunk]) -> None:
+        try:
+            for chunk in chunks:
+                if self.error is not None or self._cancelled:
+                    return
+                self.sink.zero(chunk.offset, chunk.length)
+                self.zeroed += chunk.length
+                self.chunks += 1
+                self.progress.done += chunk.length
+        except BaseException as error:
+            if self.error is None:
+                self.error = error
 
-    producer = threading.Thread(target=produce, name="fetch-ahead", daemon=True)
-    producer.start()
-    try:
-        yield consume()
-    finally:
-        stop.set()
-        producer.join(timeout=5)  # a stalled read ends on its own; the disk is not its
+
+class ChunkSource(Protocol):
+    """Where the packed bytes of an image's data chunks come from."""
+    ahead: int  # chunks it may hand ahead of the writes (memory: 4 MiB at most each)
+
+    def deliver(self, manifest: Manifest, wanted: list[Chunk], handoff: Handoff) -> None:
+        """Hand each of ``wanted`` (data chunks, in manifest order) to ``handoff.put`` once,
+        in any order, and return; raise if that cannot be done."""
+
+    def finish(self, ok: bool, reason: str) -> None:
+        """The write is over (every chunk written when ``ok``): release what it held."""
 
 
 def check_fits(target: str, needed: int) -> None:
@@ -189,62 +237,49 @@ def check_fits(target: str, needed: int) -> None:
         raise ValueError(f"disk {target} is {size} bytes, the image needs {needed}")
 
 
-def write_image(session: requests.Session, manifest: Manifest, packed_url: str, target: str,
-                progress: Progress, readback: bool = False, delta: bool = True) -> WriteResult:
-    """Stream an image onto ``target`` (disk, partition or file) from its start. With
-    ``delta``, only the chunks the disk does not hold already are fetched and written.
-    Three things overlap: the network (a thread receiving up to FETCH_AHEAD chunks ahead),
-    the writes, and the whole image's hash (a thread of its own: hashlib lets go of the
-    GIL, up to HASH_BEHIND chunks behind)."""
+def write(manifest: Manifest, source: ChunkSource, target: str, progress: Progress,
+          have: frozenset[int] | None = None) -> WriteResult:
+    """The image onto ``target`` (disk, partition or file) from its start, its chunks from
+    ``source``. ``have``: the chunks the disk already holds (checked by the caller); None
+    scans the disk for them (delta), an empty set writes everything."""
     check_fits(target, manifest.raw_size)
     started = time.monotonic()
-    found = scan_disk(target, manifest, progress) if delta else Scan(frozenset(), frozenset())
-    have = found.matching
+    if have is None:
+        have = matching_chunks(target, manifest, progress)
     scanned = time.monotonic()
     needed = [chunk for chunk in manifest.chunks if chunk.index not in have]
-    progress.done, progress.total = 0, manifest.raw_size
-    written = zeroed = skipped = 0
-    whole = hashlib.sha256()
-    zeros = bytes(manifest.chunk_size)
-    hashed: deque[Future] = deque()
-    with DiskSink(target) as sink, ThreadPoolExecutor(1, "image-hash") as hasher, \
-            _ahead(fetch.packed_chunks(session, packed_url, needed, manifest.packed_size),
-                   FETCH_AHEAD) as fetched:
-        for chunk in manifest.chunks:
-            if chunk.index in found.holes:
-                data = zeros[:chunk.length]
-                skipped += chunk.length
-            elif chunk.index in have:
-                data = b"" if readback else read_exactly(sink.fd, chunk.offset, chunk.length)
-                skipped += chunk.length
-            else:
-                fetched_chunk, packed = next(fetched)
-                assert fetched_chunk is chunk, "packed_chunks yields the chunks in order"
-                data = zeros[:chunk.length] if chunk.zero else unpack_chunk(chunk, packed)
-                if chunk.zero:
-                    sink.zero(chunk.offset, chunk.length)
-                    zeroed += chunk.length
-                else:
-                    sink.write(chunk.offset, data)
-                    written += chunk.length
-            if not readback:  # one worker: the updates run in order
-                hashed.append(hasher.submit(whole.update, data))
-                while len(hashed) > HASH_BEHIND or hashed and hashed[0].done():
-                    hashed.popleft().result()
-            progress.done += chunk.length
-        for pending in hashed:
-            pending.result()
+    progress.total = manifest.raw_size
+    progress.done = manifest.raw_size - sum(chunk.length for chunk in needed)
+    with DiskSink(target) as sink:
+        with Handoff(sink, progress, source.ahead) as handoff:
+            handoff.zero([chunk for chunk in needed if chunk.zero])
+            try:
+                source.deliver(manifest, [chunk for chunk in needed if not chunk.zero],
+                               handoff)
+                handoff.drain()
+            except BaseException as error:
+                source.finish(False, str(error) or type(error).__name__)
+                raise
+            source.finish(True, "")
         sink.sync()
-        digest = sink.sha256(0, manifest.raw_size) if readback else whole.hexdigest()
+        digest = sink.sha256(0, manifest.raw_size)
     if digest != manifest.raw_sha256:
-        source = "reads back" if readback else "was written"
-        raise ValueError(f"{target} {source} as sha256 {digest}, the image is "
+        raise ValueError(f"{target} reads back as sha256 {digest}, the image is "
                          f"{manifest.raw_sha256}")
     seconds = round(time.monotonic() - started, 2)
+    skipped = manifest.raw_size - handoff.written - handoff.zeroed
     LOG.info("wrote %d bytes (%d zeroed, %d already there in %d of %d chunks, scanned in "
-             "%.1f s) to %s in %.1f s, verified%s", written, zeroed, skipped, len(have),
-             len(manifest.chunks), scanned - started, target, seconds,
-             " by reading back" if readback else "")
-    return WriteResult(digest, written, zeroed, seconds, chunks_total=len(manifest.chunks),
-                       chunks_written=len(needed), bytes_skipped=skipped,
-                       scan_seconds=round(scanned - started, 2))
+             "%.1f s) to %s in %.1f s, verified by reading back", handoff.written,
+             handoff.zeroed, skipped, len(manifest.chunks) - len(needed), len(manifest.chunks),
+             scanned - started, target, seconds)
+    return WriteResult(digest, handoff.written, handoff.zeroed, seconds,
+                       chunks_total=len(manifest.chunks), chunks_written=handoff.chunks,
+                       bytes_skipped=skipped, scan_seconds=round(scanned - started, 2))
+
+
+def write_image(session: requests.Session, manifest: Manifest, packed_url: str, target: str,
+                progress: Progress, readback: bool = False, delta: bool = True) -> WriteResult:
+    """:func:`write` with the chunks over HTTP (the benchmarks' entry). ``readback`` is
+    ignored: every write is read back."""
+    return write(manifest, fetch.HttpChunks(session, packed_url), target, progress,
+                 None if delta else frozenset())

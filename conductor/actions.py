@@ -39,7 +39,8 @@ def _power_values(work: NodeWork, new_state: str | None) -> dict[str, Any]:
     values: dict[str, Any] = {"power_state": new_state}
     assumed = work.driver.power.assumed_state
     if bool(work.driver_internal_info.get("power_state_assumed")) != assumed:
-        values["driver_internal_info"] = {**work.driver_internal_info, "power_state_assumed": assumed}
+        values["driver_internal_info"] = {**work.driver_internal_info,
+                                          "power_state_assumed": assumed}
     return values
 
 
@@ -53,7 +54,8 @@ def change_power(work: NodeWork) -> Outcome:
                        [("power", "ERROR", message)])
     outcome = Outcome({**_power_values(work, new_state), "target_power_state": None,
                        "last_error": None})
-    assumed = " (assumed: Wake-on-LAN cannot read it back)" if work.driver.power.assumed_state else ""
+    assumed = (" (assumed: Wake-on-LAN cannot read it back)" if work.driver.power.assumed_state
+               else "")
     outcome.events.append(("power", "INFO",
                            f"power state is now '{new_state}' after '{target}'{assumed}"))
     return outcome

@@ -1,10 +1,16 @@
-"""The conductor's side of the deploy agent's command API (agent/api.py is the other side)."""
+"""The conductor's side of the deploy agent's command API (agent/api.py is the other side).
+
+A command is sent as its typed params (agent/command_params.py): the class names the
+command and spells its JSON, the same class the agent reads it back with.
+"""
 from __future__ import annotations
 
 from dataclasses import dataclass, field
 from typing import Any
 
 import requests
+
+from labmetal.agent.command_params import CommandParams
 
 
 class AgentUnreachable(Exception):
@@ -75,9 +81,9 @@ class AgentClient:
             raise AgentRefused(f"agent at {self.url} answered {path} with no JSON object")
         return answer
 
-    def start(self, name: str, params: dict[str, Any], request_id: str) -> AgentCommand:
+    def start(self, params: CommandParams, request_id: str) -> AgentCommand:
         return AgentCommand.from_json(self._call("POST", "/v1/commands", {
-            "name": name, "params": params, "request_id": request_id}))
+            "name": params.command, "params": params.to_dict(), "request_id": request_id}))
 
     def get(self, command_id: str) -> AgentCommand:
         return AgentCommand.from_json(self._call("GET", f"/v1/commands/{command_id}"))

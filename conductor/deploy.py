@@ -5,12 +5,13 @@ ramdisk and leaves it in a "wait" state without a lock. When the agent heartbeat
 hands the node back to its conductor with a "continue-*" action, which drives the agent's
 commands (agent/api.py) and finishes the transition. Progress is written to the node's
 deploy_step while the lock is held, so a teacher sees each seat's percentage.
+
+How the image gets onto the disk is the node's deploy interface's business
+(conductor/deploy_interfaces.py); each agent command runs through conductor/agent_steps.py.
 """
 from __future__ import annotations
 
-import hmac
 import logging
-import os
 import secrets
 import time
 import uuid as uuidlib
@@ -20,24 +21,25 @@ from typing import Any, Callable
 from sqlalchemy import select, update
 
 from labmetal import states
-from labmetal.agent import proof
+from labmetal.agent.command_params import (ExportIscsi, PowerOff, Reboot, UnexportIscsi,
+                                           WipeMetadata)
+from labmetal.conductor import deploy_interfaces
 from labmetal.conductor.actions import NodeWork, Outcome
-from labmetal.conductor.agent_client import AgentClient, AgentRefused, AgentUnreachable
+from labmetal.conductor.agent_steps import DeployError, check_trusted, run_agent_command
 from labmetal.conductor.power.base import InvalidDriverInfo, PowerError
 from labmetal.config import Settings
 from labmetal.db import Database
 from labmetal.images.inspect import ImageRejected
 from labmetal.images.registry import ingest
 from labmetal.images.store import ImageStore
+from labmetal.lifecycles import IMAGE_QUEUED
+from labmetal.lookup import NOT_ACTIVE, WRONG_KIND, ImageUnusable, usable_image
 from labmetal.models import Image, Node, Port
+from labmetal.names import seat_iqn
 from labmetal.secrets import SecretBox
 
 LOG = logging.getLogger(__name__)
 DISK_IMAGE_KINDS = ("whole-disk", "partition")
-
-
-class DeployError(Exception):
-    """A step failed; the message becomes the node's last_error."""
 
 
 @dataclass
@@ -58,17 +60,17 @@ class DeployContext:
     def image(self, ident: str | None, kinds: tuple[str, ...], what: str) -> Image:
         if not ident:
             raise DeployError(f"no {what} is set")
-        with self.db.read() as session:
-            column = Image.uuid if _looks_like_uuid(ident) else Image.name
-            image = session.scalar(select(Image).where(column == ident))
-        if image is None:
-            raise DeployError(f"{what} {ident!r} is not in the image store")
-        if image.status != "active":
-            raise DeployError(f"{what} {image.name} has no data yet (status {image.status})")
-        if image.kind not in kinds:
-            raise DeployError(f"{what} {image.name} is a {image.kind} image; expected "
-                              f"{' or '.join(kinds)}")
-        return image
+        try:
+            with self.db.read() as session:
+                return usable_image(session, ident, kinds)
+        except ImageUnusable as error:
+            if error.problem == WRONG_KIND:
+                raise DeployError(f"{what} {error.name} is a {error.kind} image; expected "
+                                  f"{' or '.join(kinds)}") from None
+            if error.problem == NOT_ACTIVE:
+                raise DeployError(f"{what} {error.name} has no data yet (status "
+                                  f"{error.status})") from None
+            raise DeployError(f"{what} {ident!r} is not in the image store") from None
 
     def image_by_id(self, image_id: int | None) -> Image | None:
         if image_id is None:
@@ -81,13 +83,6 @@ class DeployContext:
 
     def manifest_url(self, image: Image) -> str:
         return self.file_url(image, "manifest")
-
-
-def _looks_like_uuid(text: str) -> bool:
-    try:
-        return str(uuidlib.UUID(text)) == text.lower()
-    except ValueError:
-        return False
 
 
 def _failure(work: NodeWork, message: str) -> Outcome:
@@ -171,165 +166,9 @@ def inspect(work: NodeWork) -> Outcome:
 
 
 # -- second half: the agent called back ----------------------------------------------------
-def _agent(work: NodeWork) -> AgentClient:
-    node = work.node
-    if not node.agent_url or not node.agent_token:
-        raise DeployError("the agent has not reported where it listens")
-    check_trusted(work)
-    return AgentClient(node.agent_url, work.ctx.box.open(node.agent_token))
-
-
-def check_trusted(work: NodeWork) -> None:
-    """A second lookup of this deploy's token raised an alarm (api/agent.py): whatever the
-    agent says from now on may come from someone else."""
-    with work.ctx.db.read() as session:
-        alarm = session.scalar(select(Node.agent_alarm).where(Node.id == work.node.id))
-    if alarm:
-        raise DeployError(alarm)
-
-
-def agent_says(text: object, limit: int = 200) -> str:
-    """An agent's words for last_error and the history: its message, but printable, short,
-    and marked as its own (the seat network is hostile: a seat's text is data)."""
-    cleaned = "".join(ch if ch.isprintable() else " " for ch in str(text or ""))
-    cleaned = " ".join(cleaned.split())
-    if len(cleaned) > limit:
-        cleaned = cleaned[:limit] + "..."
-    return f"the agent reports: {cleaned!r}" if cleaned else "the agent gave no reason"
-
-
-def run_agent_command(work: NodeWork, name: str, params: dict[str, Any],
-                      step: str, wait: bool = True, key: str = "") -> dict[str, Any]:
-    """Start (or find again, after a takeover) an agent command and wait for its end,
-    saving progress. An agent that stops answering for agent_timeout fails the step.
-    ``wait=False`` is for reboot and power off: accepted is all one can know, since the
-    agent is gone (or a new one, with a new token, answers) once it has acted. ``key``
-    makes the command a new one where re-sending the same would be wrong (a challenge:
-    a conductor that took over asks its own)."""
-    ctx = work.ctx
-    client = _agent(work)
-    step_id = (work.node.deploy_step or {}).get("id") or work.node.uuid
-    timeout = ctx.settings.agent_timeout
-    last_answer = time.monotonic()
-    command = None
-    saved_at = 0.0
-    while True:
-        try:
-            command = (client.start(name, params, f"{step_id}:{name}{key}") if command is None
-                       else client.get(command.id))
-            last_answer = time.monotonic()
-        except AgentRefused as error:
-            raise DeployError(str(error)) from None
-        except AgentUnreachable as error:
-            if time.monotonic() - last_answer > timeout:
-                raise DeployError(f"the agent vanished during {name}: no answer for "
-                                  f"{timeout:.0f} s ({error})") from None
-            time.sleep(1.0)
-            continue
-        if not wait:
-            return command.result
-        if command.status == "succeeded":
-            check_trusted(work)
-            ctx.save_step(work.node.id, {**(work.node.deploy_step or {}), "step": step,
-                                         "done": command.total or command.done,
-                                         "total": command.total})
-            return command.result
-        if command.status == "failed":
-            raise DeployError(f"{name} failed on the node: {agent_says(command.error)}")
-        if time.monotonic() - saved_at >= 1.0:
-            ctx.save_step(work.node.id, {**(work.node.deploy_step or {}), "step": step,
-                                         "done": command.done, "total": command.total})
-            saved_at = time.monotonic()
-        time.sleep(0.5)
-
-
 def _instance_image(work: NodeWork) -> Image:
     source = (work.node.instance_info or {}).get("image_source")
     return work.ctx.image(source, DISK_IMAGE_KINDS, "instance_info.image_source")
-
-
-def _write_direct(work: NodeWork, image: Image) -> dict[str, Any]:
-    ctx = work.ctx
-    info = work.node.instance_info or {}
-    params = {"manifest_url": ctx.manifest_url(image), "packed_url": ctx.file_url(image, "packed"),
-              "readback": bool(info.get("verify_readback"))}
-    if info.get("multicast"):  # a room job's seat: the chunks come from the job's group
-        params["multicast"] = info["multicast"]
-    if image.kind == "whole-disk":
-        result = run_agent_command(work, "write_image", params, "write image")
-        _check_written(work, image, result)
-        return result
-    kernel = ctx.image_by_id(image.kernel_id)
-    ramdisk = ctx.image_by_id(image.ramdisk_id)
-    if kernel is None or ramdisk is None:
-        raise DeployError(f"partition image {image.name} lost its kernel or ramdisk")
-    info = work.node.instance_info or {}
-    # auto: as the PC booted the ramdisk (BIOS or UEFI)
-    params["boot_mode"] = info.get("boot_mode", "auto")
-    result = run_agent_command(work, "deploy_partition_image", params, "write image")
-    _check_written(work, image, result)  # before the boot loader changes the file system
-    boot = run_agent_command(work, "install_bootloader", {
-        "kernel_url": ctx.file_url(kernel, "file"), "ramdisk_url": ctx.file_url(ramdisk, "file"),
-        "kernel_cmdline": info.get("kernel_append_params", "console=ttyS0")},
-        "install the boot loader")
-    return {**result, **boot}
-
-
-def _check_written(work: NodeWork, image: Image, result: dict[str, Any]) -> None:
-    if result.get("raw_sha256") != image.raw_sha256:
-        raise DeployError("the agent's sha256 of what it wrote is not the image's "
-                          f"({image.raw_sha256[:12]})")
-    _check_receipt(work, image)
-
-
-def _check_receipt(work: NodeWork, image: Image) -> None:
-    """The disk holds the image: a fresh challenge over random extents, answered from the
-    disk, checked against the store's copy (agent/proof.py). The sha256 above is public;
-    this answer cannot be made without the bytes."""
-    raw = str(work.ctx.store.raw_path(image.uuid))
-    challenge = proof.challenge(os.path.getsize(raw))
-    answer = run_agent_command(work, "prove_disk", challenge.params(), "prove the write",
-                               key=f":{challenge.nonce[:16]}")
-    expected = proof.digest(raw, 0, challenge)
-    given = answer.get("hmac")
-    if not (isinstance(given, str) and hmac.compare_digest(given, expected)):
-        raise DeployError("the disk's answer to the receipt challenge does not match the "
-                          "image: the write cannot be verified")
-
-
-def _chunks_written(result: dict[str, Any], info: dict[str, Any]) -> str:
-    """"; 3 of 64 chunks written" for the history: a delta re-image shows what it spared."""
-    try:
-        written, total = int(result.get("chunks_written") or 0), int(result["chunks_total"])
-    except (KeyError, TypeError, ValueError):
-        return ""
-    source = " from multicast" if info.get("multicast") else ""
-    return f"; {written} of {total} chunks written{source}"
-
-
-def _write_iscsi(work: NodeWork, image: Image) -> None:
-    """The agent exports its disk; the conductor writes the image into it with qemu-img."""
-    from labmetal.conductor.iscsi_writer import write_image_over_iscsi
-    if image.kind != "whole-disk":
-        raise DeployError("the iscsi deploy interface writes whole-disk images; use "
-                          "deploy_interface direct for partition images")
-    iqn = f"iqn.2026-11.org.labmetal:{work.node.uuid}"
-    export = run_agent_command(work, "export_iscsi", {"iqn": iqn}, "export disk over iSCSI")
-    try:
-        def progress(done: int, total: int) -> None:
-            work.ctx.save_step(work.node.id, {**(work.node.deploy_step or {}),
-                                              "step": "write image over iSCSI",
-                                              "done": done, "total": total})
-        write_image_over_iscsi(work.ctx.store.raw_path(image.uuid), "raw", export["portal"],
-                               export["iqn"], int(export.get("lun", 1)), target_is_zero=False,
-                               progress_callback=progress)
-    except Exception as error:
-        raise DeployError(f"writing over iSCSI failed: {error}") from None
-    finally:
-        try:
-            run_agent_command(work, "unexport_iscsi", {"iqn": iqn}, "unexport disk")
-        except DeployError as error:
-            LOG.warning("node %s: %s", work.node.uuid, error)
 
 
 def _reboot_into(work: NodeWork, device: str) -> str:
@@ -337,7 +176,7 @@ def _reboot_into(work: NodeWork, device: str) -> str:
     power = work.driver.power
     power.set_boot_device(work.target, device)
     if power.assumed_state:
-        run_agent_command(work, "reboot", {}, "reboot", wait=False)
+        run_agent_command(work, Reboot(), "reboot", wait=False)
         return states.POWER_ON
     return power.set_power_state(work.target, states.REBOOTING)
 
@@ -345,24 +184,22 @@ def _reboot_into(work: NodeWork, device: str) -> str:
 def _power_off(work: NodeWork) -> str:
     power = work.driver.power
     if power.assumed_state:
-        run_agent_command(work, "power_off", {}, "power off", wait=False)
+        run_agent_command(work, PowerOff(), "power off", wait=False)
         return states.POWER_OFF
     return power.set_power_state(work.target, states.POWER_OFF)
 
 
-_DONE_WITH_AGENT = {"agent_url": None, "agent_token": None, "agent_token_given": False,
-                    "agent_address": None, "agent_alarm": None,
-                    "deploy_step": {}, "target_provision_state": None, "last_error": None}
+_DONE_WITH_AGENT: dict[str, Any] = {
+    "agent_url": None, "agent_token": None, "agent_token_given": False, "agent_address": None,
+    "agent_alarm": None, "deploy_step": {}, "target_provision_state": None, "last_error": None}
 
 
 def continue_deploy(work: NodeWork) -> Outcome:
     try:
         image = _instance_image(work)
-        written = ""
-        if work.node.deploy_interface == "iscsi":
-            _write_iscsi(work, image)
-        else:
-            written = _chunks_written(_write_direct(work, image), work.node.instance_info or {})
+        interface = deploy_interfaces.for_node(work.node)
+        interface.validate(work, image)
+        written = interface.write_image(work, image)
         # The network stays first, as on a room PC: the seat's script (now "the local disk")
         # sends it to its disk, and a later deploy, inspection or session needs no change
         # of its boot order. Under Secure Boot the firmware checks the disk's loader itself.
@@ -372,13 +209,13 @@ def continue_deploy(work: NodeWork) -> Outcome:
     return Outcome({**_DONE_WITH_AGENT, "provision_state": states.ACTIVE,
                     "power_state": power_state},
                    [("deployment", "INFO", f"image {image.name} written and verified "
-                                           f"({image.raw_sha256[:12]}{written}); booting it"),
+                                           f"({image.raw_sha256[:12]}{written}); booting it"),  # type: ignore[index]
                     ("provisioning", "INFO", "deploying -> active")])
 
 
 def continue_clean(work: NodeWork) -> Outcome:
     try:
-        run_agent_command(work, "wipe_metadata", {}, "erase disk metadata")
+        run_agent_command(work, WipeMetadata(), "erase disk metadata")
         power_state = _power_off(work)
     except (DeployError, PowerError, InvalidDriverInfo) as error:
         return _failure(work, f"Cleaning failed: {error}")
@@ -400,8 +237,9 @@ def continue_inspect(work: NodeWork) -> Outcome:
         return _failure(work, f"Inspection failed: {error}")
     return Outcome({**_DONE_WITH_AGENT, "provision_state": states.MANAGEABLE,
                     "power_state": power_state, "properties": properties},
-                   [("inspection", "INFO", f"inventory stored: {_summary(properties)}"
-                                           + (f"; ports added: {', '.join(added)}" if added else "")),
+                   [("inspection", "INFO",
+                     f"inventory stored: {_summary(properties)}"
+                     + (f"; ports added: {', '.join(added)}" if added else "")),
                     ("provisioning", "INFO", "inspecting -> manageable")])
 
 
@@ -423,12 +261,12 @@ def continue_capture(work: NodeWork) -> Outcome:
         image = session.scalar(select(Image).where(Image.uuid == image_uuid))
     if image is None:
         return _capture_failed(work, "the image to capture into was deleted")
-    iqn = f"iqn.2026-11.org.labmetal:{work.node.uuid}"
+    iqn = seat_iqn(work.node.uuid)
     incoming = ctx.store.root / ".incoming"
     incoming.mkdir(parents=True, exist_ok=True)
     disk = incoming / f"capture-{work.node.uuid}.raw"
     try:
-        export = run_agent_command(work, "export_iscsi", {"iqn": iqn}, "export disk over iSCSI")
+        export = run_agent_command(work, ExportIscsi(iqn=iqn), "export disk over iSCSI")
         try:
             def progress(done: int, total: int) -> None:
                 ctx.save_step(work.node.id, {**(work.node.deploy_step or {}),
@@ -437,7 +275,7 @@ def continue_capture(work: NodeWork) -> Outcome:
             capture_over_iscsi(export["portal"], export["iqn"], int(export.get("lun", 1)), disk,
                                progress_callback=progress)
         finally:
-            run_agent_command(work, "unexport_iscsi", {"iqn": iqn}, "unexport disk")
+            run_agent_command(work, UnexportIscsi(iqn=iqn), "unexport disk")
         with open(disk, "rb") as stream:
             stored = ingest(ctx.db, ctx.store, image, stream)
         power_state = _power_off(work)
@@ -464,7 +302,7 @@ def _capture_failed(work: NodeWork, message: str) -> Outcome:
     image_uuid = work.driver_internal_info.get("capture_image")
     with work.ctx.db.write() as session:
         image = session.scalar(select(Image).where(Image.uuid == image_uuid,
-                                                   Image.status == "queued"))
+                                                   Image.status == IMAGE_QUEUED))
         if image is not None:
             session.delete(image)
     outcome = _failure(work, f"Capture failed: {message}")

@@ -33,6 +33,7 @@ from pathlib import Path
 import zfec
 
 from labmetal.agent import multicast_wire as wire
+from labmetal.agent.command_params import MulticastGroup
 from labmetal.agent.manifest import Manifest
 
 LOG = logging.getLogger(__name__)
@@ -57,6 +58,13 @@ class MulticastConfig:
     min_rate: int = 1_000_000
     silence_timeout: float = 5.0
     loss_threshold: float = 0.10
+
+    @classmethod
+    def for_group(cls, group: MulticastGroup, rate_ceiling: int, ttl: int) -> MulticastConfig:
+        """The sender's side of the group a room job chose (the seats get the same group in
+        their write_image)."""
+        return cls(group=group.group, port=group.port, control_port=group.sender_port,
+                   interface_ip=group.interface, rate_ceiling=rate_ceiling, ttl=ttl)
 
 
 @dataclass(frozen=True)

@@ -31,11 +31,10 @@ from urllib.parse import parse_qs, urlsplit
 import pytest
 import requests
 
-from labmetal.agent.main import options
 from labmetal.agent.bootloader import SIGNED_LOADERS
 from labmetal.agent import proof
 from labmetal.agent.manifest import Manifest, build
-from tests.support import Processes, free_port, wait_for
+from labmetal.lab.harness import Processes, free_port, wait_for
 
 MIB = 1024 * 1024
 CHUNK = MIB
@@ -366,16 +365,7 @@ def sha256_of(path: Path, length: int | None = None) -> str:
 
 
 # ---------------------------------------------------------------- the agent's story
-
-def test_kernel_command_line_options_and_the_command_line_winning():
-    cmdline = ('quiet labmetal.api=http://10.0.0.1:6385 labmetal.mode=discovery '
-               'labmetal.interface=eth0,eth1 "labmetal.poweroff_cmd=echo off" labmetal.bogus=1')
-    args = options([], cmdline)
-    assert (args.api, args.mode, args.interface, args.poweroff_cmd, args.listen) == (
-        "http://10.0.0.1:6385", "discovery", ["eth0", "eth1"], "echo off", "0.0.0.0:9999")
-    args = options(["--mode", "deploy", "--interface", "eth2"], cmdline)
-    assert (args.mode, args.interface) == ("deploy", ["eth2"])
-
+# (its kernel command line alone: tests/test_agent_options.py, fast)
 
 def test_seat_looks_itself_up_and_heartbeats_with_its_inventory(disks, start_seat, labmetal):
     disk = disks(64 * MIB)

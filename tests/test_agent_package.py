@@ -8,7 +8,11 @@ import ast
 import sys
 from pathlib import Path
 
+import pytest
+
 from labmetal.images.ramdisk import PACKAGES, agent_package
+
+pytestmark = pytest.mark.fast
 
 AGENT = Path(__file__).resolve().parents[1] / "agent"
 # Import names of the Python libraries the ramdisk's Debian packages provide.
