@@ -22,7 +22,7 @@ from flask import Blueprint
 from sqlalchemy import select, update
 
 from labmetal import history, states
-from labmetal.api.app import services
+from labmetal.api.services import services
 from labmetal.api.auth import public
 from labmetal.api.errors import ApiError, bad_request, conflict, not_found
 from labmetal.api.ports import mac_field, normalize_mac
@@ -30,7 +30,8 @@ from labmetal.api.seat_address import caller_address, holds_lease, leases_known,
 from labmetal.api.validation import Field, body, obj, query
 from labmetal.conductor.deploy import (CONTINUE_ACTION, inventory_macs,
                                        inventory_properties)
-from labmetal.conductor.rpcapi import NoConductor, NodeLocked, Unchanged
+from labmetal.conductor.door import Asker
+from labmetal.conductor.errors import Busy
 from labmetal.models import Node, Port, utcnow
 
 LOG = logging.getLogger(__name__)
@@ -192,15 +193,13 @@ def heartbeat(node_uuid: str, body: dict[str, Any]):
     action = CONTINUE_ACTION.get(state)
     if action and not locked:
         try:
-            svc.conductors.request(node, action, {"provision_state": states.AGENT_WAIT[state]},
-                                   (Node.provision_state == state,),
-                                   ("provisioning", f"agent called back from {callback_url}; "
-                                                    f"{state} -> {states.AGENT_WAIT[state]}"),
-                                   None)
-        except (NodeLocked, Unchanged):
+            svc.door.submit(node, action, {"provision_state": states.AGENT_WAIT[state]},
+                            (Node.provision_state == state,),
+                            ("provisioning", f"agent called back from {callback_url}; "
+                                             f"{state} -> {states.AGENT_WAIT[state]}"),
+                            Asker())
+        except Busy:
             pass  # a conductor already carries on
-        except NoConductor as error:
-            raise ApiError(503, str(error)) from None
     return "", 202
 
 

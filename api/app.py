@@ -3,10 +3,9 @@ from __future__ import annotations
 
 import io
 import logging
-from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any, BinaryIO
+from typing import Any, BinaryIO
 
-from flask import Flask, Response, current_app, g, request
+from flask import Flask, Response, g, request
 from flask.sessions import SecureCookieSessionInterface
 from werkzeug.exceptions import HTTPException, RequestEntityTooLarge
 
@@ -14,37 +13,12 @@ from labmetal.api import microversion
 from labmetal.api.auth import (ANONYMOUS, NOBODY, SAFE_METHODS, Authenticator, Throttled,
                                Unauthenticated, cross_site_refusal, csrf_ok, csrf_refused,
                                throttled_response)
-from labmetal.api.errors import ApiError, error_response
+from labmetal.api.errors import ApiError, error_response, from_refusal
+from labmetal.api.services import SESSION_COOKIE, Services, services
 from labmetal.api.validation import RequestJSON, body_limit, takes_form
-from labmetal.conductor.drivers import HardwareType
-from labmetal.conductor.registry import ConductorRegistry
-from labmetal.conductor.rpcapi import ConductorAPI
-from labmetal.config import Settings
-from labmetal.db import Database
-from labmetal.policy import Policy
-from labmetal.secrets import SecretBox
-
-if TYPE_CHECKING:  # ldap3 is loaded only where LDAP is set up
-    from labmetal.directory import Directory
+from labmetal.conductor.errors import Refused
 
 LOG = logging.getLogger(__name__)
-SESSION_COOKIE = "labmetal_session"
-
-
-@dataclass
-class Services:
-    settings: Settings
-    db: Database
-    registry: ConductorRegistry
-    conductors: ConductorAPI
-    drivers: dict[str, HardwareType]
-    box: SecretBox
-    policy: Policy = field(default_factory=Policy.defaults)
-    directory: Directory | None = None  # LDAP, when ldap_url is set
-
-
-def services() -> Services:
-    return current_app.extensions["labmetal"]
 
 
 class SessionCookies(SecureCookieSessionInterface):
@@ -61,8 +35,9 @@ def create_app(svc: Services) -> Flask:
 
     app = Flask("labmetal.api", static_folder=None)  # every route is a view of ours
     app.extensions["labmetal"] = svc
-    app.json = RequestJSON(app)
-    app.json.sort_keys = False
+    provider = RequestJSON(app)
+    provider.sort_keys = False
+    app.json = provider
     app.url_map.strict_slashes = False  # Ironic's client asks for /v1/nodes/?fields=...
     app.secret_key = svc.box.derive("web session cookies")
     app.session_interface = SessionCookies()
@@ -124,6 +99,11 @@ def create_app(svc: Services) -> Flask:
     @app.errorhandler(ApiError)
     def api_error(error: ApiError) -> Response:
         return error_response(error.status, error.message)
+
+    @app.errorhandler(Refused)
+    def refused(error: Refused) -> Response:
+        api_error = from_refusal(error)
+        return error_response(api_error.status, api_error.message)
 
     @app.errorhandler(RequestEntityTooLarge)
     def body_too_large(error: RequestEntityTooLarge) -> Response:

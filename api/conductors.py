@@ -6,7 +6,7 @@ from typing import Any
 from flask import Blueprint, g
 from sqlalchemy import select
 
-from labmetal.api.app import services
+from labmetal.api.services import services
 from labmetal.api.auth import authorize
 from labmetal.api.common import isotime, links
 from labmetal.api.errors import not_found

@@ -3,7 +3,7 @@ from __future__ import annotations
 
 from flask import Blueprint
 
-from labmetal.api.app import services
+from labmetal.api.services import services
 from labmetal.api.auth import authorize
 from labmetal.api.common import base_url
 from labmetal.api.errors import not_found

@@ -6,6 +6,8 @@ import json
 
 from flask import Response
 
+from labmetal.conductor.errors import Conflict, InvalidRequest, NoConductor, NotFound, Refused
+
 
 class ApiError(Exception):
     def __init__(self, status: int, message: str):
@@ -24,6 +26,16 @@ def not_found(message: str) -> ApiError:
 
 def conflict(message: str) -> ApiError:
     return ApiError(409, message)
+
+
+# The one place a domain refusal (conductor/errors.py) becomes an HTTP status.
+REFUSAL_STATUS: tuple[tuple[type[Refused], int], ...] = (
+    (InvalidRequest, 400), (NotFound, 404), (Conflict, 409), (NoConductor, 503))
+
+
+def from_refusal(error: Refused) -> ApiError:
+    status = next((code for kind, code in REFUSAL_STATUS if isinstance(error, kind)), 500)
+    return ApiError(status, error.message)
 
 
 def error_response(status: int, message: str) -> Response:

@@ -13,7 +13,7 @@ from typing import Any
 from flask import Blueprint, Response, current_app, g, redirect, request, session
 
 from labmetal import tokens
-from labmetal.api.app import services
+from labmetal.api.services import services
 from labmetal.api.auth import (ANONYMOUS, CSRF_FIELD, CSRF_HEADER, Throttled, authorize,
                                csrf_ok, csrf_refused, csrf_token, public, throttled_response)
 from labmetal.api.common import isotime

@@ -10,12 +10,13 @@ from sqlalchemy import delete, or_, select
 from sqlalchemy.exc import IntegrityError
 
 from labmetal import history, states
-from labmetal.api.app import services
+from labmetal.api.services import services
 from labmetal.api.auth import authorize
 from labmetal.api.common import  caller_name, find_node, isotime, links, page, select_fields
 from labmetal.api.errors import ApiError, bad_request, conflict
 from labmetal.api.validation import (DETAIL, PATCH, Field, body, fields_param, name_check, obj,
                                      paging, query, validate)
+from labmetal.conductor import deploy_interfaces
 from labmetal.conductor.power.base import InvalidDriverInfo
 from labmetal.models import Node, new_uuid
 from labmetal.secrets import masked
@@ -28,7 +29,7 @@ SORT_KEYS = ("id", "uuid", "name", "created_at", "updated_at", "provision_state"
 # What a client may set at creation or change with PATCH; everything else is the engine's.
 WRITABLE = ("name", "driver", "driver_info", "properties", "extra", "instance_info",
             "instance_uuid", "description", "resource_class", "deploy_interface")
-DEPLOY_INTERFACES = ("direct", "iscsi")
+DEPLOY_INTERFACES = tuple(deploy_interfaces.DEPLOY_INTERFACES)  # the conductor's, by name
 DICT_FIELDS = ("driver_info", "properties", "extra", "instance_info")
 NAME_PATTERN = re.compile(r"^[A-Za-z0-9._~-]{1,255}$")
 

@@ -17,7 +17,7 @@ from werkzeug.routing import Rule
 from werkzeug.routing.rules import parse_converter_args
 
 from labmetal.api import microversion
-from labmetal.api.app import SESSION_COOKIE
+from labmetal.api.services import SESSION_COOKIE
 from labmetal.api.auth import CSRF_HEADER
 from labmetal.api.validation import JSON, RequestBody, schema
 

@@ -19,9 +19,10 @@ from urllib.parse import quote
 
 from flask import (Blueprint, Response, g, redirect, render_template, request,
                    send_from_directory)
+from werkzeug.wrappers import Response as BaseResponse  # redirect()'s; flask's is one
 
 from labmetal import states
-from labmetal.api.app import services
+from labmetal.api.services import services
 from labmetal.api.auth import ANONYMOUS, CSRF_FIELD, csrf_token, public
 from labmetal.api.login import local_target
 from labmetal.api.validation import produces
@@ -64,7 +65,7 @@ def _logged_out() -> bool:
     return services().settings.auth != "noauth" and g.caller is ANONYMOUS
 
 
-def _to_login() -> Response:
+def _to_login() -> BaseResponse:
     target = request.full_path.rstrip("?")
     return redirect(f"/login?next={quote(target, safe='/')}", code=303)
 
@@ -90,7 +91,7 @@ def _static_url(name: str) -> str:
     return f"/static/{name}?v={version}"
 
 
-def _show(page: Page, template: str, **values) -> Response:
+def _show(page: Page, template: str, **values) -> BaseResponse:
     if _logged_out():
         return _to_login()
     if not _allowed(page.action, g.caller.role):
@@ -133,7 +134,7 @@ def detail(name: str, ident: str):
     return _show(found, found.detail, ident=ident, verbs=json.dumps(verbs))
 
 
-def _not_found() -> Response:
+def _not_found() -> BaseResponse:
     if _logged_out():
         return _to_login()
     return _render("not_found", None, 404)
@@ -147,7 +148,7 @@ def static_file(filename: str):
 
 
 @blueprint.before_app_request
-def browsers_start_at_the_pages() -> Response | None:
+def browsers_start_at_the_pages() -> BaseResponse | None:
     """``GET /`` is Ironic's version document for clients (JSON, or ``*/*``); a browser,
     which prefers HTML, is sent to the pages instead."""
     if request.path == "/" and request.method == "GET" and request.accept_mimetypes.best_match(

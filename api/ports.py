@@ -10,7 +10,7 @@ from sqlalchemy import select
 from sqlalchemy.exc import IntegrityError
 
 from labmetal import history
-from labmetal.api.app import services
+from labmetal.api.services import services
 from labmetal.api.auth import authorize
 from labmetal.api.common import (caller_name, find_node, is_uuid, isotime, links, page,
                                  select_fields)
@@ -75,7 +75,8 @@ def port_view(port: Port, node_uuid: str) -> dict[str, Any]:
 
 
 def _find_port(session: Any, ident: str) -> Port:
-    port = session.scalar(select(Port).where(Port.uuid == ident.lower())) if is_uuid(ident) else None
+    port = (session.scalar(select(Port).where(Port.uuid == ident.lower())) if is_uuid(ident)
+            else None)
     if port is None:
         raise not_found(f"Port {ident} could not be found.")
     return port

@@ -12,7 +12,7 @@ from flask import Blueprint, g
 from sqlalchemy import select
 
 from labmetal import states
-from labmetal.api.app import services
+from labmetal.api.services import services
 from labmetal.api.auth import authorize
 from labmetal.api.errors import conflict
 from labmetal.api.rooms import find_room, room_view, seat_count

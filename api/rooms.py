@@ -12,30 +12,28 @@ import re
 from typing import Any
 
 from flask import Blueprint, request
-from sqlalchemy import delete, func, select, update
+from sqlalchemy import delete, func, select
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session
 
 from labmetal import history, schedule, states
-from labmetal.api.app import services
+from labmetal.api.services import services
 from labmetal.api.auth import authorize, check_allowed
-from labmetal.api.common import caller_name, find_node, is_uuid, isotime, links
+from labmetal.api.common import caller_name, find_node, isotime, links
 from labmetal.api.errors import ApiError, bad_request, conflict, not_found
 from labmetal.api.nodes import check_fields
 from labmetal.api.ports import normalize_mac
 from labmetal.api.validation import DOT_NAMES, Field, accepts, body, name_check, obj
-from labmetal.conductor.roomjobs import cancel_waits
-from labmetal.models import (Image, Node, Port, Room, RoomJob, RoomJobSeat, Seat, StudentSession,
-                             User, new_uuid, utcnow)
+from labmetal.conductor.door import Asker
+from labmetal.conductor.job_door import (ACTIONS, POWER_OFF, TRANSPORTS, JobOrder, find_job,
+                                         find_room)
+from labmetal.lifecycles import JOB_RUNNING, JOB_SCHEDULED, SEAT_IDLE, SESSION_BUSY
+from labmetal.models import Node, Port, Room, RoomJob, Seat, StudentSession, User, new_uuid
 
 blueprint = Blueprint("rooms", __name__)
 
 ROOM_NAME = re.compile(r"^[A-Za-z0-9._-]{1,64}$")
 SEAT_LABEL = re.compile(r"^[A-Za-z0-9._-]{1,32}$")
-TRANSPORTS = ("auto", "unicast", "multicast")
-ACTIONS = ("deploy", "power-off")
-ACTIVE_JOB_STATES = ("scheduled", "running")
-FINISHED_SEAT_STATES = ("done", "failed", "cancelled")
 MAX_RETRIES = 10
 CSV_COLUMNS = ("seat", "name", "mac", "driver", "ipmi_address", "ipmi_port", "ipmi_username",
                "ipmi_password", "wol_host", "wol_port", "deploy_kernel", "deploy_ramdisk")
@@ -96,22 +94,6 @@ def job_view(job: RoomJob, room_name: str) -> dict[str, Any]:
             "links": links("room-jobs", job.uuid)}
 
 
-def find_room(session: Session, ident: str) -> Room:
-    column = Room.uuid if is_uuid(ident) else Room.name
-    room = session.scalar(select(Room).where(column == ident))
-    if room is None:
-        raise not_found(f"Room {ident} could not be found.")
-    return room
-
-
-def _find_job(session: Session, ident: str) -> RoomJob:
-    job = session.scalar(select(RoomJob).where(RoomJob.uuid == ident.lower())) \
-        if is_uuid(ident) else None
-    if job is None:
-        raise not_found(f"Room job {ident} could not be found.")
-    return job
-
-
 def seat_count(session: Session, room: Room) -> int:
     return session.scalar(select(func.count(Seat.id)).where(Seat.room_id == room.id)) or 0
 
@@ -119,8 +101,8 @@ def seat_count(session: Session, room: Room) -> int:
 def _current_job(session: Session, room: Room) -> RoomJob | None:
     """The running job, else the most recent one started; scheduled ones are listed apart."""
     return session.scalar(select(RoomJob).where(RoomJob.room_id == room.id,
-                                                RoomJob.state != "scheduled")
-                          .order_by((RoomJob.state == "running").desc(),
+                                                RoomJob.state != JOB_SCHEDULED)
+                          .order_by((RoomJob.state == JOB_RUNNING).desc(),
                                     RoomJob.started_at.desc(), RoomJob.id.desc()).limit(1))
 
 
@@ -165,13 +147,13 @@ def show_room(ident: str):
         job = _current_job(session, room)
         in_job = {seat.node_id: seat for seat in job.seats} if job else {}
         scheduled = session.scalars(select(RoomJob).where(RoomJob.room_id == room.id,
-                                                          RoomJob.state == "scheduled")
+                                                          RoomJob.state == JOB_SCHEDULED)
                                     .order_by(RoomJob.scheduled_at)).all()
         students = dict(session.execute(
             select(StudentSession.seat_node_id, User.name)
             .join(User, User.id == StudentSession.user_id)
             .where(StudentSession.seat_node_id.in_([node.id for _, node in rows]),
-                   StudentSession.state.in_(("starting", "running")))).all())
+                   StudentSession.state.in_(SESSION_BUSY))).all())
         seats = []
         for label, node in rows:
             seat = in_job.get(node.id)
@@ -180,7 +162,7 @@ def show_room(ident: str):
                           "power_state": node.power_state,
                           "provision_state": node.provision_state,
                           "last_error": node.last_error, "step": step.get("step"),
-                          "state": seat.state if seat else "idle",
+                          "state": seat.state if seat else SEAT_IDLE,
                           "progress": seat.progress if seat else 0,
                           "attempts": seat.attempts if seat else 0,
                           "error": seat.error if seat else None,
@@ -209,7 +191,7 @@ def delete_room(ident: str):
     with services().db.write() as session:
         room = find_room(session, ident)
         running = session.scalar(select(RoomJob.uuid).where(RoomJob.room_id == room.id,
-                                                            RoomJob.state == "running"))
+                                                            RoomJob.state == JOB_RUNNING))
         if running:
             raise conflict(f"Room {room.name} has a running job ({running}); cancel it first")
         session.delete(room)
@@ -247,7 +229,7 @@ def _place(session: Session, room: Room, label: str, node: Node) -> None:
     if taken is not None and taken.node_id != node.id:
         other = session.get(Node, taken.node_id)
         raise conflict(f"Seat {label} of room {room.name} is taken by node "
-                       f"{other.name or other.uuid}; free it first")
+                       f"{other.name or other.uuid}; free it first")  # type: ignore[union-attr]
     session.execute(delete(Seat).where(Seat.node_id == node.id))
     session.add(Seat(room_id=room.id, label=label, node_id=node.id))
     session.flush()
@@ -314,7 +296,9 @@ def _parse_csv(text: str) -> tuple[list[tuple[int, dict[str, Any]]], list[str]]:
     if unknown or missing:
         return [], [f"header: unknown column(s) {', '.join(unknown)}" if unknown else
                     f"header: missing column(s) {', '.join(missing)}"]
-    rows, errors, macs, labels = [], [], {}, {}
+    rows, errors = [], []
+    macs: dict[str, int] = {}
+    labels: dict[str, int] = {}
     for line, raw in enumerate(reader, start=2):
         cells = {key: (value or "").strip() for key, value in raw.items() if key}
         try:
@@ -355,68 +339,25 @@ def _row(cells: dict[str, str]) -> dict[str, Any]:
 @authorize("room:deploy")
 @body(NEW_JOB)
 def create_job(ident: str, body: dict[str, Any]):
-    action, transport, retries = body["action"], body["transport"], body["retries"]
-    if action == "power-off":
+    if body["action"] == POWER_OFF:
         check_allowed("room:power")
-    try:
-        at = schedule.parse_at(body.get("at"), services().settings.timezone)
-        repeat = schedule.check_repeat(body.get("repeat"))
-    except ValueError as error:
-        raise bad_request(str(error)) from None
-    labels = body.get("seats")
+    seats = body.get("seats")
+    order = JobOrder(body["action"], body.get("image"), body["transport"], body["retries"],
+                     body.get("at"), body.get("repeat"),
+                     tuple(seats) if seats is not None else None)
     svc = services()
-    with svc.db.write() as session:
-        room = find_room(session, ident)
-        image = _job_image(session, body.get("image")) if action == "deploy" else None
-        seats = session.execute(select(Seat.label, Seat.node_id).where(Seat.room_id == room.id)
-                                .order_by(Seat.label)).all()
-        if labels is not None:
-            unknown_labels = sorted(set(labels) - {label for label, _ in seats})
-            if unknown_labels:
-                raise bad_request(f"Room {room.name} has no seat(s) {', '.join(unknown_labels)}")
-            seats = [seat for seat in seats if seat[0] in set(labels)]
-        if not seats:
-            raise bad_request(f"Room {room.name} has no seats: import them first "
-                              f"(POST /v1/rooms/{room.name}/import)")
-        if at is None and action == "deploy":
-            _refuse_overlap(session, room, [node_id for _, node_id in seats])
-        job = RoomJob(room_id=room.id, action=action, image_id=image.id if image else None,
-                      image_name=image.name if image else None, transport=transport,
-                      retries=retries, scheduled_at=at or utcnow(), repeat=repeat,
-                      created_by=caller_name())
-        session.add(job)
-        session.flush()
-        for label, node_id in seats:
-            session.add(RoomJobSeat(job_id=job.id, node_id=node_id, label=label))
-        session.flush()
-        session.refresh(job)
-        view = job_view(job, room.name)
-    svc.conductors.wake_all()
+    view = _job(svc.jobs.create(ident, order, _asker()))
     return view, 201, {"Location": view["links"][0]["href"]}
 
 
-def _job_image(session: Session, ident: Any) -> Image:
-    if not isinstance(ident, str) or not ident:
-        raise bad_request("Mandatory field missing: image (a whole-disk or partition image)")
-    column = Image.uuid if is_uuid(ident) else Image.name
-    image = session.scalar(select(Image).where(column == ident))
-    if image is None:
-        raise bad_request(f"No image {ident!r} in the image store")
-    if image.status != "active" or image.kind not in ("whole-disk", "partition"):
-        raise bad_request(f"Image {image.name} is a {image.status} {image.kind} image; "
-                          "expected an active whole-disk or partition image")
-    return image
+def _asker() -> Asker:
+    return Asker(user=caller_name())
 
 
-def _refuse_overlap(session: Session, room: Room, node_ids: list[int]) -> None:
-    busy = session.execute(select(RoomJob.uuid, RoomJobSeat.label)
-                           .join(RoomJobSeat, RoomJobSeat.job_id == RoomJob.id)
-                           .where(RoomJob.state == "running",
-                                  RoomJobSeat.node_id.in_(node_ids),
-                                  RoomJobSeat.state.not_in(FINISHED_SEAT_STATES))).first()
-    if busy:
-        raise conflict(f"Seat {busy[1]} of room {room.name} is busy in room job {busy[0]}; "
-                       "cancel that job or wait for it to finish")
+def _job(job_ident: str) -> dict[str, Any]:
+    with services().db.read() as session:
+        job = find_job(session, job_ident)
+        return job_view(job, session.get(Room, job.room_id).name)
 
 
 @blueprint.get("/v1/rooms/<ident>/jobs")
@@ -432,33 +373,14 @@ def list_jobs(ident: str):
 @blueprint.get("/v1/room-jobs/<ident>")
 @authorize("room:get")
 def show_job(ident: str):
-    with services().db.read() as session:
-        job = _find_job(session, ident)
-        return job_view(job, session.get(Room, job.room_id).name)
+    return _job(ident)
 
 
 @blueprint.post("/v1/room-jobs/<ident>/cancel")
 @authorize("room:deploy")
 def cancel_job(ident: str):
     """Seats not finished are cancelled; the conductor aborts the deploys it can stop."""
-    svc = services()
-    with svc.db.write() as session:
-        job = _find_job(session, ident)
-        if job.state not in ACTIVE_JOB_STATES:
-            raise conflict(f"Room job {job.uuid} is {job.state}; only scheduled or running "
-                           "jobs can be cancelled")
-        session.execute(update(RoomJob).where(RoomJob.id == job.id)
-                        .values(state="cancelled", finished_at=utcnow(), repeat=None,
-                                last_error=f"cancelled by {caller_name() or 'a user'}"))
-        session.execute(update(RoomJobSeat).where(RoomJobSeat.job_id == job.id,
-                                                  RoomJobSeat.state.not_in(FINISHED_SEAT_STATES))
-                        .values(state="cancelled"))
-        session.flush()
-        cancel_waits(session, job.id, caller_name())
-        session.refresh(job)
-        view = job_view(job, session.get(Room, job.room_id).name)
-    svc.conductors.wake_all()
-    return view
+    return _job(services().jobs.cancel(ident, _asker()))
 
 
 @blueprint.post("/v1/room-jobs/<ident>/seats/<label>/retry")
@@ -466,24 +388,4 @@ def cancel_job(ident: str):
 def retry_seat(ident: str, label: str):
     """Re-image one seat: it is queued again with fresh attempts, and a finished job runs
     again for that seat alone."""
-    svc = services()
-    with svc.db.write() as session:
-        job = _find_job(session, ident)
-        if job.action != "deploy":
-            raise conflict("Only deploy jobs re-image seats")
-        if job.state in ("scheduled", "cancelled"):
-            raise conflict(f"Room job {job.uuid} is {job.state}; start a new job instead")
-        seat = session.scalar(select(RoomJobSeat).where(RoomJobSeat.job_id == job.id,
-                                                        RoomJobSeat.label == label))
-        if seat is None:
-            raise not_found(f"Room job {job.uuid} has no seat {label}")
-        if seat.state not in FINISHED_SEAT_STATES:
-            raise conflict(f"Seat {label} is {seat.state}; wait for it to finish or fail")
-        seat.state, seat.progress, seat.attempts, seat.error = "queued", 0, 0, None
-        seat.requested_at = None
-        job.state, job.finished_at, job.last_error = "running", None, None
-        session.flush()
-        session.refresh(job)
-        view = job_view(job, session.get(Room, job.room_id).name)
-    svc.conductors.wake_all()
-    return view
+    return _job(services().jobs.retry_seat(ident, label, _asker()))

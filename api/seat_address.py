@@ -14,7 +14,7 @@ from typing import Any, Iterable
 from flask import request
 
 from labmetal import seat_relay
-from labmetal.api.app import services
+from labmetal.api.services import services
 from labmetal.config import Settings
 from labmetal.leases import leased_to
 

@@ -27,7 +27,7 @@ from typing import Any, BinaryIO
 
 from flask import Blueprint, g, send_file
 
-from labmetal.api.app import services
+from labmetal.api.services import services
 from labmetal.api.auth import authorize
 from labmetal.api.errors import bad_request, not_found
 from labmetal.api.sessions import (backend_call, find_session, refuse_if_busy, session_owner,

@@ -36,33 +36,34 @@ from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session
 
 from labmetal import states
-from labmetal.api.app import services
+from labmetal.api.services import services
 from labmetal.api.auth import authorize
 from labmetal.api.common import caller_name, find_node, is_uuid, isotime, links
 from labmetal.api.errors import ApiError, bad_request, conflict, not_found
-from labmetal.api.images import find_image, image_store
-from labmetal.api.node_states import power_target
+from labmetal.api.images import image_store
 from labmetal.api.validation import Field, body, obj, query
-from labmetal.conductor.power.base import InvalidDriverInfo, PowerError
-from labmetal.conductor.rpcapi import NoConductor, NodeLocked, Unchanged
+from labmetal.conductor.door import Asker
+from labmetal.conductor.errors import Refused
 from labmetal.config import Settings
 from labmetal.db import Database
 from labmetal.images import boot_files
 from labmetal.images.overlays.base import OverlayBackend, OverlayError, Quota, Reason
 from labmetal.images.overlays.tgt import SessionTargets
-from labmetal.images.registry import ACTIVE
+from labmetal.lifecycles import (SESSION_BUSY, SESSION_DELETED, SESSION_FAILED, SESSION_LIVE,
+                                 SESSION_RUNNING, SESSION_STARTING, SESSION_STOPPED)
+from labmetal.lookup import NOT_ACTIVE, WRONG_KIND, ImageUnusable, usable_image
 from labmetal.models import (Image, Node, Seat, SessionSave, StudentSession, Template,
                              TemplateVersion, User, new_uuid, utcnow)
+from labmetal.names import seat_iqn, session_iqn
 from labmetal.policy import Verdict
 
 LOG = logging.getLogger(__name__)
 blueprint = Blueprint("sessions", __name__)
 
 MiB = 2**20
-IQN_PREFIX = "iqn.2026-11.org.labmetal"
 TEMPLATE_NAME = re.compile(r"[a-z0-9][a-z0-9-]{0,53}")  # + "-" + 8 = the backend's 63
-LIVE = ("stopped", "starting", "running", "failed")  # not deleted
-BUSY = ("starting", "running")
+LIVE = SESSION_LIVE  # not deleted
+BUSY = SESSION_BUSY
 WATCH_INTERVAL = 3.0
 STATUS = {Reason.UNAVAILABLE: 503, Reason.QUOTA: 413, Reason.NOT_FOUND: 404,
           Reason.BUSY: 409, Reason.INVALID: 400, Reason.FAILED: 500}
@@ -85,7 +86,7 @@ NEW_SESSION = obj("a session", Field("template", str, required=True,
 SESSION_FILTERS = (Field("student", str, description="a student's name (ignored for "
                          "students: they see their own)"),
                    Field("template", str, description="a template's name or UUID"),
-                   Field("state", str, enum=(*LIVE, "deleted"),
+                   Field("state", str, enum=(*LIVE, SESSION_DELETED),
                          description="default: every state but deleted"))
 START = obj("where to start a session", Field("seat", str, required=True,
                                               description="the seat's node name or UUID"),
@@ -96,15 +97,6 @@ SAVE = obj("a save point", Field("label", str, required=True, max_length=255,
 REVERT = obj("the save point to go back to", Field(
     "save", str | int, required=True,
     description="its UUID, number or label (the latest save with that label)"))
-
-
-def seat_iqn(node_uuid: str) -> str:
-    """The initiator name a seat's iPXE uses (the deploy agent's target name scheme)."""
-    return f"{IQN_PREFIX}:{node_uuid}"
-
-
-def session_iqn(session_uuid: str) -> str:
-    return f"{IQN_PREFIX}:session.{session_uuid}"
 
 
 def mib(size: int) -> str:
@@ -224,7 +216,7 @@ class Storage:
     def _backend_sessions(self) -> list[str]:
         with self.db.read() as session:
             return list(session.scalars(select(StudentSession.uuid).where(
-                StudentSession.state == "running", StudentSession.backend == self.name)))
+                StudentSession.state == SESSION_RUNNING, StudentSession.backend == self.name)))
 
     def end(self, session_uuid: str, why: str) -> None:
         """Remove the session's target (its seat can no longer reach the disk) and mark it
@@ -237,7 +229,8 @@ class Storage:
             with self.db.write() as session:
                 ses = session.scalar(select(StudentSession).where(
                     StudentSession.uuid == session_uuid))
-                ses.state, ses.seat_node_id = "stopped", None
+                assert ses is not None  # a session is deleted only once it is stopped
+                ses.state, ses.seat_node_id = SESSION_STOPPED, None
                 ses.target_iqn = ses.target_portal = None
                 refresh_used(backend, ses)
         LOG.info("session %s ended: %s", session_uuid, why)
@@ -248,25 +241,25 @@ class Storage:
         seat was seen on and is now off (powered off, or the OS shut down: the student
         left)."""
         with self.db.read() as session:
-            rows = session.execute(
+            found = session.execute(
                 select(StudentSession.uuid, StudentSession.state, Node.name, Node.uuid,
                        Node.power_state, Node.target_power_state)
                 .outerjoin(Node, Node.id == StudentSession.seat_node_id)
                 .where(StudentSession.state.in_(BUSY),
                        StudentSession.backend == self.name)).all()
-        self.seen_on &= {row[0] for row in rows}
-        for uuid, state, _, _, power, _ in rows:
-            if state == "running" and power == states.POWER_ON:
+        self.seen_on &= {row[0] for row in found}
+        for uuid, state, _, _, power, _ in found:
+            if state == SESSION_RUNNING and power == states.POWER_ON:
                 self.seen_on.add(uuid)
-        for uuid, state, seat_name, seat_uuid, power, target in rows:
-            if (state == "running" and uuid in self.seen_on and power == states.POWER_OFF
+        for uuid, state, seat_name, seat_uuid, power, target in found:
+            if (state == SESSION_RUNNING and uuid in self.seen_on and power == states.POWER_OFF
                     and target is None):
                 self.seen_on.discard(uuid)
                 try:
                     self.end(uuid, f"seat {seat_name or seat_uuid} was powered off")
                 except (ApiError, OverlayError) as error:
                     LOG.warning("ending session %s: %s", uuid, error)
-        rows = [row[:4] for row in rows]
+        rows = [row[:4] for row in found]
         if not rows:
             return
         if not self.lock.acquire(timeout=30 if wait else 0):
@@ -274,12 +267,12 @@ class Storage:
         try:
             gone = []
             for uuid, state, seat_name, seat_uuid in rows:
-                if state == "starting":
+                if state == SESSION_STARTING:
                     if uuid not in self.starting:
-                        gone.append((uuid, "starting", "its start was interrupted (labmetal "
+                        gone.append((uuid, SESSION_STARTING, "its start was interrupted (labmetal "
                                      "restarted)"))
                 elif self._backend is None or not self._backend.is_exported(uuid):
-                    gone.append((uuid, "running", f"its iSCSI target on seat "
+                    gone.append((uuid, SESSION_RUNNING, f"its iSCSI target on seat "
                                  f"{seat_name or seat_uuid} stopped (the target server died "
                                  "or labmetal restarted); start it again to resume it with "
                                  "its data"))
@@ -287,10 +280,10 @@ class Storage:
             self.lock.release()
         for uuid, state, why in gone:
             with self.db.write() as session:
-                changed = session.execute(
+                changed = session.execute(  # type: ignore[attr-defined]  # a CursorResult
                     update(StudentSession)
                     .where(StudentSession.uuid == uuid, StudentSession.state == state)
-                    .values(state="failed", seat_node_id=None, target_iqn=None,
+                    .values(state=SESSION_FAILED, seat_node_id=None, target_iqn=None,
                             target_portal=None, last_error=f"Session {uuid} failed: {why}")
                 ).rowcount
             if changed:
@@ -358,7 +351,7 @@ def template_view(template: Template) -> dict[str, Any]:
 
 def session_view(ses: StudentSession) -> dict[str, Any]:
     version = ses.template_version
-    running = ses.state == "running"
+    running = ses.state == SESSION_RUNNING
     return {"uuid": ses.uuid, "student": ses.user.name, "template": version.template.name,
             "template_version": version.version, "backend": ses.backend, "state": ses.state,
             "seat": (ses.seat.name or ses.seat.uuid) if ses.seat is not None else None,
@@ -389,7 +382,7 @@ def find_template(session: Session, ident: str) -> Template:
 def find_session(session: Session, ident: str) -> StudentSession:
     ses = session.scalar(select(StudentSession).where(StudentSession.uuid == ident.lower())) \
         if is_uuid(ident) else None
-    if ses is None or ses.state == "deleted":
+    if ses is None or ses.state == SESSION_DELETED:
         raise not_found(f"Session {ident} could not be found.")
     return ses
 
@@ -414,14 +407,16 @@ def new_session_owner() -> str | None:
 def template_image(session: Session, ident: Any) -> Image:
     if not isinstance(ident, str):
         raise bad_request("Mandatory field missing: image (a whole-disk image's name or UUID)")
-    image = find_image(session, ident)
-    if image.kind != "whole-disk":
-        raise bad_request(f"Image {image.name} is a {image.kind} image: a template is made "
-                          "from a whole-disk image")
-    if image.status != ACTIVE:
-        raise bad_request(f"Image {image.name} has no data yet (status {image.status}); "
-                          "upload it first")
-    return image
+    try:
+        return usable_image(session, ident, ("whole-disk",))
+    except ImageUnusable as error:
+        if error.problem == WRONG_KIND:
+            raise bad_request(f"Image {error.name} is a {error.kind} image: a template is "
+                              "made from a whole-disk image") from None
+        if error.problem == NOT_ACTIVE:
+            raise bad_request(f"Image {error.name} has no data yet (status {error.status}); "
+                              "upload it first") from None
+        raise not_found(f"Image {ident} could not be found.") from None
 
 
 def refresh_used(backend: OverlayBackend, ses: StudentSession) -> None:
@@ -526,7 +521,7 @@ def delete_template(ident: str):
         version_ids = [v.id for v in template.versions]
         live = session.scalars(select(StudentSession.uuid).where(
             StudentSession.template_version_id.in_(version_ids),
-            StudentSession.state != "deleted")).all()
+            StudentSession.state != SESSION_DELETED)).all()
         if live:
             raise conflict(f"Template {template.name} has {len(live)} session(s); delete "
                            "them first.")
@@ -553,7 +548,7 @@ def list_sessions(query: dict[str, Any]):
     if state:
         statement = statement.where(StudentSession.state == state)
     else:
-        statement = statement.where(StudentSession.state != "deleted")
+        statement = statement.where(StudentSession.state != SESSION_DELETED)
     with services().db.read() as session:
         template = query.get("template")
         if template:
@@ -625,7 +620,7 @@ def new_session(template_ident: str, student_name: str,
                                    f"{template.name}")
                 ses = StudentSession(
                     uuid=session_uuid, user_id=student.id, template_version_id=version.id,
-                    backend=backend.name, state="stopped", used_bytes=disk.used_bytes,
+                    backend=backend.name, state=SESSION_STOPPED, used_bytes=disk.used_bytes,
                     chap_user=f"lm{session_uuid.replace('-', '')[:16]}",
                     chap_secret=svc.box.seal(chap_secret()), created_by=g.caller.name)
                 session.add(ses)
@@ -661,7 +656,7 @@ def check_class_quota(backend: OverlayBackend, template_id: int, what: str) -> N
                    StudentSession.state.in_(LIVE))).all()
     used = 0
     for uuid, state, stored in rows:
-        used += backend.used_bytes(uuid) if state == "running" else stored
+        used += backend.used_bytes(uuid) if state == SESSION_RUNNING else stored
     if used >= limit:
         raise OverlayError(f"{what}: the sessions of template {name} use "
                            f"{mib(used)} of their class quota of {mib(limit)} "
@@ -684,7 +679,7 @@ def delete_session(ident: str):
                 raise
         with svc.db.write() as session:
             ses = find_session(session, ident)
-            ses.state = "deleted"
+            ses.state = SESSION_DELETED
             ses.used_bytes = 0
             session.execute(delete(SessionSave).where(SessionSave.session_id == ses.id))
     LOG.info("session %s deleted by %s", ses.uuid, g.caller.name)
@@ -732,7 +727,7 @@ def start_on_seat(ident: str, seat_ident: str, boot: bool) -> dict[str, Any]:
                 raise conflict(f"Seat {node.name or node.uuid} is in use by another session")
             check_seat(session, node)
             previous = ses.state
-            ses.state, ses.seat_node_id = "starting", node.id
+            ses.state, ses.seat_node_id = SESSION_STARTING, node.id
             seat_name, seat_uuid = node.name or node.uuid, node.uuid
             template_id = ses.template_version.template_id
             # A new CHAP secret at each start: one read from a seat's boot script while
@@ -757,7 +752,7 @@ def start_on_seat(ident: str, seat_ident: str, boot: bool) -> dict[str, Any]:
             raise
         with svc.db.write() as session:
             ses = find_session(session, ident)
-            ses.state, ses.started_at, ses.last_error = "running", utcnow(), None
+            ses.state, ses.started_at, ses.last_error = SESSION_RUNNING, utcnow(), None
             ses.target_iqn, ses.target_portal, ses.used_bytes = export.iqn, export.portal, used
             session.flush()
             view = session_view(ses)
@@ -800,27 +795,15 @@ def check_seat(session: Session, node: Node) -> None:
 
 
 def boot_seat(node_uuid: str, reason: str) -> str | None:
-    """Ask the seat's conductor to power it on, or to reboot it if it is on (its next iPXE
+    """Ask the seat's conductor to power it on, or to reboot it if it is on (its next boot
     script is what it boots); why not, if it cannot be asked."""
     svc = services()
     with svc.db.read() as session:
         node = find_node(session, node_uuid)
-    action = states.REBOOTING if node.power_state == states.POWER_ON else states.POWER_ON
-    power = svc.drivers[node.driver].power
     try:
-        power.validate(power_target(node))
-    except (InvalidDriverInfo, PowerError, ValueError) as error:
-        return str(error)
-    if power.assumed_state and action != states.POWER_ON:
-        return "its power driver cannot reboot it (Wake-on-LAN only powers on)"
-    try:
-        svc.conductors.request(node, action, {"target_power_state": states.POWER_TARGETS[
-            action], "last_error": None}, (), ("power", f"'{action}' requested {reason}"),
-            caller_name())
-    except NodeLocked as error:
-        return f"it is locked by {error.holder}"
-    except (NoConductor, Unchanged) as error:
-        return str(error) or type(error).__name__
+        svc.door.boot(node, reason, Asker(user=caller_name()))
+    except Refused as error:
+        return error.message
     return None
 
 
@@ -831,9 +814,9 @@ def stop_session(ident: str):
     stays in the session."""
     with services().db.read() as session:
         ses = find_session(session, ident)
-    if ses.state == "starting":
+    if ses.state == SESSION_STARTING:
         raise conflict(f"Session {ses.uuid} is being started; try again in a moment")
-    if ses.state != "stopped":
+    if ses.state != SESSION_STOPPED:
         storage().end(ses.uuid, f"stopped by {g.caller.name}")
     with services().db.read() as session:
         return session_view(find_session(session, ident))
@@ -848,7 +831,7 @@ def save_session(ident: str, body: dict[str, Any]):
     svc = services()
     with svc.db.read() as session:
         ses = find_session(session, ident)
-        if ses.state == "starting":
+        if ses.state == SESSION_STARTING:
             raise conflict(f"Session {ses.uuid} is being started; try again in a moment")
     with backend_call() as backend:
         point = backend.save(ses.uuid, label)

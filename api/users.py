@@ -8,7 +8,7 @@ from typing import Any
 from flask import Blueprint, g
 
 from labmetal import tokens
-from labmetal.api.app import services
+from labmetal.api.services import services
 from labmetal.api.auth import authorize
 from labmetal.api.common import isotime, links
 from labmetal.api.errors import ApiError, bad_request, conflict, not_found

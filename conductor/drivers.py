@@ -21,5 +21,6 @@ def load_drivers(settings: Settings) -> dict[str, HardwareType]:
                      retries=settings.ipmi_retries)
     return {
         "ipmi": HardwareType("ipmi", ipmi, "Power through the node's BMC over IPMI (pyghmi)."),
-        "wol": HardwareType("wol", WolPower(), "Power on by Wake-on-LAN; off in-band by the agent."),
+        "wol": HardwareType("wol", WolPower(),
+                            "Power on by Wake-on-LAN; off in-band by the agent."),
     }

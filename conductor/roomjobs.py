@@ -1,6 +1,6 @@
 """Room jobs carried out: the owning conductor starts due jobs, asks each seat's node for the
-next step through the usual node hand-over (rpcapi), reads the nodes' states back into the
-seats' states, retries failed seats, and runs the job's multicast sender.
+next step through the one door to a node's conductor (conductor/door.py), reads the nodes'
+states back into the seats' states, retries failed seats, and runs the job's multicast sender.
 
 A job is owned by the conductor the hash ring maps its UUID to (column ``owner``, taken by
 compare-and-set; a dead owner's jobs are taken over like its nodes). Every step is derived
@@ -17,16 +17,21 @@ from urllib.parse import urlsplit
 from sqlalchemy import or_, select, update
 
 from labmetal import history, schedule, states
+from labmetal.agent.command_params import MulticastGroup
 from labmetal.conductor.registry import ConductorRegistry
-from labmetal.conductor.rpcapi import ConductorAPI, NoConductor, NodeLocked, Unchanged
+from labmetal.conductor.door import Asker, NodeDoor
+from labmetal.conductor.errors import Busy, InvalidRequest, NoConductor
 from labmetal.config import Settings
 from labmetal.db import Database
 from labmetal.images.store import ImageStore
+from labmetal.lifecycles import (JOB_ACTIVE, JOB_DONE, JOB_FAILED, JOB_RUNNING, JOB_SCHEDULED,
+                                 SEAT_BOOTING, SEAT_DONE, SEAT_FAILED, SEAT_FINISHED, SEAT_POWERING,
+                                 SEAT_VERIFYING, SEAT_WRITING)
 from labmetal.models import Image, Node, RoomJob, RoomJobSeat, utcnow
 
 LOG = logging.getLogger(__name__)
 
-FINISHED = ("done", "failed", "cancelled")
+FINISHED = SEAT_FINISHED
 DEPLOYABLE = {states.AVAILABLE: "deploy", states.ACTIVE: "rebuild",
               states.DEPLOY_FAILED: "deploy"}
 # A node on its way to "available" that the job brings along (enroll -> manageable -> ...).
@@ -47,28 +52,29 @@ def seat_from_node(node: Node) -> SeatUpdate | None:
     state = node.provision_state
     step = node.deploy_step or {}
     if state == states.ACTIVE:
-        return SeatUpdate("done", 100)
+        return SeatUpdate(SEAT_DONE, 100)
     if state == states.DEPLOY_WAIT:
-        return SeatUpdate("booting")
+        return SeatUpdate(SEAT_BOOTING)
     if state == states.DEPLOYING:
         total, done = int(step.get("total") or 0), int(step.get("done") or 0)
         if step.get("step") and total:
             if done >= total:
-                return SeatUpdate("verifying", 100)
-            return SeatUpdate("writing", min(99, done * 100 // total))
-        return SeatUpdate("writing" if node.agent_url else "powering")
+                return SeatUpdate(SEAT_VERIFYING, 100)
+            return SeatUpdate(SEAT_WRITING, min(99, done * 100 // total))
+        return SeatUpdate(SEAT_WRITING if node.agent_url else SEAT_POWERING)
     return None
 
 
 class RoomJobRunner:
     def __init__(self, settings: Settings, db: Database, registry: ConductorRegistry,
-                 store: ImageStore, hostname: str, handover: ConductorAPI) -> None:
+                 store: ImageStore, hostname: str, door: NodeDoor) -> None:
         self.settings = settings
         self.db = db
         self.registry = registry
         self.store = store
         self.hostname = hostname
-        self.handover = handover
+        self.door = door
+        self.asker = Asker(conductor=hostname, via="by a room job")
         self.senders: dict[str, Any] = {}  # job uuid -> MulticastSender
 
     # -- the pass ----------------------------------------------------------------------
@@ -76,13 +82,12 @@ class RoomJobRunner:
         self._claim()
         with self.db.read() as session:
             jobs = session.scalars(select(RoomJob).where(RoomJob.owner == self.hostname,
-                                                         RoomJob.state.in_(("scheduled",
-                                                                            "running")))).all()
+                                                         RoomJob.state.in_(JOB_ACTIVE))).all()
             ids = [(job.id, job.state, job.scheduled_at) for job in jobs]
         now = utcnow()
         for job_id, state, scheduled_at in ids:
             try:
-                if state == "scheduled" and scheduled_at <= now:
+                if state == JOB_SCHEDULED and scheduled_at <= now:
                     self._start(job_id)
                 self._advance(job_id)
             except Exception:
@@ -99,13 +104,13 @@ class RoomJobRunner:
         ring = self.registry.ring()
         with self.db.read() as session:
             rows = session.execute(select(RoomJob.id, RoomJob.uuid, RoomJob.owner).where(
-                RoomJob.state.in_(("scheduled", "running")),
+                RoomJob.state.in_(JOB_ACTIVE),
                 or_(RoomJob.owner.is_(None), RoomJob.owner.not_in(live)))).all()
         for job_id, uuid, owner in rows:
             if ring.owner(uuid) != self.hostname:
                 continue
             with self.db.write() as session:
-                claimed = session.execute(
+                claimed = session.execute(  # type: ignore[attr-defined]  # a CursorResult
                     update(RoomJob).where(RoomJob.id == job_id, RoomJob.owner.is_(owner)
                                           if owner is None else RoomJob.owner == owner)
                     .values(owner=self.hostname)).rowcount
@@ -117,9 +122,9 @@ class RoomJobRunner:
     def _start(self, job_id: int) -> None:
         with self.db.write() as session:
             job = session.get(RoomJob, job_id)
-            if job is None or job.state != "scheduled":
+            if job is None or job.state != JOB_SCHEDULED:
                 return
-            job.state, job.started_at = "running", utcnow()
+            job.state, job.started_at = JOB_RUNNING, utcnow()
             if job.action == "deploy":
                 job.chosen_transport = self._transport(job)
                 if job.chosen_transport == "multicast":
@@ -137,7 +142,7 @@ class RoomJobRunner:
     def _multicast_address(self, session: Any, job: RoomJob) -> dict[str, Any]:
         """A group no other running job uses, and where the seats send their requests."""
         taken = {row.get("group") for row in session.scalars(
-            select(RoomJob.multicast).where(RoomJob.state == "running",
+            select(RoomJob.multicast).where(RoomJob.state == JOB_RUNNING,
                                             RoomJob.id != job.id))}
         network = ipaddress.IPv4Network(self.settings.multicast_groups)
         group = next((str(host) for host in network.hosts() if str(host) not in taken), None)
@@ -145,12 +150,12 @@ class RoomJobRunner:
             raise RuntimeError(f"every multicast group of {network} is in use")
         host = urlsplit(self.settings.seat_base_url).hostname or "127.0.0.1"
         port = self.settings.multicast_port
-        return {"group": group, "port": port, "sender": f"{host}:{port + 1}",
-                "interface": host, "job": job.id}
+        return MulticastGroup(group=group, port=port, sender=f"{host}:{port + 1}",
+                              interface=host, job=job.id).to_dict()
 
     def _schedule_next(self, session: Any, job: RoomJob) -> None:
         """A repeating job leaves its next occurrence behind when it starts."""
-        at = schedule.next_occurrence(job.scheduled_at, job.repeat, self.settings.timezone)
+        at = schedule.next_occurrence(job.scheduled_at, job.repeat, self.settings.timezone)  # type: ignore[arg-type]
         following = RoomJob(room_id=job.room_id, action=job.action, image_id=job.image_id,
                             image_name=job.image_name, transport=job.transport,
                             retries=job.retries, scheduled_at=at, repeat=job.repeat,
@@ -166,7 +171,7 @@ class RoomJobRunner:
     def _advance(self, job_id: int) -> None:
         with self.db.read() as session:
             job = session.get(RoomJob, job_id)
-            if job is None or job.state != "running":
+            if job is None or job.state != JOB_RUNNING:
                 return
             seats = [(seat.id, SeatUpdate(seat.state, seat.progress), seat.requested_at,
                       seat.attempts, seat.node_id) for seat in job.seats]
@@ -174,27 +179,27 @@ class RoomJobRunner:
             action, retries, uuid = job.action, job.retries, job.uuid
             multicast = dict(job.multicast or {})
         if action == "deploy" and image is None:
-            self._finish(job_id, "failed", "the job's image was deleted")
+            self._finish(job_id, JOB_FAILED, "the job's image was deleted")
             return
         if multicast:
-            self._ensure_sender(uuid, image, multicast)
+            self._ensure_sender(uuid, image, multicast)  # type: ignore[arg-type]
         for seat_id, shown, requested_at, attempts, node_id in seats:
             if shown.state in FINISHED:
                 continue
             with self.db.read() as session:
                 node = session.get(Node, node_id)
             if node is None:
-                self._set_seat(seat_id, SeatUpdate("failed", error="the node was deleted"))
+                self._set_seat(seat_id, SeatUpdate(SEAT_FAILED, error="the node was deleted"))
             elif action == "power-off":
                 self._power_off_seat(seat_id, node, requested_at)
             else:
                 self._deploy_seat(seat_id, shown, node, requested_at, attempts, retries,
-                                  image, uuid, multicast)
+                                  image, uuid, multicast)  # type: ignore[arg-type]
         with self.db.read() as session:
-            left = [seat.state for seat in session.get(RoomJob, job_id).seats]
+            left = [seat.state for seat in session.get(RoomJob, job_id).seats]  # type: ignore[union-attr]
         if all(state in FINISHED for state in left):
-            failed = left.count("failed")
-            self._finish(job_id, "failed" if failed else "done",
+            failed = left.count(SEAT_FAILED)
+            self._finish(job_id, JOB_FAILED if failed else JOB_DONE,
                          f"{failed} of {len(left)} seats failed" if failed else None)
 
     def _deploy_seat(self, seat_id: int, shown: SeatUpdate, node: Node, requested_at: Any,
@@ -211,7 +216,7 @@ class RoomJobRunner:
                 self._begin_deploy(seat_id, node, attempts, image, job_uuid, multicast,
                                    f"attempt {attempts} failed: {reason}")
             else:
-                self._set_seat(seat_id, SeatUpdate("failed", error=reason))
+                self._set_seat(seat_id, SeatUpdate(SEAT_FAILED, error=reason))
             return
         seen = seat_from_node(node)
         if seen is not None and (seen.state, seen.progress) != (shown.state, shown.progress):
@@ -221,50 +226,41 @@ class RoomJobRunner:
                       job_uuid: str, multicast: dict, previous_error: str | None) -> None:
         """Bring the node to a deployable state, then hand it the deploy."""
         if node.maintenance:
-            self._set_seat(seat_id, SeatUpdate("failed", error="the node is in maintenance: "
+            self._set_seat(seat_id, SeatUpdate(SEAT_FAILED, error="the node is in maintenance: "
                                                f"{node.maintenance_reason or 'no reason'}"))
             return
         state = node.provision_state
         if state in BUSY or node.reservation is not None:
             return  # on its way; next pass
         if state in PREPARE:
-            self._hand_over(node, PREPARE[state], {})
+            self._hand_over(seat_id, node, PREPARE[state], {})
             return
         verb = DEPLOYABLE.get(state)
         if verb is None:
             self._set_seat(seat_id, SeatUpdate(
-                "failed", error=f"the node is {state}: it must be available or active "
+                SEAT_FAILED, error=f"the node is {state}: it must be available or active "
                                 f"(last error: {node.last_error or 'none'})"))
             return
         info = {**(node.instance_info or {}), "image_source": image.uuid, "room_job": job_uuid}
         info.pop("multicast", None)
         if multicast:
             info["multicast"] = multicast
-        if self._hand_over(node, verb, {"instance_info": info}):
+        if self._hand_over(seat_id, node, verb, {"instance_info": info}):
             with self.db.write() as session:
                 session.execute(update(RoomJobSeat).where(RoomJobSeat.id == seat_id).values(
-                    state="powering", progress=0, attempts=attempts + 1,
+                    state=SEAT_POWERING, progress=0, attempts=attempts + 1,
                     requested_at=utcnow(), error=previous_error))
 
-    def _hand_over(self, node: Node, verb: str, extra: dict[str, Any]) -> bool:
-        step = states.transition(node.provision_state, verb)
-        values = {"provision_state": step.state, "target_provision_state": step.target,
-                  "provision_updated_at": utcnow(), "last_error": None, **extra}
-        event = ("provisioning", f"'{verb}' requested by a room job: "
-                                 f"{node.provision_state} -> {step.state}")
-        condition = (Node.provision_state == node.provision_state,)
+    def _hand_over(self, seat_id: int, node: Node, verb: str, extra: dict[str, Any]) -> bool:
+        """Ask the node's conductor for ``verb`` through the one door; a refusal that will
+        not change by itself fails the seat, a busy node is asked again on the next pass."""
         try:
-            if step.action is None:
-                with self.db.write() as session:
-                    done = session.execute(update(Node).where(
-                        Node.id == node.id, Node.reservation.is_(None), *condition)
-                        .values(**values)).rowcount
-                    if done:
-                        history.record(session, node.id, *event, conductor=self.hostname)
-                return bool(done)
-            self.handover.request(node, step.action, values, condition, event, None)
+            self.door.provision(node, verb, self.asker, extra)
             return True
-        except (NodeLocked, Unchanged):
+        except InvalidRequest as error:
+            self._set_seat(seat_id, SeatUpdate(SEAT_FAILED, error=error.message))
+            return False
+        except Busy:
             return False  # someone else acts on it; next pass
         except NoConductor as error:
             LOG.warning("room job: cannot hand node %s over: %s", node.uuid, error)
@@ -273,24 +269,25 @@ class RoomJobRunner:
     def _power_off_seat(self, seat_id: int, node: Node, requested_at: Any) -> None:
         if requested_at is None:
             if node.power_state == states.POWER_OFF:
-                self._set_seat(seat_id, SeatUpdate("done", 100))
+                self._set_seat(seat_id, SeatUpdate(SEAT_DONE, 100))
                 return
-            values = {"target_power_state": states.POWER_OFF, "last_error": None}
             try:
-                self.handover.request(node, states.POWER_OFF, values, (),
-                                      ("power", "'power off' requested by a room job"), None)
-            except (NodeLocked, Unchanged, NoConductor):
+                self.door.set_power(node, states.POWER_OFF, self.asker)
+            except InvalidRequest as error:
+                self._set_seat(seat_id, SeatUpdate(SEAT_FAILED, error=error.message))
+                return
+            except (Busy, NoConductor):
                 return
             with self.db.write() as session:
                 session.execute(update(RoomJobSeat).where(RoomJobSeat.id == seat_id).values(
-                    state="powering", attempts=1, requested_at=utcnow()))
+                    state=SEAT_POWERING, attempts=1, requested_at=utcnow()))
             return
         if node.reservation is not None or node.target_power_state is not None:
             return
         if node.power_state == states.POWER_OFF:
-            self._set_seat(seat_id, SeatUpdate("done", 100))
+            self._set_seat(seat_id, SeatUpdate(SEAT_DONE, 100))
         else:
-            self._set_seat(seat_id, SeatUpdate("failed", error=node.last_error or
+            self._set_seat(seat_id, SeatUpdate(SEAT_FAILED, error=node.last_error or
                                                f"the node is still {node.power_state}"))
 
     def _set_seat(self, seat_id: int, change: SeatUpdate) -> None:
@@ -305,7 +302,7 @@ class RoomJobRunner:
     def _finish(self, job_id: int, state: str, error: str | None) -> None:
         with self.db.write() as session:
             session.execute(update(RoomJob).where(RoomJob.id == job_id,
-                                                  RoomJob.state == "running")
+                                                  RoomJob.state == JOB_RUNNING)
                             .values(state=state, finished_at=utcnow(), last_error=error))
         LOG.info("room job %s: %s%s", job_id, state, f" ({error})" if error else "")
 
@@ -316,13 +313,10 @@ class RoomJobRunner:
         from labmetal.conductor.multicast import MulticastConfig, MulticastSender
         from labmetal.agent.manifest import Manifest
         manifest = Manifest.from_json(self.store.manifest_path(image.uuid).read_text())
-        config = MulticastConfig(group=multicast["group"], port=int(multicast["port"]),
-                                 control_port=int(multicast["sender"].rpartition(":")[2]),
-                                 interface_ip=multicast["interface"],
-                                 rate_ceiling=self.settings.multicast_rate,
-                                 ttl=self.settings.multicast_ttl)
-        sender = MulticastSender(manifest, self.store.packed_path(image.uuid), config,
-                                 int(multicast["job"]))
+        group = MulticastGroup.from_dict(multicast)
+        config = MulticastConfig.for_group(group, self.settings.multicast_rate,
+                                           self.settings.multicast_ttl)
+        sender = MulticastSender(manifest, self.store.packed_path(image.uuid), config, group.job)
         sender.start()
         self.senders[job_uuid] = sender
         LOG.info("room job %s: multicast sender on %s:%s", job_uuid, config.group, config.port)
@@ -332,7 +326,7 @@ class RoomJobRunner:
             return
         with self.db.read() as session:
             running = set(session.scalars(select(RoomJob.uuid).where(
-                RoomJob.uuid.in_(list(self.senders)), RoomJob.state == "running",
+                RoomJob.uuid.in_(list(self.senders)), RoomJob.state == JOB_RUNNING,
                 RoomJob.owner == self.hostname)))
         for job_uuid in list(self.senders):
             if job_uuid not in running:

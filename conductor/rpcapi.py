@@ -1,4 +1,4 @@
-"""How the API hands work to a conductor (DESIGN §2).
+"""How work is handed to a conductor (DESIGN §2); callers go through ``conductor/door.py``.
 
 The intent is written first: one compare-and-set takes the node's lock in the name of the
 conductor the ring maps it to and stores the pending action with it. Only then is that
@@ -17,26 +17,13 @@ from sqlalchemy import update
 from sqlalchemy.sql.elements import ColumnElement
 
 from labmetal import history
+from labmetal.conductor.errors import NoConductor, NodeLocked, Unchanged
 from labmetal.conductor.registry import ConductorRegistry
 from labmetal.config import Settings
 from labmetal.db import Database
 from labmetal.models import Node
 
 LOG = logging.getLogger(__name__)
-
-
-class NoConductor(Exception):
-    pass
-
-
-class NodeLocked(Exception):
-    def __init__(self, holder: str):
-        super().__init__(holder)
-        self.holder = holder
-
-
-class Unchanged(Exception):
-    """The node was not locked but no longer matched the request's conditions."""
 
 
 class Wakeable(Protocol):
@@ -63,23 +50,24 @@ class ConductorAPI:
         """
         owner = self.registry.owner(node.uuid)
         if owner is None:
-            raise NoConductor("no conductor is online to carry out this request")
+            raise NoConductor(f"Cannot act on node {node.uuid}: no conductor is online to "
+                              "carry out this request")
         statement = (update(Node)
                      .where(Node.id == node.id, Node.reservation.is_(None), *conditions)
                      .values(reservation=owner, pending_action=action, **values)
                      .execution_options(synchronize_session=False))
         for attempt in range(self.settings.lock_retries + 1):
             with self.db.write() as session:
-                if session.execute(statement).rowcount == 1:
+                if session.execute(statement).rowcount == 1:  # type: ignore[attr-defined]
                     history.record(session, node.id, event[0], event[1], user=user)
                     break
             with self.db.read() as session:
-                holder = session.get(Node, node.id)
-                holder = holder.reservation if holder is not None else None
+                now = session.get(Node, node.id)
+                holder = now.reservation if now is not None else None
             if holder is None:
-                raise Unchanged()
+                raise Unchanged(node.uuid)
             if attempt == self.settings.lock_retries:
-                raise NodeLocked(holder)
+                raise NodeLocked(node.uuid, holder)
             time.sleep(self.settings.lock_retry_interval)
         self.wake(owner)
         return owner

@@ -24,6 +24,7 @@ from labmetal.conductor.drivers import HardwareType
 from labmetal.conductor.power.base import InvalidDriverInfo, PowerError, PowerTarget
 from labmetal.conductor.registry import ConductorRegistry
 from labmetal.conductor.roomjobs import RoomJobRunner
+from labmetal.conductor.door import NodeDoor
 from labmetal.conductor.rpcapi import ConductorAPI
 from labmetal.conductor.wakeup import WakeServer
 from labmetal.config import Settings
@@ -72,8 +73,9 @@ class ConductorService:
         self.wake_server = WakeServer(settings.wake_listen, settings.hostname, self.wake,
                                       self.status)
         self.boot_server = BootServer(settings, db, store, box.derive(seat_relay.PURPOSE))
-        self.room_jobs = RoomJobRunner(settings, db, self.registry, store, settings.hostname,
-                                       ConductorAPI(db, self.registry, settings, local=self))
+        door = NodeDoor(settings, db, drivers, box,
+                        ConductorAPI(db, self.registry, settings, local=self))
+        self.room_jobs = RoomJobRunner(settings, db, self.registry, store, settings.hostname, door)
         self._room_wake = threading.Event()
 
     # -- life cycle ------------------------------------------------------------------
@@ -131,7 +133,7 @@ class ConductorService:
         """Locks this host held before a restart: plain locks are released; locks that carry
         a pending action are kept, and the scan resumes the action."""
         with self.db.write() as session:
-            released = session.execute(
+            released = session.execute(  # type: ignore[attr-defined]  # a CursorResult
                 update(Node).where(Node.reservation == self.hostname,
                                    Node.pending_action.is_(None)).values(reservation=None)
             ).rowcount
@@ -210,7 +212,7 @@ class ConductorService:
             if ring.owner(node.uuid) != self.hostname:
                 continue
             with self.db.write() as session:
-                taken = session.execute(
+                taken = session.execute(  # type: ignore[attr-defined]  # a CursorResult
                     update(Node).where(Node.id == node.id, Node.reservation == node.reservation)
                     .values(reservation=self.hostname if node.pending_action else None)
                 ).rowcount
@@ -293,7 +295,7 @@ class ConductorService:
         if "provision_state" in values:
             values["provision_updated_at"] = utcnow()
         with self.db.write() as session:
-            done = session.execute(
+            done = session.execute(  # type: ignore[attr-defined]  # a CursorResult
                 update(Node).where(Node.id == work.id, Node.reservation == self.hostname,
                                    Node.pending_action == work.action)
                 .values(reservation=None, pending_action=None, conductor_affinity=self.hostname,
@@ -324,7 +326,7 @@ class ConductorService:
                        f"to call back ({self.settings.callback_timeout:.0f} s in "
                        f"'{row.provision_state}')")
             with self.db.write() as session:
-                done = session.execute(
+                done = session.execute(  # type: ignore[attr-defined]  # a CursorResult
                     update(Node).where(Node.id == row.id, Node.reservation.is_(None),
                                        Node.provision_state == row.provision_state)
                     .values(provision_state=failed, target_provision_state=None,

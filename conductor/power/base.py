@@ -32,7 +32,8 @@ class InvalidDriverInfo(ValueError):
         if self.missing:
             parts.append("missing " + ", ".join(self.missing))
         if self.malformed:
-            parts.append("malformed " + "; ".join(f"{k}: {why}" for k, why in self.malformed.items()))
+            parts.append("malformed " + "; ".join(f"{k}: {why}"
+                                                  for k, why in self.malformed.items()))
         super().__init__(f"driver_info for driver '{driver}' is invalid: " + " and ".join(parts))
 
 

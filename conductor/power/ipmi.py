@@ -48,7 +48,8 @@ def _io_wait_in_slices(timeout: float, myaddr: Any = None, evq: Any = None) -> N
 def prepare_pyghmi() -> None:
     """Make pyghmi's client safe for a conductor's many threads, once per process.
 
-    Besides the waits above and the locks below: pyghmi starts its I/O thread on first use and wakes it by a
+    Besides the waits above and the locks below: pyghmi starts its I/O thread on first use and
+    wakes it by a
     packet only once the thread has published a select deadline; a caller that queues work
     before that is not woken and waits for the thread's 300 s select timeout (the "hangs
     forever" of DESIGN §9). Start the thread here and wait until it is in its loop.

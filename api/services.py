@@ -1,0 +1,56 @@
+"""What the API's views share: the service objects of one running API, reached through
+``services()`` from the Flask application that carries them.
+
+It lives apart from ``api/app.py`` so that views import it without importing the
+application factory, which imports every view: no import circle between the views.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from functools import cached_property
+from typing import TYPE_CHECKING
+
+from flask import current_app
+
+from labmetal.conductor.door import NodeDoor
+from labmetal.conductor.drivers import HardwareType
+from labmetal.conductor.job_door import RoomJobDoor
+from labmetal.conductor.registry import ConductorRegistry
+from labmetal.conductor.rpcapi import ConductorAPI
+from labmetal.config import Settings
+from labmetal.db import Database
+from labmetal.policy import Policy
+from labmetal.secrets import SecretBox
+
+if TYPE_CHECKING:  # ldap3 is loaded only where LDAP is set up
+    from labmetal.directory import Directory
+
+# The web pages' signed session cookie (api/app.py sets it, the OpenAPI document names it).
+SESSION_COOKIE = "labmetal_session"
+
+
+@dataclass
+class Services:
+    settings: Settings
+    db: Database
+    registry: ConductorRegistry
+    conductors: ConductorAPI
+    drivers: dict[str, HardwareType]
+    box: SecretBox
+    policy: Policy = field(default_factory=Policy.defaults)
+    directory: Directory | None = None  # LDAP, when ldap_url is set
+
+    @cached_property
+    def door(self) -> NodeDoor:
+        """The one door to a node's conductor (conductor/door.py)."""
+        return NodeDoor(self.settings, self.db, self.drivers, self.box, self.conductors)
+
+
+    @cached_property
+    def jobs(self) -> RoomJobDoor:
+        """The one door to room jobs (conductor/job_door.py)."""
+        return RoomJobDoor(self.db, self.conductors, self.settings.timezone)
+
+
+def services() -> Services:
+    return current_app.extensions["labmetal"]
