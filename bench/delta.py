@@ -38,7 +38,7 @@ import requests
 from bench.deploy import make_image
 from labmetal.agent.manifest import Chunk, Manifest
 from labmetal.lab.network import Lab, in_namespace
-from tests.support import Processes, start_service
+from labmetal.lab.harness import Processes, start_service
 
 MIB = 1024 * 1024
 FILL_FROM = Path("/usr/lib/python3.11")

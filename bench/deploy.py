@@ -23,8 +23,8 @@ from datetime import datetime
 from pathlib import Path
 
 from labmetal.lab.network import Lab
-from tests.room import MIB, TestRoom, open_room
-from tests.support import Processes
+from labmetal.lab.light_room import MIB, TestRoom, open_room
+from labmetal.lab.harness import Processes
 
 FILL_FROM = Path("/usr/bin")
 

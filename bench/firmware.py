@@ -27,8 +27,8 @@ from pathlib import Path
 
 from labmetal.images.ramdisk import RECORD, Recipe, build_ramdisk
 from labmetal.lab.osimage import build_whole_disk, marker_line
-from tests.labrooms import served_room
-from tests.support import wait_for
+from labmetal.lab.served import served_room
+from labmetal.lab.harness import wait_for
 
 RAMDISK_CACHE = Path("/var/cache/labmetal/ramdisk")
 # What each seat's console shows at the end of each phase, in order.
@@ -73,13 +73,15 @@ def time_to_agent(kernel: Path, initramfs: Path) -> float:
 def ramdisks() -> None:
     print("deploy ramdisk: generic kernel (default) vs cloud kernel (baseline)")
     results = {}
-    for label, package in (("cloud", "linux-image-cloud-amd64"), ("generic", Recipe.kernel_package)):
+    for label, package in (("cloud", "linux-image-cloud-amd64"),
+                           ("generic", Recipe.kernel_package)):
         build = build_ramdisk(RAMDISK_CACHE, recipe=Recipe(kernel_package=package),
                               progress=lambda line: None)
         record = json.loads((build.kernel.parent / RECORD).read_text())
         seconds = sorted(time_to_agent(build.kernel, build.initramfs) for _ in range(3))[1]
         results[label] = (record["kernel_size"], record["initramfs_size"], seconds)
-        print(f"  {label:<8} {record['kernel_version']:<18} kernel {record['kernel_size'] / 2**20:5.1f}"
+        print(f"  {label:<8} {record['kernel_version']:<18} "
+              f"kernel {record['kernel_size'] / 2**20:5.1f}"
               f" MiB, initramfs {record['initramfs_size'] / 2**20:5.1f} MiB, power-on to the "
               f"agent {seconds:5.1f} s (median of 3); missing drivers: "
               f"{', '.join(record['modules']['missing']) or 'none'}", flush=True)

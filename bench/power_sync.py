@@ -21,7 +21,7 @@ from pathlib import Path
 
 import requests
 
-from tests.support import Processes, free_udp_range, start_bmcs, start_service, wait_for
+from labmetal.lab.harness import Processes, free_udp_range, start_bmcs, start_service, wait_for
 
 BMCS_PER_PROCESS = 500
 INTERVAL = 60.0

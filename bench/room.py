@@ -12,7 +12,8 @@ deploy ramdisk's), and in the same run:
   multicast, against a full write.
 
 Each time is divided by its physical limit: multicast and udpcast, bytes sent ÷ R;
-unicast, N × bytes ÷ 10 R (bytes ÷ R for fewer than 10 seats). Seats start (and join) before the clock starts: what is timed is
+unicast, N × bytes ÷ 10 R (bytes ÷ R for fewer than 10 seats). Seats start (and join) before the
+clock starts: what is timed is
 the transfer up to every seat's verified receipt (sha256 read back from its disk).
 
     python -m bench.room [--seats 40] [--rate-mbit 10] [--skip-unicast]
@@ -129,7 +130,8 @@ def wait_all(procs: list[subprocess.Popen], what: str, timeout: float | None = N
             for each in procs:
                 each.kill()
             done = sum(1 for each in procs if each.wait() == 0)
-            raise Stalled(f"{what}: {done} of {len(procs)} seats done after {timeout:.0f} s")
+            raise Stalled(f"{what}: {done} of {len(procs)} seats done after {timeout:.0f} s") \
+                from None
     if any(codes):
         raise RuntimeError(f"{what}: {sum(1 for code in codes if code)} of {len(codes)} seats "
                            f"failed (exit codes {codes})")
@@ -276,7 +278,7 @@ def udpcast(work: Path, room: BenchRoom, image: Image, capped: bool = True,
 
 # -- checks ------------------------------------------------------------------------------
 def verify(room: BenchRoom, image: Image, numbers: range) -> None:
-    from tests.room import sha256_of
+    from labmetal.lab.light_room import sha256_of
     for number in numbers:
         digest = sha256_of(room.disk(number), image.manifest.raw_size)
         if digest != image.manifest.raw_sha256:
@@ -403,8 +405,9 @@ def main(argv: list[str] | None = None) -> int:
                   f"{f'{ours / theirs:.2f}' if theirs else 'udpcast stalled'}")
         if "labmetal unicast" in results:
             print(f"  unicast ÷ multicast: {results['labmetal unicast'] / mc:.1f}")
+        one_seat = "labmetal unicast, 1 seat"
         print(f"  delta 5 % ÷ full, unicast 1 seat: "
-              f"{results['labmetal unicast, 1 seat, delta 5 %'] / results['labmetal unicast, 1 seat']:.2f}; "
+              f"{results['labmetal unicast, 1 seat, delta 5 %'] / results[one_seat]:.2f}; "
               f"multicast {args.seats} seats: {results['labmetal multicast, delta 5 %'] / mc:.2f}")
     return 0
 

@@ -62,9 +62,9 @@ from labmetal.api.sessions import seat_iqn
 from labmetal.db import Database
 from labmetal.secrets import SecretBox
 from labmetal.users import set_user
-from tests.ceph import CephCluster, missing_tools
-from tests.iscsi_seat import IscsiSeat
-from tests.support import Processes, Service, error_text, free_port, start_service
+from labmetal.lab.ceph import CephCluster, missing_tools
+from labmetal.lab.iscsi_seat import IscsiSeat
+from labmetal.lab.harness import Processes, Service, error_text, free_port, start_service
 
 MIB = 1024 * 1024
 DEPTH = 8  # a reader's requests in flight (qemu-img convert's coroutines, 2 MiB each)

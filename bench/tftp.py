@@ -21,7 +21,7 @@ import tempfile
 import time
 from pathlib import Path
 
-from tests.support import Processes, free_port
+from labmetal.lab.harness import Processes, free_port
 
 CACHE = Path(__file__).resolve().parents[1] / "var" / "cache" / "bench"
 IN_TFTPD = CACHE / "tftpd-hpa" / "usr" / "sbin" / "in.tftpd"

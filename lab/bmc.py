@@ -25,7 +25,8 @@ UNAUTHORIZED_NAME = 0x0D
 
 
 class LabServerSession(serversession.ServerSession):
-    """pyghmi's server session, fixed where real clients fail against it that make real clients work against it:
+    """pyghmi's server session, fixed where real clients fail against it that make real clients
+    work against it:
 
     - it only speaks RAKP-HMAC-SHA1 (cipher suite 3) but accepted any proposal, so clients
       that start with suite 17 (pyghmi's own, ipmitool's default) failed in RAKP2; refusing

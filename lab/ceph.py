@@ -22,7 +22,7 @@ import time
 import uuid
 from pathlib import Path
 
-from tests.support import free_port
+from labmetal.lab.harness import free_port
 
 DAEMONS = ("ceph-mon", "ceph-osd", "ceph-authtool", "monmaptool", "ceph", "rbd")
 
@@ -92,7 +92,7 @@ class CephCluster:
 
     def stop(self) -> None:
         """Stop every daemon by PID (SIGTERM, then SIGKILL), then remove the directory."""
-        for name, process in reversed(list(self._processes.items())):
+        for process in reversed(list(self._processes.values())):
             if process.poll() is None:
                 process.send_signal(signal.SIGTERM)
                 try:

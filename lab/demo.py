@@ -300,7 +300,7 @@ def run(options: DemoOptions) -> int:
             for name in names:
                 _provision(url, name, verb)
             _wait(f"every seat {goal}", lambda: all(
-                n["provision_state"] == goal and not n["reservation"]
+                n["provision_state"] == goal and not n["reservation"]  # noqa: B023 (called in this iteration)
                 for n in _nodes(url, names)), children, 120)
         by_label = make_room(url, seats)
         _say(f"{len(names)} seats available, in room {ROOM} as {', '.join(by_label)}")
@@ -320,7 +320,7 @@ def run(options: DemoOptions) -> int:
             seat = by_label[label]
             if seat["kind"] == "qemu":
                 line = _wait(f"{seat['name']} to boot {OS_IMAGE}",
-                             lambda: _console_marker(seat), children, 180)
+                             lambda: _console_marker(seat), children, 180)  # noqa: B023 (called in this iteration)
                 _say(f"  {seat['name']} (QEMU) booted the deployed OS: {line}")
         _say(f"The room's page: {url}/ui/rooms/{ROOM}")
         _say(f"Try: LABMETAL_URL={url} labmetal room show {ROOM}; "

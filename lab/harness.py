@@ -151,7 +151,8 @@ class Service:
         return requests.delete(self.url + path, timeout=30, **kwargs)
 
     def node(self, ident: str) -> dict[str, Any]:
-        response = self.get(f"/v1/nodes/{ident}", headers={"X-OpenStack-Ironic-API-Version": "latest"})
+        response = self.get(f"/v1/nodes/{ident}",
+                            headers={"X-OpenStack-Ironic-API-Version": "latest"})
         response.raise_for_status()
         return response.json()
 

@@ -3,12 +3,10 @@ with the session's CHAP account and the seat's initiator name (what the target's
 checks)."""
 from __future__ import annotations
 
-import shutil
 import subprocess
 from dataclasses import dataclass
 from pathlib import Path
 
-import pytest
 
 
 @dataclass
@@ -42,13 +40,3 @@ class IscsiSeat:
         assert "Pattern verification failed" in result.stdout or result.returncode == 0, \
             result.stdout + result.stderr
         return result.returncode == 0
-
-
-@pytest.fixture(scope="module", autouse=True)
-def storage_tools():
-    """The storage tests' tools, checked once (import this fixture into the test module)."""
-    missing = [t for t in ("tgtd", "tgtadm", "qemu-img", "qemu-io", "qemu-storage-daemon")
-               if shutil.which(t) is None]
-    if missing:
-        pytest.fail(f"missing {', '.join(missing)}: install the Debian packages tgt, "
-                    "qemu-utils, qemu-block-extra, qemu-system-common")

@@ -12,13 +12,12 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-import pytest
 import requests
 
 from labmetal.lab.network import Lab, Room, in_namespace
 from labmetal.lab.seat import LightSeatSpec
-from tests.support import (LABMETAL, Processes, Service, free_udp_range, start_service,
-                           wait_for)
+from labmetal.lab.harness import (LABMETAL, Processes, Service, free_udp_range, start_service,
+                                  wait_for)
 
 MIB = 1024 * 1024
 BMC_PASSWORD = "room-bmc-pw"
@@ -122,7 +121,7 @@ class TestRoom:
                 response = self.api("PUT", f"/v1/nodes/{spec.name}/states/provision",
                                     json={"target": verb})
                 assert response.status_code == 202, response.text
-                self.service.wait_node(spec.name, lambda n: n["provision_state"] == goal
+                self.service.wait_node(spec.name, lambda n: n["provision_state"] == goal  # noqa: B023 (called in this iteration)
                                        and not n["reservation"], timeout=30, what=goal)
         return self.service.node(spec.name)
 
@@ -190,17 +189,3 @@ def open_room(lab: Lab, procs: Processes, workdir: Path, index: int, seats: int,
         listener.wait_for_output("listening for magic packets", timeout=30)
     wait_for(lambda: requests.get(service.url + "/", timeout=5).ok, 10, "the API")
     return test_room
-
-
-# -- fixtures the deploy tests share (import them into the test module) --
-
-@pytest.fixture
-def lab():
-    with Lab() as made:
-        yield made
-
-
-@pytest.fixture(scope="module")
-def disk_image(tmp_path_factory) -> Path:
-    """A 40 MiB whole-disk image, built once per test module."""
-    return make_whole_disk(tmp_path_factory.mktemp("images"), size_mib=40)

@@ -912,7 +912,7 @@ say "{SESSION_MARKER_PREFIX} image=$name mac=$(first_mac) counter=$count"
 echo $((count + 1)) > $counter.new && sync && mv $counter.new $counter && sync
 say "{SESSION_MARKER_PREFIX} counter=$(cat $counter) saved on $(awk '$2 == "/" {{ print $1 }}' /proc/mounts)"
 while :; do sleep 3600; done
-"""
+"""  # noqa: E501 (a shell line of the image: changing it would rebuild the cached test OS)
 
 ROOTFS_INIT = f"""\
 #!/bin/sh

@@ -15,7 +15,7 @@ import requests
 
 from labmetal.lab.network import Lab, Room, in_namespace, namespaces, remove_namespace, run_in
 from labmetal.lab.room import STATE_FILE, recover
-from tests.support import LABMETAL, Proc, Processes, free_port, service_env, wait_for
+from labmetal.lab.harness import LABMETAL, Proc, Processes, free_port, service_env, wait_for
 
 BMC_PASSWORD = "room-pw"
 LATEST = {"X-OpenStack-Ironic-API-Version": "latest"}

@@ -7,7 +7,8 @@ gets ``undionly.kpxe`` over TFTP; a UEFI one (architecture 7 or 9) gets Debian's
 (Secure Boot off), by ``uefi_loader`` or the PC's own ``loader`` (its node's
 ``driver_info/pxe_loader``, for odd firmware). Whether Secure Boot is on is not in the
 request, hence shim as the default. iPXE itself (DHCP option 175, or user class ``iPXE``)
-gets the URL of ``/boot.ipxe`` instead, otherwise it would load itself again forever. Enrolled PCs are
+gets the URL of ``/boot.ipxe`` instead, otherwise it would load itself again forever. Enrolled PCs
+are
 listed in a hosts file (optionally with a fixed address and a name) that dnsmasq re-reads
 on SIGHUP, so enrolling a PC never restarts DHCP for the room.
 """
@@ -24,7 +25,6 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Iterable, Literal
 
-from labmetal.lab.network import in_namespace
 from labmetal.pxe.ipxe import url
 
 LOG = logging.getLogger(__name__)
@@ -202,7 +202,8 @@ class Dnsmasq:
         # run dir of a labmetal process need not be readable by anyone else.
         command = [DNSMASQ, "--keep-in-foreground", f"--conf-file={self.conf_file}",
                    "--user=root", "--pid-file="]
-        return in_namespace(self.namespace, command) if self.namespace else command
+        # ``ip netns exec`` execs dnsmasq, so the PID we keep is dnsmasq's own.
+        return ["ip", "netns", "exec", self.namespace, *command] if self.namespace else command
 
     @property
     def pid(self) -> int | None:
