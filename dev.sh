@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # labmetal on a fresh Debian machine:
 #   ./dev.sh demo   set up, then run the main job (a simulated room provisioned end to end)
-#   ./dev.sh test   set up, then run the test suite (extra arguments go to pytest)
+#   ./dev.sh test   set up, then the fast tests, ruff, mypy, the other tests (arguments: pytest's)
 #   ./dev.sh setup  only install what is needed (Debian packages, the virtualenv)
 set -euo pipefail
 cd "$(dirname "$0")"
@@ -57,11 +57,25 @@ in_lab() {
     if [ "$(id -u)" -eq 0 ]; then exec "${exec_as_root[@]}"; else exec sudo "${exec_as_root[@]}"; fi
 }
 
+# `./dev.sh test`: the fast tier first (pure code, seconds, as the calling user; see
+# tests/conftest.py), then ruff and mypy (configured in pyproject.toml), then every other test
+# as root. Extra arguments go to both pytest runs; a run in which they select nothing (pytest's
+# exit status 5: they named tests of the other tier only) is not a failure.
+run_tests() {
+    tier .venv/bin/pytest -m fast "$@"
+    .venv/bin/ruff check .
+    .venv/bin/mypy
+    tier as_root env "LABMETAL_RAMDISK_CACHE=$LABMETAL_RAMDISK_CACHE" \
+        "LABMETAL_OSIMAGE_CACHE=$LABMETAL_OSIMAGE_CACHE" .venv/bin/pytest -m "not fast" "$@"
+}
+
+tier() { "$@" || { local status=$?; [ "$status" -eq 5 ] || exit "$status"; }; }
+
 command=${1:-demo}
 shift || true
 case "$command" in
     setup) setup ;;
     demo) setup; in_lab .venv/bin/labmetal demo "$@" ;;
-    test) setup; in_lab .venv/bin/pytest "$@" ;;
+    test) setup; run_tests "$@" ;;
     *) echo "usage: $0 demo|test|setup" >&2; exit 2 ;;
 esac

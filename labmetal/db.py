@@ -1,4 +1,5 @@
-"""Engine, sessions and migrations for SQLite (embedded default) and PostgreSQL (several conductors)."""
+"""Engine, sessions and migrations for SQLite (embedded default) and PostgreSQL (several
+conductors)."""
 from __future__ import annotations
 
 import contextlib
@@ -27,7 +28,8 @@ class Database:
         if self.is_sqlite:
             if self.sqlite_path:
                 _create_private(self.sqlite_path)
-            self.engine = create_engine(url, connect_args={"check_same_thread": False, "timeout": 60},
+            self.engine = create_engine(url, connect_args={"check_same_thread": False,
+                                                           "timeout": 60},
                                         pool_size=20, max_overflow=40)
             _make_sqlite_behave(self.engine)
         else:

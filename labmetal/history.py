@@ -1,4 +1,5 @@
-"""Node history: one row per state change or error, written in the same transaction as the change."""
+"""Node history: one row per state change or error, written in the same transaction as the
+change."""
 from __future__ import annotations
 
 from sqlalchemy.orm import Session

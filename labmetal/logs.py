@@ -138,8 +138,9 @@ class RateLimit(logging.Filter):
         verdict = getattr(record, "labmetal_flood", None)
         if verdict is not None:  # another handler decided on this record already
             return verdict
-        record.labmetal_flood = self._let_through(record)
-        return record.labmetal_flood
+        verdict = self._let_through(record)
+        record.labmetal_flood = verdict  # type: ignore[attr-defined]  # a record takes any
+        return verdict
 
     def _let_through(self, record: logging.LogRecord) -> bool:
         key = (record.name, record.levelno, str(record.msg)[:200])

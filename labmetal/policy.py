@@ -5,6 +5,8 @@ its own objects (``"student:owner"``: only sessions, users, tokens... that are t
 Only actions whose objects have an owner accept ``:owner``. The defaults below are safe on
 their own; a policy file (JSON or TOML, ``{"action": ["role", ...]}``) replaces the rule of
 each action it names. A file naming an unknown action or role is refused at start-up.
+The README's table of the defaults ("Accounts and policy") is compared with ACTIONS by
+tests/test_policy_rules.py: change both together.
 """
 from __future__ import annotations
 
@@ -56,7 +58,8 @@ ACTIONS: dict[str, Action] = {action.name: action for action in (
     Action("image:create", (ADMIN,), description="register an image"),
     Action("image:upload", (ADMIN,), description="upload an image's data"),
     Action("image:delete", (ADMIN,)),
-    # Rooms and templates (endpoints to come): teachers run them, admins define rooms.
+    # Rooms and templates (api/rooms.py, api/sessions.py): teachers run rooms and make TP
+    # templates, students see templates; admins define rooms.
     Action("room:get", STAFF),
     Action("room:create", (ADMIN,)),
     Action("room:update", (ADMIN,)),
@@ -117,7 +120,9 @@ def parse_rule(action: Action, entries: Any) -> tuple[Rule | None, list[str]]:
     """The rule, or the problems with it (every one, so a file is fixed in one go)."""
     if not isinstance(entries, (list, tuple)) or not all(isinstance(e, str) for e in entries):
         return None, [f"{action.name}: expected a list of roles, got {entries!r}"]
-    roles, owner_roles, problems = set(), set(), []
+    roles: set[str] = set()
+    owner_roles: set[str] = set()
+    problems: list[str] = []
     for entry in entries:
         role, owned = (entry[:-len(OWNER_SUFFIX)], True) if entry.endswith(OWNER_SUFFIX) \
             else (entry, False)
@@ -141,11 +146,12 @@ class Policy:
     @classmethod
     def with_overrides(cls, overrides: Mapping[str, Any], source: str = "policy") -> Policy:
         problems = [f"unknown action {name!r}" for name in sorted(set(overrides) - set(ACTIONS))]
-        rules = {}
+        rules: dict[str, Rule] = {}
         for action in ACTIONS.values():
             rule, found = parse_rule(action, overrides.get(action.name, action.default))
             problems += found
-            rules[action.name] = rule
+            if rule is not None:  # else its problems are reported below
+                rules[action.name] = rule
         if problems:
             raise ValueError(f"{source}: " + "; ".join(problems))
         return cls(rules)

@@ -31,7 +31,9 @@ def load_profile(path: Path | None = None) -> Profile | None:
             values = tomllib.load(fh)
     except FileNotFoundError:
         return None
-    return Profile(**{key: values.get(key) for key in Profile.__dataclass_fields__})
+    # A file `labmetal login` wrote: every field is there (a missing one would be None).
+    return Profile(**{key: values.get(key)  # type: ignore[arg-type]
+                      for key in Profile.__dataclass_fields__})
 
 
 def save_profile(profile: Profile, path: Path | None = None) -> Path:

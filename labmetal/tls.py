@@ -100,16 +100,17 @@ def ensure(directory: Path, names: list[str],
     now = now or datetime.datetime.now(datetime.timezone.utc)
     directory.mkdir(mode=0o700, parents=True, exist_ok=True)
     os.chmod(directory, 0o700)
-    files = TlsFiles(directory / "server.crt", directory / "server.key", directory / "ca.crt")
+    ca_cert_path = directory / "ca.crt"
+    files = TlsFiles(directory / "server.crt", directory / "server.key", ca_cert_path)
     ca_key_path = directory / "ca.key"
-    if files.ca_cert.exists() and ca_key_path.exists():
-        ca_cert = x509.load_pem_x509_certificate(files.ca_cert.read_bytes())
+    if ca_cert_path.exists() and ca_key_path.exists():
+        ca_cert = x509.load_pem_x509_certificate(ca_cert_path.read_bytes())
         ca_key = serialization.load_pem_private_key(ca_key_path.read_bytes(), None)
     else:
         ca_key = ec.generate_private_key(ec.SECP256R1())
         ca_cert = _ca_certificate(ca_key, now)
         _write_private(ca_key_path, _key_pem(ca_key))
-        _write_private(files.ca_cert, ca_cert.public_bytes(serialization.Encoding.PEM))
+        _write_private(ca_cert_path, ca_cert.public_bytes(serialization.Encoding.PEM))
     if _current(files.cert, ca_cert, names, now) and files.key.exists():
         return files, False
     key = ec.generate_private_key(ec.SECP256R1())

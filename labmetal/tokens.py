@@ -112,7 +112,7 @@ def owner_of(db: Database, token_uuid: str) -> str | None:
 
 def revoke(db: Database, token_uuid: str) -> bool:
     with db.write() as session:
-        return bool(session.execute(delete(AuthToken).where(AuthToken.uuid == token_uuid))
+        return bool(session.execute(delete(AuthToken).where(AuthToken.uuid == token_uuid))  # type: ignore[attr-defined]
                     .rowcount)
 
 
@@ -123,4 +123,4 @@ def revoke_all(db: Database, user_id: int, keep: str | None = None) -> int:
         statement = delete(AuthToken).where(AuthToken.user_id == user_id)
         if keep is not None:
             statement = statement.where(AuthToken.uuid != keep)
-        return session.execute(statement).rowcount
+        return session.execute(statement).rowcount  # type: ignore[attr-defined]  # a CursorResult

@@ -72,7 +72,7 @@ def set_user(db: Database, name: str, password: str | None, role: str = "admin",
         raise AccountError("a user name is 1-64 of letters, digits, '.', '_', '@', '-'")
     if source == "local" and not password:
         raise AccountError("a local user needs a password")
-    password_hash = hash_password(password) if source == "local" else None
+    password_hash = hash_password(password) if source == "local" and password else None
     with db.write() as session:
         user = session.scalar(select(User).where(User.name == name))
         if user is None:
@@ -167,6 +167,7 @@ def authenticate(db: Database, name: str, password: str,
         if directory is None:
             password_matches(password, None)  # as long as a wrong password takes
         return None
+    assert directory is not None  # the account came from it
     try:
         with db.write() as session:
             user = session.scalar(select(User).where(User.name == name))

@@ -381,6 +381,7 @@ class TftpService:
                 self._remove_empty_root()
                 raise self._start_error or RuntimeError("the TFTP server did not start")
             time.sleep(0.01)
+        assert self._server is not None  # listening
         self.port = self._server.listenport
         return self
 

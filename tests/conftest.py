@@ -1,3 +1,13 @@
+"""Fixtures shared by the tests, and the two tiers.
+
+The fast tier is every test marked `fast` (`pytestmark = pytest.mark.fast` at the top of a
+module): pure code only, the hash ring, states, the iPXE/GRUB/DHCP renderers, manifests, wire
+formats, the policy, request validation. Such a module needs no root, no network (at most an
+in-process server on loopback), no QEMU, no tgtd and starts no service; it runs in seconds as
+any user (`.venv/bin/pytest -m fast`). A module is fast as a whole: a pure test written in a
+slow module moves to a fast one. `./dev.sh test` runs the fast tier first, then the rest
+(`-m "not fast"`), as root.
+"""
 from __future__ import annotations
 
 import shutil
@@ -5,7 +15,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.support import Baremetal, Processes, start_postgres
+from labmetal.lab.harness import Baremetal, Processes, start_postgres
 
 
 @pytest.fixture
@@ -32,7 +42,9 @@ def postgres():
 
 
 @pytest.fixture(scope="session", autouse=True)
-def need_tools():
+def need_tools(request):
+    if all(item.get_closest_marker("fast") for item in request.session.items):
+        return  # the fast tier needs no tools
     missing = [tool for tool in ("ipmitool",) if shutil.which(tool) is None]
     if missing:
         pytest.exit(f"missing test tools: {', '.join(missing)} (the README's test command "

@@ -12,7 +12,7 @@ from pathlib import Path
 
 import requests
 
-from tests.support import BAREMETAL, LABMETAL, error_text, start_service, wait_for
+from labmetal.lab.harness import BAREMETAL, LABMETAL, error_text, start_service, wait_for
 
 ADMIN_PASSWORD = "ada's long pass phrase"
 TEACHER_PASSWORD = "tom's long pass phrase"

@@ -7,7 +7,7 @@ from pathlib import Path
 import requests
 
 from labmetal.lab.network import Lab, run_in
-from tests.support import start_service, wait_for
+from labmetal.lab.harness import start_service, wait_for
 from tests.test_pxe import udhcpc
 
 
@@ -32,7 +32,8 @@ def test_labmetal_serves_dhcp_and_tftp_to_a_room(procs, tmp_path):
                                 str(fetched), "10.99.30.2"])
         assert fetched.read_bytes() == Path("/usr/lib/ipxe/undionly.kpxe").read_bytes()
         chain = requests.get(f"{service.url}/boot.ipxe", timeout=10).text
-        assert chain.startswith("#!ipxe") and f"{service.url}/boot/${{netX/mac:hexhyp}}.ipxe" in chain
+        assert chain.startswith("#!ipxe") and \
+            f"{service.url}/boot/${{netX/mac:hexhyp}}.ipxe" in chain
         unknown = requests.get(f"{service.url}/boot/52-54-00-30-00-01.ipxe", timeout=10).text
         assert "needs the deploy_kernel and deploy_ramdisk settings" in unknown
 

@@ -14,7 +14,8 @@ from alembic.migration import MigrationContext
 from labmetal.db import Database
 from labmetal.models import Base
 from labmetal.secrets import SecretBox
-from tests.support import ipmitool_power, start_bmcs, start_conductor, start_service, wait_for
+from labmetal.lab.harness import (ipmitool_power, start_bmcs, start_conductor, start_service,
+                                  wait_for)
 
 LATEST = {"X-OpenStack-Ironic-API-Version": "latest"}
 NODES = 60
@@ -136,6 +137,7 @@ def _read_nodes(state_dir) -> list[dict]:
     from labmetal.models import Node
     db = Database(f"sqlite:///{state_dir / 'labmetal.db'}")
     with db.read() as session:
-        rows = [{"name": n.name, "reservation": n.reservation} for n in session.scalars(select(Node))]
+        rows = [{"name": n.name, "reservation": n.reservation}
+                for n in session.scalars(select(Node))]
     db.dispose()
     return rows

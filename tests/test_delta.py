@@ -19,7 +19,7 @@ import pytest
 from labmetal.agent.delta import matching_chunks
 from labmetal.agent.writer import Progress
 from labmetal.agent.manifest import Chunk, Manifest, build
-from tests.room import make_rootfs, make_whole_disk
+from labmetal.lab.light_room import make_rootfs, make_whole_disk
 from tests.test_agent import (  # noqa: F401 (fixtures)
     MIB, Seat, _Handler, disks, http_servers, labmetal, seat_tools, serve, sha256_of,
     start_seat)

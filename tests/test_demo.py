@@ -16,7 +16,7 @@ import pytest
 
 from labmetal.lab.network import namespaces, remove_namespace
 from labmetal.lab.room import STATE_FILE, start_time
-from tests.support import LABMETAL, free_port, wait_for
+from labmetal.lab.harness import LABMETAL, free_port, wait_for
 
 pytestmark = pytest.mark.ramdisk
 

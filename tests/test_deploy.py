@@ -13,9 +13,9 @@ from pathlib import Path
 from labmetal.lab.network import run_in, shape
 from labmetal.lab.room import namespace_pids
 from tests.room import disk_image, lab  # noqa: F401 (fixtures)
-from tests.room import MIB, make_rootfs, make_whole_disk, open_room, sha256_of
+from labmetal.lab.light_room import MIB, make_rootfs, make_whole_disk, open_room, sha256_of
 from labmetal.agent.manifest import Manifest
-from tests.support import LABMETAL, error_text, wait_for
+from labmetal.lab.harness import LABMETAL, error_text, wait_for
 
 
 def test_teacher_deploys_a_whole_disk_image_and_the_seat_boots_it(lab, procs, tmp_path,
@@ -33,7 +33,7 @@ def test_teacher_deploys_a_whole_disk_image_and_the_seat_boots_it(lab, procs, tm
         assert node["provision_state"] == "active", node["last_error"]
         assert node["last_error"] is None and node["deploy_step"] == {}
         assert sha256_of(Path(seat.disk), image["virtual_size"]) == image["raw_sha256"]
-        wait_for(lambda: "booted from disk: mbr=bootable" in room.console(seat), 180,
+        wait_for(lambda: "booted from disk: mbr=bootable" in room.console(seat), 180,  # noqa: B023 (called in this iteration)
                  "the seat booting its disk")
     events = [e["event"] for e in room.service.history(room.seats[0].name)]
     assert "deploy agent looked up from 10.99.11.11; token handed out" in events

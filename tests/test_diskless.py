@@ -25,10 +25,10 @@ import requests
 from labmetal.images.ramdisk import build_ramdisk
 from labmetal.lab.osimage import build_session_disk, session_counter_line
 from labmetal.lab.qemu_seat import type_text
-from tests.ceph import CephCluster, missing_tools
-from tests.labrooms import (BOOT_TIMEOUT, Labmetal, UpRoom, lab_up, stand_in, start_labmetal,
-                            tear_down)
-from tests.support import LABMETAL, Processes, free_port, wait_for
+from labmetal.lab.ceph import CephCluster, missing_tools
+from labmetal.lab.served import (BOOT_TIMEOUT, Labmetal, UpRoom, lab_up, stand_in, start_labmetal,
+                                 tear_down)
+from labmetal.lab.harness import LABMETAL, Processes, free_port, wait_for
 
 pytestmark = pytest.mark.ramdisk
 RAMDISK_CACHE = Path(os.environ.get("LABMETAL_RAMDISK_CACHE", "/var/cache/labmetal/ramdisk"))

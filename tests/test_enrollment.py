@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import pytest
 
-from tests.support import error_text, start_bmcs, start_service
+from labmetal.lab.harness import error_text, start_bmcs, start_service
 
 LATEST = {"X-OpenStack-Ironic-API-Version": "latest"}
 
@@ -90,7 +90,8 @@ def test_invalid_and_duplicate_input_is_refused_with_the_field_named(service, cl
     for bad in ("52:54:00:00:00", "zz:54:00:00:00:01", "52:54:00-00:00:01"):
         response = service.post("/v1/ports", {"address": bad, "node_uuid": "pc1"})
         assert response.status_code == 400
-        assert "Expected a MAC address" in error_text(response) and "(field: address)" in error_text(response)
+        assert "Expected a MAC address" in error_text(response) and \
+            "(field: address)" in error_text(response)
 
     # A node may be enrolled without BMC details; manage then lists what is missing.
     result = cli("node", "manage", "pc1", check=False)
@@ -131,7 +132,8 @@ def test_ironic_rest_contract(service):
     assert service.get("/v1/conductors", headers=LATEST).status_code == 200
 
     missing = service.get("/v1/nodes/no-such-node")
-    assert missing.status_code == 404 and error_text(missing) == "Node no-such-node could not be found."
+    assert missing.status_code == 404 and \
+        error_text(missing) == "Node no-such-node could not be found."
 
     uuids = [service.post("/v1/nodes", {"driver": "wol", "name": f"pc{i}"}).json()["uuid"]
              for i in range(5)]

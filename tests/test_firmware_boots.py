@@ -27,8 +27,8 @@ from labmetal.images.ramdisk import build_ramdisk
 from labmetal.lab.osimage import (build_partition, build_session_disk, build_whole_disk,
                                   marker_line, session_counter_line)
 from labmetal.lab.qemu_seat import type_text
-from tests.labrooms import BOOT_TIMEOUT, Labmetal, UpRoom, served_room
-from tests.support import free_port, wait_for
+from labmetal.lab.served import BOOT_TIMEOUT, Labmetal, UpRoom, served_room
+from labmetal.lab.harness import free_port, wait_for
 
 pytestmark = pytest.mark.ramdisk
 

@@ -7,7 +7,6 @@ units to install it with."""
 from __future__ import annotations
 
 import base64
-import datetime
 import hashlib
 import json
 import os
@@ -27,15 +26,10 @@ from typing import Any
 
 import pytest
 import requests
-from cryptography import x509
 
-from labmetal.config import Settings
-from labmetal.front import FrontConfig, https_base, render
 from labmetal.lab.network import run_in
-from labmetal.tls import (RENEW_BEFORE, SERVER_LIFETIME, TlsFiles, certificate_names, ensure,
-                          server_names)
 from tests.room import lab  # noqa: F401 (fixture)
-from tests.support import LABMETAL, Processes, Service, free_port, start_service, wait_for
+from labmetal.lab.harness import LABMETAL, Processes, Service, free_port, start_service, wait_for
 
 MiB = 2**20
 GiB = 2**30
@@ -128,56 +122,7 @@ def is_open(sock: socket.socket) -> bool:
         return False
 
 
-# -- 0. what the front is told (fast: no nginx, no root) ----------------------------------------
-def test_the_front_bounds_bodies_per_route_and_what_one_address_may_hold(tmp_path):
-    config = FrontConfig(listen=("10.99.1.2", 6385), tls_listen=("10.99.1.2", 6443),
-                         upstream=tmp_path / "app.sock", run_dir=tmp_path,
-                         tls=TlsFiles(tmp_path / "s.crt", tmp_path / "s.key", tmp_path / "ca.crt"),
-                         https_base="https://10.99.1.2:6443", max_upload=3 * GiB)
-    text = render(config)
-    http = text.split("  server {")[0]
-    assert f"client_max_body_size {MiB};" in http  # every route, unless it says otherwise
-    assert "limit_conn labmetal_conn 64;" in http and "rate=50r/s" in http
-    assert "client_header_timeout 15s;" in http and "client_body_timeout 15s;" in http
-    # the client's address replaces whatever X-Forwarded-For it sent, never appended to it
-    assert "proxy_set_header X-Forwarded-For $remote_addr;" in http
-    assert "proxy_add_x_forwarded_for" not in text
-    plain, tls = text.split("  server {")[1:]
-    assert "listen 10.99.1.2:6385 backlog" in plain and "ssl" not in plain.split(";")[0]
-    assert "listen 10.99.1.2:6443 ssl" in tls
-    for server in (plain, tls):
-        upload = server.split("location ~ ^/v1/images/")[1].split("    }")[0]
-        assert f"client_max_body_size {3 * GiB};" in upload
-        assert "proxy_request_buffering off;" in upload
-        assert "auth_request /_labmetal/check-upload;" in upload
-        assert "limit_req zone=labmetal_seats burst=200;" in server
-    assert "if ($labmetal_in_clear)" in plain and "if ($labmetal_in_clear)" not in tls
-    assert "return 301 https://10.99.1.2:6443$request_uri;" in plain
-
-
-def test_a_wildcard_listener_sends_clients_to_the_address_they_came_to_not_their_host():
-    settings = Settings(listen="0.0.0.0:6385")
-    assert https_base(settings) == "https://$server_addr:6443"  # never $host: the client's
-    assert https_base(Settings(listen="10.9.9.9:80", tls_listen="8443")) == \
-        "https://10.9.9.9:8443"
-    assert https_base(Settings(public_url="https://lab.example:6443/")) == \
-        "https://lab.example:6443"
-
-
-def test_the_server_certificate_is_made_again_for_new_names_or_near_its_end(tmp_path):
-    directory = tmp_path / "tls"
-    names = server_names(["10.99.1.2"])
-    first, made = ensure(directory, names)
-    assert made and stat.S_IMODE(directory.stat().st_mode) == 0o700
-    ca = first.ca_cert.read_bytes()
-    assert ensure(directory, names) == (first, False)
-    assert ensure(directory, server_names(["10.99.7.2"]))[1]  # a new address
-    later = datetime.datetime.now(datetime.timezone.utc) + SERVER_LIFETIME - RENEW_BEFORE
-    names = server_names(["10.99.7.2"])
-    assert ensure(directory, names, now=later)[1]  # a month before its end
-    assert first.ca_cert.read_bytes() == ca  # the CA stays: browsers trust it
-    cert = x509.load_pem_x509_certificate(first.cert.read_bytes())
-    assert {"10.99.7.2", socket.gethostname().lower()} <= set(certificate_names(cert))
+# -- 0. what the front is told (no nginx, no root): tests/test_front_config.py (fast).
 
 
 # -- 1. idle and slow connections ------------------------------------------------------------
@@ -382,7 +327,7 @@ def test_the_api_sees_the_clients_own_address_through_the_front(front):
             source=source, ca=front.ca if over_tls else None)
         assert status == 401
         line = f"failed authentication for user '{user}' from {source}"
-        wait_for(lambda: line in front.log(), ANSWER_WAIT, f"'{line}' in the log")
+        wait_for(lambda: line in front.log(), ANSWER_WAIT, f"'{line}' in the log")  # noqa: B023 (called in this iteration)
     assert "10.6.6.6" not in front.log()
 
 

@@ -62,7 +62,7 @@ from schemathesis.core.failures import FailureGroup
 from schemathesis.specs.openapi.checks import response_schema_conformance, \
     status_code_conformance
 
-from tests.support import LABMETAL, Processes, Service, free_port, start_service
+from labmetal.lab.harness import LABMETAL, Processes, Service, free_port, start_service
 from tests.test_sessions import our_processes
 
 EXAMPLES = int(os.environ.get("LABMETAL_FUZZ_EXAMPLES", "15"))

@@ -12,6 +12,8 @@ from labmetal.pxe.dnsmasq import DhcpConfig, DhcpHost, render_config
 from labmetal.pxe.ipxe import (IdleScript, LocalDiskScript, OwnKernel, RamdiskScript,
                                SanbootScript, SeatMenuScript)
 
+pytestmark = pytest.mark.fast
+
 BASE = "http://10.99.1.1:6385"
 MAC = "52:54:00:12:34:56"
 KERNEL = f"{BASE}/files/images/0b4e8c1a-1f2e-4b7a-9c2d-3e4f5a6b7c8d/file"

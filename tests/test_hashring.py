@@ -1,7 +1,11 @@
 """The ring maps nodes to live conductors evenly and moves few nodes when membership changes."""
 from collections import Counter
 
+import pytest
+
 from labmetal.conductor.hashring import POINTS_PER_CONDUCTOR, HashRing
+
+pytestmark = pytest.mark.fast
 
 NODES = [f"node-{i}" for i in range(6000)]
 

@@ -25,7 +25,7 @@ from labmetal.images.overlays.local import LocalOverlays
 from labmetal.images.overlays.tgt import SessionTargets
 from labmetal.images.store import ImageStore, StoreFull
 from labmetal.rundir import UnsafeDirectory, private_dir
-from tests.support import LABMETAL, free_port, service_env
+from labmetal.lab.harness import LABMETAL, free_port, service_env
 
 MiB = 1024 * 1024
 NOBODY = 65534

@@ -17,10 +17,10 @@ import tempfile
 from pathlib import Path
 
 from labmetal.lab.network import in_namespace, run_in
-from tests.labrooms import StandIn
+from labmetal.lab.served import StandIn
 from tests.room import disk_image, lab  # noqa: F401 (fixtures)
-from tests.room import TestRoom, open_room, sha256_of
-from tests.support import Proc, free_port, free_udp_range, wait_for
+from labmetal.lab.light_room import TestRoom, open_room, sha256_of
+from labmetal.lab.harness import Proc, free_port, free_udp_range, wait_for
 
 VICTIM_MAC = "52:54:00:66:00:01"
 

@@ -17,7 +17,7 @@ import pytest
 import requests
 
 from labmetal.agent.manifest import Manifest, unpack_chunk
-from tests.support import LABMETAL, error_text, start_service
+from labmetal.lab.harness import LABMETAL, error_text, start_service
 
 MiB = 1024 * 1024
 MAX_IMAGE_SIZE = 40 * MiB

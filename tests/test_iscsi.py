@@ -25,8 +25,8 @@ from labmetal.agent.iscsi import (Chap, ExportError, LioExporter, LioUnavailable
                                   exporter_for_host, lio_status)
 from labmetal.conductor.iscsi_writer import (IscsiWriteError, capture_over_iscsi,
                                              write_image_over_iscsi)
-from tests.room import sha256_of as sha256
-from tests.support import free_port
+from labmetal.lab.light_room import sha256_of as sha256
+from labmetal.lab.harness import free_port
 
 MiB = 2**20
 QEMU_INITIATOR = "iqn.2008-11.org.linux-kvm"  # the name qemu-img's libiscsi logs in with

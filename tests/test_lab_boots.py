@@ -16,8 +16,8 @@ import wakeonlan
 
 from labmetal.images.ramdisk import build_ramdisk
 from labmetal.lab.osimage import build_partition, build_whole_disk, marker_line
-from tests.labrooms import BOOT_TIMEOUT, Labmetal, UpRoom, served_room
-from tests.support import LABMETAL, wait_for
+from labmetal.lab.served import BOOT_TIMEOUT, Labmetal, UpRoom, served_room
+from labmetal.lab.harness import LABMETAL, wait_for
 
 pytestmark = pytest.mark.ramdisk
 

@@ -16,8 +16,8 @@ import wakeonlan
 
 from labmetal.lab.network import namespaces
 from labmetal.lab.room import STATE_FILE
-from tests.labrooms import BMC_PASSWORD, UpRoom, lab_up, start_labmetal, tear_down
-from tests.support import LABMETAL, Processes, free_port, wait_for
+from labmetal.lab.served import BMC_PASSWORD, UpRoom, lab_up, start_labmetal, tear_down
+from labmetal.lab.harness import LABMETAL, Processes, free_port, wait_for
 
 
 @pytest.fixture

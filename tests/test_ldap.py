@@ -9,8 +9,8 @@ from pathlib import Path
 import pytest
 import requests
 
-from tests.support import (LABMETAL, Proc, Processes, error_text, free_port,
-                           service_env, start_service, wait_for)
+from labmetal.lab.harness import (LABMETAL, Proc, Processes, error_text, free_port, service_env,
+                                  start_service, wait_for)
 
 SUFFIX = "dc=lab,dc=test"
 ROOT_DN, ROOT_PASSWORD = f"cn=admin,{SUFFIX}", "directory admin secret"

@@ -6,6 +6,8 @@ import pytest
 
 from labmetal.agent.manifest import Manifest, build, unpack_chunk
 
+pytestmark = pytest.mark.fast
+
 
 def test_manifest_round_trip_and_verification(tmp_path):
     raw = tmp_path / "disk.raw"

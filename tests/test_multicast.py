@@ -24,8 +24,8 @@ from labmetal.conductor.multicast import MulticastConfig, MulticastSender
 from labmetal.agent import multicast_wire as wire
 from labmetal.agent.manifest import Manifest, build
 from labmetal.lab.network import Lab, Room, Seat, add_loss, in_namespace, remove_loss
-from tests.room import sha256_of
-from tests.support import Proc, Processes, wait_for
+from labmetal.lab.light_room import sha256_of
+from labmetal.lab.harness import Proc, Processes, wait_for
 
 pytestmark = pytest.mark.skipif(os.geteuid() != 0, reason="network namespaces need root")
 

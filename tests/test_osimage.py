@@ -31,7 +31,9 @@ from labmetal.lab.osimage import (MissingToolError, PartitionImage, WholeDiskIma
 MAC = "52:54:00:aa:bb:cc"
 WHOLE_DISK_NAME, PARTITION_NAME = "lab-whole", "lab-part"
 SIGNATURE = 0x1ABE1ED0  # the test disk's msdos signature: root=PARTUUID=1abe1ed0-01
-BOOT_DEADLINE = 300  # seconds; only so that a broken image fails instead of hanging (OVMF, shim and GRUB under TCG on a loaded machine)
+# seconds; only so that a broken image fails instead of hanging (OVMF, shim and GRUB under
+# TCG on a loaded machine)
+BOOT_DEADLINE = 300
 
 
 @pytest.fixture(scope="module")

@@ -24,9 +24,10 @@ import pytest
 from labmetal.images.overlays.base import OverlayBackend, OverlayError, Quota, Reason
 from labmetal.images.overlays.tgt import SessionTargets, process_alive
 
-from tests.iscsi_seat import IscsiSeat, storage_tools  # noqa: F401 (autouse fixture)
-from tests.ceph import CephCluster, missing_tools
-from tests.support import free_port
+from labmetal.lab.iscsi_seat import IscsiSeat
+from tests.iscsi_seat import storage_tools  # noqa: F401 (autouse fixture)
+from labmetal.lab.ceph import CephCluster, missing_tools
+from labmetal.lab.harness import free_port
 
 MiB = 2**20
 GiB = 2**30
@@ -352,7 +353,7 @@ import sys
 sys.path.insert(0, {repo!r})
 from pathlib import Path
 from tests.test_overlays import open_backend
-from tests.ceph import CephCluster
+from labmetal.lab.ceph import CephCluster
 kind, run_dir, data_dir, conf, pool = sys.argv[1:6]
 ceph = None
 if kind == "ceph":

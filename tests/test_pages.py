@@ -3,7 +3,8 @@ through the login page and finds its pages with real data (the admin's nodes, im
 and conductors, the teacher's room grid, the student's sessions), a teacher deploys a
 simulated room of light seats (real agents, disks and BMCs) and watches its seats reach done,
 a student is refused admin pages and data, a student resumes, saves, reverts and resets a
-session of a TP template (local overlay store, as tests/test_sessions.py), a request without the CSRF token is refused, an
+session of a TP template (local overlay store, as tests/test_sessions.py), a request without the
+CSRF token is refused, an
 idle session goes back to the login page even while its page polls. Screenshots of every
 page land in /tmp/labmetal-pages/."""
 from __future__ import annotations
@@ -28,8 +29,8 @@ from selenium.webdriver.chrome.service import Service as ChromeService
 from selenium.webdriver.common.by import By
 from selenium.webdriver.support.ui import Select, WebDriverWait
 
-from tests.room import BMC_PASSWORD, MIB, make_whole_disk, open_room, sha256_of
-from tests.support import LABMETAL, Processes, free_port, start_service
+from labmetal.lab.light_room import BMC_PASSWORD, MIB, make_whole_disk, open_room, sha256_of
+from labmetal.lab.harness import LABMETAL, Processes, free_port, start_service
 from tests.test_sessions import our_processes
 
 SHOTS = Path("/tmp/labmetal-pages")
@@ -131,7 +132,8 @@ def fetch(driver, method: str, path: str, csrf: bool = True) -> dict:
     return driver.execute_async_script("""
         const [method, path, csrf, done] = arguments;
         const headers = {"X-Requested-With": "XMLHttpRequest", "Content-Type": "application/json"};
-        if (csrf) headers["X-CSRF-Token"] = document.querySelector('meta[name="csrf-token"]').content;
+        if (csrf)
+          headers["X-CSRF-Token"] = document.querySelector('meta[name="csrf-token"]').content;
         fetch(path, {method, headers, body: method === "GET" ? undefined : "{}"})
           .then(async (r) => done({status: r.status, text: await r.text(),
                                    challenge: r.headers.get("WWW-Authenticate")}));

@@ -1,5 +1,5 @@
-"""The policy: every endpoint is checked (or public by name), every role gets what the policy
-says on every endpoint of a real service, and a policy file is checked at start-up."""
+"""The policy on a real service: every role gets what the policy says on every endpoint, and
+a policy file is checked at start-up (the rules alone: tests/test_policy_rules.py)."""
 from __future__ import annotations
 
 import json
@@ -14,9 +14,9 @@ from cryptography.fernet import Fernet
 from labmetal.api.app import Services, create_app
 from labmetal.config import Settings
 from labmetal.db import Database
-from labmetal.policy import ACTIONS, Policy, Verdict
+from labmetal.policy import Policy, Verdict
 from labmetal.secrets import SecretBox
-from tests.support import LABMETAL, error_text, service_env, start_service
+from labmetal.lab.harness import LABMETAL, error_text, service_env, start_service
 
 # Reachable without a labmetal user, each for its reason (see @public in the views). A new
 # public endpoint must be added here, on purpose.
@@ -53,40 +53,7 @@ def endpoints(tmp_path: Path) -> list[tuple[str, str, str]]:
             for method in sorted(rule.methods - {"HEAD", "OPTIONS"})], app
 
 
-def test_every_endpoint_is_public_by_name_or_checked_by_the_policy(tmp_path):
-    routes, app = endpoints(tmp_path)
-    unchecked, unknown = [], []
-    for endpoint, method, rule in routes:
-        view = app.view_functions[endpoint]
-        action = getattr(view, "policy_action", None)
-        if endpoint in PUBLIC_ENDPOINTS:
-            assert hasattr(view, "public_reason"), f"{endpoint} is listed public, not marked"
-            assert action is None
-        elif action is None:
-            unchecked.append(f"{method} {rule} ({endpoint})")
-        elif action not in ACTIONS:
-            unknown.append(f"{method} {rule}: {action}")
-    assert not unchecked, f"endpoints with no policy check: {unchecked}"
-    assert not unknown
-    marked = {e for e, v in app.view_functions.items() if hasattr(v, "public_reason")}
-    assert marked == PUBLIC_ENDPOINTS
-
-
-def test_default_policy_students_own_sessions_teachers_rooms_admins_enroll():
-    policy = Policy.defaults()
-    assert policy.verdict("session:get", "student") is Verdict.OWN_ONLY
-    assert policy.verdict("session:resume", "student") is Verdict.OWN_ONLY
-    assert policy.verdict("session:resume", "teacher") is Verdict.REFUSED
-    for action in ("room:deploy", "room:power", "template:create", "node:set_provision_state",
-                   "node:set_power_state", "node:capture"):
-        assert policy.verdict(action, "teacher") is Verdict.ALLOWED, action
-        assert policy.verdict(action, "student") is Verdict.REFUSED, action
-    for action in ("node:create", "node:delete", "image:create", "image:upload", "user:create",
-                   "room:create", "port:create"):
-        assert policy.verdict(action, "admin") is Verdict.ALLOWED, action
-        assert policy.verdict(action, "teacher") is Verdict.REFUSED, action
-    assert policy.verdict("user:update", "student") is Verdict.OWN_ONLY
-    assert all(policy.verdict(name, "admin") is Verdict.ALLOWED for name in ACTIONS)
+# Which endpoints are checked, and the default rules: tests/test_policy_rules.py (fast).
 
 
 def test_a_policy_file_replaces_rules_and_its_mistakes_stop_the_start(tmp_path):

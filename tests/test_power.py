@@ -8,7 +8,7 @@ import time
 import pytest
 import requests
 
-from tests.support import error_text, ipmitool_power, start_bmcs, start_service
+from labmetal.lab.harness import error_text, ipmitool_power, start_bmcs, start_service
 
 PASSWORD = "Bmc-Pa55-7f3e1c"  # distinctive, so a leak anywhere is found by a plain search
 
@@ -56,7 +56,8 @@ def test_unknown_bmc_user_is_an_authentication_error(service, procs):
     enroll(service, "pc1", bmc, manage=False)
     service.put("/v1/nodes/pc1/states/provision", {"target": "manage"})
     node = service.wait_node("pc1", lambda n: n["provision_state"] == "enroll")
-    assert "authentication failed" in node["last_error"] and "Unauthorized name" in node["last_error"]
+    assert "authentication failed" in node["last_error"] and \
+        "Unauthorized name" in node["last_error"]
 
 
 def test_teacher_powers_a_pc_on_off_and_reboots_it(service, procs, baremetal_for):
@@ -64,13 +65,15 @@ def test_teacher_powers_a_pc_on_off_and_reboots_it(service, procs, baremetal_for
     bmc = start_bmcs(procs, 1, password=PASSWORD, power_delay=0.5)
     enroll(service, "pc1", bmc)
     cli("node", "power", "on", "pc1")
-    service.wait_node("pc1", lambda n: n["power_state"] == "power on" and not n["target_power_state"])
+    service.wait_node("pc1",
+                      lambda n: n["power_state"] == "power on" and not n["target_power_state"])
     assert ipmitool_power(bmc, password=PASSWORD) == "Chassis Power is on"
     cli("node", "reboot", "pc1")
     service.wait_node("pc1", lambda n: not n["reservation"])
     assert ipmitool_power(bmc, password=PASSWORD) == "Chassis Power is on"
     cli("node", "power", "off", "pc1")
-    node = service.wait_node("pc1", lambda n: n["power_state"] == "power off" and not n["reservation"])
+    node = service.wait_node("pc1",
+                             lambda n: n["power_state"] == "power off" and not n["reservation"])
     assert node["last_error"] is None
     assert ipmitool_power(bmc, password=PASSWORD) == "Chassis Power is off"
     events = [entry["event"] for entry in service.history("pc1")]

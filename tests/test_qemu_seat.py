@@ -15,7 +15,7 @@ import pytest
 from labmetal.lab.network import Lab
 from labmetal.lab.qemu_seat import QemuSeat, QemuSeatSpec
 from labmetal.lab.seat import LightSeat, LightSeatSpec, load_seats, make_seat, save_seats
-from tests.support import wait_for
+from labmetal.lab.harness import wait_for
 
 MAC = "52:54:00:3d:3e:01"
 

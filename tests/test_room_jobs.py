@@ -10,12 +10,11 @@ import subprocess
 from datetime import datetime, timedelta, timezone
 from pathlib import Path
 
-import pytest
 
 from labmetal.lab.network import add_loss
 from tests.room import disk_image, lab  # noqa: F401 (fixtures)
-from tests.room import BMC_PASSWORD, MIB, open_room, sha256_of
-from tests.support import LABMETAL, error_text, start_service, wait_for
+from labmetal.lab.light_room import BMC_PASSWORD, MIB, open_room, sha256_of
+from labmetal.lab.harness import LABMETAL, error_text, start_service, wait_for
 
 HEADER = "seat,name,mac,driver,ipmi_address,ipmi_port,ipmi_username,ipmi_password," \
          "deploy_kernel,deploy_ramdisk\n"
@@ -184,21 +183,6 @@ def test_a_cancelled_job_stops_its_waiting_seats(procs):
     listed = service.get("/v1/rooms/R1/jobs").json()["jobs"]
     assert [each["state"] for each in listed] == ["cancelled"]
     print(json.dumps(listed[0]))
-
-
-def test_weekly_jobs_keep_their_wall_clock_time_across_daylight_saving():
-    from labmetal import schedule
-    # Monday 2026-10-19 08:00 in Paris is 06:00 UTC (summer time); a week later, 07:00 UTC
-    first = schedule.parse_at("2026-10-19T08:00", "Europe/Paris")
-    assert first == datetime(2026, 10, 19, 6, 0)
-    following = schedule.next_occurrence(first, "weekly", "Europe/Paris",
-                                         after=datetime(2026, 10, 20))
-    assert following == datetime(2026, 10, 26, 7, 0)
-    now = datetime(2026, 11, 25, 9, 30)  # UTC: 10:30 in Paris, so 08:00 is tomorrow's
-    assert schedule.parse_at("08:00", "Europe/Paris", now=now) == datetime(2026, 11, 26, 7, 0)
-    assert schedule.parse_at("now") is None
-    with pytest.raises(ValueError, match="time zone"):
-        schedule.zone("Mars/Olympus")
 
 
 def test_a_room_deploy_over_multicast_with_loss_and_a_delta_reimage(lab, procs, tmp_path,

@@ -11,6 +11,8 @@ from labmetal.config import Settings
 from labmetal.db import Database
 from labmetal.secrets import SecretBox
 
+pytestmark = pytest.mark.fast
+
 FIREFOX = "text/html,application/xhtml+xml,application/xml;q=0.9,*/*;q=0.8"
 CHROMIUM = ("text/html,application/xhtml+xml,application/xml;q=0.9,image/avif,image/webp,"
             "image/apng,*/*;q=0.8,application/signed-exchange;v=b3;q=0.7")

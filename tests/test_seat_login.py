@@ -21,7 +21,7 @@ import pytest
 import requests
 
 from labmetal.config import Settings
-from tests.support import wait_for
+from labmetal.lab.harness import wait_for
 from tests.test_sessions import (PASSWORDS, TEMPLATE_BYTE, Lab, auth,  # noqa: F401 (fixtures)
                                  make_lab, storage_tools)
 

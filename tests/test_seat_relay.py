@@ -3,7 +3,11 @@ believed only with a fresh proof, for that path, made with the shared key. Fast:
 no network."""
 from __future__ import annotations
 
+import pytest
+
 from labmetal import seat_relay
+
+pytestmark = pytest.mark.fast
 
 KEY = b"k" * 32
 PATH = "/boot/52-54-00-12-34-56.grub"

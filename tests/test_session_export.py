@@ -22,7 +22,7 @@ import requests
 
 from labmetal.images.overlays.base import OverlayError, Reason
 from tests.iscsi_seat import storage_tools  # noqa: F401 (autouse fixture)
-from tests.support import LABMETAL, error_text, wait_for
+from labmetal.lab.harness import LABMETAL, error_text, wait_for
 from tests.test_overlays import raw_template, seat_for, store, stores  # noqa: F401 (fixtures)
 from tests.test_sessions import (PASSWORDS, TEMPLATE_BYTE, Lab, auth,  # noqa: F401 (fixtures)
                                  ceph_cluster, lab, make_lab)

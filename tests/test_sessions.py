@@ -27,9 +27,10 @@ import pytest
 import requests
 
 from labmetal.secrets import SecretBox
-from tests.ceph import CephCluster, missing_tools
-from tests.iscsi_seat import IscsiSeat, storage_tools  # noqa: F401 (autouse fixture)
-from tests.support import LABMETAL, Service, error_text, free_port, start_service, wait_for
+from labmetal.lab.ceph import CephCluster, missing_tools
+from labmetal.lab.iscsi_seat import IscsiSeat
+from tests.iscsi_seat import storage_tools  # noqa: F401 (autouse fixture)
+from labmetal.lab.harness import LABMETAL, Service, error_text, free_port, start_service, wait_for
 
 MiB = 2**20
 TEMPLATE_BYTE = 0x54  # the first 8 MiB of image v1
@@ -201,7 +202,8 @@ def test_student_resumes_their_own_session_on_any_seat_and_only_there(lab):
     assert secret not in json.dumps(ses) and "chap" not in json.dumps(ses)
     path = f"/v1/sessions/{ses['uuid']}"
     assert lab.call("una", "GET", path).status_code == 403
-    assert lab.call("una", "POST", f"{path}/start", {"seat": "a02", "boot": False}).status_code == 403
+    assert lab.call("una", "POST", f"{path}/start",
+                    {"seat": "a02", "boot": False}).status_code == 403
     assert lab.call("una", "POST", f"{path}/save", {"label": "x"}).status_code == 403
     assert lab.call("una", "DELETE", path).status_code == 403
     assert lab.call("una", "POST", "/v1/sessions", {"template": "tp3-reseaux",
@@ -257,7 +259,8 @@ def test_student_resumes_their_own_session_on_any_seat_and_only_there(lab):
     assert a02.holds(0xC3, 0, MiB) and a02.holds(TEMPLATE_BYTE, MiB, 7 * MiB)
     una = lab.ok("una", "POST", "/v1/sessions", {"template": "tp3-reseaux"}, status=201)
     assert una["template_version"] == 2
-    taken = lab.call("una", "POST", f"/v1/sessions/{una['uuid']}/start", {"seat": "a02", "boot": False})
+    taken = lab.call("una", "POST", f"/v1/sessions/{una['uuid']}/start",
+                     {"seat": "a02", "boot": False})
     assert taken.status_code == 409 and "in use by another session" in error_text(taken)
     una_seat = lab.seat(lab.ok("una", "POST", f"/v1/sessions/{una['uuid']}/start",
                                {"seat": "a01", "boot": False}), "a01")
@@ -381,7 +384,8 @@ def test_ceph_stopped_then_start_fails_clearly_and_nothing_changes(make_lab):
         ses = lab.ok("sam", "POST", "/v1/sessions", {"template": "tp7"}, status=201)
         ceph.kill()
         started = time.monotonic()
-        refused = lab.call("sam", "POST", f"/v1/sessions/{ses['uuid']}/start", {"seat": "a01", "boot": False})
+        refused = lab.call("sam", "POST", f"/v1/sessions/{ses['uuid']}/start",
+                           {"seat": "a01", "boot": False})
         assert refused.status_code == 503, refused.text
         assert "Ceph is unavailable" in error_text(refused)
         assert "is the cluster running" in error_text(refused)

@@ -8,6 +8,8 @@ from labmetal.db import Database
 from labmetal.models import Base
 from labmetal.secrets import MASK, SecretBox, masked
 
+pytestmark = pytest.mark.fast
+
 
 def test_command_line_beats_environment_beats_file(tmp_path):
     config = tmp_path / "labmetal.toml"

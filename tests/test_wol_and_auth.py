@@ -5,7 +5,7 @@ import json
 import socket
 import subprocess
 
-from tests.support import LABMETAL, error_text, start_service, wait_for
+from labmetal.lab.harness import LABMETAL, error_text, start_service, wait_for
 
 
 def test_wol_node_is_woken_by_a_magic_packet_and_power_off_is_refused_clearly(procs,
