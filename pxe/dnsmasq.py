@@ -20,12 +20,12 @@ import os
 import re
 import signal
 import subprocess
-import threading
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Iterable, Literal
 
 from labmetal.pxe.ipxe import url
+from labmetal.respawn import Respawner
 
 LOG = logging.getLogger(__name__)
 
@@ -185,16 +185,11 @@ class Dnsmasq:
         self.config = config
         self.run_dir = Path(run_dir)
         self.namespace = namespace
-        self.restart_delay = restart_delay
         self.conf_file = self.run_dir / "dnsmasq.conf"
         self.hosts_file = self.run_dir / "dhcp-hosts"
         self.lease_file = self.run_dir / "dnsmasq.leases"
         self.log_file = self.run_dir / "dnsmasq.log"
-        self.restarts = 0
-        self._process: subprocess.Popen | None = None
-        self._lock = threading.Lock()
-        self._stopping = threading.Event()
-        self._watcher: threading.Thread | None = None
+        self._child = Respawner("dnsmasq", self._spawn, restart_delay)
 
     @property
     def argv(self) -> list[str]:
@@ -207,8 +202,11 @@ class Dnsmasq:
 
     @property
     def pid(self) -> int | None:
-        process = self._process
-        return process.pid if process is not None and process.poll() is None else None
+        return self._child.pid
+
+    @property
+    def restarts(self) -> int:
+        return self._child.restarts
 
     def start(self, hosts: Iterable[DhcpHost] = ()) -> Dnsmasq:
         self.run_dir.mkdir(parents=True, exist_ok=True)
@@ -216,54 +214,22 @@ class Dnsmasq:
         _write(self.conf_file, render_config(self.config, self.hosts_file, self.lease_file))
         subprocess.run([DNSMASQ, "--test", f"--conf-file={self.conf_file}"], check=True,
                        capture_output=True, timeout=30)
-        self._spawn()
-        self._watcher = threading.Thread(target=self._watch, name="dnsmasq", daemon=True)
-        self._watcher.start()
+        self._child.start()
+        self._child.watch()
         return self
 
-    def _spawn(self) -> None:
+    def _spawn(self) -> subprocess.Popen:
         with open(self.log_file, "ab") as log:
-            self._process = subprocess.Popen(self.argv, stdout=log, stderr=subprocess.STDOUT,
-                                             start_new_session=True)
-
-    def _watch(self) -> None:
-        while not self._stopping.is_set():
-            process = self._process
-            assert process is not None
-            code = process.wait()
-            with self._lock:
-                if self._stopping.is_set():
-                    return
-                LOG.error("dnsmasq (pid %s) exited with %s; starting it again", process.pid,
-                          code)
-                self.restarts += 1
-            if self._stopping.wait(self.restart_delay):
-                return
-            with self._lock:
-                if not self._stopping.is_set():
-                    self._spawn()
+            return subprocess.Popen(self.argv, stdout=log, stderr=subprocess.STDOUT,
+                                    start_new_session=True)
 
     def set_hosts(self, hosts: Iterable[DhcpHost]) -> None:
         """Replace the enrolled hosts; dnsmasq re-reads them without a restart."""
         _write(self.hosts_file, render_hosts(hosts))
-        with self._lock:
-            pid = self.pid
-            if pid is not None:
-                os.kill(pid, signal.SIGHUP)
+        self._child.send(signal.SIGHUP)
 
     def stop(self, timeout: float = 10) -> None:
-        with self._lock:
-            self._stopping.set()
-            process = self._process
-        if process is not None and process.poll() is None:
-            process.terminate()
-            try:
-                process.wait(timeout)
-            except subprocess.TimeoutExpired:
-                process.kill()
-                process.wait(timeout)
-        if self._watcher is not None:
-            self._watcher.join(timeout)
+        self._child.stop(timeout)
 
     def __enter__(self) -> Dnsmasq:
         return self
