@@ -21,7 +21,7 @@ from __future__ import annotations
 
 import ipaddress
 from dataclasses import asdict, dataclass
-from typing import Any, ClassVar, Protocol, TypeVar
+from typing import Any, ClassVar, Protocol, TypeVar, cast
 
 from labmetal.agent.proof import Challenge
 
@@ -311,9 +311,9 @@ class ProveDisk:
 
     @classmethod
     def from_dict(cls, data: object) -> ProveDisk:
-        _Reader(cls.command, data)
+        _Reader(cls.command, data)  # refuses what is not a JSON object
         try:
-            return cls(Challenge.from_params(data))
+            return cls(Challenge.from_params(cast("dict[str, object]", data)))
         except ValueError as error:
             raise ParamsError(f"{cls.command}: {error}") from None
 

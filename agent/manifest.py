@@ -12,7 +12,7 @@ import hashlib
 import json
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import BinaryIO, Iterator
+from typing import IO, Iterator
 
 import zstandard
 
@@ -74,7 +74,7 @@ def chunk_digest(data: bytes) -> str:
     return hashlib.sha256(data).hexdigest()
 
 
-def read_chunks(stream: BinaryIO, chunk_size: int = CHUNK_SIZE) -> Iterator[bytes]:
+def read_chunks(stream: IO[bytes], chunk_size: int = CHUNK_SIZE) -> Iterator[bytes]:
     while True:
         data = stream.read(chunk_size)
         if not data:
@@ -111,7 +111,7 @@ def build(raw_path: Path, packed_path: Path, level: int = 3,
                     chunks=chunks)
 
 
-def unpack_chunk(chunk: Chunk, packed: bytes) -> bytes:
+def unpack_chunk(chunk: Chunk, packed: bytes | memoryview) -> bytes:
     """Decompress and verify one chunk; raises ValueError naming the chunk if it is wrong."""
     if chunk.zero:
         return bytes(chunk.length)

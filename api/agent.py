@@ -91,7 +91,7 @@ def lookup(query: dict[str, Any]):
             raise not_found(f"Node {node.uuid} is in state '{node.provision_state}': no deploy "
                             "agent is expected")
         node_macs = [port.address for port in node.ports]
-        if leases_known(svc.settings) and not holds_lease(session, node_macs, address):
+        if leases_known(svc.settings.boot) and not holds_lease(session, node_macs, address):
             # Not the seat: another PC asking with its MAC, or the seat before its lease
             # reached the database (its agent asks again). Nothing changes.
             LOG.warning("lookup of node %s from %s refused: not leased to its MAC(s)",
@@ -209,7 +209,7 @@ def heartbeat(node_uuid: str, body: dict[str, Any]):
 def discovery(body: dict[str, Any]):
     """Self-registration: an unknown PC that PXE-booted the ramdisk enrolls itself."""
     svc = services()
-    if not svc.settings.self_registration:
+    if not svc.settings.boot.self_registration:
         raise ApiError(403, "Self-registration is off on this labmetal "
                             "(LABMETAL_SELF_REGISTRATION=true turns it on)")
     inventory = body["inventory"]
@@ -225,7 +225,8 @@ def discovery(body: dict[str, Any]):
         if known is not None:
             raise conflict(f"MAC address(es) {', '.join(macs)} already belong to node "
                            f"{known.uuid}")
-        node = Node(driver=svc.settings.discovery_driver, name="seat-" + macs[0].replace(":", ""),
+        node = Node(driver=svc.settings.boot.discovery_driver,
+                    name="seat-" + macs[0].replace(":", ""),
                     properties=inventory_properties(inventory), inventory=inventory,
                     provision_state=states.ENROLL)
         if session.scalar(select(Node.id).where(Node.name == node.name)):

@@ -106,7 +106,7 @@ class Authenticator:
             return caller
         if session.get("sid"):
             holder = tokens.resolve(self.svc.db, session["sid"], tokens.WEB,
-                                    idle_timeout=self.svc.settings.session_idle_timeout,
+                                    idle_timeout=self.svc.settings.access.session_idle_timeout,
                                     touch=not is_background(request))
             if holder is None:
                 session.pop("sid", None)

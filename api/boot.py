@@ -117,11 +117,14 @@ def _session(node: Node) -> SanbootScript | LeaseWaitScript | IdleScript | None:
             select(StudentSession, User.name).join(User, User.id == StudentSession.user_id)
             .where(StudentSession.seat_node_id == node.id,
                    StudentSession.state == SESSION_RUNNING)).first()
-        if row is None or not row[0].target_portal or not row[0].target_iqn:
+        if row is None:
             return None
         ses, student = row
+        portal, iqn = ses.target_portal, ses.target_iqn
+        if not portal or not iqn:
+            return None
         macs = session.scalars(select(Port.address).where(Port.node_id == node.id)).all()
-        if leases_known(svc.settings):
+        if leases_known(svc.settings.boot):
             allowed = holds_lease(session, macs, address)
         else:
             if ses.seat_address is None:
@@ -133,8 +136,7 @@ def _session(node: Node) -> SanbootScript | LeaseWaitScript | IdleScript | None:
             return LeaseWaitScript(svc.settings.seat_base_url,
                                    f"this address ({address}) is not seat "
                                    f"{node.name or node.uuid}'s (yet)")
-        portal, iqn, chap_user, sealed = (ses.target_portal, ses.target_iqn, ses.chap_user,
-                                          ses.chap_secret)
+        chap_user, sealed = ses.chap_user, ses.chap_secret
         session_uuid = ses.uuid
         own_kernel = _own_kernel(session, ses.template_version)
     try:  # the CHAP account goes to this address: the target lets in this address alone

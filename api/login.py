@@ -99,7 +99,7 @@ def login(body: dict[str, Any]):
     header): without it, another site could log a browser in as the attacker. A form gets
     a redirect (303) to ``next``, JSON the user, role and the new session's CSRF token."""
     svc = services()
-    if svc.settings.auth == "noauth":
+    if svc.settings.access.auth == "noauth":
         raise _noauth()
     as_json = request.is_json
     if not csrf_ok(request):
@@ -121,7 +121,7 @@ def login(body: dict[str, Any]):
     # Idleness ends it early; token_lifetime bounds it even if used all along.
     try:
         issued = tokens.issue(svc.db, user.id, tokens.WEB,
-                              lifetime=svc.settings.token_lifetime,
+                              lifetime=svc.settings.access.token_lifetime,
                               description=(request.user_agent.string or "")[:200] or None)
     except tokens.AccountGone as error:
         raise ApiError(401, str(error)) from None
@@ -165,9 +165,9 @@ def logout():
 def session_info():
     caller = g.caller
     return {"user": caller.name, "role": None if caller is ANONYMOUS else caller.role,
-            "via": caller.via, "auth": services().settings.auth,
+            "via": caller.via, "auth": services().settings.access.auth,
             "csrf_token": csrf_token(),
-            "idle_timeout": services().settings.session_idle_timeout}
+            "idle_timeout": services().settings.access.session_idle_timeout}
 
 
 # -- API tokens --------------------------------------------------------------------------
@@ -190,7 +190,7 @@ def create_token(body: dict[str, Any]):
     if caller.via == "token":
         raise ApiError(403, "An API token cannot create other tokens: use your password "
                             "(HTTP basic) or a login session")
-    lifetime = svc.settings.token_lifetime
+    lifetime = svc.settings.access.token_lifetime
     expires_in = body.get("expires_in", lifetime)
     if expires_in > lifetime:
         raise bad_request(f"expires_in must be a number of seconds from 1 to {lifetime:g} "

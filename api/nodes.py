@@ -137,7 +137,7 @@ def check_driver(values: dict[str, Any]) -> None:
     """What only the service knows: the driver exists and the driver_info values given are
     well-formed (missing ones are for manage to name)."""
     drivers = services().drivers
-    driver = drivers.get(values.get("driver"))
+    driver = drivers.get(str(values.get("driver")))
     if driver is None:
         raise bad_request(f"Unknown driver {values.get('driver')!r}; available drivers: "
                           f"{', '.join(sorted(drivers))}")
@@ -274,11 +274,12 @@ def delete_node(ident: str):
     svc = services()
     with svc.db.write() as session:
         node = find_node(session, ident)
-        deleted = session.execute(
+        result = session.execute(
             delete(Node).where(Node.id == node.id, Node.reservation.is_(None),
                                or_(Node.provision_state.in_(states.DELETABLE),
                                    Node.maintenance.is_(True)))
-            .execution_options(synchronize_session=False)).rowcount
+            .execution_options(synchronize_session=False))
+        deleted = result.rowcount  # type: ignore[attr-defined]  # a CursorResult
     if deleted:
         return "", 204
     if node.reservation:

@@ -62,7 +62,7 @@ def _nav(role: str) -> list[Page]:
 
 
 def _logged_out() -> bool:
-    return services().settings.auth != "noauth" and g.caller is ANONYMOUS
+    return services().settings.access.auth != "noauth" and g.caller is ANONYMOUS
 
 
 def _to_login() -> BaseResponse:
@@ -75,7 +75,7 @@ def _render(template: str, page: Page | None, status: int = 200, **values) -> Re
     role = caller.role
     html = render_template(
         f"{template}.html", page=page, nav=_nav(role) if caller is not ANONYMOUS else [],
-        user=caller.name, role=role, auth=services().settings.auth, csrf=csrf_token(),
+        user=caller.name, role=role, auth=services().settings.access.auth, csrf=csrf_token(),
         csrf_field=CSRF_FIELD, static=_static_url,
         can=" ".join(name for name in ACTIONS if _allowed(name, role)), **values)
     response = Response(html, status=status, mimetype="text/html")
@@ -172,7 +172,7 @@ def _dress_the_login_form(state) -> None:
     def login_form():
         caller = g.caller
         target = local_target(request.args.get("next", ""))
-        if caller.name or services().settings.auth == "noauth":
+        if caller.name or services().settings.access.auth == "noauth":
             if target and caller.name:
                 return redirect(target, code=303)
             return _render("login", None, logged_in=True, target=f"{UI}/")

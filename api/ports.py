@@ -116,7 +116,8 @@ def show_port(ident: str, query: dict[str, Any]):
     fields = query.get("fields")
     with services().db.read() as session:
         port = _find_port(session, ident)
-        node_uuid = session.scalar(select(Node.uuid).where(Node.id == port.node_id))
+        node_uuid = session.execute(select(Node.uuid)
+                                    .where(Node.id == port.node_id)).scalar_one()
     return select_fields(port_view(port, node_uuid), fields)
 
 
@@ -151,7 +152,8 @@ def update_port(ident: str, body: list[dict[str, Any]]):
     try:
         with services().db.write() as session:
             port = _find_port(session, ident)
-            node_uuid = session.scalar(select(Node.uuid).where(Node.id == port.node_id))
+            node_uuid = session.execute(select(Node.uuid)
+                                        .where(Node.id == port.node_id)).scalar_one()
             before = {"address": port.address, "pxe_enabled": port.pxe_enabled,
                       "extra": port.extra or {}, "node_uuid": node_uuid}
             try:

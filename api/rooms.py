@@ -217,8 +217,9 @@ def put_seat(ident: str, label: str, body: dict[str, Any]):
 def delete_seat(ident: str, label: str):
     with services().db.write() as session:
         room = find_room(session, ident)
-        if not session.execute(delete(Seat).where(Seat.room_id == room.id,
-                                                  Seat.label == label)).rowcount:
+        deleted = session.execute(delete(Seat).where(Seat.room_id == room.id,
+                                                     Seat.label == label))
+        if not deleted.rowcount:  # type: ignore[attr-defined]  # a CursorResult
             raise not_found(f"Room {room.name} has no seat {label}")
     return "", 204
 
@@ -263,7 +264,7 @@ def import_room(ident: str):
         for line, row in rows:
             port = session.scalar(select(Port).where(Port.address == row["mac"]))
             if port is not None:
-                node = session.get(Node, port.node_id)
+                node = session.execute(select(Node).where(Node.id == port.node_id)).scalar_one()
                 updated += 1
             else:
                 if row["name"] and session.scalar(select(Node.id).where(Node.name == row["name"])):
@@ -357,7 +358,8 @@ def _asker() -> Asker:
 def _job(job_ident: str) -> dict[str, Any]:
     with services().db.read() as session:
         job = find_job(session, job_ident)
-        return job_view(job, session.get(Room, job.room_id).name)
+        room = session.execute(select(Room.name).where(Room.id == job.room_id)).scalar_one()
+        return job_view(job, room)
 
 
 @blueprint.get("/v1/rooms/<ident>/jobs")

@@ -15,7 +15,7 @@ from flask import request
 
 from labmetal import seat_relay
 from labmetal.api.services import services
-from labmetal.config import Settings
+from labmetal.config import BootSettings
 from labmetal.leases import leased_to
 
 
@@ -35,9 +35,9 @@ def caller_address() -> str:
     return str(ip)
 
 
-def leases_known(settings: Settings) -> bool:
+def leases_known(boot: BootSettings) -> bool:
     """labmetal runs the room's DHCP server, so it knows every seat's lease."""
-    return bool(settings.dhcp_interface) and settings.dhcp_mode == "server"
+    return bool(boot.dhcp_interface) and boot.dhcp_mode == "server"
 
 
 def holds_lease(session: Any, macs: Iterable[str], address: str) -> bool:

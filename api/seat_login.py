@@ -85,6 +85,13 @@ def logged_in(view: Callable) -> Callable:
     return checked
 
 
+def _user_name(caller: Caller) -> str:
+    """The caller's user name: ``logged_in`` let only users through."""
+    if caller.name is None:
+        raise ApiError(401, "log in first: a user name and password (HTTP basic)")
+    return caller.name
+
+
 def _seat(name: str) -> tuple[str, Node]:
     mac = script_mac(f"{name}.ipxe")
     if mac is None:
@@ -95,7 +102,7 @@ def _seat(name: str) -> tuple[str, Node]:
     if node is None:
         raise not_found(f"this PC ({mac}) is not enrolled in labmetal")
     svc = services()
-    if leases_known(svc.settings):
+    if leases_known(svc.settings.boot):
         with svc.db.read() as session:
             ours = holds_lease(session, [mac], caller_address())
         if not ours:  # a login for a seat is made at that seat, not from a neighbour
@@ -163,7 +170,7 @@ def login(name: str):
     if tp is not None:
         return {"student": caller.name, "started": _start(caller, node, choices[0]["choice"])}
     return {"student": caller.name, "choices": choices[:MAX_CHOICES],
-            "ticket": ticket(caller.name, mac)}
+            "ticket": ticket(_user_name(caller), mac)}
 
 
 @blueprint.post("/v1/seat-login/<name>/start")
@@ -175,7 +182,7 @@ def start(name: str, body: dict[str, Any]):
     the seat then reboots into it (its boot script sanboots the session's disk)."""
     caller: Caller = g.caller
     mac, node = _seat(name)
-    if not ticket_ok(body["ticket"], caller.name, mac):
+    if not ticket_ok(body["ticket"], _user_name(caller), mac):
         raise ApiError(409, "this menu is too old or not yours: log in again")
     return _start(caller, node, body["choice"])
 
@@ -189,7 +196,7 @@ def _start(caller: Caller, node: Node, choice: str) -> dict[str, Any]:
     else:
         if not _allowed("session:create", caller, caller.name):
             raise ApiError(403, f"{caller.name} may not start new sessions")
-        ident = new_session(choice[2:], caller.name)["uuid"]
+        ident = new_session(choice[2:], _user_name(caller))["uuid"]
     if node.provision_state in states.RAMDISK_MODE:
         raise conflict(f"this seat is {node.provision_state}")
     view = start_on_seat(ident, node.uuid, boot=False)  # the ramdisk reboots the seat

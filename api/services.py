@@ -43,7 +43,7 @@ class Services:
     @cached_property
     def door(self) -> NodeDoor:
         """The one door to a node's conductor (conductor/door.py)."""
-        return NodeDoor(self.settings, self.db, self.drivers, self.box, self.conductors)
+        return NodeDoor(self.settings.deploy, self.db, self.drivers, self.box, self.conductors)
 
 
     @cached_property

@@ -66,7 +66,7 @@ def find_save(ses: StudentSession, wanted: str) -> SessionSave:
 def copy_disk(session_uuid: str, name: str, fmt: str, save_id: str | None,
               compress: bool) -> BinaryIO:
     """The backend's copy, open, its file already unlinked."""
-    exports = services().settings.overlay_path / ".exports"
+    exports = services().settings.session_store.overlay_path / ".exports"
     exports.mkdir(parents=True, exist_ok=True)
     with backend_call() as backend:
         for left in exports.iterdir():  # a process that died mid-copy: no copy runs now

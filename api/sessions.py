@@ -44,7 +44,7 @@ from labmetal.api.images import image_store
 from labmetal.api.validation import Field, body, obj, query
 from labmetal.conductor.door import Asker
 from labmetal.conductor.errors import Refused
-from labmetal.config import Settings
+from labmetal.config import SessionStoreSettings
 from labmetal.db import Database
 from labmetal.images import boot_files
 from labmetal.images.overlays.base import OverlayBackend, OverlayError, Quota, Reason
@@ -107,7 +107,7 @@ def mib(size: int) -> str:
 class Storage:
     """The backend, its lock, and the watcher that marks sessions whose target died."""
 
-    def __init__(self, settings: Settings, db: Database):
+    def __init__(self, settings: SessionStoreSettings, db: Database):
         self.settings = settings
         self.db = db
         self.lock = threading.RLock()
@@ -298,7 +298,7 @@ def storage() -> Storage:
     with _storage_lock:
         if "labmetal.storage" not in extensions:
             svc = services()
-            extensions["labmetal.storage"] = Storage(svc.settings, svc.db)
+            extensions["labmetal.storage"] = Storage(svc.settings.session_store, svc.db)
         return extensions["labmetal.storage"]
 
 

@@ -26,7 +26,7 @@ class NodeWork:
     provision_state: str
     driver_internal_info: dict[str, Any]
     node: Node  # the whole row, detached, for the flows that need more
-    ctx: DeployContext | None = None
+    ctx: DeployContext  # the conductor's: image store, database, settings for the flows
 
 
 @dataclass

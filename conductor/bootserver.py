@@ -14,7 +14,7 @@ import threading
 
 from sqlalchemy import select
 
-from labmetal.config import Settings, split_host_port
+from labmetal.config import BootSettings, split_host_port
 from labmetal.db import Database
 from labmetal.conductor.tftp_files import TftpFiles
 from labmetal.images.store import ImageStore
@@ -28,11 +28,11 @@ LOG = logging.getLogger(__name__)
 
 
 class BootServer:
-    def __init__(self, settings: Settings, db: Database, store: ImageStore,
+    def __init__(self, boot: BootSettings, db: Database, store: ImageStore,
                  relay_key: bytes | None = None):
-        self.settings = settings
+        self.boot = boot
         self.db = db
-        self.files = TftpFiles(settings.seat_base_url, db, store, relay_key)
+        self.files = TftpFiles(boot.seat_base_url, db, store, relay_key)
         self.tftp: TftpService | None = None
         self.dhcp: Dnsmasq | None = None
         self._hosts: list[DhcpHost] = []
@@ -41,10 +41,10 @@ class BootServer:
         self._lease_thread: threading.Thread | None = None
 
     def start(self) -> None:
-        settings = self.settings
-        if settings.tftp_listen:
-            address, port = split_host_port(settings.tftp_listen)
-            root = settings.state_dir / "tftp"
+        boot = self.boot
+        if boot.tftp_listen:
+            address, port = split_host_port(boot.tftp_listen)
+            root = boot.tftp_root
             install_ipxe_binaries(root)
             missing = install_secure_boot_loaders(root)
             if missing:
@@ -54,31 +54,31 @@ class BootServer:
             self.tftp = TftpService(root, self.files.render, address=address,
                                     port=port).start()
             LOG.info("TFTP serving iPXE, shim and GRUB on %s:%d", address, self.tftp.port)
-        if settings.dhcp_interface:
-            pool = tuple(settings.dhcp_pool.split(",")) if settings.dhcp_pool else None
+        if boot.dhcp_interface:
+            pool = tuple(boot.dhcp_pool.split(",")) if boot.dhcp_pool else None
             config = DhcpConfig(
-                interface=settings.dhcp_interface, server_ip=self.boot_server_ip,
-                boot_script_url=f"{settings.seat_base_url}/boot.ipxe",
-                network=settings.dhcp_network, mode=settings.dhcp_mode,  # type: ignore[arg-type]
-                pool=pool, enrolled_only=not settings.self_registration,  # type: ignore[arg-type]
-                uefi_loader=settings.uefi_loader,  # type: ignore[arg-type]
-                router_advertisements=settings.dhcp_mode == "server" and has_global_ipv6(
-                    settings.dhcp_interface, settings.dhcp_namespace))
+                interface=boot.dhcp_interface, server_ip=self.boot_server_ip,
+                boot_script_url=f"{boot.seat_base_url}/boot.ipxe",
+                network=boot.dhcp_network, mode=boot.dhcp_mode,  # type: ignore[arg-type]
+                pool=pool, enrolled_only=not boot.self_registration,  # type: ignore[arg-type]
+                uefi_loader=boot.uefi_loader,  # type: ignore[arg-type]
+                router_advertisements=boot.dhcp_mode == "server" and has_global_ipv6(
+                    boot.dhcp_interface, boot.dhcp_namespace))
             self._hosts = self._enrolled()
             # dnsmasq's config, hosts, leases and log: root-run, so a private directory
-            self.dhcp = Dnsmasq(config, private_dir(settings.state_dir / "dhcp"),
-                                namespace=settings.dhcp_namespace or None).start(self._hosts)
-            if settings.dhcp_mode == "server":
+            self.dhcp = Dnsmasq(config, private_dir(boot.dhcp_dir),
+                                namespace=boot.dhcp_namespace or None).start(self._hosts)
+            if boot.dhcp_mode == "server":
                 self._watch_leases(self.dhcp.lease_file)
-            LOG.info("DHCP (%s) on %s%s for %s, %d enrolled port(s)", settings.dhcp_mode,
-                     settings.dhcp_interface,
-                     f" in namespace {settings.dhcp_namespace}" if settings.dhcp_namespace else "",
-                     settings.dhcp_network, len(self._hosts))
+            LOG.info("DHCP (%s) on %s%s for %s, %d enrolled port(s)", boot.dhcp_mode,
+                     boot.dhcp_interface,
+                     f" in namespace {boot.dhcp_namespace}" if boot.dhcp_namespace else "",
+                     boot.dhcp_network, len(self._hosts))
 
-    def _watch_leases(self, path) -> None:  # type: ignore[no-untyped-def]
+    def _watch_leases(self, path) -> None:
         """The leases dnsmasq hands out, into the database within half a second: what the
         API binds a seat's secrets to (labmetal/leases.py)."""
-        self.leases = LeaseFileWatcher(self.db, self.settings.hostname, path)
+        self.leases = LeaseFileWatcher(self.db, self.boot.hostname, path)
         self.leases.poll()
 
         def watch() -> None:
@@ -93,11 +93,11 @@ class BootServer:
     @property
     def boot_server_ip(self) -> str:
         """Where PXE ROMs fetch iPXE by TFTP: the TFTP address, or the seat URL's host."""
-        if self.settings.tftp_listen:
-            address, _ = split_host_port(self.settings.tftp_listen)
+        if self.boot.tftp_listen:
+            address, _ = split_host_port(self.boot.tftp_listen)
             if address not in ("0.0.0.0", ""):
                 return address
-        host = self.settings.seat_base_url.split("//", 1)[-1].split("/", 1)[0]
+        host = self.boot.seat_base_url.split("//", 1)[-1].split("/", 1)[0]
         return host.rsplit(":", 1)[0].strip("[]")
 
     def _enrolled(self) -> list[DhcpHost]:

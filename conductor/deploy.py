@@ -27,7 +27,7 @@ from labmetal.conductor import deploy_interfaces
 from labmetal.conductor.actions import NodeWork, Outcome
 from labmetal.conductor.agent_steps import DeployError, check_trusted, run_agent_command
 from labmetal.conductor.power.base import InvalidDriverInfo, PowerError
-from labmetal.config import Settings
+from labmetal.config import DeploySettings
 from labmetal.db import Database
 from labmetal.images.inspect import ImageRejected
 from labmetal.images.registry import ingest
@@ -44,7 +44,7 @@ DISK_IMAGE_KINDS = ("whole-disk", "partition")
 
 @dataclass
 class DeployContext:
-    settings: Settings
+    settings: DeploySettings
     db: Database
     box: SecretBox
     hostname: str
@@ -289,7 +289,7 @@ def continue_capture(work: NodeWork) -> Outcome:
                     "driver_internal_info": _without_capture(work)},
                    [("capture", "INFO", f"disk captured as image {stored.name} "
                                         f"({stored.virtual_size} bytes, sha256 "
-                                        f"{stored.raw_sha256[:12]})"),
+                                        f"{(stored.raw_sha256 or '')[:12]})"),
                     ("provisioning", "INFO", "capturing -> manageable")])
 
 

@@ -25,7 +25,7 @@ from labmetal.conductor.errors import Busy, InvalidRequest, NodeLocked, Unchange
 from labmetal.conductor.power.base import InvalidDriverInfo, PowerError, PowerInterface, PowerTarget
 from labmetal.conductor.power.wol import IN_BAND_ONLY
 from labmetal.conductor.rpcapi import ConductorAPI
-from labmetal.config import Settings
+from labmetal.config import DeploySettings
 from labmetal.db import Database
 from labmetal.lookup import ImageUnusable, usable_image
 from labmetal.models import Node, Port, utcnow
@@ -48,9 +48,9 @@ class Asker:
 
 
 class NodeDoor:
-    def __init__(self, settings: Settings, db: Database, drivers: dict[str, HardwareType],
+    def __init__(self, deploy: DeploySettings, db: Database, drivers: dict[str, HardwareType],
                  box: SecretBox, conductors: ConductorAPI):
-        self.settings = settings
+        self.deploy = deploy
         self.db = db
         self.drivers = drivers
         self.box = box
@@ -81,7 +81,7 @@ class NodeDoor:
     def check_ramdisk(self, node: Node) -> None:
         """The deploy kernel and ramdisk a node will boot must exist before it is powered."""
         for key, kind in (("deploy_kernel", "kernel"), ("deploy_ramdisk", "ramdisk")):
-            ident = (node.driver_info or {}).get(key) or getattr(self.settings, key)
+            ident = (node.driver_info or {}).get(key) or getattr(self.deploy, key)
             if not ident:
                 raise InvalidRequest(f"Cannot boot node {node.uuid} into the deploy ramdisk: set "
                                      f"driver_info/{key} (or the {key} setting) to a {kind} image")
@@ -142,7 +142,7 @@ class NodeDoor:
         if step.action is not None:
             self.check_power(node, verb)
         if step.action in RAMDISK_ACTIONS or (step.action == "clean"
-                                              and self.settings.automated_clean):
+                                              and self.deploy.automated_clean):
             self.check_ramdisk(node)
         if step.action == "deploy":
             self.check_instance_image(node, extra.get("instance_info", node.instance_info))

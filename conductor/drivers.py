@@ -3,7 +3,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from labmetal.config import Settings
+from labmetal.config import PowerSettings
 from labmetal.conductor.power.base import PowerInterface
 from labmetal.conductor.power.ipmi import IpmiPower
 from labmetal.conductor.power.wol import WolPower
@@ -16,9 +16,9 @@ class HardwareType:
     description: str
 
 
-def load_drivers(settings: Settings) -> dict[str, HardwareType]:
-    ipmi = IpmiPower(deadline=settings.ipmi_deadline, attempt_timeout=settings.ipmi_attempt_timeout,
-                     retries=settings.ipmi_retries)
+def load_drivers(power: PowerSettings) -> dict[str, HardwareType]:
+    ipmi = IpmiPower(deadline=power.ipmi_deadline, attempt_timeout=power.ipmi_attempt_timeout,
+                     retries=power.ipmi_retries)
     return {
         "ipmi": HardwareType("ipmi", ipmi, "Power through the node's BMC over IPMI (pyghmi)."),
         "wol": HardwareType("wol", WolPower(),

@@ -21,7 +21,7 @@ from labmetal.agent.command_params import MulticastGroup
 from labmetal.conductor.registry import ConductorRegistry
 from labmetal.conductor.door import Asker, NodeDoor
 from labmetal.conductor.errors import Busy, InvalidRequest, NoConductor
-from labmetal.config import Settings
+from labmetal.config import RoomJobSettings
 from labmetal.db import Database
 from labmetal.images.store import ImageStore
 from labmetal.lifecycles import (JOB_ACTIVE, JOB_DONE, JOB_FAILED, JOB_RUNNING, JOB_SCHEDULED,
@@ -66,7 +66,7 @@ def seat_from_node(node: Node) -> SeatUpdate | None:
 
 
 class RoomJobRunner:
-    def __init__(self, settings: Settings, db: Database, registry: ConductorRegistry,
+    def __init__(self, settings: RoomJobSettings, db: Database, registry: ConductorRegistry,
                  store: ImageStore, hostname: str, door: NodeDoor) -> None:
         self.settings = settings
         self.db = db

@@ -19,7 +19,7 @@ from sqlalchemy.sql.elements import ColumnElement
 from labmetal import history
 from labmetal.conductor.errors import NoConductor, NodeLocked, Unchanged
 from labmetal.conductor.registry import ConductorRegistry
-from labmetal.config import Settings
+from labmetal.config import ConductorSettings
 from labmetal.db import Database
 from labmetal.models import Node
 
@@ -33,11 +33,11 @@ class Wakeable(Protocol):
 
 
 class ConductorAPI:
-    def __init__(self, db: Database, registry: ConductorRegistry, settings: Settings,
+    def __init__(self, db: Database, registry: ConductorRegistry, timings: ConductorSettings,
                  local: Wakeable | None = None):
         self.db = db
         self.registry = registry
-        self.settings = settings
+        self.timings = timings
         self.local = local
 
     def request(self, node: Node, action: str, values: dict[str, Any],
@@ -56,7 +56,7 @@ class ConductorAPI:
                      .where(Node.id == node.id, Node.reservation.is_(None), *conditions)
                      .values(reservation=owner, pending_action=action, **values)
                      .execution_options(synchronize_session=False))
-        for attempt in range(self.settings.lock_retries + 1):
+        for attempt in range(self.timings.lock_retries + 1):
             with self.db.write() as session:
                 if session.execute(statement).rowcount == 1:  # type: ignore[attr-defined]
                     history.record(session, node.id, event[0], event[1], user=user)
@@ -66,9 +66,9 @@ class ConductorAPI:
                 holder = now.reservation if now is not None else None
             if holder is None:
                 raise Unchanged(node.uuid)
-            if attempt == self.settings.lock_retries:
+            if attempt == self.timings.lock_retries:
                 raise NodeLocked(node.uuid, holder)
-            time.sleep(self.settings.lock_retry_interval)
+            time.sleep(self.timings.lock_retry_interval)
         self.wake(owner)
         return owner
 

@@ -69,13 +69,15 @@ class ConductorService:
         self._waits_checked_at = 0.0
         self._threads: list[threading.Thread] = []
         self.actions = {**ACTIONS, **DEPLOY_ACTIONS}
-        self.deploy_context = DeployContext(settings, db, box, settings.hostname, store)
+        # Each part receives its group of the settings (labmetal/config.py).
+        self.deploy_context = DeployContext(settings.deploy, db, box, settings.hostname, store)
         self.wake_server = WakeServer(settings.wake_listen, settings.hostname, self.wake,
                                       self.status)
-        self.boot_server = BootServer(settings, db, store, box.derive(seat_relay.PURPOSE))
-        door = NodeDoor(settings, db, drivers, box,
-                        ConductorAPI(db, self.registry, settings, local=self))
-        self.room_jobs = RoomJobRunner(settings, db, self.registry, store, settings.hostname, door)
+        self.boot_server = BootServer(settings.boot, db, store, box.derive(seat_relay.PURPOSE))
+        door = NodeDoor(settings.deploy, db, drivers, box,
+                        ConductorAPI(db, self.registry, settings.conductor, local=self))
+        self.room_jobs = RoomJobRunner(settings.room_jobs, db, self.registry, store,
+                                       settings.hostname, door)
         self._room_wake = threading.Event()
 
     # -- life cycle ------------------------------------------------------------------

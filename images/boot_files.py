@@ -76,7 +76,7 @@ def partitions(image: Path) -> list[Partition]:
                 for n, (_, kind, start, count) in enumerate(entries) if kind and count]
 
 
-def _gpt(disk) -> list[Partition]:  # type: ignore[no-untyped-def]
+def _gpt(disk) -> list[Partition]:
     disk.seek(SECTOR)
     header = disk.read(92)
     if header[:8] != GPT_SIGNATURE:
@@ -181,6 +181,8 @@ def register(db: Database, store: ImageStore, raw: Path, name: str) -> Registere
                 image_id = made.id
             with db.read() as session:
                 image = session.get(Image, image_id)
+            if image is None:  # deleted in between by an admin
+                return None
             try:
                 with open(path, "rb") as stream:
                     uuids.append(ingest(db, store, image, stream).uuid)

@@ -2,7 +2,7 @@
 (conductor), so both are checked, stored and recorded the same way."""
 from __future__ import annotations
 
-from typing import BinaryIO
+from typing import IO
 
 from sqlalchemy import select
 
@@ -25,7 +25,7 @@ class AlreadyActive(Exception):
         self.image = image
 
 
-def ingest(db: Database, store: ImageStore, image: Image, stream: BinaryIO) -> Image:
+def ingest(db: Database, store: ImageStore, image: Image, stream: IO[bytes]) -> Image:
     """Receive, check (images.inspect), store and activate ``image``'s data. Raises
     ImageRejected (or UploadTooLarge, or StoreFull when the store's disk has not the room
     for the raw form) with the reason; nothing is kept then."""

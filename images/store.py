@@ -23,7 +23,7 @@ import tempfile
 import threading
 from dataclasses import dataclass
 from pathlib import Path
-from typing import BinaryIO, Iterator
+from typing import IO, BinaryIO, Iterator
 
 from labmetal.images.inspect import ImageInfo, ImageRejected, convert_to_raw, inspect
 from labmetal.agent.manifest import Manifest, build, is_zero, read_chunks
@@ -86,7 +86,7 @@ class ImageStore:
         return self._dir(uuid) / FILE
 
     @contextlib.contextmanager
-    def receive(self, stream: BinaryIO, expected_sha256: str | None = None) -> Iterator[Upload]:
+    def receive(self, stream: IO[bytes], expected_sha256: str | None = None) -> Iterator[Upload]:
         """Read the stream to a sparse file, hashing it on the way; whatever is not
         published when the block ends is removed, so a rejected upload leaves nothing."""
         workdir = Path(tempfile.mkdtemp(dir=self._incoming()))
@@ -170,7 +170,7 @@ class ImageStore:
             raise ValueError(f"not a canonical UUID: {uuid!r}")
         return self.root / uuid
 
-    def _write(self, stream: BinaryIO, workdir: Path, expected_sha256: str | None) -> Upload:
+    def _write(self, stream: IO[bytes], workdir: Path, expected_sha256: str | None) -> Upload:
         digest = hashlib.sha256()
         size = 0
         with open(workdir / "upload", "wb") as out:

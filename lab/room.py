@@ -299,8 +299,8 @@ def up(plan: RoomPlan, api: str | None = None, deploy_kernel: str | None = None,
         if api and not runner.stop.is_set():
             errors = enroll(api, state, deploy_kernel, deploy_ramdisk, runner.stop,
                             api_wait, out)
-            for error in errors:
-                out(f"enroll: error: {error}")
+            for problem in errors:
+                out(f"enroll: error: {problem}")
         runner.supervise()
         return 0
     except (RuntimeError, ValueError, OSError) as error:

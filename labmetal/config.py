@@ -2,6 +2,17 @@
 
 Environment variables are the setting's name in upper case with a ``LABMETAL_`` prefix
 (``LABMETAL_DATABASE``); the config file is TOML with the same names under ``[labmetal]``.
+
+One flat record is loaded (``Settings``: the names users write, ``Settings(auth=...)`` in
+code); each part receives only its group, a frozen record built from it by one property
+(``settings.power`` for the IPMI driver, ``settings.boot`` for the PXE side, ...). Groups are
+chosen by who reads them, not by the names' prefixes. Every setting has exactly one home
+group (tests/test_settings_and_storage.py checks it, so a new setting must be placed); a
+group may also *borrow* a value another group owns that its reader needs too (the state
+directory, the seat URL): those fields are marked ``BORROWED``. A default that depends on
+another setting (an empty ``image_dir`` is ``state_dir/images``) is resolved by the group
+that uses it. Only the modules that assemble many parts (labmetal/service.py,
+conductor/service.py, api/services.py) and the API views hold the whole record.
 """
 from __future__ import annotations
 
@@ -13,7 +24,8 @@ import socket
 import tomllib
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Mapping
+from types import MappingProxyType
+from typing import Any, Mapping, TypeVar
 from urllib.parse import urlsplit
 
 from labmetal.rundir import default_run_root
@@ -26,6 +38,240 @@ def default_state_dir() -> Path:
     if os.geteuid() == 0:
         return Path("/var/lib/labmetal")
     return Path(os.environ.get("XDG_DATA_HOME", Path.home() / ".local/share")) / "labmetal"
+
+
+# A group's field that another group owns: a value its reader needs too.
+BORROWED = MappingProxyType({"borrowed": True})
+
+
+@dataclass(frozen=True)
+class ServiceSettings:
+    """The process itself (labmetal/service.py, the CLI): its state, database, key, logs."""
+    state_dir: Path
+    database: str
+    secret_key_file: Path | None
+    hostname: str
+    log_file: Path | None
+    log_level: str
+
+    @property
+    def database_url(self) -> str:
+        return self.database or f"sqlite:///{self.state_dir / 'labmetal.db'}"
+
+    @property
+    def secret_key_path(self) -> Path:
+        return self.secret_key_file or self.state_dir / "secret.key"
+
+
+@dataclass(frozen=True)
+class FrontSettings:
+    """What faces the network and the addresses labmetal is reached at (labmetal/front.py,
+    the HTTP server in labmetal/service.py)."""
+    listen: str
+    front: str
+    tls_listen: str
+    tls_cert: Path | None
+    tls_key: Path | None
+    client_timeout: float
+    public_url: str
+    seat_url: str
+    state_dir: Path = field(metadata=BORROWED)
+    max_image_size: int = field(metadata=BORROWED)
+
+    @property
+    def listen_host_port(self) -> tuple[str, int]:
+        return split_host_port(self.listen)
+
+    @property
+    def tls_listen_host_port(self) -> tuple[str, int]:
+        """The front's HTTPS listener: ``tls_listen``, a bare port meaning listen's host."""
+        host, _ = self.listen_host_port
+        if not self.tls_listen:
+            return host, DEFAULT_TLS_PORT
+        if self.tls_listen.isdigit():
+            return host, int(self.tls_listen)
+        return split_host_port(self.tls_listen)
+
+    @property
+    def seat_base_url(self) -> str:
+        if self.seat_url or self.public_url:
+            return (self.seat_url or self.public_url).rstrip("/")
+        host, port = self.listen_host_port
+        return f"http://{host}:{port}"
+
+    @property
+    def seat_https_url(self) -> str | None:
+        """Where seats reach the front's HTTPS listener (the seat login of labmetal's
+        ramdisk sends passwords there): its address, or the seat URL's host if it listens
+        on every address. None without the front: then nothing may ask a seat for a
+        password."""
+        if self.front == "none":
+            return None
+        host, port = self.tls_listen_host_port
+        if host in ("", "0.0.0.0", "::"):  # every address: the one seats reach labmetal at
+            host = urlsplit(self.seat_base_url).hostname or "127.0.0.1"
+        host = f"[{host}]" if ":" in host else host
+        return f"https://{host}:{port}"
+
+    @property
+    def tls_dir(self) -> Path:
+        """labmetal's CA and the front's server certificate (labmetal/tls.py)."""
+        return self.state_dir / "tls"
+
+
+@dataclass(frozen=True)
+class AccessSettings:
+    """Who may call the API, and how long a login or token lasts (the API's
+    authentication and login views, the start-up check in labmetal/service.py)."""
+    auth: str
+    allow_noauth: bool
+    policy_file: Path | None
+    token_lifetime: float
+    session_idle_timeout: float
+
+
+@dataclass(frozen=True)
+class DirectorySettings:
+    """The LDAP directory accounts may come from (labmetal/directory.py)."""
+    ldap_url: str
+    ldap_user_dn_template: str
+    ldap_role_attribute: str
+    ldap_role_map: str
+    ldap_default_role: str
+    ldap_timeout: float
+
+
+@dataclass(frozen=True)
+class ConductorSettings:
+    """The conductor's loops, pools and waits (conductor/service.py), and how its
+    clients retry a busy node's lock (conductor/rpcapi.py)."""
+    wake_listen: str
+    heartbeat_interval: float
+    conductor_dead_after: float
+    scan_interval: float
+    power_sync_interval: float
+    power_sync_workers: int
+    power_sync_max_failures: int
+    action_workers: int
+    lock_retries: int
+    lock_retry_interval: float
+    callback_timeout: float
+    room_job_interval: float
+
+
+@dataclass(frozen=True)
+class PowerSettings:
+    """The IPMI power driver's time limits (conductor/drivers.py)."""
+    ipmi_deadline: float
+    ipmi_attempt_timeout: float
+    ipmi_retries: int
+
+
+@dataclass(frozen=True)
+class DeploySettings:
+    """What a deploy boots and how long it waits for the agent (conductor/deploy.py,
+    conductor/agent_steps.py, and the door's checks, conductor/door.py)."""
+    deploy_kernel: str
+    deploy_ramdisk: str
+    automated_clean: bool
+    agent_timeout: float
+    seat_base_url: str = field(metadata=BORROWED)
+
+
+@dataclass(frozen=True)
+class ImageSettings:
+    """The image store (images/store.py, made by labmetal/service.py and api/images.py)."""
+    image_dir: Path | None
+    max_image_size: int
+    state_dir: Path = field(metadata=BORROWED)
+
+    @property
+    def image_path(self) -> Path:
+        return self.image_dir or self.state_dir / "images"
+
+
+@dataclass(frozen=True)
+class BootSettings:
+    """The PXE side: TFTP, the room's DHCP, a UEFI PC's first file, enrolling unknown
+    seats, the seat's menu (conductor/bootserver.py, api/seat_address.py)."""
+    tftp_listen: str
+    dhcp_interface: str
+    dhcp_network: str
+    dhcp_pool: str
+    dhcp_mode: str
+    dhcp_namespace: str
+    uefi_loader: str
+    self_registration: bool
+    discovery_driver: str
+    seat_menu_timeout: int
+    state_dir: Path = field(metadata=BORROWED)
+    hostname: str = field(metadata=BORROWED)
+    seat_base_url: str = field(metadata=BORROWED)
+
+    @property
+    def tftp_root(self) -> Path:
+        return self.state_dir / "tftp"
+
+    @property
+    def dhcp_dir(self) -> Path:
+        """dnsmasq's config, hosts, leases and log."""
+        return self.state_dir / "dhcp"
+
+
+@dataclass(frozen=True)
+class RoomJobSettings:
+    """Room jobs: their schedule's time zone and the multicast they deploy with
+    (conductor/roomjobs.py)."""
+    timezone: str
+    multicast_min_seats: int
+    multicast_groups: str
+    multicast_port: int
+    multicast_rate: int
+    multicast_ttl: int
+    seat_base_url: str = field(metadata=BORROWED)
+
+
+@dataclass(frozen=True)
+class SessionStoreSettings:
+    """Where students' sessions keep their disks and the iSCSI portal seats boot them
+    from (the session store in api/sessions.py, over images/overlays/)."""
+    overlay_backend: str
+    overlay_dir: Path | None
+    overlay_run_dir: Path | None
+    ceph_conf: Path
+    ceph_pool: str
+    ceph_client: str
+    ceph_timeout: float
+    ceph_object_order: int
+    iscsi_portal: str
+    session_quota_mib: int
+    class_quota_mib: int
+    session_disconnect_end: float
+    state_dir: Path = field(metadata=BORROWED)
+    seat_base_url: str = field(metadata=BORROWED)
+
+    @property
+    def overlay_path(self) -> Path:
+        return self.overlay_dir or self.state_dir / "overlays"
+
+    @property
+    def overlay_run_path(self) -> Path:
+        """Unix socket paths are limited to 107 bytes: the default is short and stable
+        for a state directory, in a private run root (labmetal/rundir.py: whoever uses it
+        makes or checks it with ``private_dir``, never trusting a directory found there)."""
+        if self.overlay_run_dir:
+            return self.overlay_run_dir
+        digest = hashlib.sha256(str(self.overlay_path.resolve()).encode()).hexdigest()[:10]
+        return default_run_root() / f"ov-{digest}"
+
+    @property
+    def iscsi_portal_host_port(self) -> tuple[str, int]:
+        if self.iscsi_portal:
+            return split_host_port(self.iscsi_portal)
+        return urlsplit(self.seat_base_url).hostname or "127.0.0.1", 3260
+
+
+G = TypeVar("G")
 
 
 @dataclass
@@ -123,77 +369,86 @@ class Settings:
     # disk); 0: no menu. Only with accounts (auth = http_basic): a login needs them.
     seat_menu_timeout: int = 5
 
+    # -- what each part receives (see the module's docstring) ---------------------------
+    @property
+    def service(self) -> ServiceSettings:
+        return self._group(ServiceSettings)
+
+    @property
+    def front_end(self) -> FrontSettings:
+        return self._group(FrontSettings)
+
+    @property
+    def access(self) -> AccessSettings:
+        return self._group(AccessSettings)
+
+    @property
+    def directory(self) -> DirectorySettings:
+        return self._group(DirectorySettings)
+
+    @property
+    def conductor(self) -> ConductorSettings:
+        return self._group(ConductorSettings)
+
+    @property
+    def power(self) -> PowerSettings:
+        return self._group(PowerSettings)
+
+    @property
+    def deploy(self) -> DeploySettings:
+        return self._group(DeploySettings)
+
+    @property
+    def images(self) -> ImageSettings:
+        return self._group(ImageSettings)
+
+    @property
+    def boot(self) -> BootSettings:
+        return self._group(BootSettings)
+
+    @property
+    def room_jobs(self) -> RoomJobSettings:
+        return self._group(RoomJobSettings)
+
+    @property
+    def session_store(self) -> SessionStoreSettings:
+        return self._group(SessionStoreSettings)
+
+    def _group(self, kind: type[G]) -> G:
+        """A group's fields, owned or borrowed, are fields or derived values of this
+        record with the same names."""
+        names = [f.name for f in dataclasses.fields(kind)]  # type: ignore[arg-type]
+        return kind(**{name: getattr(self, name) for name in names})
+
+    # -- derived values many callers read ------------------------------------------------
     @property
     def database_url(self) -> str:
-        return self.database or f"sqlite:///{self.state_dir / 'labmetal.db'}"
+        return self.service.database_url
 
     @property
     def image_path(self) -> Path:
-        return self.image_dir or self.state_dir / "images"
+        return self.images.image_path
 
     @property
     def seat_base_url(self) -> str:
-        if self.seat_url or self.public_url:
-            return (self.seat_url or self.public_url).rstrip("/")
-        host, port = self.listen_host_port
-        return f"http://{host}:{port}"
-
-    @property
-    def overlay_path(self) -> Path:
-        return self.overlay_dir or self.state_dir / "overlays"
-
-    @property
-    def overlay_run_path(self) -> Path:
-        """Unix socket paths are limited to 107 bytes: the default is short and stable
-        for a state directory, in a private run root (labmetal/rundir.py: whoever uses it
-        makes or checks it with ``private_dir``, never trusting a directory found there)."""
-        if self.overlay_run_dir:
-            return self.overlay_run_dir
-        digest = hashlib.sha256(str(self.overlay_path.resolve()).encode()).hexdigest()[:10]
-        return default_run_root() / f"ov-{digest}"
-
-    @property
-    def iscsi_portal_host_port(self) -> tuple[str, int]:
-        if self.iscsi_portal:
-            return split_host_port(self.iscsi_portal)
-        return urlsplit(self.seat_base_url).hostname or "127.0.0.1", 3260
-
-    @property
-    def secret_key_path(self) -> Path:
-        return self.secret_key_file or self.state_dir / "secret.key"
-
-    @property
-    def listen_host_port(self) -> tuple[str, int]:
-        return split_host_port(self.listen)
-
-    @property
-    def tls_listen_host_port(self) -> tuple[str, int]:
-        """The front's HTTPS listener: ``tls_listen``, a bare port meaning listen's host."""
-        host, _ = self.listen_host_port
-        if not self.tls_listen:
-            return host, DEFAULT_TLS_PORT
-        if self.tls_listen.isdigit():
-            return host, int(self.tls_listen)
-        return split_host_port(self.tls_listen)
+        return self.front_end.seat_base_url
 
     @property
     def seat_https_url(self) -> str | None:
-        """Where seats reach the front's HTTPS listener (the seat login of labmetal's
-        ramdisk sends passwords there): its address, or the seat URL's host if it listens
-        on every address. None without the front: then nothing may ask a seat for a
-        password."""
-        if self.front == "none":
-            return None
-        host, port = self.tls_listen_host_port
-        if host in ("", "0.0.0.0", "::"):  # every address: the one seats reach labmetal at
-            host = urlsplit(self.seat_base_url).hostname or "127.0.0.1"
-        host = f"[{host}]" if ":" in host else host
-        return f"https://{host}:{port}"
+        return self.front_end.seat_https_url
 
     @property
     def tls_dir(self) -> Path:
-        """labmetal's CA and the front's server certificate (labmetal/tls.py)."""
-        return self.state_dir / "tls"
+        return self.front_end.tls_dir
+
+
+# The groups, by the Settings property that builds each.
+GROUPS: dict[str, type] = {
+    "service": ServiceSettings, "front_end": FrontSettings, "access": AccessSettings,
+    "directory": DirectorySettings, "conductor": ConductorSettings, "power": PowerSettings,
+    "deploy": DeploySettings, "images": ImageSettings, "boot": BootSettings,
+    "room_jobs": RoomJobSettings, "session_store": SessionStoreSettings,
+}
 
 
 def is_loopback(host: str) -> bool:

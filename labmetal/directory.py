@@ -18,7 +18,7 @@ import ldap3
 from ldap3.core.exceptions import LDAPException
 from ldap3.utils.dn import escape_rdn, parse_dn
 
-from labmetal.config import Settings
+from labmetal.config import DirectorySettings
 from labmetal.users import NAME_PATTERN, ROLES, DirectoryAccount
 
 LOG = logging.getLogger(__name__)
@@ -34,7 +34,7 @@ class Directory:
     timeout: float = 5.0
 
     @classmethod
-    def from_settings(cls, settings: Settings) -> Directory | None:
+    def from_settings(cls, settings: DirectorySettings) -> Directory | None:
         """None without ``ldap_url``; a ValueError naming the setting that is wrong."""
         if not settings.ldap_url:
             return None

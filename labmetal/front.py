@@ -63,7 +63,8 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
-from labmetal.config import Settings
+from labmetal.config import FrontSettings
+from labmetal.respawn import Respawner
 from labmetal.rundir import default_run_root, group_dir, private_dir
 from labmetal.tls import WILDCARD_HOSTS, TlsFiles, ensure, server_names
 
@@ -133,7 +134,7 @@ class FrontConfig:
         return self.run_dir / "nginx.conf"
 
 
-def plan(settings: Settings) -> tuple[FrontConfig, Callable[[], bool]]:
+def plan(settings: FrontSettings) -> tuple[FrontConfig, Callable[[], bool]]:
     """The front's configuration for ``settings`` (making labmetal's CA and server
     certificate if need be), and the check that renews the certificate (True: renewed)."""
     host, port = settings.listen_host_port
@@ -194,7 +195,7 @@ def plan(settings: Settings) -> tuple[FrontConfig, Callable[[], bool]]:
     return config, renew
 
 
-def https_base(settings: Settings) -> str:
+def https_base(settings: FrontSettings) -> str:
     """The https URL to tell a client on the plain listener: ``public_url`` if it is one,
     else the TLS listener's address; on a wildcard listener the address the client's
     connection came to (nginx's ``$server_addr``), never a name the client sent (Host)."""
@@ -448,15 +449,12 @@ class Nginx:
                  restart_delay: float = 1.0, ready_timeout: float = 60.0):
         self.config = config
         self.renew = renew
-        self.restart_delay = restart_delay
         self.ready_timeout = ready_timeout
-        self.restarts = 0
         self._binary = ""
-        self._process: subprocess.Popen | None = None
         self._said: deque[str] = deque(maxlen=20)  # its last lines, for an error message
-        self._lock = threading.Lock()
-        self._stopping = threading.Event()
-        self._threads: list[threading.Thread] = []
+        # Its workers outlive a killed master, holding the ports: each exit ends the group.
+        self._child = Respawner("nginx", self._spawn, restart_delay, reap=_end_group)
+        self._renewer: threading.Thread | None = None
 
     @property
     def argv(self) -> list[str]:
@@ -465,8 +463,11 @@ class Nginx:
 
     @property
     def pid(self) -> int | None:
-        process = self._process
-        return process.pid if process is not None and process.poll() is None else None
+        return self._child.pid
+
+    @property
+    def restarts(self) -> int:
+        return self._child.restarts
 
     def start(self) -> Nginx:
         self._binary = nginx_binary()
@@ -476,21 +477,21 @@ class Nginx:
         if checked.returncode != 0:
             raise FrontError(f"nginx refuses the front's configuration "
                              f"({self.config.conf_file}): {checked.stderr.strip()}")
-        self._spawn()
+        self._child.start()
         self._wait_ready()
-        for target, name in ((self._watch, "front"), (self._renew_loop, "front-renew")):
-            thread = threading.Thread(target=target, name=name, daemon=True)
-            thread.start()
-            self._threads.append(thread)
+        self._child.watch()
+        self._renewer = threading.Thread(target=self._renew_loop, name="front-renew",
+                                         daemon=True)
+        self._renewer.start()
         return self
 
-    def _spawn(self) -> None:
+    def _spawn(self) -> subprocess.Popen:
         process = subprocess.Popen(self.argv, stdin=subprocess.DEVNULL,
                                    stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
                                    start_new_session=True, preexec_fn=_die_with_parent)
-        self._process = process
         threading.Thread(target=self._relay, args=(process,), name="front-log",
                          daemon=True).start()
+        return process
 
     def _relay(self, process: subprocess.Popen) -> None:
         """nginx's error log (its stderr) into this process's log."""
@@ -507,7 +508,7 @@ class Nginx:
         tls_host, tls_port = self.config.tls_listen
         deadline = time.monotonic() + self.ready_timeout
         while True:
-            process = self._process
+            process = self._child.process
             assert process is not None
             if process.poll() is not None:
                 time.sleep(0.1)  # the relay thread reads its last lines
@@ -521,26 +522,8 @@ class Nginx:
                                  f"{self.ready_timeout:.0f} s")
             time.sleep(0.05)
 
-    def _watch(self) -> None:
-        while not self._stopping.is_set():
-            process = self._process
-            assert process is not None
-            code = process.wait()
-            _end_group(process)  # its workers outlive a killed master, holding the ports
-            with self._lock:
-                if self._stopping.is_set():
-                    return
-                LOG.error("nginx (pid %s) exited with %s; starting it again", process.pid,
-                          code)
-                self.restarts += 1
-            if self._stopping.wait(self.restart_delay):
-                return
-            with self._lock:
-                if not self._stopping.is_set():
-                    self._spawn()
-
     def _renew_loop(self) -> None:
-        while not self._stopping.wait(RENEW_INTERVAL):
+        while not self._child.stopping.wait(RENEW_INTERVAL):
             try:
                 if self.renew():
                     LOG.info("the front's server certificate was renewed; nginx reloads it")
@@ -549,26 +532,14 @@ class Nginx:
                 LOG.exception("could not renew the front's server certificate")
 
     def reload(self) -> None:
-        with self._lock:
-            pid = self.pid
-            if pid is not None:
-                os.kill(pid, signal.SIGHUP)
+        self._child.send(signal.SIGHUP)
 
     def stop(self, timeout: float = 10) -> None:
-        with self._lock:
-            self._stopping.set()
-            process = self._process
-        if process is not None and process.poll() is None:
-            process.terminate()  # nginx's fast shutdown: open connections are closed
-            try:
-                process.wait(timeout)
-            except subprocess.TimeoutExpired:
-                process.kill()
-                process.wait(timeout)
+        process = self._child.stop(timeout)  # SIGTERM: nginx's fast shutdown
         if process is not None:
             _end_group(process)
-        for thread in self._threads:
-            thread.join(timeout)
+        if self._renewer is not None:
+            self._renewer.join(timeout)
         # Its configuration, pid file and temporary files; the next start writes them anew.
         shutil.rmtree(self.config.run_dir, ignore_errors=True)
         if self.config.upstream.parent != self.config.run_dir:

@@ -67,7 +67,7 @@ def replace(db: Database, conductor: str, leases: Iterable[Lease]) -> None:
                                   expires_at=lease.expires_at, conductor=conductor))
 
 
-def leased_to(session, macs: Iterable[str]) -> set[str]:  # type: ignore[no-untyped-def]
+def leased_to(session, macs: Iterable[str]) -> set[str]:
     """The addresses currently leased to any of ``macs``."""
     now = utcnow()
     rows = session.execute(select(DhcpLease.address, DhcpLease.expires_at)

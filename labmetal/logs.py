@@ -139,7 +139,7 @@ class RateLimit(logging.Filter):
         if verdict is not None:  # another handler decided on this record already
             return verdict
         verdict = self._let_through(record)
-        record.labmetal_flood = verdict  # type: ignore[attr-defined]  # a record takes any
+        record.labmetal_flood = verdict  # a record takes any attribute
         return verdict
 
     def _let_through(self, record: logging.LogRecord) -> bool:

@@ -16,7 +16,7 @@ from labmetal.conductor.drivers import load_drivers
 from labmetal.conductor.registry import ConductorRegistry
 from labmetal.conductor.rpcapi import ConductorAPI
 from labmetal.conductor.service import ConductorService
-from labmetal.config import Settings, is_loopback
+from labmetal.config import FrontSettings, Settings, is_loopback
 from labmetal.db import Database
 from labmetal.front import Nginx, nginx_binary
 from labmetal.front import plan as front_plan
@@ -41,11 +41,11 @@ def run(settings: Settings, api: bool = True, conductor: bool = True) -> None:
             nginx_binary()  # installed, with its modules; else say which package
     logs.setup(settings.log_level, settings.log_file, name=f"{role}[{settings.hostname}]")
     # A wrong policy file or LDAP setting stops the start, before anything runs.
-    policy = Policy.load(settings.policy_file) if api else None
+    policy = Policy.load(settings.policy_file) if api else Policy.defaults()
     directory = None
     if api and settings.ldap_url:
         from labmetal.directory import Directory
-        directory = Directory.from_settings(settings)
+        directory = Directory.from_settings(settings.directory)
     db = Database(settings.database_url)
     for done in tighten_state(settings, db):
         LOG.warning("state: %s", done)
@@ -56,8 +56,8 @@ def run(settings: Settings, api: bool = True, conductor: bool = True) -> None:
                     "is an admin%s", settings.listen,
                     f"; the {accounts} account(s) in the database are not asked for"
                     if accounts else "")
-    box = SecretBox.from_file(settings.secret_key_path)
-    drivers = load_drivers(settings)
+    box = SecretBox.from_file(settings.service.secret_key_path)
+    drivers = load_drivers(settings.power)
     store = ImageStore(settings.image_path, settings.max_image_size)
     engine = ConductorService(settings, db, drivers, box, store) if conductor else None
     registry = engine.registry if engine else ConductorRegistry(db, settings.conductor_dead_after)
@@ -75,12 +75,12 @@ def run(settings: Settings, api: bool = True, conductor: bool = True) -> None:
             engine.start()
         if api:
             app = create_app(Services(settings, db, registry,
-                                      ConductorAPI(db, registry, settings, local=engine),
+                                      ConductorAPI(db, registry, settings.conductor, local=engine),
                                       drivers, box, policy, directory))
             if settings.front == "nginx":
-                server, front = serve_behind_front(app, settings, role)
+                server, front = serve_behind_front(app, settings.front_end, role)
             else:
-                server = serve_directly(app, settings, role)
+                server = serve_directly(app, settings.front_end, role)
             server.run()
         else:
             print(f"labmetal conductor {settings.hostname} running", flush=True)
@@ -97,21 +97,21 @@ def run(settings: Settings, api: bool = True, conductor: bool = True) -> None:
 
 # Image uploads are bounded by the image size limit (checked by the API, with a clear
 # error), not by waitress's 1 GiB default.
-def _body_limit(settings: Settings) -> int:
-    return settings.max_image_size + 2 ** 26
+def _body_limit(front: FrontSettings) -> int:
+    return front.max_image_size + 2 ** 26
 
 
-def serve_directly(app: Flask, settings: Settings, role: str) -> Any:
+def serve_directly(app: Flask, front: FrontSettings, role: str) -> Any:
     """front = none: waitress on ``listen`` itself, plain HTTP, at most 100 connections,
     every body read before the application sees it. For a machine of its own."""
-    host, port = settings.listen_host_port
+    host, port = front.listen_host_port
     server = create_server(app, host=host, port=port, threads=16, ident="labmetal",
-                           max_request_body_size=_body_limit(settings))
+                           max_request_body_size=_body_limit(front))
     print(f"labmetal {role} listening on http://{host}:{server.effective_port}", flush=True)
     return server
 
 
-def serve_behind_front(app: Flask, settings: Settings, role: str) -> tuple[Any, Nginx]:
+def serve_behind_front(app: Flask, settings: FrontSettings, role: str) -> tuple[Any, Nginx]:
     """front = nginx (labmetal/front.py): waitress on a unix socket in the front's private
     run directory, nginx on ``listen`` (HTTP) and ``tls_listen`` (HTTPS). Only the front
     reaches the socket, so waitress takes the client's address and scheme from the
@@ -152,7 +152,7 @@ def check_noauth(settings: Settings) -> None:
     address the API listens on outside loopback: refuse unless told so explicitly."""
     if settings.auth != "noauth" or settings.allow_noauth:
         return
-    host, _ = settings.listen_host_port
+    host, _ = settings.front_end.listen_host_port
     if not is_loopback(host):
         raise ValueError(f"refusing to serve the API on {settings.listen} without "
                          "authentication (auth = noauth): anyone who reaches it, a seat "
@@ -166,8 +166,8 @@ def tighten_state(settings: Settings, db: Database) -> list[str]:
     """Existing state readable by others (made by an older labmetal, or under a umask of
     022) is fixed rather than only reported: these are this service's own files, and
     nothing else needs to read them. Returns what was changed, for the log."""
-    paths = [settings.state_dir, settings.secret_key_path, settings.image_path,
-             settings.overlay_path, settings.state_dir / "dhcp", settings.tls_dir]
+    paths = [settings.state_dir, settings.service.secret_key_path, settings.image_path,
+             settings.session_store.overlay_path, settings.boot.dhcp_dir, settings.tls_dir]
     if db.sqlite_path:
         paths += [db.sqlite_path.with_name(db.sqlite_path.name + suffix)
                   for suffix in ("", "-wal", "-shm")]

@@ -49,11 +49,11 @@ def test_the_front_bounds_bodies_per_route_and_what_one_address_may_hold(tmp_pat
 
 
 def test_a_wildcard_listener_sends_clients_to_the_address_they_came_to_not_their_host():
-    settings = Settings(listen="0.0.0.0:6385")
+    settings = Settings(listen="0.0.0.0:6385").front_end
     assert https_base(settings) == "https://$server_addr:6443"  # never $host: the client's
-    assert https_base(Settings(listen="10.9.9.9:80", tls_listen="8443")) == \
+    assert https_base(Settings(listen="10.9.9.9:80", tls_listen="8443").front_end) == \
         "https://10.9.9.9:8443"
-    assert https_base(Settings(public_url="https://lab.example:6443/")) == \
+    assert https_base(Settings(public_url="https://lab.example:6443/").front_end) == \
         "https://lab.example:6443"
 
 

@@ -107,7 +107,7 @@ def shared():
 def test_a_run_directory_planted_by_another_user_is_not_followed(tmp_path, victim):
     """The review's attack: the default run directory's name is known in advance; another
     user makes it first, as a symbolic link to a directory of root's."""
-    settings = Settings(state_dir=tmp_path / "state", overlay_backend="local")
+    settings = Settings(state_dir=tmp_path / "state", overlay_backend="local").session_store
     run_dir = settings.overlay_run_path
     planted = as_nobody("ln", "-s", str(victim), str(run_dir)).returncode == 0
     made: list[Path] = []

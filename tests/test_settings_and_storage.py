@@ -1,9 +1,11 @@
 """Settings sources, sealed credentials and the migrated schema."""
+import dataclasses
+
 import pytest
 from alembic.autogenerate import compare_metadata
 from alembic.migration import MigrationContext
 
-from labmetal.config import load_settings
+from labmetal.config import BORROWED, GROUPS, Settings, load_settings
 from labmetal.db import Database
 from labmetal.models import Base
 from labmetal.secrets import MASK, SecretBox, masked
@@ -30,6 +32,40 @@ def test_config_file_typos_are_errors(tmp_path):
     with pytest.raises(ValueError, match="auth must be"):
         load_settings({"auth": "keystone"}, environ={})
 
+
+
+def test_every_setting_has_one_home_group_and_the_groups_carry_its_value(tmp_path):
+    """One flat record is loaded; each part receives its group. A new setting must be
+    placed in exactly one group (borrowed fields are another group's)."""
+    homes: dict[str, list[str]] = {}
+    for name, kind in GROUPS.items():
+        for f in dataclasses.fields(kind):
+            if f.metadata != BORROWED:
+                homes.setdefault(f.name, []).append(name)
+    names = [f.name for f in dataclasses.fields(Settings)]
+    assert {name: homes.get(name, []) for name in names
+            if len(homes.get(name, [])) != 1} == {}
+    assert sorted(set(homes) - set(names)) == []  # a group's own field is a setting
+    config = tmp_path / "labmetal.toml"
+    config.write_text('[labmetal]\nipmi_retries = 5\nldap_timeout = 2\n'
+                      'multicast_ttl = 4\noverlay_backend = "ceph"\n')
+    settings = load_settings({"state_dir": str(tmp_path), "seat_url": "http://10.9.0.1:80/"},
+                             config_file=config,
+                             environ={"LABMETAL_DHCP_MODE": "proxy", "LABMETAL_AUTH": "noauth"})
+    for name, kind in GROUPS.items():
+        group = getattr(settings, name)
+        assert type(group) is kind
+        for f in dataclasses.fields(kind):  # borrowed derived values too (seat_base_url)
+            assert getattr(group, f.name) == getattr(settings, f.name), (name, f.name)
+    assert (settings.power.ipmi_retries, settings.directory.ldap_timeout,
+            settings.room_jobs.multicast_ttl, settings.session_store.overlay_backend,
+            settings.boot.dhcp_mode, settings.access.auth) == (5, 2.0, 4, "ceph", "proxy",
+                                                              "noauth")
+    assert settings.boot.seat_base_url == settings.seat_base_url == "http://10.9.0.1:80"
+    assert settings.images.image_path == settings.image_path == tmp_path / "images"
+    assert settings.session_store.overlay_path == tmp_path / "overlays"
+    assert settings.session_store.iscsi_portal_host_port == ("10.9.0.1", 3260)
+    assert settings.service.database_url == f"sqlite:///{tmp_path / 'labmetal.db'}"
 
 def test_credentials_are_sealed_and_masked(tmp_path):
     box = SecretBox.from_file(tmp_path / "key")
