@@ -17,6 +17,7 @@ from labmetal.api.errors import ApiError, error_response, from_refusal
 from labmetal.api.services import SESSION_COOKIE, Services, services
 from labmetal.api.validation import RequestJSON, body_limit, takes_form
 from labmetal.conductor.errors import Refused
+from labmetal.images.overlays.base import OverlayError
 
 LOG = logging.getLogger(__name__)
 
@@ -101,7 +102,8 @@ def create_app(svc: Services) -> Flask:
         return error_response(error.status, error.message)
 
     @app.errorhandler(Refused)
-    def refused(error: Refused) -> Response:
+    @app.errorhandler(OverlayError)
+    def refused(error: Refused | OverlayError) -> Response:
         api_error = from_refusal(error)
         return error_response(api_error.status, api_error.message)
 

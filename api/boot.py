@@ -14,12 +14,15 @@ from sqlalchemy.orm import Session
 from labmetal import states
 from labmetal.api.services import services
 from labmetal.api.auth import public
-from labmetal.api.errors import ApiError, not_found
+from labmetal.api.errors import not_found
 from labmetal.api.seat_address import caller_address, holds_lease, leases_known
-from labmetal.api.sessions import seat_iqn, storage
+from labmetal.api.sessions import storage
+from labmetal.conductor.errors import Refused
+from labmetal.images.overlays.base import OverlayError
 from labmetal.api.validation import produces
 from labmetal.lifecycles import IMAGE_ACTIVE, SESSION_RUNNING
 from labmetal.lookup import ImageUnusable, usable_image
+from labmetal.names import seat_iqn
 from labmetal.models import Image, Node, Port, StudentSession, Template, TemplateVersion, User
 from labmetal.pxe import grub
 from labmetal.tls import ca_pin
@@ -141,9 +144,9 @@ def _session(node: Node) -> SanbootScript | LeaseWaitScript | IdleScript | None:
         own_kernel = _own_kernel(session, ses.template_version)
     try:  # the CHAP account goes to this address: the target lets in this address alone
         storage().admit_only(session_uuid, address)
-    except ApiError as error:
+    except (Refused, OverlayError) as error:
         LOG.warning("session %s's target could not be bound to %s: %s", session_uuid,
-                    address, error.message)
+                    address, error)
         return LeaseWaitScript(svc.settings.seat_base_url,
                                "the session's disk is not ready for this seat")
     host, _, port = portal.rpartition(":")

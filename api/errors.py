@@ -6,7 +6,9 @@ import json
 
 from flask import Response
 
-from labmetal.conductor.errors import Conflict, InvalidRequest, NoConductor, NotFound, Refused
+from labmetal.conductor.errors import (Conflict, Failed, Forbidden, InvalidRequest, NotFound,
+                                       Refused, Unavailable)
+from labmetal.images.overlays.base import OverlayError, Reason
 
 
 class ApiError(Exception):
@@ -30,10 +32,16 @@ def conflict(message: str) -> ApiError:
 
 # The one place a domain refusal (conductor/errors.py) becomes an HTTP status.
 REFUSAL_STATUS: tuple[tuple[type[Refused], int], ...] = (
-    (InvalidRequest, 400), (NotFound, 404), (Conflict, 409), (NoConductor, 503))
+    (InvalidRequest, 400), (Forbidden, 403), (NotFound, 404), (Conflict, 409),
+    (Unavailable, 503), (Failed, 500))
+# The session store's refusals (images/overlays), by their reason.
+OVERLAY_STATUS = {Reason.UNAVAILABLE: 503, Reason.QUOTA: 413, Reason.NOT_FOUND: 404,
+                  Reason.BUSY: 409, Reason.INVALID: 400, Reason.FAILED: 500}
 
 
-def from_refusal(error: Refused) -> ApiError:
+def from_refusal(error: Refused | OverlayError) -> ApiError:
+    if isinstance(error, OverlayError):
+        return ApiError(OVERLAY_STATUS.get(error.reason, 500), str(error))
     status = next((code for kind, code in REFUSAL_STATUS if isinstance(error, kind)), 500)
     return ApiError(status, error.message)
 

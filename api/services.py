@@ -17,6 +17,8 @@ from labmetal.conductor.drivers import HardwareType
 from labmetal.conductor.job_door import RoomJobDoor
 from labmetal.conductor.registry import ConductorRegistry
 from labmetal.conductor.rpcapi import ConductorAPI
+from labmetal.conductor.session_door import SessionDoor
+from labmetal.conductor.session_store import Storage
 from labmetal.config import Settings
 from labmetal.db import Database
 from labmetal.policy import Policy
@@ -45,6 +47,17 @@ class Services:
         """The one door to a node's conductor (conductor/door.py)."""
         return NodeDoor(self.settings.deploy, self.db, self.drivers, self.box, self.conductors)
 
+
+    @cached_property
+    def session_store(self) -> Storage:
+        """The students' sessions' store of this process (conductor/session_store.py)."""
+        return Storage(self.settings.session_store, self.db)
+
+    @cached_property
+    def sessions(self) -> SessionDoor:
+        """The one door to students' sessions (conductor/session_door.py)."""
+        return SessionDoor(self.db, self.box, self.session_store, self.door,
+                           self.settings.session_store.class_quota_mib)
 
     @cached_property
     def jobs(self) -> RoomJobDoor:

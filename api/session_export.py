@@ -29,9 +29,9 @@ from flask import Blueprint, g, send_file
 
 from labmetal.api.services import services
 from labmetal.api.auth import authorize
-from labmetal.api.errors import bad_request, not_found
-from labmetal.api.sessions import (backend_call, find_session, refuse_if_busy, session_owner,
-                                   storage)
+from labmetal.api.errors import bad_request
+from labmetal.api.sessions import backend_call, session_owner, storage
+from labmetal.conductor.session_door import find_save, find_session, refuse_if_busy
 from labmetal.api.validation import Field, produces, query
 from labmetal.images.overlays.base import DISK_FORMATS
 from labmetal.models import SessionSave, StudentSession
@@ -52,15 +52,6 @@ def file_name(ses: StudentSession, save: SessionSave | None, fmt: str) -> str:
     if save is not None:
         parts.append(f"save{save.number}")
     return re.sub(r"[^\w.@-]", "_", "-".join(parts)) + f".{fmt}"
-
-
-def find_save(ses: StudentSession, wanted: str) -> SessionSave:
-    """By UUID, number or label (the latest of that label), as revert finds it."""
-    matches = [s for s in ses.saves if wanted in (s.uuid, str(s.number), s.label,
-                                                  s.backend_save_id)]
-    if not matches:
-        raise not_found(f"Session {ses.uuid} has no save point {wanted}")
-    return matches[-1]
 
 
 def copy_disk(session_uuid: str, name: str, fmt: str, save_id: str | None,

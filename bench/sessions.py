@@ -58,7 +58,7 @@ from typing import Any
 import requests
 
 from bench.deploy import make_image
-from labmetal.api.sessions import seat_iqn
+from labmetal.names import seat_iqn
 from labmetal.db import Database
 from labmetal.secrets import SecretBox
 from labmetal.users import set_user

@@ -25,6 +25,11 @@ class NotFound(Refused):
     """Nothing has the name or UUID asked for."""
 
 
+class Forbidden(Refused):
+    """The asker may do this in general, not to this object (a student, on a node that is
+    no room's seat)."""
+
+
 class Conflict(Refused):
     """The object's state does not allow this now (a finished job cannot be cancelled)."""
 
@@ -48,6 +53,15 @@ class Unchanged(Busy):
                          "at it again and retry")
 
 
-class NoConductor(Refused):
-    """No conductor is online to carry the work out (the service, not the request, is at
-    fault)."""
+class Unavailable(Refused):
+    """The service cannot take the request now (the service, not the request, is at
+    fault); asking again later may work."""
+
+
+class NoConductor(Unavailable):
+    """No conductor is online to carry the work out."""
+
+
+class Failed(Refused):
+    """The work was attempted and failed in a way the asker cannot fix; the log says
+    more."""

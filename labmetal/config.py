@@ -234,7 +234,7 @@ class RoomJobSettings:
 @dataclass(frozen=True)
 class SessionStoreSettings:
     """Where students' sessions keep their disks and the iSCSI portal seats boot them
-    from (the session store in api/sessions.py, over images/overlays/)."""
+    from (the session store, conductor/session_store.py, over images/overlays/)."""
     overlay_backend: str
     overlay_dir: Path | None
     overlay_run_dir: Path | None
@@ -349,7 +349,7 @@ class Settings:
     multicast_port: int = 47700  # data; requests (NACKs) come back to port + 1
     multicast_rate: int = 90_000_000  # bit/s ceiling: below the slowest seat link
     multicast_ttl: int = 1
-    # Students' sessions of TP templates (images/overlays, api/sessions.py): where their
+    # Students' sessions of TP templates (images/overlays, conductor/session_store.py): where their
     # disks live and the iSCSI portal the seats boot them from.
     overlay_backend: str = "local"  # local (qcow2 overlays) | ceph (RBD clones)
     overlay_dir: Path | None = None  # the local store; default: state_dir/overlays

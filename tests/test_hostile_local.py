@@ -112,7 +112,7 @@ def test_a_run_directory_planted_by_another_user_is_not_followed(tmp_path, victi
     planted = as_nobody("ln", "-s", str(victim), str(run_dir)).returncode == 0
     made: list[Path] = []
     try:
-        # What api/sessions.py does when a session store is first used.
+        # What conductor/session_store.py does when a session store is first used.
         targets = SessionTargets(run_dir / "tgt", "127.0.0.1", free_port())
         try:
             backend = LocalOverlays(settings.overlay_path, targets, run_dir=run_dir / "qsd")
