@@ -31,7 +31,7 @@ from labmetal.api.validation import Field, body, obj, query
 from labmetal.conductor.deploy import (CONTINUE_ACTION, inventory_macs,
                                        inventory_properties)
 from labmetal.conductor.door import Asker
-from labmetal.conductor.errors import Busy
+from labmetal.errors import Busy
 from labmetal.models import Node, Port, utcnow
 
 LOG = logging.getLogger(__name__)

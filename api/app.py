@@ -16,7 +16,7 @@ from labmetal.api.auth import (ANONYMOUS, NOBODY, SAFE_METHODS, Authenticator, T
 from labmetal.api.errors import ApiError, error_response, from_refusal
 from labmetal.api.services import SESSION_COOKIE, Services, services
 from labmetal.api.validation import RequestJSON, body_limit, takes_form
-from labmetal.conductor.errors import Refused
+from labmetal.errors import Refused
 from labmetal.images.overlays.base import OverlayError
 
 LOG = logging.getLogger(__name__)

@@ -17,7 +17,7 @@ from labmetal.api.auth import public
 from labmetal.api.errors import not_found
 from labmetal.api.seat_address import caller_address, holds_lease, leases_known
 from labmetal.api.sessions import storage
-from labmetal.conductor.errors import Refused
+from labmetal.errors import Refused
 from labmetal.images.overlays.base import OverlayError
 from labmetal.api.validation import produces
 from labmetal.lifecycles import IMAGE_ACTIVE, SESSION_RUNNING

@@ -9,9 +9,7 @@ from flask import g, request
 from sqlalchemy import Select, and_, func, or_, select
 from sqlalchemy.orm import Session
 
-from labmetal.api.errors import bad_request, not_found
-from labmetal.lookup import by_name_or_uuid
-from labmetal.models import Node
+from labmetal.api.errors import bad_request
 from labmetal.names import is_uuid as is_uuid  # the views import it from here
 
 MAX_LIMIT = 1000
@@ -34,13 +32,6 @@ def isotime(value: datetime | None) -> str | None:
 
 def caller_name() -> str | None:
     return g.caller.name
-
-
-def find_node(session: Session, ident: str) -> Node:
-    node = by_name_or_uuid(session, Node, ident)
-    if node is None:
-        raise not_found(f"Node {ident} could not be found.")
-    return node
 
 
 def select_fields(view: dict[str, Any], fields: list[str] | None) -> dict[str, Any]:

@@ -6,7 +6,7 @@ import json
 
 from flask import Response
 
-from labmetal.conductor.errors import (Conflict, Failed, Forbidden, InvalidRequest, NotFound,
+from labmetal.errors import (Conflict, Failed, Forbidden, InvalidRequest, NotFound,
                                        Refused, Unavailable)
 from labmetal.images.overlays.base import OverlayError, Reason
 
@@ -30,7 +30,7 @@ def conflict(message: str) -> ApiError:
     return ApiError(409, message)
 
 
-# The one place a domain refusal (conductor/errors.py) becomes an HTTP status.
+# The one place a domain refusal (labmetal/errors.py) becomes an HTTP status.
 REFUSAL_STATUS: tuple[tuple[type[Refused], int], ...] = (
     (InvalidRequest, 400), (Forbidden, 403), (NotFound, 404), (Conflict, 409),
     (Unavailable, 503), (Failed, 500))

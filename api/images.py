@@ -24,7 +24,8 @@ from labmetal.api.validation import (Field, accepts, body, name_check, obj, pagi
 from labmetal.images.inspect import FORMATS, ImageRejected
 from labmetal.images.registry import  ACTIVE, DISK_KINDS, QUEUED, AlreadyActive, ImageGone, ingest
 from labmetal.images.store import ImageStore, UploadTooLarge
-from labmetal.lookup import NOT_ACTIVE, WRONG_KIND, ImageUnusable, by_name_or_uuid, usable_image
+from labmetal.lookup import (ImageUnusable, NOT_ACTIVE, WRONG_KIND, find_image,
+                             usable_image)
 from labmetal.models import Image, Node
 
 LOG = logging.getLogger(__name__)
@@ -44,13 +45,6 @@ FILE_TYPES = {"raw": "application/octet-stream", "packed": "application/octet-st
 def image_store() -> ImageStore:
     settings = services().settings
     return ImageStore(settings.image_path, settings.max_image_size)
-
-
-def find_image(session: Session, ident: str) -> Image:
-    image = by_name_or_uuid(session, Image, ident)
-    if image is None:
-        raise not_found(f"Image {ident} could not be found.")
-    return image
 
 
 def image_view(image: Image, uuids: dict[int, str]) -> dict[str, Any]:

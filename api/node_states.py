@@ -10,12 +10,13 @@ from sqlalchemy import delete, select, update
 from labmetal import history, states
 from labmetal.api.services import services
 from labmetal.api.auth import authorize
-from labmetal.api.common import caller_name, find_node, is_uuid, isotime, links, select_fields
+from labmetal.api.common import caller_name, is_uuid, isotime, links, select_fields
+from labmetal.lookup import find_node
 from labmetal.api.errors import bad_request, conflict, not_found
 from labmetal.api.ports import PORT_LIST_FIELDS, port_view
 from labmetal.api.validation import DETAIL, Field, body, fields_param, obj, query
 from labmetal.conductor.door import Asker
-from labmetal.conductor.errors import Refused
+from labmetal.errors import Refused
 from labmetal.lifecycles import IMAGE_QUEUED
 from labmetal.models import Image, Node, NodeHistory, Port, utcnow
 

@@ -12,7 +12,8 @@ from sqlalchemy.exc import IntegrityError
 from labmetal import history, states
 from labmetal.api.services import services
 from labmetal.api.auth import authorize
-from labmetal.api.common import  caller_name, find_node, isotime, links, page, select_fields
+from labmetal.api.common import caller_name, isotime, links, page, select_fields
+from labmetal.lookup import find_node
 from labmetal.api.errors import ApiError, bad_request, conflict
 from labmetal.api.validation import (DETAIL, PATCH, Field, body, fields_param, name_check, obj,
                                      paging, query, validate)

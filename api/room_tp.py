@@ -15,8 +15,10 @@ from labmetal import states
 from labmetal.api.services import services
 from labmetal.api.auth import authorize
 from labmetal.api.errors import conflict
-from labmetal.api.rooms import find_room, room_view, seat_count
-from labmetal.api.sessions import BUSY, boot_seat, find_template
+from labmetal.api.rooms import room_view, seat_count
+from labmetal.lookup import find_room
+from labmetal.api.sessions import BUSY, boot_seat
+from labmetal.lookup import find_template
 from labmetal.api.validation import Field, body, obj
 from labmetal.models import Node, Seat, StudentSession, utcnow
 

@@ -19,14 +19,15 @@ from sqlalchemy.orm import Session
 from labmetal import history, schedule, states
 from labmetal.api.services import services
 from labmetal.api.auth import authorize, check_allowed
-from labmetal.api.common import caller_name, find_node, isotime, links
+from labmetal.api.common import caller_name, isotime, links
+from labmetal.lookup import find_node
 from labmetal.api.errors import ApiError, bad_request, conflict, not_found
 from labmetal.api.nodes import check_fields
 from labmetal.api.ports import normalize_mac
 from labmetal.api.validation import DOT_NAMES, Field, accepts, body, name_check, obj
 from labmetal.conductor.door import Asker
-from labmetal.conductor.job_door import (ACTIONS, POWER_OFF, TRANSPORTS, JobOrder, find_job,
-                                         find_room)
+from labmetal.conductor.job_door import ACTIONS, POWER_OFF, TRANSPORTS, JobOrder
+from labmetal.lookup import find_job, find_room
 from labmetal.lifecycles import JOB_RUNNING, JOB_SCHEDULED, SEAT_IDLE, SESSION_BUSY
 from labmetal.models import Node, Port, Room, RoomJob, Seat, StudentSession, User, new_uuid
 

@@ -31,7 +31,8 @@ from labmetal.api.services import services
 from labmetal.api.auth import authorize
 from labmetal.api.errors import bad_request
 from labmetal.api.sessions import backend_call, session_owner, storage
-from labmetal.conductor.session_door import find_save, find_session, refuse_if_busy
+from labmetal.conductor.session_door import find_save, refuse_if_busy
+from labmetal.lookup import find_session
 from labmetal.api.validation import Field, produces, query
 from labmetal.images.overlays.base import DISK_FORMATS
 from labmetal.models import SessionSave, StudentSession

@@ -37,7 +37,7 @@ from labmetal.api.errors import bad_request, conflict, from_refusal, not_found
 from labmetal.api.images import image_store
 from labmetal.api.validation import Field, body, obj, query
 from labmetal.conductor.door import Asker
-from labmetal.conductor.session_door import find_session, find_template
+from labmetal.lookup import find_session, find_template
 from labmetal.conductor.session_store import Storage
 from labmetal.images import boot_files
 from labmetal.images.overlays.base import OverlayBackend, OverlayError

@@ -8,7 +8,7 @@ labmetal's: a request is checked once (the verb is allowed in the node's state, 
 credentials are usable, the images a ramdisk boot needs exist), then handed over with one
 compare-and-set (``rpcapi.ConductorAPI.request``), or, for a verb without hardware work,
 applied at once under the same lock rule. Refusals are the domain errors of
-``conductor/errors.py``, with messages written for the asker; the API maps them to HTTP in
+``labmetal/errors.py``, with messages written for the asker; the API maps them to HTTP in
 one place, a room job turns them into a seat's error or a later retry.
 """
 from __future__ import annotations
@@ -21,7 +21,7 @@ from sqlalchemy.sql.elements import ColumnElement
 
 from labmetal import history, states
 from labmetal.conductor.drivers import HardwareType
-from labmetal.conductor.errors import Busy, InvalidRequest, NodeLocked, Unchanged
+from labmetal.errors import Busy, InvalidRequest, NodeLocked, Unchanged
 from labmetal.conductor.power.base import InvalidDriverInfo, PowerError, PowerInterface, PowerTarget
 from labmetal.conductor.power.wol import IN_BAND_ONLY
 from labmetal.conductor.rpcapi import ConductorAPI

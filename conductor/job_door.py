@@ -3,7 +3,7 @@
 then the conductors are woken; the conductor owning the job (``conductor/roomjobs.py``)
 carries it out from the rows alone.
 
-Refusals are the domain errors of ``conductor/errors.py``; the API maps them to HTTP in one
+Refusals are the domain errors of ``labmetal/errors.py``; the API maps them to HTTP in one
 place. Authorization stays with the caller (the API's policy): this module decides only
 whether the request can apply.
 """
@@ -16,15 +16,14 @@ from sqlalchemy.orm import Session
 
 from labmetal import schedule
 from labmetal.conductor.door import Asker
-from labmetal.conductor.errors import Conflict, InvalidRequest, NotFound
+from labmetal.errors import Conflict, InvalidRequest, NotFound
 from labmetal.conductor.roomjobs import cancel_waits
 from labmetal.conductor.rpcapi import ConductorAPI
 from labmetal.db import Database
 from labmetal.lifecycles import (JOB_CANCELLED, JOB_RUNNING, JOB_SCHEDULED, ROOM_JOB,
                                  ROOM_JOB_SEAT, SEAT_CANCELLED, SEAT_FINISHED, SEAT_QUEUED)
-from labmetal.lookup import ImageUnusable, by_name_or_uuid, usable_image
+from labmetal.lookup import ImageUnusable, find_job, find_room, usable_image
 from labmetal.models import Image, Room, RoomJob, RoomJobSeat, Seat, utcnow
-from labmetal.names import is_uuid
 
 DEPLOY, POWER_OFF = "deploy", "power-off"
 ACTIONS = (DEPLOY, POWER_OFF)
@@ -125,21 +124,6 @@ class RoomJobDoor:
             job_uuid = job.uuid
         self.conductors.wake_all()
         return job_uuid
-
-
-def find_room(session: Session, ident: str) -> Room:
-    room = by_name_or_uuid(session, Room, ident)
-    if room is None:
-        raise NotFound(f"Room {ident} could not be found.")
-    return room
-
-
-def find_job(session: Session, ident: str) -> RoomJob:
-    job = session.scalar(select(RoomJob).where(RoomJob.uuid == ident.lower())) \
-        if is_uuid(ident) else None
-    if job is None:
-        raise NotFound(f"Room job {ident} could not be found.")
-    return job
 
 
 def _job_image(session: Session, ident: str | None) -> Image:

@@ -20,7 +20,7 @@ from labmetal import history, schedule, states
 from labmetal.agent.command_params import MulticastGroup
 from labmetal.conductor.registry import ConductorRegistry
 from labmetal.conductor.door import Asker, NodeDoor
-from labmetal.conductor.errors import Busy, InvalidRequest, NoConductor
+from labmetal.errors import Busy, InvalidRequest, NoConductor
 from labmetal.config import RoomJobSettings
 from labmetal.db import Database
 from labmetal.images.store import ImageStore

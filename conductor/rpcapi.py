@@ -17,7 +17,7 @@ from sqlalchemy import update
 from sqlalchemy.sql.elements import ColumnElement
 
 from labmetal import history
-from labmetal.conductor.errors import NoConductor, NodeLocked, Unchanged
+from labmetal.errors import NoConductor, NodeLocked, Unchanged
 from labmetal.conductor.registry import ConductorRegistry
 from labmetal.config import ConductorSettings
 from labmetal.db import Database

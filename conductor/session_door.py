@@ -6,7 +6,7 @@ and the seat is booted through the nodes' door.
 The API's views (api/sessions.py, api/seat_login.py, api/room_tp.py) authorize the caller
 and render the result; everything between is here, so that the session's rules hold the
 same whichever page, command or seat asks. Refusals are the domain errors of
-``conductor/errors.py`` and the store's OverlayError, mapped to HTTP in one place.
+``labmetal/errors.py`` and the store's OverlayError, mapped to HTTP in one place.
 """
 from __future__ import annotations
 
@@ -22,16 +22,16 @@ from sqlalchemy.orm import Session
 
 from labmetal import states
 from labmetal.conductor.door import Asker, NodeDoor
-from labmetal.conductor.errors import Conflict, Forbidden, InvalidRequest, NotFound, Refused
+from labmetal.errors import Conflict, Forbidden, InvalidRequest, NotFound, Refused
 from labmetal.conductor.session_store import Storage, refresh_used
 from labmetal.db import Database
 from labmetal.images.overlays.base import OverlayBackend, OverlayError, Reason
 from labmetal.lifecycles import (SESSION_BUSY, SESSION_DELETED, SESSION_LIVE, SESSION_RUNNING,
                                  SESSION_STARTING, SESSION_STOPPED)
-from labmetal.lookup import by_name_or_uuid
+from labmetal.lookup import find_node, find_session, find_template
 from labmetal.models import (Node, Seat, SessionSave, StudentSession, Template, TemplateVersion,
                              User, new_uuid, utcnow)
-from labmetal.names import is_uuid, seat_iqn, session_iqn
+from labmetal.names import seat_iqn, session_iqn
 from labmetal.secrets import SecretBox
 
 LOG = logging.getLogger(__name__)
@@ -325,21 +325,6 @@ def refuse_if_busy(ses: StudentSession, what: str) -> None:
                        f"cannot be {what}; stop it first (power off or log out)")
 
 
-def find_template(session: Session, ident: str) -> Template:
-    template = by_name_or_uuid(session, Template, ident.lower())  # names are lower case
-    if template is None:
-        raise NotFound(f"Template {ident} could not be found.")
-    return template
-
-
-def find_session(session: Session, ident: str) -> StudentSession:
-    ses = session.scalar(select(StudentSession).where(StudentSession.uuid == ident.lower())) \
-        if is_uuid(ident) else None
-    if ses is None or ses.state == SESSION_DELETED:
-        raise NotFound(f"Session {ident} could not be found.")
-    return ses
-
-
 def find_save(ses: StudentSession, wanted: str) -> SessionSave:
     """By UUID, number, label (the latest of that label) or the store's save id."""
     matches = [s for s in ses.saves if str(wanted) in (s.uuid, str(s.number), s.label,
@@ -347,13 +332,6 @@ def find_save(ses: StudentSession, wanted: str) -> SessionSave:
     if not matches:
         raise NotFound(f"Session {ses.uuid} has no save point {wanted}")
     return matches[-1]
-
-
-def find_node(session: Session, ident: str) -> Node:
-    node = by_name_or_uuid(session, Node, ident)
-    if node is None:
-        raise NotFound(f"Node {ident} could not be found.")
-    return node
 
 
 def chap_secret() -> str:

@@ -5,7 +5,7 @@ sessions, and the watcher that ends or fails sessions whose seat or target went 
 It is stateful (a backend process tree, a watcher thread, a hook at exit) and so it lives
 here, apart from the stateless API views that use it (api/sessions.py, api/boot.py,
 api/session_export.py): one per process, made on first use. Refusals are the domain errors
-of conductor/errors.py and the backend's OverlayError, which the API maps to HTTP in one
+of labmetal/errors.py and the backend's OverlayError, which the API maps to HTTP in one
 place.
 """
 from __future__ import annotations
@@ -20,7 +20,7 @@ from contextlib import contextmanager
 from sqlalchemy import select, update
 
 from labmetal import states
-from labmetal.conductor.errors import Conflict, Failed, Refused, Unavailable
+from labmetal.errors import Conflict, Failed, Refused, Unavailable
 from labmetal.config import SessionStoreSettings
 from labmetal.db import Database
 from labmetal.images.overlays.base import OverlayBackend, OverlayError, Quota

@@ -1,6 +1,8 @@
 """Finding a row by what a person typed, decided once for every caller.
 
-A node, room, template or image is named by its name or its UUID (names are never UUIDs).
+A node, room, template or image is named by its name or its UUID (names are never UUIDs);
+a room job or a student's session by its UUID. ``find_<kind>`` returns the row or raises
+NotFound (labmetal/errors.py), whose words the API returns with a 404.
 An image is usable only when its data has arrived (active) and it is of a kind the caller
 can use; what is wrong with it is one error, which says so, and the callers that owe their
 users other words (an HTTP status, a field) read its ``problem``.
@@ -12,8 +14,9 @@ from typing import Any, TypeVar
 from sqlalchemy import select
 from sqlalchemy.orm import Session
 
-from labmetal.lifecycles import IMAGE_ACTIVE
-from labmetal.models import Image
+from labmetal.errors import NotFound
+from labmetal.lifecycles import IMAGE_ACTIVE, SESSION_DELETED
+from labmetal.models import Image, Node, Room, RoomJob, StudentSession, Template
 from labmetal.names import is_uuid
 
 Row = TypeVar("Row")
@@ -26,6 +29,44 @@ def by_name_or_uuid(session: Session, model: type[Row], ident: str) -> Row | Non
     table: Any = model
     column, value = (table.uuid, ident.lower()) if is_uuid(ident) else (table.name, ident)
     return session.scalar(select(model).where(column == value))
+
+
+def find_node(session: Session, ident: str) -> Node:
+    return _found(by_name_or_uuid(session, Node, ident), f"Node {ident}")
+
+
+def find_room(session: Session, ident: str) -> Room:
+    return _found(by_name_or_uuid(session, Room, ident), f"Room {ident}")
+
+
+def find_image(session: Session, ident: str) -> Image:
+    return _found(by_name_or_uuid(session, Image, ident), f"Image {ident}")
+
+
+def find_template(session: Session, ident: str) -> Template:
+    # Template names are lower case (api/sessions.py): any case finds them.
+    return _found(by_name_or_uuid(session, Template, ident.lower()), f"Template {ident}")
+
+
+def find_job(session: Session, ident: str) -> RoomJob:
+    """Room jobs have no name: by UUID only."""
+    job = session.scalar(select(RoomJob).where(RoomJob.uuid == ident.lower())) \
+        if is_uuid(ident) else None
+    return _found(job, f"Room job {ident}")
+
+
+def find_session(session: Session, ident: str) -> StudentSession:
+    """Students' sessions have no name: by UUID only; a deleted one is not found."""
+    ses = session.scalar(select(StudentSession).where(StudentSession.uuid == ident.lower())) \
+        if is_uuid(ident) else None
+    return _found(ses if ses is None or ses.state != SESSION_DELETED else None,
+                  f"Session {ident}")
+
+
+def _found(row: Row | None, what: str) -> Row:
+    if row is None:
+        raise NotFound(f"{what} could not be found.")
+    return row
 
 
 class ImageUnusable(Exception):

@@ -11,7 +11,7 @@ from sqlalchemy import select
 
 from labmetal import states
 from labmetal.api.errors import REFUSAL_STATUS, from_refusal
-from labmetal.conductor import errors
+from labmetal import errors
 from labmetal.conductor.door import Asker, NodeDoor
 from labmetal.conductor.drivers import load_drivers
 from labmetal.conductor.registry import ConductorRegistry
