@@ -10,7 +10,6 @@ from sqlalchemy import Select, and_, func, or_, select
 from sqlalchemy.orm import Session
 
 from labmetal.api.errors import bad_request
-from labmetal.names import is_uuid as is_uuid  # the views import it from here
 
 MAX_LIMIT = 1000
 

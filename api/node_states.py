@@ -10,7 +10,8 @@ from sqlalchemy import delete, select, update
 from labmetal import history, states
 from labmetal.api.services import services
 from labmetal.api.auth import authorize
-from labmetal.api.common import caller_name, is_uuid, isotime, links, select_fields
+from labmetal.api.common import caller_name, isotime, links, select_fields
+from labmetal.names import is_uuid
 from labmetal.lookup import find_node
 from labmetal.api.errors import bad_request, conflict, not_found
 from labmetal.api.ports import PORT_LIST_FIELDS, port_view

@@ -12,7 +12,8 @@ from sqlalchemy.exc import IntegrityError
 from labmetal import history
 from labmetal.api.services import services
 from labmetal.api.auth import authorize
-from labmetal.api.common import caller_name, is_uuid, isotime, links, page, select_fields
+from labmetal.api.common import caller_name, isotime, links, page, select_fields
+from labmetal.names import is_uuid
 from labmetal.lookup import find_node
 from labmetal.api.errors import bad_request, conflict, not_found
 from labmetal.api.validation import  DETAIL, PATCH, Field, body, fields_param, obj, paging, query

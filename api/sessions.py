@@ -32,7 +32,8 @@ from sqlalchemy.orm import Session
 
 from labmetal.api.services import services
 from labmetal.api.auth import authorize
-from labmetal.api.common import caller_name, is_uuid, isotime, links
+from labmetal.api.common import caller_name, isotime, links
+from labmetal.names import is_uuid
 from labmetal.api.errors import bad_request, conflict, from_refusal, not_found
 from labmetal.api.images import image_store
 from labmetal.api.validation import Field, body, obj, query

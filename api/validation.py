@@ -57,7 +57,7 @@ from flask import request
 from flask.json.provider import DefaultJSONProvider
 
 from labmetal.api.auth import FORM_TYPES
-from labmetal.api.common import is_uuid
+from labmetal.names import is_uuid
 from labmetal.api.errors import ApiError, bad_request
 
 JSON = "application/json"

@@ -23,7 +23,6 @@ from typing import Any
 import requests
 
 from labmetal.config import default_state_dir
-from labmetal.names import is_uuid as is_uuid  # the CLIs import it from here
 from labmetal.profile import load_profile
 
 DEFAULT_URL = "http://127.0.0.1:6385"
