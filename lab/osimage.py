@@ -742,8 +742,10 @@ _PARTITION_INITRD_FAIL = """\
 fail() { say "labmetal-os: error: $1"; sleep 1; poweroff -f; }
 """
 
-_RESOLVE_MSDOS = """\
-resolve() {  # root= as a device node; PARTUUID= of msdos partitions only (not GPT)
+# resolve(): root= as a device node, PARTUUID= found by @MATCH@ (shell lines that print the
+# partition's device and return when it is $want), anything else by findfs.
+_RESOLVE = """\
+resolve() {  # root= as a device node; PARTUUID= of @LABELS@
     case $1 in
     /dev/*) [ -b "$1" ] && echo "$1" ;;
     PARTUUID=*)
@@ -751,15 +753,19 @@ resolve() {  # root= as a device node; PARTUUID= of msdos partitions only (not G
         for part in /sys/class/block/*; do
             [ -e "$part/partition" ] || continue
             disk=$(basename "$(dirname "$(readlink -f "$part")")")
-            signature=$(od -A n -t x1 -j 440 -N 4 "/dev/$disk" | awk '{print $4 $3 $2 $1}')
-            number=$(printf %02x "$(cat "$part/partition")")
-            [ "$signature-$number" = "$want" ] && { echo "/dev/${part##*/}"; return; }
-        done
+@MATCH@        done
         return 1 ;;
     *) findfs "$1" ;;
     esac
 }
 """
+
+_RESOLVE_MSDOS = _RESOLVE.replace("@LABELS@", "msdos partitions only (not GPT)").replace(
+    "@MATCH@", """\
+            signature=$(od -A n -t x1 -j 440 -N 4 "/dev/$disk" | awk '{print $4 $3 $2 $1}')
+            number=$(printf %02x "$(cat "$part/partition")")
+            [ "$signature-$number" = "$want" ] && { echo "/dev/${part##*/}"; return; }
+""")
 
 # A UEFI seat's disk has a GPT label: root=PARTUUID= names the partition's unique GUID,
 # which this kernel (6.1) shows nowhere in sysfs, so it is read from the label itself:
@@ -780,22 +786,10 @@ partuuid() {  # of partition $2 of disk $1, as the kernel's root=PARTUUID= spell
         echo "$signature-$(printf %02x "$2")"
     fi
 }
-resolve() {  # root= as a device node; PARTUUID= of GPT or msdos partitions
-    case $1 in
-    /dev/*) [ -b "$1" ] && echo "$1" ;;
-    PARTUUID=*)
-        want=$(echo "${1#PARTUUID=}" | tr A-F a-f)
-        for part in /sys/class/block/*; do
-            [ -e "$part/partition" ] || continue
-            disk=$(basename "$(dirname "$(readlink -f "$part")")")
+""" + _RESOLVE.replace("@LABELS@", "GPT or msdos partitions").replace("@MATCH@", """\
             [ "$(partuuid "$disk" "$(cat "$part/partition")")" = "$want" ] &&
                 { echo "/dev/${part##*/}"; return; }
-        done
-        return 1 ;;
-    *) findfs "$1" ;;
-    esac
-}
-"""
+""")
 
 _PARTITION_INITRD_MOUNT = """\
 root= mode=ro
