@@ -10,6 +10,7 @@ from sqlalchemy import Select, and_, func, or_, select
 from sqlalchemy.orm import Session
 
 from labmetal.api.errors import bad_request
+from labmetal.conductor.door import Asker
 
 MAX_LIMIT = 1000
 
@@ -31,6 +32,11 @@ def isotime(value: datetime | None) -> str | None:
 
 def caller_name() -> str | None:
     return g.caller.name
+
+
+def asker() -> Asker:
+    """The caller, as the doors record who asked (conductor/door.py)."""
+    return Asker(user=caller_name())
 
 
 def select_fields(view: dict[str, Any], fields: list[str] | None) -> dict[str, Any]:

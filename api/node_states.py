@@ -10,13 +10,12 @@ from sqlalchemy import delete, select, update
 from labmetal import history, states
 from labmetal.api.services import services
 from labmetal.api.auth import authorize
-from labmetal.api.common import caller_name, isotime, links, select_fields
+from labmetal.api.common import asker, caller_name, isotime, links, select_fields
 from labmetal.names import is_uuid
 from labmetal.lookup import find_node
 from labmetal.api.errors import bad_request, conflict, not_found
 from labmetal.api.ports import PORT_LIST_FIELDS, port_view
 from labmetal.api.validation import DETAIL, Field, body, fields_param, obj, query
-from labmetal.conductor.door import Asker
 from labmetal.errors import Refused
 from labmetal.lifecycles import IMAGE_QUEUED
 from labmetal.models import Image, Node, NodeHistory, Port, utcnow
@@ -47,10 +46,6 @@ def _accepted(node: Node):
     return "", 202, {"Location": links("nodes", f"{node.uuid}/states")[0]["href"]}
 
 
-def _asker() -> Asker:
-    return Asker(user=caller_name())
-
-
 @blueprint.get("/v1/nodes/<ident>/states")
 @authorize("node:get")
 def node_states(ident: str):
@@ -71,7 +66,7 @@ def set_power_state(ident: str, body: dict[str, Any]):
     svc = services()
     with svc.db.read() as session:
         node = find_node(session, ident)
-    svc.door.set_power(node, body["target"], _asker())
+    svc.door.set_power(node, body["target"], asker())
     return _accepted(node)
 
 
@@ -89,7 +84,7 @@ def set_provision_state(ident: str, body: dict[str, Any]):
                                  f"{caller_name() or 'a user'}",
                       agent_token=None, agent_token_given=False, agent_url=None,
                       agent_address=None, agent_alarm=None)
-    svc.door.provision(node, verb, _asker(), values)
+    svc.door.provision(node, verb, asker(), values)
     return _accepted(node)
 
 
@@ -218,7 +213,7 @@ def capture_disk(ident: str, body: dict[str, Any]):
                                           "provision_updated_at": utcnow(), "last_error": None,
                                           "driver_internal_info": info},
                         (Node.provision_state == states.MANAGEABLE,),
-                        ("capture", f"capture into image {name} requested"), _asker())
+                        ("capture", f"capture into image {name} requested"), asker())
     except Refused:
         with svc.db.write() as session:
             session.execute(delete(Image).where(Image.uuid == image_uuid))

@@ -19,13 +19,12 @@ from sqlalchemy.orm import Session
 from labmetal import history, schedule, states
 from labmetal.api.services import services
 from labmetal.api.auth import authorize, check_allowed
-from labmetal.api.common import caller_name, isotime, links
+from labmetal.api.common import asker, caller_name, isotime, links
 from labmetal.lookup import find_node
 from labmetal.api.errors import ApiError, bad_request, conflict, not_found
 from labmetal.api.nodes import check_fields
 from labmetal.api.ports import normalize_mac
 from labmetal.api.validation import DOT_NAMES, Field, accepts, body, name_check, obj
-from labmetal.conductor.door import Asker
 from labmetal.conductor.job_door import ACTIONS, POWER_OFF, TRANSPORTS, JobOrder
 from labmetal.lookup import find_job, find_room
 from labmetal.lifecycles import JOB_RUNNING, JOB_SCHEDULED, SEAT_IDLE, SESSION_BUSY
@@ -348,12 +347,8 @@ def create_job(ident: str, body: dict[str, Any]):
                      body.get("at"), body.get("repeat"),
                      tuple(seats) if seats is not None else None)
     svc = services()
-    view = _job(svc.jobs.create(ident, order, _asker()))
+    view = _job(svc.jobs.create(ident, order, asker()))
     return view, 201, {"Location": view["links"][0]["href"]}
-
-
-def _asker() -> Asker:
-    return Asker(user=caller_name())
 
 
 def _job(job_ident: str) -> dict[str, Any]:
@@ -383,7 +378,7 @@ def show_job(ident: str):
 @authorize("room:deploy")
 def cancel_job(ident: str):
     """Seats not finished are cancelled; the conductor aborts the deploys it can stop."""
-    return _job(services().jobs.cancel(ident, _asker()))
+    return _job(services().jobs.cancel(ident, asker()))
 
 
 @blueprint.post("/v1/room-jobs/<ident>/seats/<label>/retry")
@@ -391,4 +386,4 @@ def cancel_job(ident: str):
 def retry_seat(ident: str, label: str):
     """Re-image one seat: it is queued again with fresh attempts, and a finished job runs
     again for that seat alone."""
-    return _job(services().jobs.retry_seat(ident, label, _asker()))
+    return _job(services().jobs.retry_seat(ident, label, asker()))

@@ -30,7 +30,7 @@ from flask import Blueprint, g, send_file
 from labmetal.api.services import services
 from labmetal.api.auth import authorize
 from labmetal.api.errors import bad_request
-from labmetal.api.sessions import backend_call, session_owner, storage
+from labmetal.api.sessions import session_owner, storage
 from labmetal.conductor.session_door import find_save, refuse_if_busy
 from labmetal.lookup import find_session
 from labmetal.api.validation import Field, produces, query
@@ -60,7 +60,7 @@ def copy_disk(session_uuid: str, name: str, fmt: str, save_id: str | None,
     """The backend's copy, open, its file already unlinked."""
     exports = services().settings.session_store.overlay_path / ".exports"
     exports.mkdir(parents=True, exist_ok=True)
-    with backend_call() as backend:
+    with services().sessions.backend() as backend:
         for left in exports.iterdir():  # a process that died mid-copy: no copy runs now
             shutil.rmtree(left, ignore_errors=True)
         work = Path(tempfile.mkdtemp(dir=exports))

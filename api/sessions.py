@@ -21,8 +21,6 @@ from __future__ import annotations
 
 import logging
 import re
-from collections.abc import Iterator
-from contextlib import contextmanager
 from typing import Any
 
 from flask import Blueprint, g, request
@@ -32,16 +30,14 @@ from sqlalchemy.orm import Session
 
 from labmetal.api.services import services
 from labmetal.api.auth import authorize
-from labmetal.api.common import caller_name, isotime, links
+from labmetal.api.common import asker, isotime, links
 from labmetal.names import is_uuid
-from labmetal.api.errors import bad_request, conflict, from_refusal, not_found
+from labmetal.api.errors import bad_request, conflict, not_found
 from labmetal.api.images import image_store
 from labmetal.api.validation import Field, body, obj, query
-from labmetal.conductor.door import Asker
 from labmetal.lookup import find_session, find_template
 from labmetal.conductor.session_store import Storage
 from labmetal.images import boot_files
-from labmetal.images.overlays.base import OverlayBackend, OverlayError
 from labmetal.lifecycles import (SESSION_BUSY, SESSION_DELETED, SESSION_LIVE,
                                  SESSION_RUNNING)
 from labmetal.lookup import NOT_ACTIVE, WRONG_KIND, ImageUnusable, usable_image
@@ -95,17 +91,6 @@ def mib(size: int) -> str:
 def storage() -> Storage:
     """This process's session store (conductor/session_store.py)."""
     return services().session_store
-
-
-@contextmanager
-def backend_call() -> Iterator[OverlayBackend]:
-    """The backend for one step; its refusals and failures as API errors."""
-    try:
-        with storage().backend() as backend:
-            yield backend
-    except OverlayError as error:
-        LOG.warning("session store: %s", error)
-        raise from_refusal(error) from None
 
 
 # -- views -------------------------------------------------------------------------------
@@ -223,7 +208,7 @@ def create_template(body: dict[str, Any]):
         image = template_image(session, body.get("image"))
     template_uuid = new_uuid()
     key = f"{name}-{template_uuid[:8]}"
-    with backend_call() as backend:
+    with services().sessions.backend() as backend:
         frozen = backend.make_template(key, 1, image_store().raw_path(image.uuid))
         booted = boot_files_of(key, 1, image)
         try:
@@ -259,7 +244,7 @@ def add_template_version(ident: str, body: dict[str, Any]):
         image = template_image(session, body.get("image"))
         key = template.versions[0].backend_key if template.versions \
             else f"{template.name}-{template.uuid[:8]}"
-    with backend_call() as backend:  # the lock also keeps version numbers in turn
+    with services().sessions.backend() as backend:  # the lock also keeps version numbers in turn
         with svc.db.read() as session:
             number = 1 + max((v.version for v in find_template(session, ident).versions),
                              default=0)
@@ -352,11 +337,7 @@ def new_session(template_ident: str, student_name: str,
                 version_number: int | None = None) -> dict[str, Any]:
     """Make the student's session of the template (the caller is allowed to); its view."""
     return _view(services().sessions.create(template_ident, student_name, version_number,
-                                            _asker()))
-
-
-def _asker() -> Asker:
-    return Asker(user=caller_name())
+                                            asker()))
 
 
 def _view(ident: str) -> dict[str, Any]:
@@ -367,7 +348,7 @@ def _view(ident: str) -> dict[str, Any]:
 @blueprint.delete("/v1/sessions/<ident>")
 @authorize("session:delete", owner=session_owner)
 def delete_session(ident: str):
-    services().sessions.delete(ident, _asker())
+    services().sessions.delete(ident, asker())
     return "", 204
 
 
@@ -387,16 +368,16 @@ def start_on_seat(ident: str, seat_ident: str, boot: bool) -> dict[str, Any]:
     the session's view."""
     svc = services()
     may_power = svc.policy.verdict("node:set_power_state", g.caller.role) is Verdict.ALLOWED
-    session_uuid = svc.sessions.start(ident, seat_ident, _asker(), may_power)
+    session_uuid = svc.sessions.start(ident, seat_ident, asker(), may_power)
     if boot:
-        svc.sessions.boot_on(session_uuid, _asker())
+        svc.sessions.boot_on(session_uuid, asker())
     return _view(session_uuid)
 
 
 def boot_seat(node_uuid: str, reason: str) -> str | None:
     """Ask the seat's conductor to power it on, or to reboot it if it is on (its next boot
     script is what it boots); why not, if it cannot be asked."""
-    return services().sessions.boot_seat(node_uuid, reason, _asker())
+    return services().sessions.boot_seat(node_uuid, reason, asker())
 
 
 @blueprint.post("/v1/sessions/<ident>/stop")
@@ -404,7 +385,7 @@ def boot_seat(node_uuid: str, reason: str) -> str | None:
 def stop_session(ident: str):
     """The seat is done with it (powered off, logged out): its target goes, the data
     stays in the session."""
-    services().sessions.stop(ident, _asker())
+    services().sessions.stop(ident, asker())
     return _view(ident)
 
 
@@ -413,7 +394,7 @@ def stop_session(ident: str):
 @body(SAVE)
 def save_session(ident: str, body: dict[str, Any]):
     """A save point (running or not: what the seat wrote is flushed first)."""
-    save_uuid = services().sessions.save(ident, body["label"], _asker())
+    save_uuid = services().sessions.save(ident, body["label"], asker())
     with services().db.read() as session:
         ses = find_session(session, ident)
         save = session.scalar(select(SessionSave).where(SessionSave.uuid == save_uuid))
@@ -434,7 +415,7 @@ def list_saves(ident: str):
 @body(REVERT)
 def revert_session(ident: str, body: dict[str, Any]):
     """Back to that save point; the changes since are lost, later save points stay."""
-    services().sessions.revert(ident, str(body["save"]), _asker())
+    services().sessions.revert(ident, str(body["save"]), asker())
     return _view(ident)
 
 
@@ -442,5 +423,5 @@ def revert_session(ident: str, body: dict[str, Any]):
 @authorize("session:reset", owner=session_owner)
 def reset_session(ident: str):
     """Back to its template version: the session's changes and save points go."""
-    services().sessions.reset(ident, _asker())
+    services().sessions.reset(ident, asker())
     return _view(ident)
