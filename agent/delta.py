@@ -38,22 +38,24 @@ class Scan:
     holes: frozenset[int]  # of those, zero chunks in a hole of a sparse file: nothing to read
 
 
-def matching_chunks(target: str, manifest: Manifest,
-                    progress: Progress | None = None) -> frozenset[int]:
-    """The indexes of the chunks whose bytes on ``target`` already equal the image's.
-    ``progress`` counts the bytes examined (a hole or a chunk past the end counts too)."""
-    return scan(target, manifest, progress).matching
+def matching_chunks(target: str, manifest: Manifest, progress: Progress | None = None,
+                    base: int = 0) -> frozenset[int]:
+    """The indexes of the chunks whose bytes on ``target`` (from its byte ``base``) already
+    equal the image's. ``progress`` counts the bytes examined (a hole or a chunk past the
+    end counts too)."""
+    return scan(target, manifest, progress, base).matching
 
 
-def scan(target: str, manifest: Manifest, progress: Progress | None = None) -> Scan:
+def scan(target: str, manifest: Manifest, progress: Progress | None = None,
+         base: int = 0) -> Scan:
     """matching_chunks, and which of them are holes (the writer's whole-image hash takes
     zeros for those instead of reading them again)."""
     if progress is not None:
         progress.done, progress.total = 0, manifest.raw_size
     fd = os.open(target, os.O_RDONLY | os.O_CLOEXEC)
     try:
-        size = os.lseek(fd, 0, os.SEEK_END)  # a block device's size too
-        data = _data_extents(fd, min(size, manifest.raw_size)) \
+        size = os.lseek(fd, 0, os.SEEK_END) - base  # a block device's size too
+        data = _data_extents(fd, min(size, manifest.raw_size), base) \
             if stat.S_ISREG(os.fstat(fd).st_mode) else None
         os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_SEQUENTIAL)
         matching: set[int] = set()
@@ -69,7 +71,7 @@ def scan(target: str, manifest: Manifest, progress: Progress | None = None) -> S
                     if chunk.zero:
                         holes.add(chunk.index)
                 else:
-                    verdict = pool.submit(_holds, fd, chunk, zeros)
+                    verdict = pool.submit(_holds, fd, chunk, zeros, base)
                 pending.append((chunk, verdict))
                 while len(pending) > AHEAD or (pending and not isinstance(pending[0][1], Future)):
                     _decide(*pending.popleft(), matching, progress)
@@ -88,8 +90,8 @@ def _decide(chunk: Chunk, verdict: Future[bool] | bool, matching: set[int],
         progress.done += chunk.length
 
 
-def _holds(fd: int, chunk: Chunk, zeros: bytes) -> bool:
-    data = read_exactly(fd, chunk.offset, chunk.length)
+def _holds(fd: int, chunk: Chunk, zeros: bytes, base: int = 0) -> bool:
+    data = read_exactly(fd, base + chunk.offset, chunk.length)
     if chunk.zero:
         return data == (zeros if len(data) == len(zeros) else bytes(len(data)))
     return hashlib.sha256(data).hexdigest() == chunk.sha256
@@ -118,9 +120,11 @@ class _DataExtents:
         return self.next < len(self.extents) and self.extents[self.next][0] < offset + length
 
 
-def _data_extents(fd: int, end: int) -> _DataExtents:
+def _data_extents(fd: int, end: int, base: int = 0) -> _DataExtents:
+    """The data extents in [base, base + end) of the file, from ``base``."""
     extents: list[tuple[int, int]] = []
-    position = 0
+    position = base
+    end += base
     while position < end:
         try:
             start = os.lseek(fd, position, os.SEEK_DATA)
@@ -128,11 +132,15 @@ def _data_extents(fd: int, end: int) -> _DataExtents:
             if error.errno == errno.ENXIO:  # only a hole from here on
                 break
             if error.errno == errno.EINVAL:  # no SEEK_DATA here: all of it is data
-                return _DataExtents(extents + [(position, end)])
+                return _DataExtents(_shifted(extents + [(position, end)], base))
             raise
         if start >= end:
             break
         stop = os.lseek(fd, start, os.SEEK_HOLE)
         extents.append((start, min(stop, end)))
         position = stop
-    return _DataExtents(extents)
+    return _DataExtents(_shifted(extents, base))
+
+
+def _shifted(extents: list[tuple[int, int]], base: int) -> list[tuple[int, int]]:
+    return [(start - base, stop - base) for start, stop in extents]

@@ -14,17 +14,18 @@ from pathlib import Path
 from typing import Any, Callable
 from urllib.parse import urlsplit
 
-from labmetal.agent import heartbeat, inventory, seat_login
+from labmetal.agent import heartbeat, inventory, seat_login, session_sync
 from labmetal.agent.api import CommandServer
 from labmetal.agent.commands import Commands, Seat
 from labmetal.agent.identity import Identity
 
 LOG = logging.getLogger("labmetal.agent")
 
-# Every mode but login looks the seat up and heartbeats; the conductor decides what the
-# seat does. Discovery enlists a seat no node has with its inventory. Login is a student's
-# seat login (agent/seat_login.py): no token, no command API.
-MODES = ("deploy", "inspect", "clean", "discovery", "login")
+# Every mode but login and session looks the seat up and heartbeats; the conductor decides
+# what the seat does. Discovery enlists a seat no node has with its inventory. Login is a
+# student's seat login (agent/seat_login.py): no token, no command API. Session puts a local
+# session on the seat's disk or uploads one from it (agent/session_sync.py), then reboots.
+MODES = ("deploy", "inspect", "clean", "discovery", "login", "session")
 KERNEL_PARAMETERS = ("api", "mode", "disk", "listen", "advertise_address", "interface",
                      "poweroff_cmd", "reboot_cmd", "tls", "ca")
 
@@ -131,6 +132,10 @@ def main(argv: list[str] | None = None) -> None:
                                 shlex.split(args.reboot_cmd),
                                 args.screen or seat_login.SCREENS, args.idle))
     machine = inventory.collect(args.disk, args.interface)
+    if args.mode == "session":
+        sys.exit(session_sync.run(args.api, machine.macs, machine.install_disk,
+                                  shlex.split(args.reboot_cmd), shlex.split(args.poweroff_cmd),
+                                  session_sync.console_say))
     if machine.install_disk is None:
         LOG.warning("no install disk found (none of 4 GiB or more): disk commands will fail")
     host, _, port = args.listen.rpartition(":")

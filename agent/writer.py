@@ -81,10 +81,12 @@ class WriteResult:
 
 
 class DiskSink:
-    """Positioned writes, cheap zeroing and an uncached read-back on a file or block device."""
+    """Positioned writes, cheap zeroing and an uncached read-back on a file or block device;
+    every offset is from ``base`` (a region of the disk: the seat cache's origin slot)."""
 
-    def __init__(self, path: str) -> None:
+    def __init__(self, path: str, base: int = 0) -> None:
         self.path = path
+        self.base = base
         self.block = is_block_device(path)
         self.fd = os.open(path, os.O_RDWR | os.O_CLOEXEC)
         self._cheap_zeroing = True
@@ -96,6 +98,7 @@ class DiskSink:
         os.close(self.fd)
 
     def write(self, offset: int, data: bytes) -> None:
+        offset += self.base
         view = memoryview(data)
         while view:
             done = os.pwrite(self.fd, view, offset)
@@ -104,7 +107,7 @@ class DiskSink:
     def zero(self, offset: int, length: int) -> None:
         if self._cheap_zeroing:
             try:
-                self._zero_cheaply(offset, length)
+                self._zero_cheaply(self.base + offset, length)
                 return
             except OSError as error:
                 if error.errno not in (errno.EOPNOTSUPP, errno.ENOTTY, errno.EINVAL):
@@ -128,6 +131,7 @@ class DiskSink:
 
     def sha256(self, offset: int, length: int) -> str:
         """Read from the medium, not the page cache the writes just filled (call after sync)."""
+        offset += self.base
         os.posix_fadvise(self.fd, offset, length, os.POSIX_FADV_DONTNEED)
         digest = hashlib.sha256()
         end = offset + length
@@ -238,19 +242,20 @@ def check_fits(target: str, needed: int) -> None:
 
 
 def write(manifest: Manifest, source: ChunkSource, target: str, progress: Progress,
-          have: frozenset[int] | None = None) -> WriteResult:
-    """The image onto ``target`` (disk, partition or file) from its start, its chunks from
-    ``source``. ``have``: the chunks the disk already holds (checked by the caller); None
-    scans the disk for them (delta), an empty set writes everything."""
-    check_fits(target, manifest.raw_size)
+          have: frozenset[int] | None = None, base: int = 0) -> WriteResult:
+    """The image onto ``target`` (disk, partition or file) from its byte ``base`` (default:
+    its start), its chunks from ``source``. ``have``: the chunks the disk already holds
+    (checked by the caller); None scans the disk for them (delta), an empty set writes
+    everything."""
+    check_fits(target, base + manifest.raw_size)
     started = time.monotonic()
     if have is None:
-        have = matching_chunks(target, manifest, progress)
+        have = matching_chunks(target, manifest, progress, base)
     scanned = time.monotonic()
     needed = [chunk for chunk in manifest.chunks if chunk.index not in have]
     progress.total = manifest.raw_size
     progress.done = manifest.raw_size - sum(chunk.length for chunk in needed)
-    with DiskSink(target) as sink:
+    with DiskSink(target, base) as sink:
         with Handoff(sink, progress, source.ahead) as handoff:
             handoff.zero([chunk for chunk in needed if chunk.zero])
             try:

@@ -32,7 +32,7 @@ class SessionCookies(SecureCookieSessionInterface):
 def create_app(svc: Services) -> Flask:
     from labmetal.api import (agent, boot, conductors, drivers, images, rooms,  # blueprints
                               login, node_states, nodes, pages, ports, root, sessions, users)
-    from labmetal.api import front_check, room_tp, seat_login, session_export
+    from labmetal.api import front_check, room_tp, seat_login, seat_sessions, session_export
 
     app = Flask("labmetal.api", static_folder=None)  # every route is a view of ours
     app.extensions["labmetal"] = svc
@@ -128,6 +128,7 @@ def create_app(svc: Services) -> Flask:
         app.register_blueprint(blueprint)
     app.register_blueprint(session_export.blueprint)
     app.register_blueprint(seat_login.blueprint)
+    app.register_blueprint(seat_sessions.blueprint)
     app.register_blueprint(room_tp.blueprint)
     app.register_blueprint(front_check.blueprint)
     return app

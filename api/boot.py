@@ -27,6 +27,7 @@ from labmetal.models import Image, Node, Port, StudentSession, Template, Templat
 from labmetal.pxe import grub
 from labmetal.tls import ca_pin
 from labmetal.pxe.ipxe import (BootScript, ChainScript, IdleScript, LeaseWaitScript,
+                               LocalSessionScript,
                                LocalDiskScript, OwnKernel, RamdiskScript, SanbootScript,
                                SeatMenuScript, script_mac)
 
@@ -78,6 +79,9 @@ def script_for(mac: str) -> BootScript:
     if node.provision_state in states.RAMDISK_MODE:
         return _ramdisk(node, states.RAMDISK_MODE[node.provision_state], mac) or IdleScript(
             f"node {node.name or node.uuid} needs a deploy kernel and ramdisk")
+    local = _local_session(node, mac)
+    if local is not None:
+        return local
     session_boot = _session(node)
     if session_boot is not None:
         return session_boot
@@ -105,6 +109,32 @@ def _offers_login() -> bool:
     with svc.db.read() as session:
         return session.scalar(select(Template.id).where(Template.versions.any())
                               .limit(1)) is not None
+
+
+def _local_session(node: Node, mac: str) -> LocalSessionScript | RamdiskScript | IdleScript | None:
+    """A local session on this seat (issue 16): labmetal's ramdisk in ``session`` mode
+    while its cache has work (a session to put there, or one to bring back), then the
+    session itself, from the seat's disk (conductor/seat_sync.py)."""
+    svc = services()
+    with svc.db.read() as session:
+        if svc.seat_sync.has_work(session, node):
+            work = True
+        else:
+            work, boot = False, svc.seat_sync.local_boot(session, node)
+            student = session.scalar(
+                select(User.name).join(StudentSession, StudentSession.user_id == User.id)
+                .where(StudentSession.seat_node_id == node.id,
+                       StudentSession.state == SESSION_RUNNING))
+    if work:
+        return _ramdisk(node, "session", mac) or IdleScript(
+            f"node {node.name or node.uuid}'s local session needs the deploy kernel and "
+            "ramdisk")
+    if boot is None:
+        return None
+    base = svc.settings.seat_base_url
+    return LocalSessionScript(f"{base}/files/images/{boot.kernel}/file",
+                              f"{base}/files/images/{boot.initramfs}/file", boot.args,
+                              student or "")
 
 
 def _session(node: Node) -> SanbootScript | LeaseWaitScript | IdleScript | None:

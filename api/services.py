@@ -12,11 +12,12 @@ from typing import TYPE_CHECKING
 
 from flask import current_app
 
-from labmetal.conductor.door import NodeDoor
+from labmetal.conductor.door import Asker, NodeDoor
 from labmetal.conductor.drivers import HardwareType
 from labmetal.conductor.job_door import RoomJobDoor
 from labmetal.conductor.registry import ConductorRegistry
 from labmetal.conductor.rpcapi import ConductorAPI
+from labmetal.conductor.seat_sync import SeatSync
 from labmetal.conductor.session_door import SessionDoor
 from labmetal.conductor.session_store import Storage
 from labmetal.config import Settings
@@ -56,8 +57,18 @@ class Services:
     @cached_property
     def sessions(self) -> SessionDoor:
         """The one door to students' sessions (conductor/session_door.py)."""
-        return SessionDoor(self.db, self.box, self.session_store, self.door,
+        door = SessionDoor(self.db, self.box, self.session_store, self.door,
                            self.settings.session_store.class_quota_mib)
+        self.session_store.wake = lambda node, why: door.boot_seat(node, why, Asker())
+        return door
+
+    @cached_property
+    def seat_sync(self) -> SeatSync:
+        """Local sessions' trips between seats and the store (conductor/seat_sync.py)."""
+        from labmetal.images.store import ImageStore
+        return SeatSync(self.db, self.box, self.session_store,
+                        ImageStore(self.settings.image_path, self.settings.max_image_size),
+                        self.settings.session_store)
 
     @cached_property
     def jobs(self) -> RoomJobDoor:

@@ -37,7 +37,7 @@ from labmetal.api.images import image_store
 from labmetal.api.validation import Field, body, obj, query
 from labmetal.lookup import find_session, find_template
 from labmetal.conductor.session_store import Storage
-from labmetal.images import boot_files
+from labmetal.images import boot_files, session_boot
 from labmetal.lifecycles import (SESSION_BUSY, SESSION_DELETED, SESSION_LIVE,
                                  SESSION_RUNNING)
 from labmetal.lookup import NOT_ACTIVE, WRONG_KIND, ImageUnusable, usable_image
@@ -57,11 +57,16 @@ BUSY = SESSION_BUSY
 _DESCRIPTION = Field("description", str | None, description="free text, for people")
 _IMAGE = Field("image", str, required=True, description="an active whole-disk image's name "
                "or UUID, frozen into the version")
+_MODE = Field("session_mode", str, enum=("auto", "local", "iscsi"),
+              description="how its sessions run: local (from the seat's disk, the template's "
+                          "own kernel), iscsi (diskless), auto (local where it can boot "
+                          "that way); default auto")
 NEW_TEMPLATE = obj("a template", Field(
     "name", str, required=True, pattern=f"^{TEMPLATE_NAME.pattern}$", example="net-tp",
     error="Invalid template name {value!r}: 1-54 lower-case letters, digits and '-', "
-          "starting with a letter or digit"), _IMAGE, _DESCRIPTION)
+          "starting with a letter or digit"), _IMAGE, _DESCRIPTION, _MODE)
 NEW_VERSION = obj("a template version", _IMAGE, _DESCRIPTION)
+TEMPLATE_CHANGE = obj("a change of a template", _MODE, _DESCRIPTION)
 NEW_SESSION = obj("a session", Field("template", str, required=True,
                                      description="the template's name or UUID"),
                   Field("version", int | None, minimum=1,
@@ -100,6 +105,9 @@ def version_view(version: TemplateVersion) -> dict[str, Any]:
             "size": version.size, "description": version.description,
             # its own kernel and initrd were found: Secure Boot seats boot its sessions too
             "secure_boot": version.boot_kernel is not None,
+            # its sessions can run from the seat's disk (issue 16); if not, why
+            "local": version.session_kernel is not None,
+            "local_error": version.local_boot_error,
             "created_by": version.created_by, "created_at": isotime(version.created_at)}
 
 
@@ -115,10 +123,19 @@ def boot_files_of(key: str, version: int, image: Image) -> dict[str, str | None]
             "boot_root_uuid": found.root_uuid}
 
 
+def local_boot_of(key: str, version: int, image: Image) -> dict[str, Any]:
+    """The frozen version's local-session boot (images/session_boot.py), as
+    TemplateVersion's columns."""
+    store = image_store()
+    return session_boot.register(services().db, store, store.raw_path(image.uuid),
+                                 f"{key}-v{version}")
+
+
 def template_view(template: Template) -> dict[str, Any]:
     versions = template.versions
     return {"uuid": template.uuid, "name": template.name,
             "description": template.description, "owner": template.owner,
+            "session_mode": template.session_mode,
             "latest_version": versions[-1].version if versions else None,
             "versions": [version_view(v) for v in versions],
             "created_at": isotime(template.created_at), "links": links("templates",
@@ -130,9 +147,10 @@ def session_view(ses: StudentSession) -> dict[str, Any]:
     running = ses.state == SESSION_RUNNING
     return {"uuid": ses.uuid, "student": ses.user.name, "template": version.template.name,
             "template_version": version.version, "backend": ses.backend, "state": ses.state,
+            "mode": ses.mode, "synced_at": isotime(ses.synced_at),
             "seat": (ses.seat.name or ses.seat.uuid) if ses.seat is not None else None,
             "target": {"iqn": ses.target_iqn, "portal": ses.target_portal, "lun": 1}
-            if running else None,
+            if running and ses.mode == "iscsi" else None,
             "used_bytes": ses.used_bytes, "used_mib": round(ses.used_bytes / MiB, 1),
             "size": version.size, "last_saved_at": isotime(ses.last_saved_at),
             "started_at": isotime(ses.started_at), "last_error": ses.last_error,
@@ -210,11 +228,12 @@ def create_template(body: dict[str, Any]):
     key = f"{name}-{template_uuid[:8]}"
     with services().sessions.backend() as backend:
         frozen = backend.make_template(key, 1, image_store().raw_path(image.uuid))
-        booted = boot_files_of(key, 1, image)
+        booted = {**boot_files_of(key, 1, image), **local_boot_of(key, 1, image)}
         try:
             with svc.db.write() as session:
                 template = Template(uuid=template_uuid, name=name, description=description,
-                                    owner=g.caller.name)
+                                    owner=g.caller.name,
+                                    session_mode=body.get("session_mode") or "auto")
                 session.add(template)
                 session.flush()
                 session.add(TemplateVersion(template_id=template.id, version=1,
@@ -230,6 +249,21 @@ def create_template(body: dict[str, Any]):
     LOG.info("template %s version 1 made from image %s by %s", name, image.name,
              g.caller.name)
     return view, 201, {"Location": view["links"][0]["href"]}
+
+
+@blueprint.patch("/v1/templates/<ident>")
+@authorize("template:update")
+@body(TEMPLATE_CHANGE)
+def change_template(ident: str, body: dict[str, Any]):
+    """Its sessions' mode or its description; the next start of each session follows."""
+    with services().db.write() as session:
+        template = find_template(session, ident)
+        if body.get("session_mode"):
+            template.session_mode = body["session_mode"]
+        if "description" in body:
+            template.description = body["description"]
+        session.flush()
+        return template_view(template)
 
 
 @blueprint.post("/v1/templates/<ident>/versions")
@@ -249,7 +283,7 @@ def add_template_version(ident: str, body: dict[str, Any]):
             number = 1 + max((v.version for v in find_template(session, ident).versions),
                              default=0)
         frozen = backend.make_template(key, number, image_store().raw_path(image.uuid))
-        booted = boot_files_of(key, number, image)
+        booted = {**boot_files_of(key, number, image), **local_boot_of(key, number, image)}
         with svc.db.write() as session:
             template = find_template(session, ident)
             session.add(TemplateVersion(template_id=template.id, version=number,

@@ -27,7 +27,7 @@ from labmetal.conductor.session_store import Storage, refresh_used
 from labmetal.db import Database
 from labmetal.images.overlays.base import OverlayBackend, OverlayError, Reason
 from labmetal.lifecycles import (SESSION_BUSY, SESSION_DELETED, SESSION_LIVE, SESSION_RUNNING,
-                                 SESSION_STARTING, SESSION_STOPPED)
+                                 SESSION_STARTING, SESSION_STOPPED, SESSION_SYNCING)
 from labmetal.lookup import find_node, find_session, find_template
 from labmetal.models import (Node, Seat, SessionSave, StudentSession, Template, TemplateVersion,
                              User, new_uuid, utcnow)
@@ -115,7 +115,11 @@ class SessionDoor:
         (else only a room's seat, not in maintenance nor busy: see check_seat)."""
         self.store.reconcile()
         with self.db.read() as session:
-            session_uuid = find_session(session, ident).uuid
+            ses = find_session(session, ident)
+            session_uuid = ses.uuid
+            mode = session_mode(ses.template_version)
+        if mode == "local":
+            return self._start_local(ident, seat_ident, by, may_power_nodes)
         self.store.starting.add(session_uuid)
         try:
             with self.db.write() as session:
@@ -133,7 +137,7 @@ class SessionDoor:
                                    "session")
                 check_seat(session, node, may_power_nodes)
                 previous = ses.state
-                ses.state, ses.seat_node_id = SESSION_STARTING, node.id
+                ses.state, ses.seat_node_id, ses.mode = SESSION_STARTING, node.id, "iscsi"
                 seat_name, seat_uuid = node.name or node.uuid, node.uuid
                 template_id = ses.template_version.template_id
                 # A new CHAP secret at each start: one read from a seat's boot script while
@@ -164,6 +168,54 @@ class SessionDoor:
         finally:
             self.store.starting.discard(session_uuid)
         LOG.info("session %s running on seat %s (%s)", session_uuid, seat_name, export.iqn)
+        return session_uuid
+
+    def _start_local(self, ident: str, seat_ident: str, by: Asker,
+                     may_power_nodes: bool) -> str:
+        """A local session (issue 16): marked starting on the seat; the seat's next boot
+        is labmetal's ramdisk, which puts the template and the student's blocks on its
+        disk (conductor/seat_sync.py), then the session's own boot. A session whose newest
+        state is still on another seat's disk is brought back from there first."""
+        wake: tuple[str, str] | None = None
+        with self.db.write() as session:
+            ses = find_session(session, ident)
+            node = find_node(session, seat_ident)
+            if ses.state in SESSION_BUSY and ses.seat_node_id != node.id:
+                where = _seat_name(ses)
+                if ses.mode == "local" and ses.state == SESSION_RUNNING:
+                    ses.state = SESSION_SYNCING  # its end is on that seat's disk
+                    wake = (ses.seat.uuid, f"to upload session {ses.uuid}") \
+                        if ses.seat is not None else None
+                if ses.mode == "local" and ses.state == SESSION_SYNCING:
+                    message = (f"Session {ses.uuid}'s newest state is on seat {where}'s "
+                               "disk: labmetal is powering that seat on to upload it; "
+                               "resume here once it is stopped (a minute or two)")
+                else:
+                    message = (f"Session {ses.uuid} is already {ses.state} on seat {where}; "
+                               "one seat at a time: stop it there first")
+                ses.last_error = message if wake else ses.last_error
+            else:
+                message = ""
+                other = session.scalar(select(StudentSession.uuid).where(
+                    StudentSession.seat_node_id == node.id, StudentSession.id != ses.id,
+                    StudentSession.state.in_(SESSION_BUSY)))
+                if other:
+                    raise Conflict(f"Seat {node.name or node.uuid} is in use by another "
+                                   "session")
+                check_seat(session, node, may_power_nodes)
+                if ses.state == SESSION_STOPPED or ses.state not in SESSION_BUSY:
+                    ses.state, ses.seat_node_id = SESSION_STARTING, node.id
+                ses.mode, ses.last_error = "local", None
+                ses.target_iqn = ses.target_portal = ses.seat_address = None
+            session_uuid, seat_name = ses.uuid, node.name or node.uuid
+        if wake is not None:
+            why = self.boot_seat(wake[0], wake[1], by)
+            if why:
+                LOG.warning("session %s: its seat could not be woken to upload: %s",
+                            session_uuid, why)
+        if message:
+            raise Conflict(message)
+        LOG.info("session %s starting on seat %s's disk (local)", session_uuid, seat_name)
         return session_uuid
 
     def boot_on(self, ident: str, by: Asker) -> None:
@@ -198,10 +250,34 @@ class SessionDoor:
         stays in the session."""
         with self.db.read() as session:
             ses = find_session(session, ident)
+        if ses.mode == "local" and ses.state in SESSION_BUSY:
+            self._stop_local(ident, by)
+            return
         if ses.state == SESSION_STARTING:
             raise Conflict(f"Session {ses.uuid} is being started; try again in a moment")
         if ses.state != SESSION_STOPPED:
             self.store.end(ses.uuid, f"stopped by {by.user}")
+
+    def _stop_local(self, ident: str, by: Asker) -> None:
+        """A local session ends on its seat: one that was running is brought back (the
+        seat reboots into labmetal's ramdisk, uploads, and powers off); one still starting
+        is simply not started."""
+        with self.db.write() as session:
+            ses = find_session(session, ident)
+            seat = ses.seat.uuid if ses.seat is not None else None
+            if ses.state == SESSION_STARTING:
+                ses.state, ses.seat_node_id = SESSION_STOPPED, None
+                seat = None
+            elif ses.state == SESSION_RUNNING:
+                ses.state = SESSION_SYNCING
+        if seat is not None:
+            why = self.boot_seat(seat, f"to upload session {ses.uuid}", by)
+            if why:
+                with self.db.write() as session:
+                    find_session(session, ident).last_error = (
+                        f"Its seat could not be rebooted to upload it: {why}; it uploads at "
+                        "its next boot")
+        LOG.info("session %s stopped by %s", ses.uuid, by.user)
 
     def save(self, ident: str, label: str, by: Asker) -> str:
         """A save point (running or not: what the seat wrote is flushed first); its
@@ -317,6 +393,20 @@ def check_seat(session: Session, node: Node, may_power_nodes: bool) -> None:
     if node.target_provision_state is not None:
         raise Conflict(f"Seat {name} is {node.provision_state} (to "
                        f"{node.target_provision_state}); try again when that is done")
+
+
+def session_mode(version: TemplateVersion) -> str:
+    """How a session of this version runs: its template's choice, "auto" being local where
+    the version can boot that way (its kernel and labmetal's session initramfs were made
+    for it), else diskless over iSCSI."""
+    wanted = version.template.session_mode
+    local = bool(version.session_kernel and version.session_initramfs)
+    if wanted == "local" and not local:
+        raise Conflict(f"Template {version.template.name} v{version.version} cannot run as "
+                       f"a local session: {version.local_boot_error or 'no session boot made'}")
+    if wanted == "iscsi":
+        return "iscsi"
+    return "local" if local else "iscsi"
 
 
 def refuse_if_busy(ses: StudentSession, what: str) -> None:

@@ -14,7 +14,7 @@ import atexit
 import logging
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 
 from sqlalchemy import select, update
@@ -26,7 +26,7 @@ from labmetal.db import Database
 from labmetal.images.overlays.base import OverlayBackend, OverlayError, Quota
 from labmetal.images.overlays.tgt import SessionTargets
 from labmetal.lifecycles import (SESSION_BUSY, SESSION_FAILED, SESSION_RUNNING,
-                                 SESSION_STARTING, SESSION_STOPPED)
+                                 SESSION_STARTING, SESSION_STOPPED, SESSION_SYNCING)
 from labmetal.models import Node, StudentSession
 
 LOG = logging.getLogger(__name__)
@@ -46,6 +46,9 @@ class Storage:
         self.seen_on: set[str] = set()  # running sessions whose seat was seen powered on
         self.last_connected: dict[str, float] = {}  # session -> when a seat was logged in
         self._backend: OverlayBackend | None = None
+        self.local_seen_on: set[str] = set()  # local sessions whose seat was seen on
+        # wakes a seat to upload a local session that ended on it (node UUID, reason)
+        self.wake: Callable[[str, str], object] | None = None
         self._stop = threading.Event()
         self._watcher: threading.Thread | None = None
 
@@ -145,7 +148,8 @@ class Storage:
     def _backend_sessions(self) -> list[str]:
         with self.db.read() as session:
             return list(session.scalars(select(StudentSession.uuid).where(
-                StudentSession.state == SESSION_RUNNING, StudentSession.backend == self.name)))
+                StudentSession.state == SESSION_RUNNING, StudentSession.backend == self.name,
+                StudentSession.mode != "local")))
 
     def end(self, session_uuid: str, why: str) -> None:
         """Remove the session's target (its seat can no longer reach the disk) and mark it
@@ -174,8 +178,9 @@ class Storage:
                 select(StudentSession.uuid, StudentSession.state, Node.name, Node.uuid,
                        Node.power_state, Node.target_power_state)
                 .outerjoin(Node, Node.id == StudentSession.seat_node_id)
-                .where(StudentSession.state.in_(BUSY),
+                .where(StudentSession.state.in_(BUSY), StudentSession.mode != "local",
                        StudentSession.backend == self.name)).all()
+        self._local_seats_off()
         self.seen_on &= {row[0] for row in found}
         for uuid, state, _, _, power, _ in found:
             if state == SESSION_RUNNING and power == states.POWER_ON:
@@ -217,6 +222,32 @@ class Storage:
                 ).rowcount
             if changed:
                 LOG.warning("session %s failed: %s", uuid, why)
+
+
+    def _local_seats_off(self) -> None:
+        """A local session whose seat was seen on and is now off ended there (the student
+        shut the OS down, or left): it is syncing, and its seat is woken to upload it
+        (``wake``, set by the sessions' door's owner), then powers itself off again."""
+        with self.db.write() as session:
+            rows = session.execute(
+                select(StudentSession, Node.uuid, Node.power_state, Node.target_power_state)
+                .join(Node, Node.id == StudentSession.seat_node_id)
+                .where(StudentSession.state == SESSION_RUNNING,
+                       StudentSession.mode == "local")).all()
+            ended = []
+            for ses, node_uuid, power, target in rows:
+                if power == states.POWER_ON:
+                    self.local_seen_on.add(ses.uuid)
+                elif power == states.POWER_OFF and target is None \
+                        and ses.uuid in self.local_seen_on:
+                    self.local_seen_on.discard(ses.uuid)
+                    ses.state = SESSION_SYNCING
+                    ended.append((ses.uuid, node_uuid))
+        for session_uuid, node_uuid in ended:
+            LOG.info("local session %s ended (its seat was powered off); waking it to "
+                     "upload", session_uuid)
+            if self.wake is not None:
+                self.wake(node_uuid, f"to upload session {session_uuid}")
 
 
 def refresh_used(backend: OverlayBackend, ses: StudentSession) -> None:

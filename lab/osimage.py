@@ -161,6 +161,14 @@ UEFI_PARTITION_MODULES = ("virtio_pci", "virtio_net", "e1000e", "virtio_blk", "n
                           "sd_mod", "crc32c_generic", "ext4")
 UEFI_DISK_SIZE = 32 * MIB  # whole-disk image: kernel 8 MiB, GRUB 4 MiB, shim 1 MiB, initramfs
 UEFI_ROOTFS_SIZE = 64 * MIB  # kernel 8 MiB, GRUB 4 MiB, shim, initrd: 17 MiB, and room for more
+# The local TP template (a teacher's Debian install as labmetal's session initramfs boots
+# it): the modules that initramfs loads from the template (device-mapper snapshot, ext4,
+# the disks of room PCs and VMs) and NICs, so /lib/modules looks like a real one's.
+LOCAL_TP_TOOLS = {**PARTITION_TOOLS, "parted": "parted"}
+LOCAL_TP_MODULES = ("dm_mod", "dm_snapshot", "ext4", "crc32c_generic", "crc32c_intel",
+                    "virtio_pci", "virtio_blk", "nvme", "ahci", "sd_mod", "usb_storage", "uas",
+                    "virtio_net", "e1000e")
+LOCAL_TP_DISK_SIZE = 64 * MIB  # kernel 8 MiB, its initrd, modules, busybox
 EFI_DIR = "EFI/BOOT"  # the removable-media path: \EFI\BOOT\BOOTX64.EFI
 GRUB_PREFIX = "EFI/debian"  # built into Debian's signed GRUB: where it reads grub.cfg
 # Where the UEFI partition image's root filesystem carries its boot files (see above).
@@ -257,6 +265,31 @@ def build_session_disk(name: str, cache_dir: Path | None = None,
     entry = _cached("session-disk", name, SESSION_DISK_TOOLS, _build_session_disk, cache_dir,
                     progress, downloads=SESSION_DISK_DOWNLOADS)
     return SessionDiskImage(entry / "disk.img", name, f"{SESSION_MARKER_PREFIX} image={name} ")
+
+
+@dataclass(frozen=True)
+class LocalTpImage:
+    path: Path  # raw whole-disk image: a TP template as a teacher's Debian install looks
+    name: str
+    marker: str  # the start of the line its /sbin/init prints: "labmetal-tp: image=<name> "
+
+
+def build_local_tp_disk(name: str, cache_dir: Path | None = None,
+                        progress: Callable[[str], None] = print) -> LocalTpImage:
+    """The TP template called ``name`` for local-first sessions (issue 16): an msdos label,
+    one ext4 partition from 1 MiB (label labmetal-tp) laid out like an ordinary Debian
+    install: Debian's signed generic kernel as /boot/vmlinuz-<v> with an initrd of its own
+    beside it, a subset of its modules in /lib/modules/<v> with depmod's tables, busybox,
+    and a /sbin/init that prints ``labmetal-tp: image=<name> root=<device> booted`` and
+    keeps a shell on tty1 and ttyS0. labmetal's session initramfs boots it unchanged."""
+    entry = _cached("local-tp", name, LOCAL_TP_TOOLS, _build_local_tp_disk, cache_dir,
+                    progress, kernel_package=UEFI_KERNEL_PACKAGE)
+    return LocalTpImage(entry / "disk.img", name, f"{SESSION_MARKER_PREFIX} image={name} ")
+
+
+def local_tp_marker(image_name: str, root: str) -> str:
+    """The exact line the local TP template prints once booted from ``root``."""
+    return f"{SESSION_MARKER_PREFIX} image={image_name} root={root} booted"
 
 
 def session_counter_line(image_name: str, mac: str, counter: int) -> str:
@@ -545,6 +578,51 @@ def _build_uefi_session_disk(inputs: _Inputs, key: str, work: Path, out: Path,
     with open(rootfs, "rb") as source, open(disk, "r+b") as target:
         target.seek(PARTITION_START)
         shutil.copyfileobj(source, target, MIB)
+
+
+def _build_local_tp_disk(inputs: _Inputs, key: str, work: Path, out: Path,
+                         progress: Callable[[str], None]) -> None:
+    kernel = _kernel(inputs, work, progress)
+    version = kernel.name.removeprefix("vmlinuz-")
+    initrd = work / "initrd.img"  # its own, as a Debian install has one: labmetal's replaces it
+    _initramfs(work, UEFI_PARTITION_INITRD_INIT, UEFI_PARTITION_MODULES, initrd)
+    root = work / "rootfs"
+    _busybox(root)
+    install_file(root / "sbin" / "init", LOCAL_TP_INIT.encode(), 0o755)
+    install_file(root / "etc" / "labmetal-os" / "name", f"{inputs.name}\n".encode(), 0o644)
+    install_file(root / "etc" / "hostname", b"labmetal-tp\n", 0o644)
+    (root / "home").mkdir(mode=0o755)
+    install_file(root / "boot" / f"vmlinuz-{version}", kernel.read_bytes(), 0o644)
+    install_file(root / "boot" / f"initrd.img-{version}", initrd.read_bytes(), 0o644)
+    (root / ROOTFS_KERNEL_LINK).symlink_to(f"boot/vmlinuz-{version}")
+    (root / ROOTFS_INITRD_LINK).symlink_to(f"boot/initrd.img-{version}")
+    source = work / "kernel" / "lib" / "modules" / version
+    modules = select_modules(source, LOCAL_TP_MODULES)
+    target = root / "lib" / "modules" / version
+    for name in (*modules.files, "modules.order", "modules.builtin", "modules.builtin.modinfo"):
+        install_file(target / name, (source / name).read_bytes(), 0o644)
+    run_step(["depmod", "--basedir", str(root), version], _env())
+    for path in [root, *sorted(root.rglob("*"))]:
+        os.utime(path, (EPOCH, EPOCH), follow_symlinks=False)
+    fs_uuid = f"{key[:8]}-{key[8:12]}-4{key[13:16]}-8{key[1:4]}-{key[4:16]}"
+    rootfs = work / "rootfs.img"
+    run_step(["mkfs.ext4", "-q", "-F", "-L", SESSION_ROOT_LABEL, "-U", fs_uuid, "-E",
+              f"hash_seed={fs_uuid},root_owner=0:0", "-d", str(root), str(rootfs),
+              f"{(LOCAL_TP_DISK_SIZE - PARTITION_START) // 1024}k"], _env())
+    commands = work / "ctimes.debugfs"  # mkfs.ext4 -d copies ctimes, which no one can set
+    commands.write_text("".join(f"sif /{path.relative_to(root)} ctime @{EPOCH}\n"
+                                for path in [root, *sorted(root.rglob("*"))]))
+    run_step(["debugfs", "-w", "-f", str(commands), str(rootfs)], _env())
+    disk = out / "disk.img"
+    with open(disk, "wb") as stream:
+        stream.truncate(LOCAL_TP_DISK_SIZE)
+    run_step(["parted", "--script", "--align", "none", str(disk), "unit", "B", "mklabel",
+              "msdos", "mkpart", "primary", "ext4", f"{PARTITION_START}B",
+              f"{LOCAL_TP_DISK_SIZE - 1}B"], _env())
+    _write_at(disk, 440, bytes.fromhex(key[:8]))
+    with open(rootfs, "rb") as source_stream, open(disk, "r+b") as target_stream:
+        target_stream.seek(PARTITION_START)
+        shutil.copyfileobj(source_stream, target_stream, MIB)
 
 
 def _session_rootfs(inputs: _Inputs, key: str, work: Path, size: int,
@@ -918,5 +996,28 @@ ROOTFS_INIT = f"""\
 name=$(cat /etc/labmetal-os/name)
 root=$(awk '$2 == "/" {{ device = $1 }} END {{ print device }}' /proc/mounts)
 say "labmetal-os: image=$name mac=$(first_mac) root=$root booted"
+while :; do sleep 3600; done
+"""
+
+# The local TP template's /sbin/init: what a teacher's OS would do, reduced to proving it
+# runs from the root labmetal assembled, and a shell on the keyboard and the serial line.
+LOCAL_TP_INIT = f"""\
+#!/bin/sh
+# labmetal local TP template: say which image booted from which root, then keep a shell on
+# tty1 and ttyS0 (respawned), like a login on an ordinary install.
+export PATH=/bin:/sbin HOME=/root
+[ -e /proc/self ] || mount -t proc proc /proc
+[ -d /sys/class ] || mount -t sysfs sys /sys
+[ -e /dev/null ] || mount -t devtmpfs dev /dev
+name=$(cat /etc/labmetal-os/name)
+root=$(awk '$2 == "/" {{ device = $1 }} END {{ print device }}' /proc/mounts)
+line="{SESSION_MARKER_PREFIX} image=$name root=$root booted"
+for tty in ttyS0 tty1; do echo "$line" > /dev/$tty 2>/dev/null; done
+shell() {{  # an interactive shell on /dev/$1, its controlling terminal, started again on exit
+    [ -c "/dev/$1" ] || return
+    while :; do setsid -c sh -i < "/dev/$1" > "/dev/$1" 2>&1; sleep 1; done
+}}
+shell tty1 &
+shell ttyS0 &
 while :; do sleep 3600; done
 """

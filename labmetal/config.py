@@ -247,6 +247,8 @@ class SessionStoreSettings:
     session_quota_mib: int
     class_quota_mib: int
     session_disconnect_end: float
+    seat_cache_mib: int
+    session_chunk_kib: int
     state_dir: Path = field(metadata=BORROWED)
     seat_base_url: str = field(metadata=BORROWED)
 
@@ -365,6 +367,11 @@ class Settings:
     # A running session whose seat logged in to its disk, then has not been for this many
     # seconds, ends (a seat switched off by hand); 0: only power-off and stop end sessions.
     session_disconnect_end: float = 120.0
+    # Local sessions (issue 16): the cache a seat keeps at the end of its disk for a
+    # template version and a student's overlay (agent/seat_cache.py), a multiple of 64; and
+    # the overlay's chunk (the device-mapper snapshot's, and what goes up and down).
+    seat_cache_mib: int = 32768
+    session_chunk_kib: int = 64
     # Seconds an idle seat shows its menu (log in to a TP session, or the default: its
     # disk); 0: no menu. Only with accounts (auth = http_basic): a login needs them.
     seat_menu_timeout: int = 5

@@ -33,7 +33,9 @@ SEAT_IDLE = "idle"  # shown for a seat in no job; never stored
 # -- a student's session: a copy-on-write disk a seat boots over iSCSI ---------------------
 SESSION_STOPPED = "stopped"
 SESSION_STARTING = "starting"
-SESSION_RUNNING = "running"  # exported to its seat
+SESSION_RUNNING = "running"  # exported to its seat, or (local) running from its disk
+# local sessions: the seat holds the newest copy and uploads it (at its next boot, or now)
+SESSION_SYNCING = "syncing"
 SESSION_FAILED = "failed"  # its start or its target was lost; its data stays
 SESSION_DELETED = "deleted"  # its data is gone; the row stays for the record
 
@@ -99,12 +101,14 @@ ROOM_JOB_SEAT = _lifecycle("room job seat", SEAT_QUEUED, {
 SESSION = _lifecycle("session", SESSION_STOPPED, {
     SESSION_STOPPED: {SESSION_STARTING, SESSION_DELETED},
     SESSION_STARTING: {SESSION_RUNNING, SESSION_STOPPED, SESSION_FAILED},
-    SESSION_RUNNING: {SESSION_STOPPED, SESSION_FAILED},
+    SESSION_RUNNING: {SESSION_STOPPED, SESSION_SYNCING, SESSION_FAILED},
+    SESSION_SYNCING: {SESSION_STOPPED, SESSION_RUNNING, SESSION_FAILED},
     SESSION_FAILED: {SESSION_STARTING, SESSION_STOPPED, SESSION_DELETED},
     SESSION_DELETED: set(),
 })
-SESSION_LIVE = (SESSION_STOPPED, SESSION_STARTING, SESSION_RUNNING, SESSION_FAILED)
-SESSION_BUSY = (SESSION_STARTING, SESSION_RUNNING)  # on a seat
+SESSION_LIVE = (SESSION_STOPPED, SESSION_STARTING, SESSION_RUNNING, SESSION_SYNCING,
+                SESSION_FAILED)
+SESSION_BUSY = (SESSION_STARTING, SESSION_RUNNING, SESSION_SYNCING)  # on a seat
 
 # Data arrives once (images/registry.py); an image is deleted, not moved back.
 IMAGE = _lifecycle("image", IMAGE_QUEUED, {

@@ -283,6 +283,10 @@ class Template(Base):
     name: Mapped[str] = mapped_column(String(63), unique=True)
     description: Mapped[str | None] = mapped_column(Text)
     owner: Mapped[str | None] = mapped_column(String(255))  # the teacher who made it
+    # How its sessions run (issue 16): "local" from the seat's disk (the template's own
+    # kernel and labmetal's session initramfs), "iscsi" diskless over iSCSI, "auto": local
+    # where the version can boot that way, else iSCSI.
+    session_mode: Mapped[str] = mapped_column(String(8), default="auto")
     created_at: Mapped[datetime] = mapped_column(default=utcnow)
     updated_at: Mapped[datetime | None] = mapped_column(onupdate=utcnow)
 
@@ -315,6 +319,16 @@ class TemplateVersion(Base):
     boot_kernel: Mapped[str | None] = mapped_column(String(36))
     boot_initrd: Mapped[str | None] = mapped_column(String(36))
     boot_root_uuid: Mapped[str | None] = mapped_column(String(36))
+    # How a seat boots a local session of it (images/session_initramfs.py): its kernel and
+    # labmetal's session initramfs made for it (image UUIDs), where its root filesystem
+    # lies in the image, and the raw image's sha256 (what a seat's cache must hold). None:
+    # it cannot boot as a local session (no kernel, modules or dm_snapshot found).
+    session_kernel: Mapped[str | None] = mapped_column(String(36))
+    session_initramfs: Mapped[str | None] = mapped_column(String(36))
+    root_offset: Mapped[int | None] = mapped_column(BigInteger)
+    root_size: Mapped[int | None] = mapped_column(BigInteger)
+    root_fstype: Mapped[str | None] = mapped_column(String(16))
+    local_boot_error: Mapped[str | None] = mapped_column(Text)  # why it cannot, if not
 
     template: Mapped[Template] = relationship(back_populates="versions")
 
@@ -332,8 +346,12 @@ class StudentSession(Base):
     template_version_id: Mapped[int] = mapped_column(
         ForeignKey("template_versions.id", ondelete="RESTRICT"), index=True)
     backend: Mapped[str] = mapped_column(String(16))  # local | ceph
-    # stopped | starting | running | failed | deleted
+    # stopped | starting | running | syncing | failed | deleted
     state: Mapped[str] = mapped_column(String(16), default=SESSION.initial, index=True)
+    # iscsi: the seat boots it diskless; local: from the seat's cache (SeatCache), synced
+    # to the store at its end. Chosen at each start (the template's session_mode).
+    mode: Mapped[str] = mapped_column(String(8), default="iscsi")
+    synced_at: Mapped[datetime | None]  # the last verified upload from a seat
     seat_node_id: Mapped[int | None] = mapped_column(ForeignKey("nodes.id",
                                                                 ondelete="SET NULL"))
     target_iqn: Mapped[str | None] = mapped_column(String(223))
@@ -374,3 +392,31 @@ class SessionSave(Base):
     backend_save_id: Mapped[str] = mapped_column(String(128))
     created_by: Mapped[str | None] = mapped_column(String(255))
     created_at: Mapped[datetime] = mapped_column(default=utcnow)
+
+
+class SeatCache(Base):
+    """What labmetal knows of a seat's cache region (agent/seat_cache.py): where it is, the
+    template version its origin slot holds, and the session whose overlay is in it, with
+    whether its upload was verified (False: the seat holds the only copy of its end).
+    The seat's session ramdisk gets a token here, like the deploy agent's: handed out once
+    per boot, bound to the seat's address, never shown by the API."""
+    __tablename__ = "seat_caches"
+
+    id: Mapped[int] = mapped_column(primary_key=True)
+    node_id: Mapped[int] = mapped_column(ForeignKey("nodes.id", ondelete="CASCADE"),
+                                         unique=True)
+    cache_id: Mapped[str | None] = mapped_column(String(32))
+    start: Mapped[int | None] = mapped_column(BigInteger)  # bytes from the disk's start
+    size: Mapped[int | None] = mapped_column(BigInteger)
+    origin_version_id: Mapped[int | None] = mapped_column(
+        ForeignKey("template_versions.id", ondelete="SET NULL"))
+    origin_sha256: Mapped[str | None] = mapped_column(String(64))
+    origin_complete: Mapped[bool] = mapped_column(Boolean, default=False)
+    overlay_session_id: Mapped[int | None] = mapped_column(
+        ForeignKey("student_sessions.id", ondelete="SET NULL"))
+    overlay_uploaded: Mapped[bool] = mapped_column(Boolean, default=True)
+    chunk_sectors: Mapped[int | None]
+    token: Mapped[str | None] = mapped_column(Text)  # sealed
+    token_address: Mapped[str | None] = mapped_column(String(45))
+    reported_at: Mapped[datetime | None]
+    updated_at: Mapped[datetime | None] = mapped_column(onupdate=utcnow)

@@ -24,6 +24,7 @@ import re
 from urllib.parse import urlsplit
 
 from labmetal.pxe.ipxe import (BootScript, IdleScript, LeaseWaitScript, LocalDiskScript,
+                               LocalSessionScript,
                                RamdiskScript, SanbootScript, SeatMenuScript, kernel_arg, shown)
 
 CHAIN_PATH = "grub/grub.cfg"  # where Debian's grubnetx64 looks first: $prefix is (tftp,…)/grub
@@ -85,6 +86,8 @@ def render(script: BootScript, mac: str) -> str:
         lines = render(script.default, mac).splitlines()
     elif isinstance(script, LeaseWaitScript):
         lines = _idle(IdleScript(script.message, delay=10))
+    elif isinstance(script, LocalSessionScript):
+        lines = _local_session(script)
     elif isinstance(script, SanbootScript) and script.own_kernel is not None:
         lines = _own_kernel(script, mac)
     elif isinstance(script, SanbootScript):
@@ -166,6 +169,21 @@ def _own_kernel(script: SanbootScript, mac: str) -> list[str]:
         f"# labmetal: boot the session{who}: its own kernel, its disk over iSCSI",
         f"echo {_quoted(f'labmetal: booting the session{who} over iSCSI (its own kernel)')}",
         *_boot_linux(own.kernel_url, own.initrd_url, args, script.attempts,
+                     script.retry_delay, "the session's kernel", "the session did not boot"),
+    ]
+
+
+def _local_session(script: LocalSessionScript) -> list[str]:
+    """A local session under GRUB (Secure Boot): the template's own signed kernel, with
+    labmetal's session initramfs (an initramfs is not checked by shim: only the kernel)."""
+    who = f" of {script.student}" if shown(script.student) else ""
+    args = [*(f"console={c}" for c in script.consoles), *script.args]
+    for arg in args:
+        word(arg)
+    return [
+        f"# labmetal: boot the session{who} from this seat's disk",
+        f"echo {_quoted(f'labmetal: booting the session{who} from this seat disk')}",
+        *_boot_linux(script.kernel_url, script.initramfs_url, args, script.attempts,
                      script.retry_delay, "the session's kernel", "the session did not boot"),
     ]
 

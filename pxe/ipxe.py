@@ -27,7 +27,7 @@ _CHAP = re.compile(r"^[A-Za-z0-9._-]{1,64}$")
 _IPV4 = re.compile(r"^\d{1,3}(?:\.\d{1,3}){3}$")
 _SCRIPT_NAME = re.compile(r"^([0-9a-f]{2}(?:-[0-9a-f]{2}){5})\.ipxe$")
 
-RamdiskMode = Literal["deploy", "inspect", "clean", "discovery", "login"]
+RamdiskMode = Literal["deploy", "inspect", "clean", "discovery", "login", "session"]
 
 
 def url(value: str, what: str = "URL") -> str:
@@ -126,7 +126,7 @@ class RamdiskScript:
         url(self.kernel_url, "kernel URL")
         url(self.ramdisk_url, "ramdisk URL")
         url(self.api_url, "API URL")
-        if self.mode not in ("deploy", "inspect", "clean", "discovery", "login"):
+        if self.mode not in ("deploy", "inspect", "clean", "discovery", "login", "session"):
             raise ValueError(f"unknown ramdisk mode {self.mode!r}")
         for arg in (*self.kernel_args, *(f"console={c}" for c in self.consoles)):
             kernel_arg(arg)
@@ -328,6 +328,57 @@ class SanbootScript:
         )
 
 
+@dataclass(frozen=True)
+class LocalSessionScript:
+    """Boot a student's local session (issue 16): the template's own kernel with labmetal's
+    session initramfs, which assembles the root from the seat's cache (the template copy
+    and the student's overlay, device-mapper) and switches to it: the OS needs nothing from
+    the network for its disk. ``args`` name the cache (agent/seat_cache.kernel_args); they
+    hold no secret. A failed download is retried, then the seat reboots into PXE."""
+    kernel_url: str
+    initramfs_url: str
+    args: tuple[str, ...]
+    student: str = ""  # shown on the PC's screen only
+    consoles: tuple[str, ...] = ("tty0", "ttyS0,115200n8")
+    attempts: int = 3
+    retry_delay: int = 5
+
+    def __post_init__(self) -> None:
+        url(self.kernel_url, "kernel URL")
+        url(self.initramfs_url, "initramfs URL")
+        for arg in (*self.args, *(f"console={c}" for c in self.consoles)):
+            kernel_arg(arg)
+
+    @property
+    def cmdline(self) -> str:
+        return " ".join(("initrd=session", *(f"console={c}" for c in self.consoles),
+                         *self.args))
+
+    def render(self) -> str:
+        who = f" of {shown(self.student)}" if shown(self.student) else ""
+        return _lines(
+            f"# labmetal: boot the session{who} from this seat's disk",
+            "set attempt:int32 0",
+            ":fetch",
+            f"echo labmetal: booting the session{who} from this seat's disk",
+            "imgfree",
+            f"kernel --name kernel {self.kernel_url} {self.cmdline} || goto retry",
+            f"initrd --name session {self.initramfs_url} || goto retry",
+            "boot || goto retry",
+            ":retry",
+            "inc attempt",
+            f"iseq ${{attempt}} {self.attempts} && goto failed ||",
+            f"echo labmetal: loading the session failed, retrying in {self.retry_delay} s",
+            f"sleep {self.retry_delay}",
+            "goto fetch",
+            ":failed",
+            f"echo labmetal: could not load the session after {self.attempts} attempts;"
+            " rebooting",
+            "sleep 10",
+            "reboot || exit 1",
+        )
+
+
 def _body(script: BootScript) -> list[str]:
     """A script's lines after its ``#!ipxe``, to inline it under a label."""
     return script.render().splitlines()[1:]
@@ -375,4 +426,4 @@ class SeatMenuScript:
 
 
 BootScript = (ChainScript | RamdiskScript | LocalDiskScript | IdleScript | SanbootScript
-              | LeaseWaitScript | SeatMenuScript)
+              | LeaseWaitScript | SeatMenuScript | LocalSessionScript)

@@ -62,7 +62,8 @@ def test_the_stored_values_never_change():
     assert lc.ROOM_JOB.states == {"scheduled", "running", "done", "failed", "cancelled"}
     assert lc.ROOM_JOB_SEAT.states == {"queued", "powering", "booting", "writing",
                                        "verifying", "done", "failed", "cancelled"}
-    assert lc.SESSION.states == {"stopped", "starting", "running", "failed", "deleted"}
+    assert lc.SESSION.states == {"stopped", "starting", "running", "syncing", "failed",
+                                 "deleted"}
     assert lc.IMAGE.states == {"queued", "active"}
     assert (lc.ROOM_JOB.initial, lc.ROOM_JOB_SEAT.initial, lc.SESSION.initial,
             lc.IMAGE.initial) == ("scheduled", "queued", "stopped", "queued")

@@ -26,6 +26,10 @@ PUBLIC_ENDPOINTS = {
     "boot.chain", "boot.per_mac", "images.image_file",  # what seats boot and download
     "seat_login.login", "seat_login.start",  # a seat's login: the views check the student
     "seat_login.login_script",  # boots the login ramdisk, which asks for the password
+    # a seat's local session work (issue 16): the seat's token for this boot protects them
+    "seat_sessions.lookup", "seat_sessions.plan", "seat_sessions.cache",
+    "seat_sessions.blocks", "seat_sessions.piece", "seat_sessions.uploaded",
+    "seat_sessions.ready", "seat_sessions.failed",
     "login.login_form", "login.login", "login.logout", "login.session_info",
     # page shells (they check the caller themselves; data comes from the API) and their CSS/JS
     "pages.home", "pages.page", "pages.detail", "pages.static_file",

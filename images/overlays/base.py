@@ -23,18 +23,19 @@ import abc
 import enum
 import os
 import re
-from collections.abc import Iterable
+from collections.abc import Iterable, Iterator
+from contextlib import AbstractContextManager, contextmanager
 from dataclasses import dataclass, field
 from datetime import datetime
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Protocol
 
 from labmetal.agent.iscsi import Chap, Export, ExportError
 
 if TYPE_CHECKING:
     from labmetal.images.overlays.tgt import SessionTargets
 
-__all__ = ["Chap", "DISK_FORMATS", "Export", "OverlayBackend", "OverlayError", "Quota",
+__all__ = ["BlockIO", "Chap", "DISK_FORMATS", "Export", "OverlayBackend", "OverlayError", "Quota",
            "Reason", "SavePoint", "SessionDisk", "TemplateVersion", "mib"]
 
 _NAME = re.compile(r"[a-z0-9][a-z0-9-]{0,62}")
@@ -87,6 +88,16 @@ class SavePoint:
     @property
     def number(self) -> int:
         return int(self.save_id.split(".", 2)[1])
+
+
+class BlockIO(Protocol):
+    """A session disk's bytes, by offset (OverlayBackend.blocks)."""
+
+    def read(self, offset: int, length: int) -> bytes: ...
+
+    def write(self, offset: int, data: bytes) -> None: ...
+
+    def flush(self) -> None: ...
 
 
 @dataclass(frozen=True)
@@ -299,6 +310,23 @@ class OverlayBackend(abc.ABC):
             raise
         return dest.stat().st_size
 
+    def changed_extents(self, session_id: str) -> list[tuple[int, int]]:
+        """(offset, length) of what the session holds of its own (written since its
+        template version, in its current state), in increasing offsets: what a seat
+        downloads into its overlay to resume the session locally (issue 16)."""
+        self._require_idle(session_id, "read for a seat")
+        return self._changed_extents(session_id)
+
+    @contextmanager
+    def blocks(self, session_id: str) -> Iterator[BlockIO]:
+        """The session's disk for positioned reads and writes (a seat's upload of a local
+        session's changed chunks, or its download), flushed at the end. Refused while the
+        session is exported: a seat could write it at the same time."""
+        self._require_idle(session_id, "read or written for a seat")
+        with self._blocks(session_id) as io:
+            yield io
+            io.flush()
+
     @abc.abstractmethod
     def used_bytes(self, session_id: str) -> int:
         """Bytes the session's own data takes (its overlay and save points, not the
@@ -360,6 +388,12 @@ class OverlayBackend(abc.ABC):
     @abc.abstractmethod
     def _export_disk(self, session_id: str, dest: Path, fmt: str, save_id: str | None,
                      compress: bool) -> None: ...
+
+    @abc.abstractmethod
+    def _changed_extents(self, session_id: str) -> list[tuple[int, int]]: ...
+
+    @abc.abstractmethod
+    def _blocks(self, session_id: str) -> AbstractContextManager[BlockIO]: ...
 
     def __enter__(self) -> OverlayBackend:
         return self

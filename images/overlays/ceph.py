@@ -55,7 +55,7 @@ from pathlib import Path
 from typing import Any
 
 from labmetal.agent.iscsi import Chap, Export, ExportError
-from labmetal.images.overlays.base import (OverlayBackend, OverlayError, Quota, Reason,
+from labmetal.images.overlays.base import (BlockIO, OverlayBackend, OverlayError, Quota, Reason,
                                            SavePoint, SessionDisk, TemplateVersion,
                                            check_raw_image, parse_save_name)
 from labmetal.images.overlays.tgt import SessionTargets
@@ -455,6 +455,27 @@ class CephOverlays(OverlayBackend):
         LOG.info("session %s%s copied to %s (%s)", session_id,
                  f" at {save_id}" if save_id else "", dest, fmt)
 
+    def _changed_extents(self, session_id: str) -> list[tuple[int, int]]:
+        """The clone's own extents (diff against nothing, without its parent)."""
+        extents: list[tuple[int, int]] = []
+
+        def add(offset: int, length: int, exists: bool) -> None:
+            if extents and extents[-1][0] + extents[-1][1] == offset:
+                extents[-1] = (extents[-1][0], extents[-1][1] + length)
+            else:
+                extents.append((offset, length))
+
+        with self._ioctx(f"map session {session_id}") as ioctx:
+            with self._image(ioctx, _session_image(session_id)) as image:
+                image.diff_iterate(0, image.size(), None, add, include_parent=False)
+        return sorted(extents)
+
+    @contextlib.contextmanager
+    def _blocks(self, session_id: str) -> Iterator[BlockIO]:
+        with self._ioctx(f"read or write session {session_id}") as ioctx:
+            with self._image(ioctx, _session_image(session_id)) as image:
+                yield _RbdBlocks(image)
+
     def _remove(self, ioctx: Any, name: str) -> None:
         """Remove an image and its snapshots (save points are never protected)."""
         _, rbd = _libraries()
@@ -506,3 +527,22 @@ def main(argv: list[str] | None = None) -> int:
 
 if __name__ == "__main__":
     sys.exit(main())
+
+
+class _RbdBlocks:
+    """An RBD image's bytes by offset (BlockIO)."""
+
+    def __init__(self, image: Any) -> None:
+        self.image = image
+
+    def read(self, offset: int, length: int) -> bytes:
+        data = self.image.read(offset, length)
+        if len(data) != length:
+            raise OverlayError(f"the session image ends at {offset + len(data)}")
+        return data
+
+    def write(self, offset: int, data: bytes) -> None:
+        self.image.write(data, offset)
+
+    def flush(self) -> None:
+        self.image.flush()

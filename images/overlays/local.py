@@ -44,11 +44,13 @@ import socket
 import subprocess
 import tempfile
 import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 from datetime import UTC, datetime
 from pathlib import Path
 
 from labmetal.agent.iscsi import Chap, Export, ExportError
-from labmetal.images.overlays.base import (OverlayBackend, OverlayError, Quota, Reason,
+from labmetal.images.overlays.base import (BlockIO, OverlayBackend, OverlayError, Quota, Reason,
                                            SavePoint, SessionDisk, TemplateVersion,
                                            check_raw_image, parse_save_name)
 from labmetal.images.overlays.tgt import SessionTargets, process_alive
@@ -276,6 +278,36 @@ class LocalOverlays(OverlayBackend):
         LOG.info("session %s%s copied to %s (%s)", session_id,
                  f" at {save_id}" if save_id else "", dest, fmt)
 
+    def _changed_extents(self, session_id: str) -> list[tuple[int, int]]:
+        """The overlay's own clusters (depth 0 in ``qemu-img map``), data or zeroed: a
+        zeroed cluster differs from its template too."""
+        self._stop_daemon(session_id)
+        mapped = json.loads(_run(["qemu-img", "map", "--output=json", "-f", "qcow2",
+                                  str(self._overlay(session_id))],
+                                 f"map session {session_id}"))
+        extents: list[tuple[int, int]] = []
+        for entry in mapped:
+            if entry.get("depth") != 0 or not (entry.get("data") or entry.get("zero")):
+                continue
+            start, length = int(entry["start"]), int(entry["length"])
+            if extents and extents[-1][0] + extents[-1][1] == start:
+                extents[-1] = (extents[-1][0], extents[-1][1] + length)
+            else:
+                extents.append((start, length))
+        return extents
+
+    @contextmanager
+    def _blocks(self, session_id: str) -> Iterator[BlockIO]:
+        """Through the session's FUSE export (qemu-storage-daemon), stopped at the end: its
+        quit flushes qcow2's metadata."""
+        self._stop_daemon(session_id)
+        mountpoint = self._start_daemon(session_id)
+        try:
+            with _FileBlocks(mountpoint) as io:
+                yield io
+        finally:
+            self._stop_daemon(session_id)
+
     def _delete(self, session_id) -> None:
         self._stop_daemon(session_id)
         directory = self._session_dir(session_id)
@@ -372,6 +404,37 @@ class LocalOverlays(OverlayBackend):
             subprocess.run(["umount", "-l", str(mountpoint)], capture_output=True)
         for suffix in ("qmp", "pid", "disk"):
             (self.run_dir / f"{session_id}.{suffix}").unlink(missing_ok=True)
+
+
+class _FileBlocks:
+    """A raw file's bytes by offset (BlockIO)."""
+
+    def __init__(self, path: Path) -> None:
+        self.fd = os.open(path, os.O_RDWR | os.O_CLOEXEC)
+
+    def read(self, offset: int, length: int) -> bytes:
+        data = b""
+        while len(data) < length:
+            more = os.pread(self.fd, length - len(data), offset + len(data))
+            if not more:
+                raise OverlayError(f"the session disk ends at {offset + len(data)}")
+            data += more
+        return data
+
+    def write(self, offset: int, data: bytes) -> None:
+        view = memoryview(data)
+        while view:
+            done = os.pwrite(self.fd, view, offset)
+            view, offset = view[done:], offset + done
+
+    def flush(self) -> None:
+        os.fsync(self.fd)
+
+    def __enter__(self) -> _FileBlocks:
+        return self
+
+    def __exit__(self, *exc_info: object) -> None:
+        os.close(self.fd)
 
 
 class _Qmp:
