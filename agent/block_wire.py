@@ -106,7 +106,7 @@ def read(stream: Readable, disk_size: int, chunk_bytes: int) -> Piece | End | No
         raise WireError(f"a piece header of {length} bytes")
     try:
         header = json.loads(_exactly(stream, length))
-    except ValueError:
+    except (ValueError, RecursionError):  # RecursionError: "[[[[..." nested past the stack
         raise WireError("a piece header that is not JSON") from None
     if not isinstance(header, dict):
         raise WireError("a piece header that is not an object")
@@ -123,7 +123,10 @@ def read(stream: Readable, disk_size: int, chunk_bytes: int) -> Piece | End | No
             and 0 < raw_size <= PIECE_RAW_MAX):
         raise WireError(f"a piece of {raw_size!r} bytes for extents of "
                         f"{sum(n for _, n in extents)}")
-    if not (isinstance(packed_size, int) and 0 < packed_size <= raw_size + 1024):
+    # zlib stores incompressible data with 5 bytes per 16 KiB block (compressBound): a
+    # 4 MiB piece of random bytes packs to 4 MiB + 1.3 KiB; raw/1024 leaves room for that.
+    if not (isinstance(packed_size, int)
+            and 0 < packed_size <= raw_size + raw_size // 1024 + 1024):
         raise WireError(f"a piece packed as {packed_size!r} bytes")
     if not (isinstance(sha, str) and len(sha) == 64):
         raise WireError("a piece without its sha256")

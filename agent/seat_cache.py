@@ -102,7 +102,7 @@ class State:
             overlay = raw.get("overlay")
             state = cls(Origin(**origin) if origin else None,
                         Overlay(**overlay) if overlay else None)
-        except (ValueError, TypeError, AttributeError) as error:
+        except (ValueError, TypeError, AttributeError, RecursionError) as error:
             raise CacheError(f"the cache's state cannot be read: {error}") from None
         _check_state(state)
         return state
@@ -123,6 +123,7 @@ def _check_state(state: State) -> None:
         if not (isinstance(v.session, str) and _UUID.fullmatch(v.session)
                 and isinstance(v.origin_sha256, str) and _SHA.fullmatch(v.origin_sha256)
                 and isinstance(v.chunk_sectors, int) and 8 <= v.chunk_sectors <= 2048
+                and v.chunk_sectors & (v.chunk_sectors - 1) == 0
                 and isinstance(v.uploaded, bool)):
             raise CacheError("the cache's overlay record is not valid")
 
@@ -145,7 +146,13 @@ class Cache:
         return ORIGIN_OFFSET + align(origin_size)
 
     def cow_size(self, origin_size: int) -> int:
-        return self.size - self.cow_offset(origin_size)
+        """The overlay slot's size; CacheError if the origin leaves it none (a state a
+        student rewrote can claim any origin size)."""
+        size = self.size - self.cow_offset(origin_size)
+        if size < MIB:
+            raise CacheError(f"an origin of {origin_size} bytes leaves this cache "
+                             f"({self.size} bytes) no room for an overlay")
+        return size
 
     def describe(self) -> dict[str, Any]:
         """What labmetal records of the seat's cache (agent → API)."""

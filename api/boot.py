@@ -23,7 +23,8 @@ from labmetal.api.validation import produces
 from labmetal.lifecycles import IMAGE_ACTIVE, SESSION_RUNNING
 from labmetal.lookup import ImageUnusable, usable_image
 from labmetal.names import seat_iqn
-from labmetal.models import Image, Node, Port, StudentSession, Template, TemplateVersion, User
+from labmetal.models import (Image, Node, Port, Room, Seat, StudentSession, Template,
+                             TemplateVersion, User)
 from labmetal.pxe import grub
 from labmetal.tls import ca_pin
 from labmetal.pxe.ipxe import (BootScript, ChainScript, IdleScript, LeaseWaitScript,
@@ -92,6 +93,11 @@ def script_for(mac: str) -> BootScript:
     else:
         default = IdleScript(f"node {name} is {node.provision_state}: nothing to do")
         label = "Continue without a session"
+    if _open_for_tp(node) and _login_possible():
+        # a room open for a TP: the seat goes straight to the login, no menu to race
+        straight = login_ramdisk(mac)
+        if straight is not None:
+            return straight
     login = login_ramdisk(mac) if _offers_login() else None
     if login is None:
         return default
@@ -99,12 +105,23 @@ def script_for(mac: str) -> BootScript:
                           svc.settings.seat_menu_timeout, login)
 
 
+def _login_possible() -> bool:
+    """A seat login needs accounts and HTTPS for the password."""
+    svc = services()
+    return svc.settings.auth != "noauth" and svc.settings.seat_https_url is not None
+
+
+def _open_for_tp(node: Node) -> bool:
+    with services().db.read() as session:
+        return session.scalar(select(Room.tp_template_id).join(Seat, Seat.room_id == Room.id)
+                              .where(Seat.node_id == node.id)) is not None
+
+
 def _offers_login() -> bool:
     """The seat menu's login, where there are accounts, HTTPS for the password and a
     template to start from."""
     svc = services()
-    if (svc.settings.auth == "noauth" or svc.settings.seat_menu_timeout <= 0
-            or svc.settings.seat_https_url is None):
+    if not _login_possible() or svc.settings.seat_menu_timeout <= 0:
         return False
     with svc.db.read() as session:
         return session.scalar(select(Template.id).where(Template.versions.any())

@@ -429,6 +429,10 @@ def stop_session(ident: str):
 def save_session(ident: str, body: dict[str, Any]):
     """A save point (running or not: what the seat wrote is flushed first)."""
     save_uuid = services().sessions.save(ident, body["label"], asker())
+    if save_uuid is None:
+        return {"queued": body["label"], "message": "the session runs from its seat's disk: "
+                "the save point is made when the seat next uploads it (when the session "
+                "ends)"}, 202
     with services().db.read() as session:
         ses = find_session(session, ident)
         save = session.scalar(select(SessionSave).where(SessionSave.uuid == save_uuid))

@@ -22,6 +22,7 @@ streamed without it, so one slow seat does not hold up the others.
 from __future__ import annotations
 
 import hmac
+from datetime import UTC
 import logging
 import secrets
 import shutil
@@ -43,7 +44,8 @@ from labmetal.errors import Conflict, Forbidden, InvalidRequest, NotFound
 from labmetal.images.store import ImageStore
 from labmetal.lifecycles import (SESSION_RUNNING, SESSION_STARTING, SESSION_STOPPED,
                                  SESSION_SYNCING)
-from labmetal.models import Image, Node, Port, SeatCache, StudentSession, utcnow
+from labmetal.images.overlays.base import OverlayError
+from labmetal.models import Image, Node, Port, SeatCache, SessionSave, StudentSession, utcnow
 from labmetal.secrets import SecretBox
 
 LOG = logging.getLogger(__name__)
@@ -289,6 +291,9 @@ class SeatSync:
                 if stored.state == SESSION_SYNCING:
                     stored.state, stored.seat_node_id = SESSION_STOPPED, None
                 held.overlay_uploaded = True
+                label, stored.pending_save = stored.pending_save, None
+                if label:
+                    _save(session, backend, stored, label)
         shutil.rmtree(spool, ignore_errors=True)
         LOG.info("session %s: %d bytes uploaded from seat %s, verified and stored",
                  session_uuid, written, node_uuid)
@@ -340,6 +345,19 @@ class SeatSync:
         path = self.spool / session_uuid
         path.mkdir(parents=True, exist_ok=True, mode=0o700)
         return path
+
+
+def _save(session: Session, backend: Any, ses: StudentSession, label: str) -> None:
+    """The save point asked for while the seat held the newest state."""
+    try:
+        point = backend.save(ses.uuid, label)
+    except OverlayError as error:
+        ses.last_error = f"The queued save {label!r} could not be made: {error}"
+        return
+    session.add(SessionSave(session_id=ses.id, number=point.number, label=label,
+                            backend_save_id=point.save_id, created_by="queued",
+                            created_at=point.created_at.astimezone(UTC).replace(tzinfo=None)))
+    ses.last_saved_at = utcnow()
 
 
 def _cache(session: Session, node_id: int) -> SeatCache | None:

@@ -47,6 +47,11 @@ class SessionDoor:
         self.nodes = nodes
         self.class_quota_mib = class_quota_mib
 
+    def session_store_watch(self) -> None:
+        """Watch the local sessions' seats from now on (a seat powered off ends its
+        session there: it is woken to upload it)."""
+        self.store.watch_local()
+
     @contextmanager
     def backend(self) -> Iterator[OverlayBackend]:
         """The store's backend for one step; its refusals logged, then passed on."""
@@ -279,9 +284,19 @@ class SessionDoor:
                         "its next boot")
         LOG.info("session %s stopped by %s", ses.uuid, by.user)
 
-    def save(self, ident: str, label: str, by: Asker) -> str:
+    def save(self, ident: str, label: str, by: Asker) -> str | None:
         """A save point (running or not: what the seat wrote is flushed first); its
-        UUID."""
+        UUID. A local session running on a seat holds its newest state on that seat's
+        disk: the save is queued and made once the seat's upload is verified (None)."""
+        with self.db.write() as session:
+            ses = find_session(session, ident)
+            if ses.mode == "local" and ses.state in (SESSION_RUNNING, SESSION_SYNCING):
+                if not isinstance(label, str) or not 0 < len(label) <= 64:
+                    raise InvalidRequest("a save label has 1 to 64 characters")
+                ses.pending_save = label
+                LOG.info("session %s: save %r queued by %s until its seat uploads it",
+                         ses.uuid, label, by.user)
+                return None
         with self.db.read() as session:
             ses = find_session(session, ident)
             if ses.state == SESSION_STARTING:

@@ -192,7 +192,9 @@ def qmp(pid: int, command: str, arguments: dict | None = None, timeout: float = 
 # (and iPXE's prompts and menus through it) reads.
 _QCODES = {" ": "spc", "-": "minus", ".": "dot", "\n": "ret", "/": "slash", ",": "comma",
            "=": "equal", ";": "semicolon", "'": "apostrophe"}
-_SHIFTED = {"_": "minus", "@": "2", "!": "1", ":": "semicolon"}
+_SHIFTED = {"_": "minus", "@": "2", "!": "1", ":": "semicolon", ">": "dot", "<": "comma",
+            "$": "4", "(": "9", ")": "0", "|": "backslash", "&": "7", "*": "8", "#": "3",
+            "%": "5", "+": "equal", '"': "apostrophe"}
 
 
 def seat_qemu_pid(state_dir: str | Path) -> int | None:

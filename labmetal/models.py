@@ -352,6 +352,9 @@ class StudentSession(Base):
     # to the store at its end. Chosen at each start (the template's session_mode).
     mode: Mapped[str] = mapped_column(String(8), default="iscsi")
     synced_at: Mapped[datetime | None]  # the last verified upload from a seat
+    # A save point asked for while the newest state is on the seat's disk: made as soon
+    # as the seat's upload of it is verified (its label).
+    pending_save: Mapped[str | None] = mapped_column(String(64))
     seat_node_id: Mapped[int | None] = mapped_column(ForeignKey("nodes.id",
                                                                 ondelete="SET NULL"))
     target_iqn: Mapped[str | None] = mapped_column(String(223))

@@ -15,12 +15,16 @@ const stopBox = document.getElementById("stop-box");
 const resetButton = document.getElementById("reset");
 const savesBody = document.getElementById("saves");
 const staff = role !== "student";
-const BUSY = ["starting", "running"];
+const BUSY = ["starting", "running", "syncing"];
+// How a session runs (issue 16): from the seat's own disk, synced to the store when it ends,
+// or diskless over iSCSI (seats without a disk, templates that cannot boot locally).
+const MODE = {local: "from the seat's disk (synced to your store when it ends)",
+              iscsi: "diskless, over the network (iSCSI)"};
 const WHY = {409: "Conflict", 413: "Over quota", 503: "Storage unavailable"};
 let sessions = [];
 let open = null; // the uuid of the session shown in the panel
 
-const stateClass = (state) => ({running: "s-ok", starting: "s-busy", stopped: "s-idle", failed: "s-bad"}[state] || "s-idle");
+const stateClass = (state) => ({running: "s-ok", starting: "s-busy", syncing: "s-busy", stopped: "s-idle", failed: "s-bad"}[state] || "s-idle");
 const title = (ses) => `${ses.template} v${ses.template_version}`;
 const who = (ses) => staff ? ` of ${ses.student}` : "";
 
@@ -85,7 +89,10 @@ async function renderPanel() {
   if (!ses) { closePanel(); return; }
   panel.hidden = false;
   setText(heading, `Session ${title(ses)}${who(ses)}`);
-  const facts = [["State", ses.state], ["Seat", ses.seat || "none"],
+  const facts = [["State", ses.state === "syncing"
+                   ? "syncing: its seat is uploading it (it powers that seat on if needed)" : ses.state],
+                 ["Runs", MODE[ses.mode] || ses.mode || ""], ["Seat", ses.seat || "none"],
+                 ["Last synced", ses.synced_at ? when(ses.synced_at) : "never"],
                  ["Last saved", ses.last_saved_at ? when(ses.last_saved_at) : "never"],
                  ["Used", `${bytes(ses.used_bytes)} (of a ${bytes(ses.size)} disk)`],
                  ["Created", `${when(ses.created_at)} by ${ses.created_by}`]];
@@ -149,10 +156,11 @@ function closePanel() {
 
 // One step on the open session: the API call, a message, the page brought up to date.
 async function step(call, message) {
+  let answer;
   try {
-    await call();
+    answer = await call();
   } catch (error) { fail(error); return false; }
-  say(message);
+  say(answer && answer.queued ? `Save "${answer.queued}" queued: ${answer.message}.` : message);
   try { await load(); } catch (error) { fail(error); }
   return true;
 }

@@ -20,7 +20,7 @@ from labmetal.cli.progress import DownloadProgress
 from labmetal.client import Client, CliError
 from labmetal.names import is_uuid
 
-BUSY = ("starting", "running")  # in use on a seat: its disk is not exported
+BUSY = ("starting", "running", "syncing")  # on a seat: its disk is not exported
 
 
 def _mib(size: int | None) -> str:
@@ -29,8 +29,19 @@ def _mib(size: int | None) -> str:
 
 # -- templates ---------------------------------------------------------------------------
 def cmd_template_create(client: Client, args: argparse.Namespace) -> Any:
-    return client.call("POST", "/v1/templates", json={
-        "name": args.name, "image": args.image, "description": args.description})
+    body = {"name": args.name, "image": args.image, "description": args.description}
+    if args.session_mode:
+        body["session_mode"] = args.session_mode
+    return client.call("POST", "/v1/templates", json=body)
+
+
+def cmd_template_set(client: Client, args: argparse.Namespace) -> Any:
+    body = {key: value for key, value in (("session_mode", args.session_mode),
+                                          ("description", args.description))
+            if value is not None}
+    if not body:
+        raise CliError("nothing to change: give --session-mode or --description")
+    return client.call("PATCH", f"/v1/templates/{args.name}", json=body)
 
 
 def cmd_template_version(client: Client, args: argparse.Namespace) -> Any:
@@ -54,13 +65,18 @@ def cmd_template_show(client: Client, args: argparse.Namespace) -> Any:
     template = client.call("GET", f"/v1/templates/{args.name}")
     if args.json:
         return template
-    print(f"template {template['name']} ({template['uuid']}), owner {template['owner']}"
+    print(f"template {template['name']} ({template['uuid']}), owner {template['owner']}, "
+          f"sessions {template.get('session_mode', 'auto')}"
           f"{' — ' + template['description'] if template['description'] else ''}")
-    # SECURE BOOT: its own kernel was found, so Secure Boot seats boot its sessions too
-    print_table(["VERSION", "IMAGE", "SIZE", "SECURE BOOT", "CREATED", "BY"],
+    # SECURE BOOT: its own kernel was found, so Secure Boot seats boot its sessions too;
+    # LOCAL: its sessions can run from the seat's disk (issue 16)
+    print_table(["VERSION", "IMAGE", "SIZE", "LOCAL", "SECURE BOOT", "CREATED", "BY"],
                 [[str(v["version"]), v["image"] or "-", _mib(v["size"]),
-                  "yes" if v.get("secure_boot") else "no", v["created_at"][:19],
-                  v["created_by"] or ""] for v in template["versions"]])
+                  "yes" if v.get("local") else "no", "yes" if v.get("secure_boot") else "no",
+                  v["created_at"][:19], v["created_by"] or ""] for v in template["versions"]])
+    for version in template["versions"]:
+        if version.get("local_error"):
+            print(f"  v{version['version']} runs diskless only: {version['local_error']}")
     return None
 
 
@@ -140,9 +156,10 @@ def cmd_session_list(client: Client, args: argparse.Namespace) -> Any:
     sessions = client.call("GET", "/v1/sessions", params=query)["sessions"]
     if args.json:
         return sessions
-    print_table(["SESSION", "STUDENT", "TEMPLATE", "STATE", "SEAT", "USED", "LAST SAVED"],
+    print_table(["SESSION", "STUDENT", "TEMPLATE", "STATE", "MODE", "SEAT", "USED",
+                 "LAST SAVED"],
                 [[s["uuid"], s["student"], f"{s['template']} v{s['template_version']}",
-                  s["state"], s["seat"] or "", _mib(s["used_bytes"]),
+                  s["state"], s.get("mode", "iscsi"), s["seat"] or "", _mib(s["used_bytes"]),
                   (s["last_saved_at"] or "")[:19]] for s in sessions])
     for failed in (s for s in sessions if s["last_error"] and s["state"] == "failed"):
         print(f"  {failed['uuid']}: {failed['last_error']}")
@@ -192,7 +209,10 @@ def cmd_session_save(client: Client, args: argparse.Namespace) -> Any:
     save = client.call("POST", f"/v1/sessions/{ses['uuid']}/save", json={"label": args.label})
     if args.json:
         return save
-    print(f"session {ses['uuid']} saved: #{save['number']} {save['label']}")
+    if "queued" in save:
+        print(f"session {ses['uuid']}: {save['message']}")
+    else:
+        print(f"session {ses['uuid']} saved: #{save['number']} {save['label']}")
     return None
 
 
@@ -271,6 +291,15 @@ def register(top: Group) -> None:
     create.add_argument("name", help="lower-case letters, digits and '-'")
     create.add_argument("--image", required=True, help="an active whole-disk image")
     create.add_argument("--description")
+    modes = ("auto", "local", "iscsi")
+    create.add_argument("--session-mode", choices=modes,
+                        help="local: sessions run from the seat's disk (the template's own "
+                             "kernel); iscsi: diskless; auto (default): local where it can")
+    change = template.command("set", cmd_template_set, help="change a template's session "
+                                                            "mode or description")
+    change.add_argument("name")
+    change.add_argument("--session-mode", choices=modes)
+    change.add_argument("--description")
     version = template.command("version", cmd_template_version,
                                help="a new version from an image; existing sessions keep "
                                     "theirs")
@@ -294,8 +323,8 @@ def register(top: Group) -> None:
                                                              "own)")
     listing.add_argument("--student")
     listing.add_argument("--template")
-    listing.add_argument("--state", choices=("stopped", "starting", "running", "failed",
-                                             "deleted"))
+    listing.add_argument("--state", choices=("stopped", "starting", "running", "syncing",
+                                             "failed", "deleted"))
     session.command("show", cmd_session_show, parents=(whose,), help="one session")
     create = session.command("create", cmd_session_create, help="a new session of a template")
     create.add_argument("template")

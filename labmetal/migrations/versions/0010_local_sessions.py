@@ -29,6 +29,7 @@ def upgrade() -> None:
         batch.add_column(sa.Column('mode', sa.String(length=8), nullable=False,
                                    server_default='iscsi'))
         batch.add_column(sa.Column('synced_at', sa.DateTime(), nullable=True))
+        batch.add_column(sa.Column('pending_save', sa.String(length=64), nullable=True))
     op.create_table(
         'seat_caches',
         sa.Column('id', sa.Integer(), nullable=False),
@@ -59,6 +60,7 @@ def upgrade() -> None:
 def downgrade() -> None:
     op.drop_table('seat_caches')
     with op.batch_alter_table('student_sessions') as batch:
+        batch.drop_column('pending_save')
         batch.drop_column('synced_at')
         batch.drop_column('mode')
     with op.batch_alter_table('template_versions') as batch:
