@@ -19,7 +19,7 @@ from typing import Any, Callable
 
 import requests
 
-from labmetal.agent import bootloader, fetch, partition, power, proof, wipe, writer
+from labmetal.agent import bootloader, fetch, partition, power, proof, seat_cache, wipe, writer
 from labmetal.agent import command_params as cp
 from labmetal.agent.disk import as_block_device
 from labmetal.agent.identity import Identity
@@ -148,6 +148,7 @@ class Commands:
     def _write_image(self, command: Command, params: cp.WriteImage) -> dict[str, Any]:
         session = requests.Session()
         manifest = fetch.manifest(session, params.manifest_url)
+        seat_cache.check_room_image(self._disk(), manifest.raw_size)  # keeps the cache
         self._written = None
         result = asdict(self._write(command, params, session, manifest, self._disk()))
         self._written = (self._disk(), 0)
@@ -182,6 +183,8 @@ class Commands:
         manifest = fetch.manifest(session, params.manifest_url)
         target = self._disk()
         writer.check_fits(target, partition.disk_needed(manifest.raw_size, boot_mode))
+        seat_cache.check_room_image(target, partition.disk_needed(manifest.raw_size,
+                                                                  boot_mode))
         self._written = self._layout = None
         with as_block_device(target) as device:
             wipe.wipe_metadata(device)

@@ -128,9 +128,14 @@ def main(argv: list[str] | None = None) -> None:
     cmdline = Path("/proc/cmdline")
     args = options(argv, cmdline.read_text() if cmdline.exists() else "")
     if args.mode == "login":
+        def local() -> int:  # a local session: onto this seat's disk, then into it
+            machine = inventory.collect(args.disk, args.interface)
+            return session_sync.run(args.api, machine.macs, machine.install_disk,
+                                    shlex.split(args.reboot_cmd),
+                                    shlex.split(args.poweroff_cmd), session_sync.console_say)
         sys.exit(seat_login.run(args.api, args.tls, args.ca, args.mac,
                                 shlex.split(args.reboot_cmd),
-                                args.screen or seat_login.SCREENS, args.idle))
+                                args.screen or seat_login.SCREENS, args.idle, local=local))
     machine = inventory.collect(args.disk, args.interface)
     if args.mode == "session":
         sys.exit(session_sync.run(args.api, machine.macs, machine.install_disk,

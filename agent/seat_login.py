@@ -48,7 +48,7 @@ import ssl
 import subprocess
 import termios
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -678,10 +678,12 @@ def log_in(talk: Talk, client: LoginClient) -> dict[str, Any] | None:
 def run(api_url: str, tls_url: str | None, pin: str | None, mac: str | None,
         reboot: Sequence[str], screens: Sequence[str] = SCREENS,
         idle: float = IDLE_SECONDS, run_dir: Path = Path("/run/labmetal"),
-        lang: str | None = None) -> int:
+        lang: str | None = None, local: Callable[[], int] | None = None) -> int:
     """The login, then the seat reboots (into the started session, or back to its menu).
     ``lang``: the screen's first language (default: the kernel command line's
-    ``labmetal.lang``, else English)."""
+    ``labmetal.lang``, else English). ``local``: puts a local session on this seat's
+    disk and reboots into it (agent/session_sync.py), here, without booting labmetal's
+    ramdisk a second time for it."""
     if lang is None:
         try:
             lang = cmdline_language(Path("/proc/cmdline").read_text())
@@ -707,5 +709,7 @@ def run(api_url: str, tls_url: str | None, pin: str | None, mac: str | None,
         talk.say("starting", student=shown(started.get("student"), 64),
                  template=shown(started.get("template"), 60))
     time.sleep(2)  # time to read it
+    if started is not None and started.get("mode") == "local" and local is not None:
+        return local()
     subprocess.run(list(reboot), check=False)
     return 0 if started is not None else 1

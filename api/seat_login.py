@@ -297,7 +297,8 @@ def _start(caller: Caller, node: Node, text: str) -> dict[str, Any]:
         elif choice.kind == "reset":
             door.reset(ident, asker())
     view = start_on_seat(ident, node.uuid, boot=False)  # the ramdisk reboots the seat
-    return {"session": view["uuid"], "template": view["template"], "student": caller.name}
+    return {"session": view["uuid"], "template": view["template"], "student": caller.name,
+            "mode": view.get("mode", "iscsi")}
 
 
 def _save_uuid(session_uuid: str, number: int | None) -> str:
