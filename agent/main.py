@@ -26,7 +26,7 @@ LOG = logging.getLogger("labmetal.agent")
 # student's seat login (agent/seat_login.py): no token, no command API. Session puts a local
 # session on the seat's disk or uploads one from it (agent/session_sync.py), then reboots.
 MODES = ("deploy", "inspect", "clean", "discovery", "login", "session")
-KERNEL_PARAMETERS = ("api", "mode", "disk", "listen", "advertise_address", "interface",
+KERNEL_PARAMETERS = ("api", "mode", "disk", "listen", "advertise_address", "interface", "lang",
                      "poweroff_cmd", "reboot_cmd", "tls", "ca")
 
 

@@ -225,6 +225,8 @@ def login_ramdisk(mac: str) -> RamdiskScript | None:
     if https is None:
         return None
     args = [f"labmetal.tls={https}"]
+    if svc.settings.seat_language in ("en", "fr"):
+        args.append(f"labmetal.lang={svc.settings.seat_language}")
     if svc.settings.tls_cert is None:  # labmetal's own CA (an operator's is known already)
         ca_cert = svc.settings.tls_dir / "ca.crt"
         if not ca_cert.exists():

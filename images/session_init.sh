@@ -12,6 +12,7 @@
 #   labmetal.root=<off>+<len>            the root filesystem's range inside the template
 #   labmetal.fstype=<type>               its filesystem (ext4)
 #   init=<path>                          optional, default /sbin/init; ro/rw are ignored
+#   labmetal.wait=<seconds>              optional: how long to look for the disk (30)
 # Nothing here touches the network. Any failure prints "labmetal-session: <why>" and
 # leaves a shell on the console for the person at the seat.
 export PATH=/bin DM_DISABLE_UDEV=1
@@ -74,7 +75,9 @@ done < /lib/modules/load-order
 want="LABMETAL-CACHE01$id"
 uptime() { read -r up rest < /proc/uptime; echo "${up%%.*}"; }
 disk= seen=
-deadline=$(($(uptime) + 30))
+wait=$(arg labmetal.wait)  # seconds to wait for the disk (default 30)
+number "$wait" || wait=30
+deadline=$(($(uptime) + wait))
 while [ "$(uptime)" -le "$deadline" ]; do
     for block in /sys/block/*; do
         name=${block##*/}

@@ -204,6 +204,7 @@ class BootSettings:
     self_registration: bool
     discovery_driver: str
     seat_menu_timeout: int
+    seat_language: str
     state_dir: Path = field(metadata=BORROWED)
     hostname: str = field(metadata=BORROWED)
     seat_base_url: str = field(metadata=BORROWED)
@@ -375,6 +376,8 @@ class Settings:
     # Seconds an idle seat shows its menu (log in to a TP session, or the default: its
     # disk); 0: no menu. Only with accounts (auth = http_basic): a login needs them.
     seat_menu_timeout: int = 5
+    # The seat login's first language ("en" or "fr"); the student can switch at the seat.
+    seat_language: str = "en"
 
     # -- what each part receives (see the module's docstring) ---------------------------
     @property

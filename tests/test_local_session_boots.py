@@ -158,10 +158,28 @@ def test_a_network_tp_cannot_freeze_a_local_session_and_the_work_follows_the_stu
     assert ended["synced_at"] and ended["seat"] is None and ended["last_error"] is None, ended
     assert "labmetal: session uploaded" in room.console(one)[at:]
 
-    # resumed on the other seat: the template and ann's blocks come down; her file is there
-    started = api.call("POST", f"/v1/sessions/{uuid}/start", json={"seat": two["name"]})
-    assert started.status_code == 200, started.text
-    at2 = classroom.screen(two, f"labmetal-tp: image={IMAGE} root=/dev/mapper/lm-root booted")
+    # ann sits at the other seat of the room, open for the TP: the seat boots straight to
+    # the login (no menu), and the login's own ramdisk brings down the template and her
+    # blocks, then the seat restarts into her session; her file is there
+    for body in ({"name": "tpr"},):
+        assert api.call("POST", "/v1/rooms", json=body).status_code == 201
+    for label, seat in (("a1", one), ("a2", two)):
+        placed = api.call("PUT", f"/v1/rooms/tpr/seats/{label}", json={"node": seat["name"]})
+        assert placed.ok, placed.text
+    opened = api.call("PUT", "/v1/rooms/tpr/tp", json={"template": "net-tp",
+                                                        "power_on": False})
+    assert opened.ok, opened.text
+    powered = api.call("PUT", f"/v1/nodes/{two['name']}/states/power",
+                       json={"target": "power on"})
+    assert powered.status_code == 202, powered.text
+    at2 = classroom.screen(two, "Username: ")
+    classroom.type(two, "ann")
+    at2 = classroom.screen(two, "Password: ", at2)
+    classroom.type(two, PASSWORDS["ann"])
+    at2 = classroom.screen(two, "labmetal: template ready", at2)
+    at2 = classroom.screen(two, f"labmetal-tp: image={IMAGE} root=/dev/mapper/lm-root booted",
+                           at2)
+    assert PASSWORDS["ann"] not in room.console(two)
     classroom.type(two, "echo resumed-$(cat /root/notes) > /dev/ttyS0")
     classroom.screen(two, "resumed-ann-work-1", at2)
 

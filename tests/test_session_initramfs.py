@@ -234,7 +234,8 @@ def test_a_session_writes_to_its_cow_store_only_and_keeps_it_across_boots(
 def test_a_cache_id_that_no_disk_has_is_said_on_the_console(
         template: LocalTpImage, session_boot: SessionBoot, tmp_path: Path):
     seat = Seat(tmp_path / "seat.img", template.path, session_boot)
-    guest = Guest(tmp_path, session_boot, seat, seat.cmdline(cache_id="0" * 32))
+    guest = Guest(tmp_path, session_boot, seat,
+                  seat.cmdline(cache_id="0" * 32) + " labmetal.wait=3")
     try:
         guest.wait_for(f"labmetal-session: no disk has the labmetal cache {'0' * 32} "
                        f"at sector {CACHE_START // SECTOR}")
