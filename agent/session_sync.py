@@ -47,7 +47,12 @@ RETRY_SECONDS = 5
 
 
 class SyncError(Exception):
-    """The plan could not be carried out; said to labmetal and on the seat's screen."""
+    """The plan could not be carried out; said to labmetal and on the seat's screen.
+    ``status``: labmetal's HTTP answer, if it answered."""
+
+    def __init__(self, message: str, status: int | None = None) -> None:
+        super().__init__(message)
+        self.status = status
 
 
 class Region(io.RawIOBase):
@@ -161,7 +166,7 @@ class SeatClient:
                 said = json.loads(answer.json()["error_message"])["faultstring"]
             except (ValueError, KeyError, TypeError):
                 said = answer.text[:300]
-            raise SyncError(f"{what}: HTTP {answer.status_code}: {said}")
+            raise SyncError(f"{what}: HTTP {answer.status_code}: {said}", answer.status_code)
         return answer
 
     def lookup(self, macs: list[str]) -> None:
@@ -320,9 +325,13 @@ def run(api_url: str, macs: list[str], disk: str | None, reboot: list[str],
             try:
                 client.lookup(macs)
                 break
-            except (SyncError, requests.RequestException) as error:
+            except SyncError as error:
+                if error.status is not None and error.status < 500:
+                    raise  # no work for this seat (any more), or not its address: reboot
                 say(f"labmetal: {error}; asking again in {RETRY_SECONDS} s")
-                time.sleep(RETRY_SECONDS)
+            except requests.RequestException as error:
+                say(f"labmetal: {type(error).__name__}; asking again in {RETRY_SECONDS} s")
+            time.sleep(RETRY_SECONDS)
         plan = client.plan()
         if disk is None:
             raise SyncError("this seat has no disk for labmetal's cache")

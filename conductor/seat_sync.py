@@ -385,11 +385,15 @@ def _whole_chunks(io: Any, extents: list[tuple[int, int]], chunk: int,
 
 
 def _stream(path: Path) -> Iterator[bytes]:
-    with open(path, "rb") as source:
-        while True:
-            data = source.read(MiB)
-            if not data:
-                return
-            yield data
+    """The spooled file, removed once sent (or the seat went away)."""
+    try:
+        with open(path, "rb") as source:
+            while True:
+                data = source.read(MiB)
+                if not data:
+                    return
+                yield data
+    finally:
+        path.unlink(missing_ok=True)
 
 

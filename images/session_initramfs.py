@@ -35,6 +35,7 @@ from pathlib import Path
 
 from labmetal.images.boot_files import (_VERSION as _KERNEL_FILE, BootFilesError,
                                         Partition, _is_ext, _version_key, partitions)
+from labmetal.images.host_binaries import MissingLibrary, with_libraries
 from labmetal.images.ramdisk import install_file, write_cpio
 
 LOG = logging.getLogger(__name__)
@@ -314,22 +315,11 @@ def _install_userspace(root: Path) -> None:
 
 
 def shared_binary(binary: Path, into: str) -> dict[str, bytes]:
-    """A host executable and the shared libraries ldd says it loads, by their path in an
-    initramfs (libraries in /lib, the loader in /lib64)."""
-    linked = subprocess.run(["ldd", str(binary)], capture_output=True, text=True, check=True,
-                            timeout=30, env={"LC_ALL": "C", "PATH": "/usr/bin:/bin"}).stdout
-    files = {into: binary.read_bytes()}
-    for line in linked.splitlines():
-        found = re.search(r"(?:=>\s*)?(/\S+) \(0x", line)
-        if found is None:
-            if "not found" in line:
-                raise SessionBootError(f"{binary} needs a library this host lacks: {line}")
-            continue
-        path = Path(found.group(1))
-        target = f"/lib/{path.name}" if path.name != "ld-linux-x86-64.so.2" \
-            else "/lib64/ld-linux-x86-64.so.2"
-        files[target] = path.resolve().read_bytes()
-    return files
+    """A host executable and its shared libraries, by their path in the initramfs."""
+    try:
+        return with_libraries(binary, into)
+    except MissingLibrary as error:
+        raise SessionBootError(str(error)) from None
 
 
 def _debugfs(image: Path, partition: Partition, requests: list[str]) -> str:

@@ -93,6 +93,7 @@ from pathlib import Path
 from typing import Callable
 
 from labmetal.agent.bootloader import MBR_CODE, write_mbr_code
+from labmetal.images.host_binaries import MissingLibrary, with_libraries
 from labmetal.images.ramdisk import (exclusive_lock, install_file, run_step, select_modules,
                                      write_initramfs)
 
@@ -568,16 +569,7 @@ def _build_uefi_session_disk(inputs: _Inputs, key: str, work: Path, out: Path,
 
     rootfs = _session_rootfs(inputs, key, work, SESSION_UEFI_DISK_SIZE - PARTITION_START,
                              boot_files)
-    disk = out / "disk.img"
-    with open(disk, "wb") as stream:
-        stream.truncate(SESSION_UEFI_DISK_SIZE)
-    run_step(["parted", "--script", "--align", "none", str(disk), "unit", "B", "mklabel",
-              "msdos", "mkpart", "primary", "ext4", f"{PARTITION_START}B",
-              f"{SESSION_UEFI_DISK_SIZE - 1}B"], _env())
-    _write_at(disk, 440, bytes.fromhex(key[:8]))
-    with open(rootfs, "rb") as source, open(disk, "r+b") as target:
-        target.seek(PARTITION_START)
-        shutil.copyfileobj(source, target, MIB)
+    _one_partition_disk(out / "disk.img", rootfs, SESSION_UEFI_DISK_SIZE, key)
 
 
 def _build_local_tp_disk(inputs: _Inputs, key: str, work: Path, out: Path,
@@ -613,16 +605,21 @@ def _build_local_tp_disk(inputs: _Inputs, key: str, work: Path, out: Path,
     commands.write_text("".join(f"sif /{path.relative_to(root)} ctime @{EPOCH}\n"
                                 for path in [root, *sorted(root.rglob("*"))]))
     run_step(["debugfs", "-w", "-f", str(commands), str(rootfs)], _env())
-    disk = out / "disk.img"
+    _one_partition_disk(out / "disk.img", rootfs, LOCAL_TP_DISK_SIZE, key)
+
+
+def _one_partition_disk(disk: Path, rootfs: Path, size: int, key: str) -> None:
+    """A disk of ``size`` bytes, an msdos label (its signature from the key) and one ext4
+    partition from 1 MiB to the end holding ``rootfs``."""
     with open(disk, "wb") as stream:
-        stream.truncate(LOCAL_TP_DISK_SIZE)
+        stream.truncate(size)
     run_step(["parted", "--script", "--align", "none", str(disk), "unit", "B", "mklabel",
               "msdos", "mkpart", "primary", "ext4", f"{PARTITION_START}B",
-              f"{LOCAL_TP_DISK_SIZE - 1}B"], _env())
+              f"{size - 1}B"], _env())
     _write_at(disk, 440, bytes.fromhex(key[:8]))
-    with open(rootfs, "rb") as source_stream, open(disk, "r+b") as target_stream:
-        target_stream.seek(PARTITION_START)
-        shutil.copyfileobj(source_stream, target_stream, MIB)
+    with open(rootfs, "rb") as source, open(disk, "r+b") as target:
+        target.seek(PARTITION_START)
+        shutil.copyfileobj(source, target, MIB)
 
 
 def _session_rootfs(inputs: _Inputs, key: str, work: Path, size: int,
@@ -655,20 +652,10 @@ def _iscsistart(inputs: _Inputs, work: Path, progress: Callable[[str], None]) ->
                                                          progress)), str(unpacked)], _env())
     binary = unpacked / "sbin" / "iscsistart"
     libraries = sorted({str(path.parent) for path in unpacked.rglob("*.so*")})
-    linked = run_step(["ldd", str(binary)],
-                      {**_env(), "LD_LIBRARY_PATH": ":".join(libraries)})
-    files = {"/bin/iscsistart": binary.read_bytes()}
-    for line in linked.splitlines():
-        found = re.search(r"(?:=>\s*)?(/\S+) \(0x", line)
-        if found is None:
-            if "not found" in line:
-                raise MissingToolError(f"iscsistart needs a library this host lacks: {line}")
-            continue
-        path = Path(found.group(1))
-        into = f"/lib/{path.name}" if path.name != "ld-linux-x86-64.so.2" \
-            else "/lib64/ld-linux-x86-64.so.2"
-        files[into] = path.resolve().read_bytes()
-    return files
+    try:
+        return with_libraries(binary, "/bin/iscsistart", libraries)
+    except MissingLibrary as error:
+        raise MissingToolError(str(error)) from None
 
 
 def _kernel(inputs: _Inputs, work: Path, progress: Callable[[str], None]) -> Path:

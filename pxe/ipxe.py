@@ -142,27 +142,36 @@ class RamdiskScript:
 
     def render(self) -> str:
         who = f" for {shown(self.node)}" if shown(self.node) else ""
-        return _lines(
-            f"# labmetal: {self.mode} ramdisk{who}",
-            "set attempt:int32 0",
-            ":fetch",
-            f"echo labmetal: loading the {self.mode} ramdisk{who}",
-            "imgfree",
-            f"kernel --name kernel {self.kernel_url} {self.cmdline} || goto retry",
-            f"initrd --name ramdisk {self.ramdisk_url} || goto retry",
-            "boot || goto retry",
-            ":retry",
-            "inc attempt",
-            f"iseq ${{attempt}} {self.attempts} && goto failed ||",
-            f"echo labmetal: loading the ramdisk failed, retrying in {self.retry_delay} s",
-            f"sleep {self.retry_delay}",
-            "goto fetch",
-            ":failed",
-            f"echo labmetal: could not load the ramdisk after {self.attempts} attempts;"
-            " rebooting",
-            "sleep 10",
-            "reboot || exit 1",
-        )
+        return _lines(f"# labmetal: {self.mode} ramdisk{who}",
+                      *_load_and_boot(f"loading the {self.mode} ramdisk{who}", "the ramdisk",
+                                      f"{self.kernel_url} {self.cmdline}",
+                                      f"--name ramdisk {self.ramdisk_url}", self.attempts,
+                                      self.retry_delay))
+
+
+def _load_and_boot(doing: str, what: str, kernel: str, initrd: str, attempts: int,
+                   retry_delay: int) -> list[str]:
+    """Load a kernel and its initrd over HTTP and boot them; a failed load is tried again
+    ``attempts`` times, then the PC reboots into PXE (its script decides again)."""
+    return [
+        "set attempt:int32 0",
+        ":fetch",
+        f"echo labmetal: {doing}",
+        "imgfree",
+        f"kernel --name kernel {kernel} || goto retry",
+        f"initrd {initrd} || goto retry",
+        "boot || goto retry",
+        ":retry",
+        "inc attempt",
+        f"iseq ${{attempt}} {attempts} && goto failed ||",
+        f"echo labmetal: loading {what} failed, retrying in {retry_delay} s",
+        f"sleep {retry_delay}",
+        "goto fetch",
+        ":failed",
+        f"echo labmetal: could not load {what} after {attempts} attempts; rebooting",
+        "sleep 10",
+        "reboot || exit 1",
+    ]
 
 
 @dataclass(frozen=True)
@@ -356,27 +365,11 @@ class LocalSessionScript:
 
     def render(self) -> str:
         who = f" of {shown(self.student)}" if shown(self.student) else ""
-        return _lines(
-            f"# labmetal: boot the session{who} from this seat's disk",
-            "set attempt:int32 0",
-            ":fetch",
-            f"echo labmetal: booting the session{who} from this seat's disk",
-            "imgfree",
-            f"kernel --name kernel {self.kernel_url} {self.cmdline} || goto retry",
-            f"initrd --name session {self.initramfs_url} || goto retry",
-            "boot || goto retry",
-            ":retry",
-            "inc attempt",
-            f"iseq ${{attempt}} {self.attempts} && goto failed ||",
-            f"echo labmetal: loading the session failed, retrying in {self.retry_delay} s",
-            f"sleep {self.retry_delay}",
-            "goto fetch",
-            ":failed",
-            f"echo labmetal: could not load the session after {self.attempts} attempts;"
-            " rebooting",
-            "sleep 10",
-            "reboot || exit 1",
-        )
+        return _lines(f"# labmetal: boot the session{who} from this seat's disk",
+                      *_load_and_boot(f"booting the session{who} from this seat's disk",
+                                      "the session", f"{self.kernel_url} {self.cmdline}",
+                                      f"--name session {self.initramfs_url}", self.attempts,
+                                      self.retry_delay))
 
 
 def _body(script: BootScript) -> list[str]:
