@@ -29,7 +29,9 @@ from __future__ import annotations
 import io
 import logging
 import os
+import queue
 import subprocess
+import threading
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, replace
@@ -215,6 +217,45 @@ def overlay_region(cache: Cache, origin_size: int, writable: bool) -> Region:
                   cache.cow_size(origin_size), writable)
 
 
+def encoded_ahead(groups: Iterator[tuple[list[tuple[int, int]], bytes]],
+                  depth: int = 2) -> Iterator[tuple[bytes, str, int]]:
+    """(piece, its sha256, raw bytes) for each group, read and compressed in a thread of
+    its own up to ``depth`` pieces ahead: the next piece is made while the one before is
+    on the wire (zlib and the disk let go of the GIL). An error there is raised here."""
+    ready: queue.Queue[tuple[bytes, str, int] | BaseException | None] = queue.Queue(depth)
+    stop = threading.Event()
+
+    def make() -> None:
+        try:
+            for extents, raw in groups:
+                if stop.is_set():
+                    return
+                piece, sha = block_wire.encode(extents, raw)
+                ready.put((piece, sha, len(raw)))
+            ready.put(None)
+        except BaseException as error:  # noqa: BLE001 - handed to the consumer
+            ready.put(error)
+
+    maker = threading.Thread(target=make, name="encode-pieces", daemon=True)
+    maker.start()
+    try:
+        while True:
+            item = ready.get()
+            if item is None:
+                return
+            if isinstance(item, BaseException):
+                raise item
+            yield item
+    finally:
+        stop.set()
+        while maker.is_alive():  # unblock a maker waiting on a full queue
+            try:
+                ready.get(timeout=0.1)
+            except queue.Empty:
+                pass
+        maker.join()
+
+
 def upload(client: SeatClient, cache: Cache, session: str,
            say: Callable[[str], None] = LOG.info) -> Cache:
     """The overlay's chunks to the student's store, verified there; then the overlay is
@@ -228,11 +269,10 @@ def upload(client: SeatClient, cache: Cache, session: str,
         store = cow.read_store(region, region.size, origin.size)
         chunks: Iterator[tuple[int, bytes]] = iter(()) if store is None \
             else cow.read_chunks(region, store)
-        for extents, raw in block_wire.pieces(chunks):
-            piece, sha = block_wire.encode(extents, raw)
+        for piece, sha, raw_size in encoded_ahead(block_wire.pieces(chunks)):
             client.upload(session, digest.pieces, piece)
             digest.add(sha)
-            sent += len(raw)
+            sent += raw_size
         base, size = region.base, region.size
     client.uploaded(session, digest)
     say(f"labmetal: session uploaded ({sent / 2**20:.1f} MiB in {digest.pieces} pieces), "

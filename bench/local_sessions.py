@@ -1,5 +1,7 @@
-"""Benchmark: local-first sessions (issue 16), each figure against a baseline measured in the
-same run, so that the ratios hold on a loaded machine.
+"""Benchmark: local-first sessions (issue 16), each figure beside a same-run baseline.
+
+Each ratio divides a figure by a baseline measured in the same run, so that it holds on a
+loaded machine.
 
 1. Disk speed inside a session ÷ the seat's own disk. QEMU (TCG, a virtio disk with
    ``cache=none``: the host's page cache does not answer) boots the template's own kernel
@@ -8,7 +10,8 @@ same run, so that the ratios hold on a loaded machine.
    an empty persistent snapshot store); (b) plainly: the template's own initrd mounts
    ``root=/dev/vda1`` of a copy of the template disk. In each the template's shell times
    ``dd`` writing a file (``conv=fsync``) and reading it back after ``drop_caches``, three
-   times (the median is reported). The
+   rounds, each session round right after a round of the plain guest (which runs all
+   along: both see the same load); medians, and the median of the rounds' ratios. The
    template is lab/osimage's local TP disk grown to ``--template-mib`` (partition and
    ext4 grown offline: no mount). (a) runs for the default snapshot chunk (64 KiB) and,
    without ``--quick``, 4 KiB and 256 KiB.
@@ -84,7 +87,8 @@ UPLINK_RATE_MBIT = 10 * SEAT_RATE_MBIT
 ROOM_NET = "10.99.77"  # a subnet no other lab of the tests uses
 SERVER = f"{ROOM_NET}.2"
 ROOM_CHANGED_MIB = 20
-ROUNDS = 3  # dd rounds per guest: the median is reported
+ROUNDS = 3  # dd rounds per session guest, each paired with one of the plain guest
+WARM_UP_MIB = 16  # a round before them, not measured (TCG's translation of the code)
 
 
 # -- the templates --------------------------------------------------------------------
@@ -216,41 +220,50 @@ class Guest:
 
 
 @dataclass(frozen=True)
-class DiskSpeed:
-    writes: list[float]  # MiB/s, one per round
-    reads: list[float]
-
-    @property
-    def write(self) -> float:
-        return statistics.median(self.writes)
-
-    @property
-    def read(self) -> float:
-        return statistics.median(self.reads)
-
-    def __str__(self) -> str:
-        return (f"write {self.write:.1f} MiB/s ({', '.join(f'{w:.1f}' for w in self.writes)}), "
-                f"read {self.read:.1f} MiB/s ({', '.join(f'{r:.1f}' for r in self.reads)})")
+class Round:
+    write: float  # MiB/s
+    read: float
 
 
-def time_dd(guest: Guest, file_mib: int, rounds: int) -> DiskSpeed:
-    """The guest's own clock around dd, printed on ttyS0 (busybox dd prints no rate, its
-    date no nanoseconds: /proc/uptime's hundredths of a second). Each round writes a new
-    file (the first round's lands in chunks the snapshot store has not seen; later ones may
-    reuse the blocks the file had) and reads it back, then removes it."""
+def dd_round(guest: Guest, file_mib: int, tag: str) -> Round:
+    """Write a new file of ``file_mib`` (``conv=fsync``), read it back after drop_caches,
+    remove it. Timed with the guest's own clock, printed on ttyS0 (busybox dd prints no
+    rate, its date no nanoseconds: /proc/uptime's hundredths of a second; "end" marks the
+    line's end, which may come in two reads)."""
     steps = {"write": f"dd if=/dev/zero of=/f bs=1M count={file_mib} conv=fsync",
              "read": "dd if=/f of=/dev/null bs=1M"}
-    speeds: dict[str, list[float]] = {"write": [], "read": []}
-    for number in range(rounds):
-        for name, command in steps.items():
-            guest.send(f"sync; echo 3 > /proc/sys/vm/drop_caches; read a x < /proc/uptime; "
-                       f"{command} 2>/dev/null; read b x < /proc/uptime; "
-                       f"echo lm-\"\"dd {number} {name} $a $b")
-            found = guest.wait_for(rf"lm-dd {number} {name} ([\d.]+) ([\d.]+)", BOOT_TIMEOUT)
-            speeds[name].append(file_mib / (float(found.group(2)) - float(found.group(1))))
-        guest.send(f"rm /f; sync; echo lm-\"\"removed {number}")
-        guest.wait_for(f"lm-removed {number}", BOOT_TIMEOUT)
-    return DiskSpeed(speeds["write"], speeds["read"])
+    speeds = {}
+    for name, command in steps.items():
+        guest.send(f"sync; echo 3 > /proc/sys/vm/drop_caches; read a x < /proc/uptime; "
+                   f"{command} 2>/dev/null; read b x < /proc/uptime; "
+                   f"echo lm-\"\"dd {tag} {name} $a $b end")
+        found = guest.wait_for(rf"lm-dd {tag} {name} ([\d.]+) ([\d.]+) end", BOOT_TIMEOUT)
+        speeds[name] = file_mib / (float(found.group(2)) - float(found.group(1)))
+    guest.send(f"rm /f; sync; echo lm-\"\"removed {tag}")
+    guest.wait_for(f"lm-removed {tag}", BOOT_TIMEOUT)
+    return Round(speeds["write"], speeds["read"])
+
+
+@dataclass(frozen=True)
+class Paired:
+    """Rounds in a session and on the plain disk, each session round right after its plain
+    one: the machine's load is about the same for both."""
+    session: list[Round]
+    plain: list[Round]
+
+    def median(self, rounds: list[Round], kind: str) -> float:
+        return statistics.median(getattr(r, kind) for r in rounds)
+
+    def ratio(self, kind: str) -> float:
+        return statistics.median(getattr(s, kind) / getattr(p, kind)
+                                 for s, p in zip(self.session, self.plain))
+
+    def __str__(self) -> str:
+        return "; ".join(
+            f"{kind} {self.median(self.session, kind):.1f} MiB/s (rounds "
+            f"{', '.join(f'{getattr(r, kind):.0f}' for r in self.session)}; plain "
+            f"{', '.join(f'{getattr(r, kind):.0f}' for r in self.plain)})"
+            for kind in ("write", "read"))
 
 
 def booted(guest: Guest) -> None:
@@ -258,22 +271,20 @@ def booted(guest: Guest) -> None:
     guest.shell()
 
 
-def plain_disk_speed(template: Path, boot: SessionBoot, initrd: Path, work: Path,
-                     file_mib: int, rounds: int) -> DiskSpeed:
+def plain_guest(stack: ExitStack, template: Path, boot: SessionBoot, initrd: Path,
+                work: Path) -> Guest:
     """(b): the template's kernel and its own initrd, ``root=/dev/vda1`` of a copy."""
     disk = work / "plain.img"
     run(["cp", "--sparse=always", str(template), str(disk)])
+    stack.callback(disk.unlink)
     guest = Guest(work, boot.kernel, initrd, "console=ttyS0 panic=-1 root=/dev/vda1 rw", disk)
-    try:
-        booted(guest)
-        return time_dd(guest, file_mib, rounds)
-    finally:
-        guest.kill()
-        disk.unlink()
+    stack.callback(guest.kill)
+    booted(guest)
+    return guest
 
 
-def session_disk_speed(template: Path, boot: SessionBoot, work: Path, file_mib: int,
-                       chunk_sectors: int, rounds: int) -> DiskSpeed:
+def session_guest(stack: ExitStack, template: Path, boot: SessionBoot, work: Path,
+                  file_mib: int, chunk_sectors: int) -> Guest:
     """(a): the seat disk holds a cache region (origin + empty COW store); labmetal's
     session initramfs assembles the root from it."""
     size = template.stat().st_size
@@ -282,6 +293,7 @@ def session_disk_speed(template: Path, boot: SessionBoot, work: Path, file_mib: 
     disk = work / "seat.img"
     with open(disk, "wb") as out:
         out.truncate(64 * MIB + cache_size + seat_cache.END_GAP)
+    stack.callback(disk.unlink)
     cache = seat_cache.create(str(disk), cache_size)
     with open(template, "rb") as source, open(disk, "r+b") as out:
         out.seek(cache.start + seat_cache.ORIGIN_OFFSET)
@@ -296,12 +308,33 @@ def session_disk_speed(template: Path, boot: SessionBoot, work: Path, file_mib: 
     args = seat_cache.kernel_args(cache, boot.root_offset, boot.root_size, boot.fstype)
     guest = Guest(work, boot.kernel, boot.initramfs,
                   " ".join(["console=ttyS0 panic=-1", *args]), disk)
-    try:
-        booted(guest)
-        return time_dd(guest, file_mib, rounds)
-    finally:
-        guest.kill()
-        disk.unlink()
+    stack.callback(guest.kill)
+    booted(guest)
+    return guest
+
+
+def disk_speeds(template: Path, boot: SessionBoot, initrd: Path, work: Path, file_mib: int,
+                chunks: list[int]) -> dict[int, Paired]:
+    """Per chunk size: a session guest's rounds, each right after a round of the plain
+    guest, which runs all along. Each guest first runs an unmeasured round of
+    ``WARM_UP_MIB``: TCG translates the code of dd, the file system and the drivers once
+    per guest, which made a new guest's first round up to a third slower than its next."""
+    found = {}
+    with ExitStack() as stack:
+        plain = plain_guest(stack, template, boot, initrd, work)
+        dd_round(plain, WARM_UP_MIB, "warm-up")
+        for chunk in chunks:
+            with ExitStack() as inner:
+                session = session_guest(inner, template, boot, work, file_mib, chunk)
+                dd_round(session, WARM_UP_MIB, "warm-up")
+                rounds: tuple[list[Round], list[Round]] = ([], [])
+                for number in range(ROUNDS):
+                    rounds[1].append(dd_round(plain, file_mib, f"{chunk}-{number}"))
+                    rounds[0].append(dd_round(session, file_mib, f"{chunk}-{number}"))
+            found[chunk] = Paired(*rounds)
+            print(f"  local session, {chunk * SECTOR // 1024} KiB chunks: {found[chunk]}",
+                  flush=True)
+    return found
 
 
 # -- figures 2 and 3: a service, a room, seats in namespaces -----------------------------
@@ -371,7 +404,7 @@ def seat_boot(api_url: str, mac: str, disk: str) -> dict[str, Any]:
                                      plan.chunk_sectors, Progress(), said.append)
         client.ready(plan.prepare, cache)
     return {"first_piece": client.first_piece, "last_piece": client.last_piece,
-            "verified": client.verified, "wire": client.wire, "cpu": cpu, "said": said}
+            "verified": client.verified, "wire": client.wire, "cpu": cpu}
 
 
 REPO = Path(__file__).resolve().parents[1]  # bench/ is not installed: run from the checkout
@@ -540,7 +573,7 @@ def describe(upload: Upload) -> str:
 
 
 def line(label: str, measured: str, baseline: str, ratio: float, goal: str) -> str:
-    return f"{label:<44} {measured:>14} {baseline:>14} {ratio:>7.2f}   {goal}"
+    return f"{label:<48} {measured:>12} {baseline:>12} {ratio:>6.2f}   {goal}"
 
 
 def main() -> int:
@@ -582,21 +615,15 @@ def main() -> int:
               f"kernel {boot.version}; QEMU TCG, virtio disk cache=none; "
               f"{os.cpu_count()} cores", flush=True)
 
-        plain = None if args.skip_disk else plain_disk_speed(big, boot, initrd, work, file_mib,
-                                                             ROUNDS)
-        if plain is not None:
-            print(f"  plain root=/dev/vda1: {plain}", flush=True)
-        for chunk in chunks if plain is not None else []:
-            local = session_disk_speed(big, boot, work, file_mib, chunk, ROUNDS)
-            print(f"  local session, {chunk * SECTOR // 1024} KiB chunks: {local}", flush=True)
+        speeds = {} if args.skip_disk else disk_speeds(big, boot, initrd, work, file_mib,
+                                                       chunks)
+        for chunk, paired in speeds.items():
             kib = chunk * SECTOR // 1024
-            rows.append(line(f"1. session disk write ({file_mib} MiB, {kib} KiB chunks)",
-                             f"{local.write:.1f} MiB/s", f"{plain.write:.1f} MiB/s",
-                             local.write / plain.write, "goal >= 0.9"))
-            rows.append(line(f"   session disk read  ({file_mib} MiB, {kib} KiB chunks)",
-                             f"{local.read:.1f} MiB/s", f"{plain.read:.1f} MiB/s",
-                             local.read / plain.read, "goal >= 0.9"))
-
+            for kind in ("write", "read"):
+                label = f"1. session disk {kind:<5} ({file_mib} MiB, {kib} KiB chunks)"
+                rows.append(line(label, f"{paired.median(paired.session, kind):.1f} MiB/s",
+                                 f"{paired.median(paired.plain, kind):.1f} MiB/s",
+                                 paired.ratio(kind), "goal >= 0.9"))
         with ExitStack() as stack:
             procs = Processes(work)
             cache_mib = -(-(args.template_mib + changed_mib + 64) // 64) * 64

@@ -22,6 +22,7 @@ streamed without it, so one slow seat does not hold up the others.
 from __future__ import annotations
 
 import hmac
+import io
 from datetime import UTC
 import logging
 import secrets
@@ -50,6 +51,7 @@ from labmetal.secrets import SecretBox
 
 LOG = logging.getLogger(__name__)
 MiB = 2**20
+PIECE_BODY_MAX = block_wire.PIECE_RAW_MAX + block_wire.HEADER_MAX + 2**20  # zlib's growth
 
 
 @dataclass(frozen=True)
@@ -241,15 +243,20 @@ class SeatSync:
         have = len(list(spool.glob("*.piece")))
         if number != have:
             raise Conflict(f"expected piece {have}, not {number}: upload again from piece 0")
+        body = stream.read(PIECE_BODY_MAX + 1)
+        if len(body) > PIECE_BODY_MAX:
+            raise InvalidRequest(f"piece {number}: larger than a piece may be")
+        received = io.BytesIO(body)
         try:
-            piece = block_wire.read(stream, size, (cache.chunk_sectors or 8) * SECTOR)
+            piece = block_wire.read(received, size, (cache.chunk_sectors or 8) * SECTOR)
         except block_wire.WireError as error:
             raise InvalidRequest(f"piece {number}: {error}") from None
-        if not isinstance(piece, block_wire.Piece) or stream.read(1):
+        if not isinstance(piece, block_wire.Piece) or received.read(1):
             raise InvalidRequest(f"piece {number}: one piece per request")
+        # kept as it came (checked: its sha256 names it), not packed again
         partial = spool / f"{number:08d}.partial"
-        partial.write_bytes(block_wire.encode(piece.extents, piece.raw)[0])
-        partial.rename(spool / f"{number:08d}.piece")
+        partial.write_bytes(body)
+        partial.rename(spool / f"{number:08d}-{piece.sha256}.piece")
 
     def uploaded(self, node_uuid: str, token: str | None, address: str, session_uuid: str,
                  pieces: int, digest: str) -> None:
@@ -263,11 +270,8 @@ class SeatSync:
         spool = self._spool(session_uuid) / "up"
         files = sorted(spool.glob("*.piece")) if spool.exists() else []
         chain = block_wire.Digest()
-        for path in files:
-            with open(path, "rb") as stream:
-                piece = block_wire.read(stream, size, chunk)
-            assert isinstance(piece, block_wire.Piece)
-            chain.add(piece.sha256)
+        for path in files:  # each one's sha256 was checked as it came
+            chain.add(path.stem.split("-", 1)[1])
         if chain.pieces != pieces or chain.value != digest:
             raise Conflict(f"the upload does not match: labmetal holds {chain.pieces} pieces "
                            f"of the {pieces} the seat sent; upload again")

@@ -80,6 +80,10 @@ FRONT_SOCKETS = Path("/run/labmetal-front")  # waitress's sockets, for those wor
 UPLOAD_MARGIN = 2**26  # over max_image_size: the API's own check says it first, by name
 SEAT_ROUTES = r"^/(boot/|boot\.ipxe$|files/|v1/lookup|v1/heartbeat/|v1/discovery)"
 UPLOAD_ROUTE = r"^/v1/images/[^/]+/data$"
+# A seat's upload of a local session: pieces of up to block_wire.PIECE_RAW_MAX bytes of
+# disk, zlib'd (incompressible data grows a little), under the seats' rate limit.
+PIECE_ROUTE = r"^/v1/seat-sessions/[^/]+/sessions/[^/]+/pieces/[0-9]+$"
+PIECE_LIMIT = 9 * 2**20
 CHECK_UPLOAD = "/v1/auth/check-upload"  # api/front_check.py
 ERROR_HEADER = "X-Labmetal-Error"  # api/front_check.py puts a refusal's body there
 READY_PATH = "/_labmetal/front"  # answered by nginx itself: the front is up
@@ -342,6 +346,11 @@ def _server(config: FrontConfig, tls: bool) -> list[str]:
         f"      proxy_pass http://labmetal_app{CHECK_UPLOAD};",
         '      proxy_set_header Content-Length "";',
         *(f"      {line}" for line in _proxy_headers()),
+        "    }",
+        f"    location ~ {PIECE_ROUTE} {{",
+        f"      client_max_body_size {PIECE_LIMIT};",
+        f"      limit_req zone=labmetal_seats burst={config.limits.seat_burst};",
+        "      proxy_pass http://labmetal_app;",
         "    }",
         f"    location ~ {SEAT_ROUTES} {{",
         f"      limit_req zone=labmetal_seats burst={config.limits.seat_burst};",

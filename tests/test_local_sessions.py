@@ -159,7 +159,9 @@ def test_a_students_work_goes_from_one_seats_disk_to_their_store_and_to_the_next
     assert f"labmetal.cache={cache.cache_id}@{cache.start // 512}" in script
     assert "labmetal.root=2048+" in script and "labmetal.mode" not in script
 
-    a01.os_writes({0: chunk("mbr by sam"), 40 * MiB: chunk("sam's notes")})
+    # what does not compress (a student's tarball): pieces of megabytes through the front
+    binary = {20 * MiB + n * 64 * 1024: os.urandom(64 * 1024) for n in range(48)}
+    a01.os_writes({0: chunk("mbr by sam"), 40 * MiB: chunk("sam's notes"), **binary})
     # the student leaves: the seat uploads at its next boot, then powers off
     assert lab.call("sam", "POST", f"{path}/stop").ok
     assert lab.ok("sam", "GET", path)["state"] == "syncing"
@@ -175,7 +177,8 @@ def test_a_students_work_goes_from_one_seats_disk_to_their_store_and_to_the_next
     a02.ramdisk()
     got = a02.overlay_chunks()
     assert got[0] == chunk("mbr by sam") and got[40 * MiB] == chunk("sam's notes")
-    assert set(got) == {0, 40 * MiB}
+    assert all(got[offset] == data for offset, data in binary.items())
+    assert set(got) == {0, 40 * MiB, *binary}
 
 
 def test_a_seat_switched_off_before_its_upload_keeps_the_only_copy_and_uploads_first(
