@@ -27,7 +27,9 @@ from labmetal.lab.osimage import build_local_tp_disk
 from labmetal.lab.qemu_seat import type_text
 from labmetal.lab.served import BOOT_TIMEOUT, Labmetal, UpRoom, lab_up, start_labmetal, tear_down
 
-pytestmark = pytest.mark.ramdisk
+# A bound on a hang, not a wait: the story boots seats six times under TCG, after building
+# the ramdisk when its inputs changed.
+pytestmark = [pytest.mark.ramdisk, pytest.mark.timeout(1800)]
 RAMDISK_CACHE = Path(os.environ.get("LABMETAL_RAMDISK_CACHE", "/var/cache/labmetal/ramdisk"))
 IMAGE = "tp-local"
 PASSWORDS = {"ada": "ada-admin-pass", "ann": "ann-pass-1"}
