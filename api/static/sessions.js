@@ -92,7 +92,8 @@ async function renderPanel() {
   const facts = [["State", ses.state === "syncing"
                    ? "syncing: its seat is uploading it (it powers that seat on if needed)" : ses.state],
                  ["Runs", MODE[ses.mode] || ses.mode || ""], ["Seat", ses.seat || "none"],
-                 ["Last synced", ses.synced_at ? when(ses.synced_at) : "never"],
+                 ...(ses.mode === "local"
+                   ? [["Last synced", ses.synced_at ? when(ses.synced_at) : "never"]] : []),
                  ["Last saved", ses.last_saved_at ? when(ses.last_saved_at) : "never"],
                  ["Used", `${bytes(ses.used_bytes)} (of a ${bytes(ses.size)} disk)`],
                  ["Created", `${when(ses.created_at)} by ${ses.created_by}`]];
