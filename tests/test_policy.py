@@ -92,6 +92,8 @@ def _concrete(rule: str, name_arg: str) -> str:
             return "00000000-0000-4000-8000-000000000000"
         if converter.startswith("any"):
             return converter[4:].split(",")[0]
+        if converter.startswith("int"):
+            return "0"
         return name_arg if arg == "name" else "no-such-thing"
     return re.sub(r"<(?:([^:>]+):)?([^>]+)>", value, rule)
 
