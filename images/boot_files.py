@@ -110,21 +110,26 @@ def _debugfs(image: Path, partition: Partition, request: str) -> str:
     return done.stdout
 
 
+def newest_kernel(listing: str) -> str | None:
+    """The version of the newest ``vmlinuz-<version>`` that has its ``initrd.img-<version>``
+    in a ``debugfs -R "ls -p /boot"`` listing; None if none has."""
+    names = {line.split("/")[5] for line in listing.splitlines()
+             if line.count("/") >= 6 and line.split("/")[5]}
+    versions = sorted((m.group(1) for m in map(_VERSION.match, names) if m),
+                      key=_version_key)
+    versions = [v for v in versions if f"initrd.img-{v}" in names]
+    return versions[-1] if versions else None
+
+
 def find(image: Path, into: Path) -> BootFiles | None:
     """The newest kernel in /boot of the image's first ext2/3/4 filesystem that has one,
     with its initrd (``initrd.img-<version>``), copied into ``into``; None if none has."""
     for partition in partitions(image):
         if not _is_ext(image, partition):
             continue
-        listing = _debugfs(image, partition, "ls -p /boot")
-        names = {line.split("/")[5] for line in listing.splitlines()
-                 if line.count("/") >= 6 and line.split("/")[5]}
-        versions = sorted((m.group(1) for m in map(_VERSION.match, names) if m),
-                          key=_version_key)
-        versions = [v for v in versions if f"initrd.img-{v}" in names]
-        if not versions:
+        version = newest_kernel(_debugfs(image, partition, "ls -p /boot"))
+        if version is None:
             continue
-        version = versions[-1]
         into.mkdir(parents=True, exist_ok=True)
         kernel, initrd = into / f"vmlinuz-{version}", into / f"initrd.img-{version}"
         for name, target in ((f"vmlinuz-{version}", kernel),

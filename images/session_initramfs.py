@@ -33,8 +33,8 @@ import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 
-from labmetal.images.boot_files import (_VERSION as _KERNEL_FILE, BootFilesError,
-                                        Partition, _is_ext, _version_key, partitions)
+from labmetal.images.boot_files import (BootFilesError, Partition, _is_ext, newest_kernel,
+                                        partitions)
 from labmetal.images.host_binaries import MissingLibrary, with_libraries
 from labmetal.images.ramdisk import install_file, write_cpio
 
@@ -185,15 +185,9 @@ def _find_kernel(image: Path) -> tuple[Partition, str, str]:
     for partition in partitions(image):
         if not _is_ext(image, partition):
             continue
-        listing = _debugfs(image, partition, ["ls -p /boot"])
-        names = {line.split("/")[5] for line in listing.splitlines()
-                 if line.count("/") >= 6 and line.split("/")[5]}
-        versions = sorted((m.group(1) for m in map(_KERNEL_FILE.match, names) if m),
-                          key=_version_key)
-        versions = [v for v in versions if f"initrd.img-{v}" in names]
-        if not versions:
+        version = newest_kernel(_debugfs(image, partition, ["ls -p /boot"]))
+        if version is None:
             continue
-        version = versions[-1]
         if not VERSION.fullmatch(version):
             raise SessionBootError(f"kernel version {version[:100]!r}: not a version")
         stats = _debugfs(image, partition, ["stats -h"])
