@@ -12,7 +12,7 @@ from typing import TYPE_CHECKING
 
 from flask import current_app
 
-from labmetal.conductor.door import Asker, NodeDoor
+from labmetal.conductor.door import NodeDoor
 from labmetal.conductor.drivers import HardwareType
 from labmetal.conductor.job_door import RoomJobDoor
 from labmetal.conductor.registry import ConductorRegistry
@@ -57,10 +57,8 @@ class Services:
     @cached_property
     def sessions(self) -> SessionDoor:
         """The one door to students' sessions (conductor/session_door.py)."""
-        door = SessionDoor(self.db, self.box, self.session_store, self.door,
+        return SessionDoor(self.db, self.box, self.session_store, self.door,
                            self.settings.session_store.class_quota_mib)
-        self.session_store.wake = lambda node, why: door.boot_seat(node, why, Asker())
-        return door
 
     @cached_property
     def seat_sync(self) -> SeatSync:

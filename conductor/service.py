@@ -21,6 +21,7 @@ from labmetal.conductor.actions import ACTIONS, NodeWork, Outcome
 from labmetal.conductor.bootserver import BootServer
 from labmetal.conductor.deploy import DEPLOY_ACTIONS, DeployContext
 from labmetal.conductor.drivers import HardwareType
+from labmetal.conductor.local_sessions import LocalSessionKeeper
 from labmetal.conductor.power.base import InvalidDriverInfo, PowerError, PowerTarget
 from labmetal.conductor.registry import ConductorRegistry
 from labmetal.conductor.roomjobs import RoomJobRunner
@@ -78,6 +79,8 @@ class ConductorService:
                         ConductorAPI(db, self.registry, settings.conductor, local=self))
         self.room_jobs = RoomJobRunner(settings.room_jobs, db, self.registry, store,
                                        settings.hostname, door)
+        self.local_sessions = LocalSessionKeeper(db, door, settings.hostname,
+                                                 settings.session_disconnect_end)
         self._room_wake = threading.Event()
 
     # -- life cycle ------------------------------------------------------------------
@@ -201,6 +204,8 @@ class ConductorService:
             self._waits_checked_at = time.monotonic()
             self._expire_agent_waits()
             self.boot_server.sync_hosts()
+            ring = self.registry.ring()
+            self.local_sessions.check(lambda node: ring.owner(node) == self.hostname)
 
     def _take_over(self, live: set[str]) -> None:
         """Locks held by conductors that are no longer alive: where the ring gives the node
@@ -367,6 +372,7 @@ class ConductorService:
 
         results = list(self._sync_pool.map(read_state, mine))
         mismatches = failures = 0
+        went_off = []  # seats read off where the last read said on
         with self.db.write() as session:
             for row, power_state, error in results:
                 if error is not None:
@@ -383,9 +389,13 @@ class ConductorService:
                 elif power_state != row.power_state:
                     mismatches += 1
                     if self._conditional_update(session, row, power_state=power_state):
+                        if (row.power_state, power_state) == (states.POWER_ON,
+                                                              states.POWER_OFF):
+                            went_off.append(row.id)
                         history.record(session, row.id, "power",
                                        f"power state changed outside labmetal: '{row.power_state}'"
                                        f" -> '{power_state}'", "WARNING", conductor=self.hostname)
+        self.local_sessions.seats_powered_off(went_off)  # a local session there ended
         stats = self.sync_stats
         self.sync_stats = SyncStats(stats.cycles + 1, len(mine), time.monotonic() - started,
                                     mismatches, failures)

@@ -47,11 +47,6 @@ class SessionDoor:
         self.nodes = nodes
         self.class_quota_mib = class_quota_mib
 
-    def session_store_watch(self) -> None:
-        """Watch the local sessions' seats from now on (a seat powered off ends its
-        session there: it is woken to upload it)."""
-        self.store.watch_local()
-
     @contextmanager
     def backend(self) -> Iterator[OverlayBackend]:
         """The store's backend for one step; its refusals logged, then passed on."""

@@ -14,7 +14,7 @@ import atexit
 import logging
 import threading
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from contextlib import contextmanager
 
 from sqlalchemy import select, update
@@ -26,7 +26,7 @@ from labmetal.db import Database
 from labmetal.images.overlays.base import OverlayBackend, OverlayError, Quota
 from labmetal.images.overlays.tgt import SessionTargets
 from labmetal.lifecycles import (SESSION_BUSY, SESSION_FAILED, SESSION_RUNNING,
-                                 SESSION_STARTING, SESSION_STOPPED, SESSION_SYNCING)
+                                 SESSION_STARTING, SESSION_STOPPED)
 from labmetal.models import Node, StudentSession
 
 LOG = logging.getLogger(__name__)
@@ -46,12 +46,8 @@ class Storage:
         self.seen_on: set[str] = set()  # running sessions whose seat was seen powered on
         self.last_connected: dict[str, float] = {}  # session -> when a seat was logged in
         self._backend: OverlayBackend | None = None
-        self.local_seen_on: set[str] = set()  # local sessions whose seat was seen on
-        # wakes a seat to upload a local session that ended on it (node UUID, reason)
-        self.wake: Callable[[str, str], object] | None = None
         self._stop = threading.Event()
         self._watcher: threading.Thread | None = None
-        self._local_watcher: threading.Thread | None = None
 
     @property
     def name(self) -> str:
@@ -181,7 +177,6 @@ class Storage:
                 .outerjoin(Node, Node.id == StudentSession.seat_node_id)
                 .where(StudentSession.state.in_(BUSY), StudentSession.mode != "local",
                        StudentSession.backend == self.name)).all()
-        self._local_seats_off()
         self.seen_on &= {row[0] for row in found}
         for uuid, state, _, _, power, _ in found:
             if state == SESSION_RUNNING and power == states.POWER_ON:
@@ -223,55 +218,6 @@ class Storage:
                 ).rowcount
             if changed:
                 LOG.warning("session %s failed: %s", uuid, why)
-
-
-    def _local_seats_off(self) -> None:
-        """A local session whose seat was seen on and is now off ended there (the student
-        shut the OS down, or left): it is syncing, and its seat is woken to upload it
-        (``wake``, set by the sessions' door's owner), then powers itself off again. The
-        change is a compare-and-set: of several processes watching, one wakes the seat."""
-        with self.db.read() as session:
-            rows = session.execute(
-                select(StudentSession.uuid, Node.uuid, Node.power_state,
-                       Node.target_power_state)
-                .join(Node, Node.id == StudentSession.seat_node_id)
-                .where(StudentSession.state == SESSION_RUNNING,
-                       StudentSession.mode == "local")).all()
-        self.local_seen_on &= {row[0] for row in rows}
-        for session_uuid, node_uuid, power, target in rows:
-            if power == states.POWER_ON:
-                self.local_seen_on.add(session_uuid)
-                continue
-            if power != states.POWER_OFF or target is not None \
-                    or session_uuid not in self.local_seen_on:
-                continue
-            self.local_seen_on.discard(session_uuid)
-            with self.db.write() as session:
-                changed = session.execute(  # type: ignore[attr-defined]  # a CursorResult
-                    update(StudentSession).where(StudentSession.uuid == session_uuid,
-                                                 StudentSession.state == SESSION_RUNNING)
-                    .values(state=SESSION_SYNCING)).rowcount
-            if changed and self.wake is not None:
-                LOG.info("local session %s ended (its seat was powered off); waking it to "
-                         "upload", session_uuid)
-                self.wake(node_uuid, f"to upload session {session_uuid}")
-
-    def watch_local(self) -> None:
-        """Watch the local sessions' seats from now on (they need no backend until they
-        sync); the backend's watcher does it too once it runs."""
-        if self._local_watcher is None:
-            self._local_watcher = threading.Thread(target=self._watch_local,
-                                                   name="local-session-watcher", daemon=True)
-            self._local_watcher.start()
-
-    def _watch_local(self) -> None:
-        while not self._stop.wait(WATCH_INTERVAL):
-            if self._watcher is not None:
-                continue  # the backend's watcher reconciles, local sessions included
-            try:
-                self._local_seats_off()
-            except Exception:  # noqa: BLE001 - a watcher that dies would hide every fault
-                LOG.exception("checking the local sessions failed")
 
 
 def refresh_used(backend: OverlayBackend, ses: StudentSession) -> None:

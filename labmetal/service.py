@@ -78,8 +78,6 @@ def run(settings: Settings, api: bool = True, conductor: bool = True) -> None:
                                 ConductorAPI(db, registry, settings.conductor, local=engine),
                                 drivers, box, policy, directory)
             app = create_app(services)
-            if engine:  # the seats of local sessions are watched from the start
-                services.sessions.session_store_watch()
             if settings.front == "nginx":
                 server, front = serve_behind_front(app, settings.front_end, role)
             else:
