@@ -192,3 +192,33 @@ def pieces(blocks: Iterable[tuple[int, bytes]], limit: int = 4 * 1024 * 1024,
             extents, data, size = [], [], 0
     if extents:
         yield extents, b"".join(data)
+
+
+# -- what the student's store holds, chunk by chunk -----------------------------------------
+# Sent down with the student's blocks' list: the seat uploads only the chunks whose bytes
+# differ from the store's (a resumed session's unchanged chunks stay where they are). One
+# record per chunk: its offset (8 bytes, big-endian) and the sha256 of its bytes.
+HASH_RECORD = struct.Struct(">Q32s")
+
+
+def encode_hashes(chunks: Iterable[tuple[int, bytes]]) -> bytes:
+    """The records of (offset, sha256 digest) pairs, in offset order."""
+    return b"".join(HASH_RECORD.pack(offset, digest) for offset, digest in chunks)
+
+
+def read_hashes(data: bytes, disk_size: int, chunk_bytes: int) -> dict[int, bytes]:
+    """offset -> sha256 digest of each chunk the store holds; every offset a chunk's start
+    inside the disk, in strictly increasing order (anything else is refused)."""
+    if len(data) % HASH_RECORD.size:
+        raise WireError(f"a hash list of {len(data)} bytes is not whole records")
+    if len(data) // HASH_RECORD.size > disk_size // max(chunk_bytes, 1):
+        raise WireError("a hash list with more chunks than the disk holds")
+    found: dict[int, bytes] = {}
+    last = -1
+    for offset, digest in HASH_RECORD.iter_unpack(data):
+        if offset % chunk_bytes or offset + chunk_bytes > disk_size or offset <= last:
+            raise WireError(f"a hash list names chunk offset {offset}: not a chunk of the "
+                            "disk, or out of order")
+        found[offset] = digest
+        last = offset
+    return found

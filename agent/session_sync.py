@@ -19,13 +19,17 @@ this order, because an overlay not uploaded is the only copy of the end of a ses
    checked against the manifest, which also undoes anything a student wrote there), then
    the student's own chunks from their store into a new snapshot store in the overlay slot;
    the seat then tells labmetal it is ready and reboots into the session;
-3. then: power off (the session ended) or reboot (its next boot script says what next).
+3. or fill: the room opened a TP, and its template goes into the origin slot before anyone
+   logs in, from the room job's multicast group (agent/multicast.py) through the same
+   pipeline, so that every seat of the room receives it once for all of them;
+4. then: power off (the session ended) or reboot (its next boot script says what next).
 
 Nothing here trusts the disk: the cache's state and the snapshot store are parsed as
 hostile input (a student is root in the session OS), and the server checks what arrives.
 """
 from __future__ import annotations
 
+import hashlib
 import io
 import logging
 import os
@@ -40,12 +44,14 @@ from typing import Any
 import requests
 
 from labmetal.agent import block_wire, cow, fetch, seat_cache, writer
+from labmetal.agent.command_params import MulticastGroup
 from labmetal.agent.seat_cache import Cache, Origin, Overlay
 from labmetal.agent.writer import Progress
 
 LOG = logging.getLogger(__name__)
 TIMEOUT = 60
 RETRY_SECONDS = 5
+PROGRESS_SECONDS = 2.0  # how often the teacher's grid hears how far a seat is
 
 
 class SyncError(Exception):
@@ -131,6 +137,14 @@ class TemplatePlan:
 
 
 @dataclass(frozen=True)
+class FillPlan:
+    """The room opened a TP: its template into this seat's cache before anyone logs in,
+    from the room job's multicast group when it has one (else over HTTP)."""
+    template: TemplatePlan
+    multicast: MulticastGroup | None
+
+
+@dataclass(frozen=True)
 class Plan:
     """What labmetal asks of this seat's cache, this boot."""
     cache_size: int
@@ -140,13 +154,18 @@ class Plan:
     template: TemplatePlan | None
     chunk_sectors: int
     then: str  # "reboot" | "poweroff"
+    fill: FillPlan | None = None
 
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> Plan:
         template = data.get("template")
+        fill = data.get("fill")
         return cls(int(data["cache_size"]), data.get("cache_hint"), data.get("upload"),
                    data.get("prepare"), TemplatePlan(**template) if template else None,
-                   int(data.get("chunk_sectors") or 128), str(data.get("then") or "reboot"))
+                   int(data.get("chunk_sectors") or 128), str(data.get("then") or "reboot"),
+                   FillPlan(TemplatePlan(**fill["template"]),
+                            MulticastGroup.from_dict(fill["multicast"])
+                            if fill.get("multicast") else None) if fill else None)
 
 
 class SeatClient:
@@ -191,6 +210,11 @@ class SeatClient:
         return self._check(self.http.get(self._url(f"/sessions/{session}/blocks"),
                                          stream=True, timeout=TIMEOUT), "download")
 
+    def hashes(self, session: str, disk_size: int, chunk_bytes: int) -> dict[int, bytes]:
+        answer = self._check(self.http.get(self._url(f"/sessions/{session}/hashes"),
+                                           timeout=TIMEOUT), "the store's chunk list")
+        return block_wire.read_hashes(answer.content, disk_size, chunk_bytes)
+
     def upload(self, session: str, number: int, piece: bytes) -> None:
         self._check(self.http.post(self._url(f"/sessions/{session}/pieces/{number}"),
                                    data=piece, timeout=TIMEOUT), f"upload of piece {number}")
@@ -203,6 +227,14 @@ class SeatClient:
     def ready(self, session: str, cache: Cache) -> None:
         self._check(self.http.post(self._url(f"/sessions/{session}/ready"),
                                    json=cache.describe(), timeout=TIMEOUT), "ready")
+
+    def filled(self, cache: Cache) -> None:
+        self._check(self.http.post(self._url("/filled"), json=cache.describe(),
+                                   timeout=TIMEOUT), "template report")
+
+    def progress(self, done: int, total: int) -> None:
+        self._check(self.http.put(self._url("/progress"), json={"done": done, "total": total},
+                                  timeout=TIMEOUT), "progress")
 
     def failed(self, message: str) -> None:
         try:
@@ -264,19 +296,32 @@ def upload(client: SeatClient, cache: Cache, session: str,
     if origin is None or overlay is None or overlay.session != session:
         raise SyncError(f"this seat's cache holds no overlay of session {session}")
     digest = block_wire.Digest()
-    sent = 0
+    sent = kept = 0
     with overlay_region(cache, origin.size, writable=False) as region:
         store = cow.read_store(region, region.size, origin.size)
-        chunks: Iterator[tuple[int, bytes]] = iter(()) if store is None \
-            else cow.read_chunks(region, store)
-        for piece, sha, raw_size in encoded_ahead(block_wire.pieces(chunks)):
+        try:
+            known = client.hashes(session, origin.size, store.chunk_bytes) if store else {}
+        except block_wire.WireError as error:  # then every chunk goes: slower, still right
+            say(f"labmetal: the store's chunk list is unusable ({error}); sending every chunk")
+            known = {}
+
+        def changed() -> Iterator[tuple[int, bytes]]:
+            """The chunks whose bytes the student's store does not hold already."""
+            nonlocal kept
+            for offset, data in cow.read_chunks(region, store) if store else ():
+                if known.get(offset) == hashlib.sha256(data).digest():
+                    kept += 1
+                else:
+                    yield offset, data
+
+        for piece, sha, raw_size in encoded_ahead(block_wire.pieces(changed())):
             client.upload(session, digest.pieces, piece)
             digest.add(sha)
             sent += raw_size
         base, size = region.base, region.size
     client.uploaded(session, digest)
-    say(f"labmetal: session uploaded ({sent / 2**20:.1f} MiB in {digest.pieces} pieces), "
-        "verified by labmetal")
+    say(f"labmetal: session uploaded ({sent / 2**20:.1f} MiB in {digest.pieces} pieces; "
+        f"{kept} unchanged chunk(s) not sent), verified by labmetal")
     cache = seat_cache.save_state(cache, replace(cache.state, overlay=replace(
         overlay, uploaded=True)))
     if store is not None:  # the next student on this seat must not find these chunks
@@ -298,19 +343,7 @@ def prepare(client: SeatClient, cache: Cache, session: str, template: TemplatePl
     if cache.cow_size(template.size) < 64 * 2**20:
         raise SyncError(f"this seat's cache ({cache.size} bytes) cannot hold template "
                         f"{template.name} ({template.size} bytes) and an overlay")
-    manifest = fetch.manifest(client.http, template.manifest_url)
-    if manifest.raw_sha256 != template.sha256 or manifest.raw_size != template.size:
-        raise SyncError("the template's manifest is not the one labmetal named")
-    origin = Origin(template.name, template.version, template.sha256, template.size)
-    cache = seat_cache.save_state(cache, seat_cache.State(origin, None))
-    say(f"labmetal: template {template.name} v{template.version}: checking this seat's copy")
-    result = writer.write(manifest, fetch.HttpChunks(client.http, template.packed_url),
-                          cache.disk, progress, base=cache.start + seat_cache.ORIGIN_OFFSET)
-    say(f"labmetal: template ready ({result.bytes_written / 2**20:.1f} MiB fetched, "
-        f"{result.chunks_total - result.chunks_written} of {result.chunks_total} chunks "
-        "were here already)")
-    cache = seat_cache.save_state(cache, seat_cache.State(replace(origin, complete=True),
-                                                          None))
+    cache = template_into_origin(client, cache, template, None, progress, say)
     chunk_bytes = chunk_sectors * 512
     answer = client.download(session)
     digest = block_wire.Digest()
@@ -340,6 +373,68 @@ def prepare(client: SeatClient, cache: Cache, session: str, template: TemplatePl
     overlay = Overlay(session, template.sha256, chunk_sectors, uploaded=False)
     cache = seat_cache.save_state(cache, replace(cache.state, overlay=overlay))
     say(f"labmetal: the student's {used / 2**20:.1f} MiB are on this seat")
+    return cache
+
+
+def template_into_origin(client: SeatClient, cache: Cache, template: TemplatePlan,
+                         multicast: MulticastGroup | None, progress: Progress,
+                         say: Callable[[str], None] = LOG.info) -> Cache:
+    """The template version in the origin slot through the one write pipeline: the chunks
+    already there are kept, the others come over HTTP or from the room's multicast group,
+    and all of it is read back and checked against the manifest."""
+    manifest = fetch.manifest(client.http, template.manifest_url)
+    if manifest.raw_sha256 != template.sha256 or manifest.raw_size != template.size:
+        raise SyncError("the template's manifest is not the one labmetal named")
+    origin = Origin(template.name, template.version, template.sha256, template.size)
+    cache = seat_cache.save_state(cache, seat_cache.State(origin, None))
+    say(f"labmetal: template {template.name} v{template.version}: checking this seat's copy")
+    source: writer.ChunkSource
+    if multicast is None:
+        source = fetch.HttpChunks(client.http, template.packed_url)
+    else:
+        from labmetal.agent import multicast as receiver  # zfec: for multicast only
+        source = receiver.MulticastChunks(multicast.group, multicast.port,
+                                          multicast.sender_address, multicast.job)
+    result = writer.write(manifest, source, cache.disk, progress,
+                          base=cache.start + seat_cache.ORIGIN_OFFSET)
+    say(f"labmetal: template ready ({result.bytes_written / 2**20:.1f} MiB fetched"
+        f"{' by multicast' if multicast else ''}, "
+        f"{result.chunks_total - result.chunks_written} of {result.chunks_total} chunks "
+        "were here already)")
+    return seat_cache.save_state(cache, seat_cache.State(replace(origin, complete=True), None))
+
+
+def fill(client: SeatClient, cache: Cache, plan: FillPlan,
+         say: Callable[[str], None] = LOG.info) -> Cache:
+    """The room's TP template into this seat's cache, its progress shown on the teacher's
+    grid; then labmetal is told the seat holds it."""
+    held = cache.state.overlay
+    if held is not None and not held.uploaded:
+        raise SyncError(f"this seat still holds session {held.session}'s overlay, not "
+                        "uploaded yet")
+    if cache.cow_size(plan.template.size) < 64 * 2**20:
+        raise SyncError(f"this seat's cache ({cache.size} bytes) cannot hold template "
+                        f"{plan.template.name} ({plan.template.size} bytes) and an overlay")
+    progress = Progress()
+    done = threading.Event()
+
+    def report() -> None:
+        while not done.wait(PROGRESS_SECONDS):
+            if progress.total:
+                try:
+                    client.progress(progress.done, progress.total)
+                except (SyncError, requests.RequestException) as error:
+                    LOG.debug("progress not reported: %s", error)
+
+    reporter = threading.Thread(target=report, name="progress", daemon=True)
+    reporter.start()
+    try:
+        cache = template_into_origin(client, cache, plan.template, plan.multicast, progress,
+                                     say)
+    finally:
+        done.set()
+        reporter.join()
+    client.filled(cache)
     return cache
 
 
@@ -386,6 +481,8 @@ def run(api_url: str, macs: list[str], disk: str | None, reboot: list[str],
             cache = prepare(client, cache, plan.prepare, plan.template, plan.chunk_sectors,
                             Progress(), say)
             client.ready(plan.prepare, cache)
+        elif plan.fill is not None:  # the room opened a TP: its template, then the login
+            cache = fill(client, cache, plan.fill, say)
         elif plan.then == "poweroff":
             then = poweroff
     except (SyncError, seat_cache.CacheError, cow.CowError, block_wire.WireError,

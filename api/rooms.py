@@ -85,6 +85,8 @@ def job_view(job: RoomJob, room_name: str) -> dict[str, Any]:
     return {"uuid": job.uuid, "room": room_name, "action": job.action,
             "image": job.image_name, "state": job.state, "transport": job.transport,
             "chosen_transport": job.chosen_transport, "retries": job.retries,
+            # what the job's multicast sender sent, once it stopped (the room's network cost)
+            "multicast_sent_bytes": (job.multicast or {}).get("sent_bytes"),
             "scheduled_at": isotime(job.scheduled_at), "repeat": job.repeat,
             "conductor": job.owner, "created_by": job.created_by,
             "started_at": isotime(job.started_at), "finished_at": isotime(job.finished_at),

@@ -31,6 +31,9 @@ CACHE = obj("a seat's cache", Field("cache_id", str, required=True, pattern="^[0
 UPLOADED = obj("an upload's end", Field("pieces", int, required=True, minimum=0),
                Field("digest", str, required=True, pattern="^[0-9a-f]{64}$",
                      example="0" * 64))
+PROGRESS = obj("how far a seat is in fetching its room's template",
+               Field("done", int, required=True, minimum=0),
+               Field("total", int, required=True, minimum=1))
 FAILED = obj("what went wrong", Field("message", str, required=True, max_length=500))
 SESSION = "<uuid:session>"
 
@@ -83,6 +86,14 @@ def blocks(node, session):
     return Response(stream_with_context(stream), mimetype="application/octet-stream")
 
 
+@blueprint.get(f"/v1/seat-sessions/<uuid:node>/sessions/{SESSION}/hashes")
+@public(PROTECTED)
+def hashes(node, session):
+    """What the student's store holds, chunk by chunk, as it was sent to this seat."""
+    listed = services().seat_sync.hashes(str(node), _token(), caller_address(), str(session))
+    return Response(listed, mimetype="application/octet-stream")
+
+
 @blueprint.post(f"/v1/seat-sessions/<uuid:node>/sessions/{SESSION}/pieces/<int:number>")
 @public(PROTECTED)
 @streams(lambda: block_wire.PIECE_RAW_MAX + block_wire.HEADER_MAX + 4096)
@@ -106,6 +117,24 @@ def uploaded(node, session, body: dict[str, Any]):
 @body(CACHE)
 def ready(node, session, body: dict[str, Any]):
     services().seat_sync.ready(str(node), _token(), caller_address(), str(session), body)
+    return "", 204
+
+
+@blueprint.put("/v1/seat-sessions/<uuid:node>/progress")
+@public(PROTECTED)
+@body(PROGRESS)
+def progress(node, body: dict[str, Any]):
+    services().seat_sync.progress(str(node), _token(), caller_address(), body["done"],
+                                  body["total"])
+    return "", 204
+
+
+@blueprint.post("/v1/seat-sessions/<uuid:node>/filled")
+@public(PROTECTED)
+@body(CACHE)
+def filled(node, body: dict[str, Any]):
+    """The seat holds its room's TP template in its cache (a room opening a TP)."""
+    services().seat_sync.filled(str(node), _token(), caller_address(), body)
     return "", 204
 
 

@@ -17,16 +17,19 @@ from sqlalchemy.orm import Session
 from labmetal import schedule
 from labmetal.conductor.door import Asker
 from labmetal.errors import Conflict, InvalidRequest, NotFound
-from labmetal.conductor.roomjobs import cancel_waits
+from labmetal.conductor.roomjobs import CACHE, cancel_waits
 from labmetal.conductor.rpcapi import ConductorAPI
 from labmetal.db import Database
 from labmetal.lifecycles import (JOB_CANCELLED, JOB_RUNNING, JOB_SCHEDULED, ROOM_JOB,
                                  ROOM_JOB_SEAT, SEAT_CANCELLED, SEAT_FINISHED, SEAT_QUEUED)
 from labmetal.lookup import ImageUnusable, find_job, find_room, usable_image
-from labmetal.models import Image, Room, RoomJob, RoomJobSeat, Seat, utcnow
+from labmetal.models import (Image, Room, RoomJob, RoomJobSeat, Seat, SeatCache,
+                             TemplateVersion, utcnow)
 
 DEPLOY, POWER_OFF = "deploy", "power-off"
-ACTIONS = (DEPLOY, POWER_OFF)
+ACTIONS = (DEPLOY, POWER_OFF)  # what a teacher asks for
+# CACHE: a room opening a TP puts the template version in its seats' caches (local
+# sessions); made by open_tp (api/room_tp.py), not asked for by itself.
 TRANSPORTS = ("auto", "unicast", "multicast")
 
 
@@ -83,6 +86,60 @@ class RoomJobDoor:
             job_uuid = job.uuid
         self.conductors.wake_all()
         return job_uuid
+
+    def cache_template(self, room_ident: str, version_id: int, labels: list[str],
+                       by: Asker) -> str | None:
+        """A room opening a TP: the template version into the caches of these seats (those
+        not holding it already), by multicast for a room, so that a student's login finds
+        it there (issue 16). The room's earlier such job, if running, is cancelled. The
+        job's UUID, or None if every seat holds the version."""
+        with self.db.write() as session:
+            room = find_room(session, room_ident)
+            version = session.get(TemplateVersion, version_id)
+            image = session.get(Image, version.image_id) \
+                if version is not None and version.image_id else None
+            if version is None or image is None:
+                raise Conflict("the template version's image is gone")
+            for earlier in session.scalars(select(RoomJob).where(
+                    RoomJob.room_id == room.id, RoomJob.action == CACHE,
+                    RoomJob.state.in_((JOB_SCHEDULED, JOB_RUNNING)))):
+                self._cancel(session, earlier, "the room opened another TP")
+            holding = set(session.scalars(select(SeatCache.node_id).where(
+                SeatCache.origin_version_id == version.id, SeatCache.origin_complete)))
+            seats = [(label, node_id) for label, node_id in session.execute(
+                select(Seat.label, Seat.node_id).where(Seat.room_id == room.id,
+                                                       Seat.label.in_(labels))
+                .order_by(Seat.label)) if node_id not in holding]
+            if not seats:
+                return None
+            job = RoomJob(room_id=room.id, action=CACHE, image_id=image.id,
+                          image_name=image.name, template_version_id=version.id,
+                          transport="auto", retries=0, scheduled_at=utcnow(),
+                          created_by=by.user)
+            session.add(job)
+            session.flush()
+            for label, node_id in seats:
+                session.add(RoomJobSeat(job_id=job.id, node_id=node_id, label=label))
+            job_uuid = job.uuid
+        self.conductors.wake_all()
+        return job_uuid
+
+    def cancel_caching(self, room_ident: str, by: Asker) -> None:
+        """The room's TP is closed: its seats stop being sent the template."""
+        with self.db.write() as session:
+            room = find_room(session, room_ident)
+            for job in session.scalars(select(RoomJob).where(
+                    RoomJob.room_id == room.id, RoomJob.action == CACHE,
+                    RoomJob.state.in_((JOB_SCHEDULED, JOB_RUNNING)))):
+                self._cancel(session, job, f"the TP was closed by {by.user or 'a user'}")
+        self.conductors.wake_all()
+
+    @staticmethod
+    def _cancel(session: Session, job: RoomJob, why: str) -> None:
+        job.state, job.finished_at, job.last_error = JOB_CANCELLED, utcnow(), why
+        session.execute(update(RoomJobSeat).where(RoomJobSeat.job_id == job.id,
+                                                  RoomJobSeat.state.not_in(SEAT_FINISHED))
+                        .values(state=SEAT_CANCELLED))
 
     def cancel(self, job_ident: str, by: Asker) -> str:
         """Seats not finished are cancelled; seats waiting for their agent stop waiting."""

@@ -27,11 +27,13 @@ from labmetal.images.store import ImageStore
 from labmetal.lifecycles import (JOB_ACTIVE, JOB_DONE, JOB_FAILED, JOB_RUNNING, JOB_SCHEDULED,
                                  SEAT_BOOTING, SEAT_DONE, SEAT_FAILED, SEAT_FINISHED, SEAT_POWERING,
                                  SEAT_VERIFYING, SEAT_WRITING)
-from labmetal.models import Image, Node, RoomJob, RoomJobSeat, utcnow
+from labmetal.models import Image, Node, RoomJob, RoomJobSeat, SeatCache, utcnow
 
 LOG = logging.getLogger(__name__)
 
 FINISHED = SEAT_FINISHED
+SENDER_FIGURES = ("sent_bytes", "seats_complete")  # kept in a job's multicast once it ends
+CACHE = "cache"  # a room opening a TP: the template into the seats' caches (job_door.CACHE)
 DEPLOYABLE = {states.AVAILABLE: "deploy", states.ACTIVE: "rebuild",
               states.DEPLOY_FAILED: "deploy"}
 # A node on its way to "available" that the job brings along (enroll -> manageable -> ...).
@@ -125,7 +127,7 @@ class RoomJobRunner:
             if job is None or job.state != JOB_SCHEDULED:
                 return
             job.state, job.started_at = JOB_RUNNING, utcnow()
-            if job.action == "deploy":
+            if job.action in ("deploy", CACHE):
                 job.chosen_transport = self._transport(job)
                 if job.chosen_transport == "multicast":
                     job.multicast = self._multicast_address(session, job)
@@ -177,8 +179,10 @@ class RoomJobRunner:
                       seat.attempts, seat.node_id) for seat in job.seats]
             image = session.get(Image, job.image_id) if job.image_id else None
             action, retries, uuid = job.action, job.retries, job.uuid
-            multicast = dict(job.multicast or {})
-        if action == "deploy" and image is None:
+            version_id = job.template_version_id
+            multicast = {key: value for key, value in (job.multicast or {}).items()
+                         if key not in SENDER_FIGURES}
+        if action in ("deploy", CACHE) and image is None:
             self._finish(job_id, JOB_FAILED, "the job's image was deleted")
             return
         if multicast:
@@ -192,6 +196,8 @@ class RoomJobRunner:
                 self._set_seat(seat_id, SeatUpdate(SEAT_FAILED, error="the node was deleted"))
             elif action == "power-off":
                 self._power_off_seat(seat_id, node, requested_at)
+            elif action == CACHE:
+                self._cache_seat(seat_id, node, version_id, requested_at)
             else:
                 self._deploy_seat(seat_id, shown, node, requested_at, attempts, retries,
                                   image, uuid, multicast)  # type: ignore[arg-type]
@@ -266,6 +272,28 @@ class RoomJobRunner:
             LOG.warning("room job: cannot hand node %s over: %s", node.uuid, error)
             return False
 
+    def _cache_seat(self, seat_id: int, node: Node, version_id: int | None,
+                    requested_at: Any) -> None:
+        """A seat of a room opening a TP: its next network boot fetches the template into
+        its cache (the seat's side: agent/session_sync.py ``fill``, reported through
+        conductor/seat_sync.py, which moves the seat to writing, done or failed). The room's
+        opening powered it on; a seat that was on comes at its next network boot, within
+        ``callback_timeout``."""
+        with self.db.read() as session:
+            cache = session.scalar(select(SeatCache).where(SeatCache.node_id == node.id))
+        if version_id is not None and cache is not None \
+                and cache.origin_version_id == version_id and cache.origin_complete:
+            self._set_seat(seat_id, SeatUpdate(SEAT_DONE, 100))
+        elif requested_at is None:
+            with self.db.write() as session:
+                session.execute(update(RoomJobSeat).where(RoomJobSeat.id == seat_id).values(
+                    state=SEAT_POWERING, progress=0, attempts=1, requested_at=utcnow()))
+        elif (utcnow() - requested_at).total_seconds() > self.settings.callback_timeout:
+            self._set_seat(seat_id, SeatUpdate(SEAT_FAILED, error=(
+                f"the seat did not come for the template within "
+                f"{self.settings.callback_timeout:.0f} s (off at the wall? not booting from "
+                "the network?); a student's login there fetches it")))
+
     def _power_off_seat(self, seat_id: int, node: Node, requested_at: Any) -> None:
         if requested_at is None:
             if node.power_state == states.POWER_OFF:
@@ -330,8 +358,16 @@ class RoomJobRunner:
                 RoomJob.owner == self.hostname)))
         for job_uuid in list(self.senders):
             if job_uuid not in running:
-                self.senders.pop(job_uuid).stop()
-                LOG.info("room job %s: multicast sender stopped", job_uuid)
+                sender = self.senders.pop(job_uuid)
+                sender.stop()
+                status = sender.status()
+                with self.db.write() as session:
+                    job = session.scalar(select(RoomJob).where(RoomJob.uuid == job_uuid))
+                    if job is not None:  # what the room cost the network, for the job's view
+                        job.multicast = {**(job.multicast or {}), "sent_bytes": status.bytes_sent,
+                                         "seats_complete": status.receivers_complete}
+                LOG.info("room job %s: multicast sender stopped (%d bytes sent, %d seat(s) "
+                         "complete)", job_uuid, status.bytes_sent, status.receivers_complete)
 
 
 def cancel_waits(session: Any, job_id: int, user: str | None) -> None:

@@ -21,6 +21,7 @@ streamed without it, so one slow seat does not hold up the others.
 """
 from __future__ import annotations
 
+import hashlib
 import hmac
 import io
 from datetime import UTC
@@ -32,7 +33,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from sqlalchemy import select
+from sqlalchemy import select, update
 from sqlalchemy.orm import Session
 
 from labmetal.agent import block_wire
@@ -43,10 +44,13 @@ from labmetal.conductor.session_store import Storage, refresh_used
 from labmetal.db import Database
 from labmetal.errors import Conflict, Forbidden, InvalidRequest, NotFound
 from labmetal.images.store import ImageStore
-from labmetal.lifecycles import (SESSION_RUNNING, SESSION_STARTING, SESSION_STOPPED,
-                                 SESSION_SYNCING)
+from labmetal.conductor.roomjobs import CACHE
+from labmetal.lifecycles import (JOB_RUNNING, SEAT_DONE, SEAT_FAILED, SEAT_FINISHED,
+                                 SEAT_WRITING, SESSION_RUNNING, SESSION_STARTING,
+                                 SESSION_STOPPED, SESSION_SYNCING)
 from labmetal.images.overlays.base import OverlayError
-from labmetal.models import Image, Node, Port, SeatCache, SessionSave, StudentSession, utcnow
+from labmetal.models import (Image, Node, Port, RoomJob, RoomJobSeat, SeatCache, SessionSave,
+                             StudentSession, TemplateVersion, utcnow)
 from labmetal.secrets import SecretBox
 
 LOG = logging.getLogger(__name__)
@@ -80,8 +84,9 @@ class SeatSync:
     # -- what a seat boots -------------------------------------------------------------
     def has_work(self, session: Session, node: Node) -> bool:
         """The seat's cache has something to do: a local session starting on it, one that
-        ended there (syncing), or an overlay labmetal has not verified that is not the
-        session running on it now."""
+        ended there (syncing), an overlay labmetal has not verified that is not the
+        session running on it now, or the template of a TP its room opened (a room job
+        filling the seats' caches) that its cache does not hold."""
         rows = session.execute(select(StudentSession.id, StudentSession.state).where(
             StudentSession.seat_node_id == node.id, StudentSession.mode == "local",
             StudentSession.state.in_((SESSION_STARTING, SESSION_RUNNING,
@@ -90,8 +95,10 @@ class SeatSync:
             return True
         cache = _cache(session, node.id)
         running = {ses_id for ses_id, _ in rows}
-        return cache is not None and not cache.overlay_uploaded \
-            and cache.overlay_session_id not in running
+        if cache is not None and not cache.overlay_uploaded \
+                and cache.overlay_session_id not in running:
+            return True
+        return not rows and _fill_job(session, node.id, cache) is not None
 
     def local_boot(self, session: Session, node: Node) -> LocalBoot | None:
         """The running local session's boot, if the seat's cache holds it ready."""
@@ -170,17 +177,74 @@ class SeatSync:
                 if image is None or not image.raw_sha256:
                     raise Conflict(f"template {version.template.name} v{version.version}'s "
                                    "image is gone")
-                if version.size % (self.chunk_sectors * SECTOR):
-                    raise Conflict(f"template {version.template.name} v{version.version} is "
-                                   f"not a whole number of {self.settings.session_chunk_kib} "
-                                   "KiB chunks")
-                base = self.settings.seat_base_url
-                plan.update(prepare=ses.uuid, then="reboot", template={
-                    "name": version.template.name, "version": version.version,
-                    "sha256": image.raw_sha256, "size": version.size,
-                    "manifest_url": f"{base}/files/images/{image.uuid}/manifest",
-                    "packed_url": f"{base}/files/images/{image.uuid}/packed"})
-            return plan
+                plan.update(prepare=ses.uuid, then="reboot",
+                            template=self._template(version, image))
+                return plan
+            seat = _fill_job(session, node.id, cache)
+            seat_id = seat.id if seat is not None else None
+            if seat is not None:
+                job = seat.job
+                wanted = session.get(TemplateVersion, job.template_version_id)
+                fetched = session.get(Image, job.image_id) if job.image_id else None
+                if wanted is None or fetched is None or not fetched.raw_sha256:
+                    raise Conflict("the TP's template version is gone")
+                plan.update(then="reboot", fill={
+                    "template": self._template(wanted, fetched),
+                    "multicast": _group(job.multicast) if job.chosen_transport ==
+                    "multicast" else None})
+        if seat_id is not None:  # the teacher's grid: this seat is fetching it
+            with self.db.write() as session:
+                session.execute(update(RoomJobSeat).where(
+                    RoomJobSeat.id == seat_id, RoomJobSeat.state.not_in(SEAT_FINISHED))
+                    .values(state=SEAT_WRITING, progress=0))
+        return plan
+
+    def _template(self, version: TemplateVersion, image: Image) -> dict[str, Any]:
+        """Where a seat finds a template version's image (agent/session_sync.TemplatePlan)."""
+        if version.size % (self.chunk_sectors * SECTOR):
+            raise Conflict(f"template {version.template.name} v{version.version} is not a "
+                           f"whole number of {self.settings.session_chunk_kib} KiB chunks")
+        base = self.settings.seat_base_url
+        return {"name": version.template.name, "version": version.version,
+                "sha256": image.raw_sha256, "size": version.size,
+                "manifest_url": f"{base}/files/images/{image.uuid}/manifest",
+                "packed_url": f"{base}/files/images/{image.uuid}/packed"}
+
+    def progress(self, node_uuid: str, token: str | None, address: str, done: int,
+                 total: int) -> None:
+        """How far the seat is in fetching its room's template, for the teacher's grid."""
+        with self.db.write() as session:
+            node, cache = self.check(session, node_uuid, token, address)
+            seat = _fill_job(session, node.id, cache)
+            if seat is not None and total > 0:
+                seat.state = SEAT_WRITING
+                seat.progress = max(0, min(99, done * 100 // total))
+
+    def filled(self, node_uuid: str, token: str | None, address: str,
+               report: dict[str, Any]) -> None:
+        """The seat wrote its room's template into its cache and read it back against the
+        manifest. What it says is believed for what it is: a seat that lies only misleads
+        its own next start, which checks every chunk again."""
+        self.record(node_uuid, token, address, report)
+        with self.db.write() as session:
+            node, cache = self.check(session, node_uuid, token, address)
+            seat = _fill_job(session, node.id, cache)
+            if seat is None:
+                raise Conflict("this seat has no template to fetch")
+            version = session.get(TemplateVersion, seat.job.template_version_id)
+            image = session.get(Image, seat.job.image_id) if seat.job.image_id else None
+            origin = (report.get("state") or {}).get("origin") or {}
+            if version is None or image is None or origin.get("sha256") != image.raw_sha256 \
+                    or origin.get("complete") is not True:
+                raise Conflict("the seat's cache does not hold the TP's template")
+            cache.origin_version_id, cache.origin_sha256 = version.id, image.raw_sha256
+            cache.origin_complete = True
+            if cache.overlay_uploaded:
+                cache.overlay_session_id = None
+            cache.token = None  # this boot's work is done
+            seat.state, seat.progress, seat.error = SEAT_DONE, 100, None
+            LOG.info("seat %s holds template %s v%d in its cache", node.name or node_uuid,
+                     version.template.name, version.version)
 
     def record(self, node_uuid: str, token: str | None, address: str,
                report: dict[str, Any]) -> None:
@@ -213,19 +277,37 @@ class SeatSync:
             size = ses.template_version.size
         spool = self._spool(session_uuid) / "down"
         chunk = self.chunk_sectors * SECTOR
+        hashes = []
         with self.store.backend() as backend:
             extents = backend.changed_extents(session_uuid)
             with backend.blocks(session_uuid) as io, open(spool, "wb") as out:
                 digest = block_wire.Digest()
                 for offset, data in _whole_chunks(io, extents, chunk, size):
+                    hashes.append((offset, hashlib.sha256(data).digest()))
                     for piece_extents, raw in block_wire.pieces([(offset, data)]):
                         piece, sha = block_wire.encode(piece_extents, raw)
                         out.write(piece)
                         digest.add(sha)
                 out.write(block_wire.encode_end(digest))
+        # what the store holds now, chunk by chunk, until the seat's upload is stored: the
+        # store does not change meanwhile (a busy session is neither reverted nor reset)
+        listed = self._spool(session_uuid) / "hashes.partial"
+        listed.write_bytes(block_wire.encode_hashes(hashes))
+        listed.rename(listed.with_suffix(""))
         LOG.info("session %s: %d bytes of its own sent to seat %s", session_uuid,
                  spool.stat().st_size, node_uuid)
         return _stream(spool)
+
+    def hashes(self, node_uuid: str, token: str | None, address: str,
+               session_uuid: str) -> bytes:
+        """The sha256 of each chunk of the student's store as it was sent to this seat
+        (block_wire.read_hashes): the seat uploads only the chunks that differ. None known
+        (an older download): an empty list, and the seat uploads every chunk."""
+        with self.db.read() as session:
+            node, cache = self.check(session, node_uuid, token, address)
+            self._uploader(session, node, cache, session_uuid)
+        listed = self.spool / session_uuid / "hashes"
+        return listed.read_bytes() if listed.exists() else b""
 
     # -- up: the seat's overlay into the student's store ----------------------------------
     def receive(self, node_uuid: str, token: str | None, address: str, session_uuid: str,
@@ -299,6 +381,7 @@ class SeatSync:
                 if label:
                     _save(session, backend, stored, label)
         shutil.rmtree(spool, ignore_errors=True)
+        (spool.parent / "hashes").unlink(missing_ok=True)  # the store changed
         LOG.info("session %s: %d bytes uploaded from seat %s, verified and stored",
                  session_uuid, written, node_uuid)
 
@@ -321,7 +404,10 @@ class SeatSync:
 
     def failed(self, node_uuid: str, token: str | None, address: str, message: str) -> None:
         with self.db.write() as session:
-            node, _ = self.check(session, node_uuid, token, address)
+            node, cache = self.check(session, node_uuid, token, address)
+            seat = _fill_job(session, node.id, cache)
+            if seat is not None and seat.state == SEAT_WRITING:
+                seat.state, seat.error = SEAT_FAILED, message[:1000]
             for ses in session.scalars(select(StudentSession).where(
                     StudentSession.seat_node_id == node.id, StudentSession.mode == "local")):
                 ses.last_error = f"Seat {node.name or node.uuid}: {message}"[:1000]
@@ -362,6 +448,28 @@ def _save(session: Session, backend: Any, ses: StudentSession, label: str) -> No
                             backend_save_id=point.save_id, created_by="queued",
                             created_at=point.created_at.astimezone(UTC).replace(tzinfo=None)))
     ses.last_saved_at = utcnow()
+
+
+def _fill_job(session: Session, node_id: int, cache: SeatCache | None) -> RoomJobSeat | None:
+    """The seat's place in a running job of its room opening a TP, if its cache does not
+    hold that TP's template yet (conductor/roomjobs.py, action cache)."""
+    seat = session.scalar(select(RoomJobSeat).join(RoomJob, RoomJob.id == RoomJobSeat.job_id)
+                          .where(RoomJobSeat.node_id == node_id, RoomJob.action == CACHE,
+                                 RoomJob.state == JOB_RUNNING,
+                                 RoomJobSeat.state.not_in(SEAT_FINISHED))
+                          .order_by(RoomJob.id.desc()))
+    if seat is None or (cache is not None and cache.origin_complete
+                        and cache.origin_version_id == seat.job.template_version_id):
+        return None
+    return seat
+
+
+def _group(multicast: dict[str, Any] | None) -> dict[str, Any] | None:
+    """The job's group as the seat reads it (agent/command_params.MulticastGroup)."""
+    if not multicast:
+        return None
+    return {key: multicast[key] for key in ("group", "port", "sender", "interface", "job")
+            if key in multicast}
 
 
 def _cache(session: Session, node_id: int) -> SeatCache | None:

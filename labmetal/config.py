@@ -230,6 +230,8 @@ class RoomJobSettings:
     multicast_rate: int
     multicast_ttl: int
     seat_base_url: str = field(metadata=BORROWED)
+    # how long a seat of a room opening a TP has to come for the template (its cache)
+    callback_timeout: float = field(metadata=BORROWED, default=1800.0)
 
 
 @dataclass(frozen=True)

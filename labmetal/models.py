@@ -233,9 +233,12 @@ class RoomJob(Base):
     id: Mapped[int] = mapped_column(primary_key=True)
     uuid: Mapped[str] = mapped_column(String(36), unique=True, default=new_uuid)
     room_id: Mapped[int] = mapped_column(ForeignKey("rooms.id", ondelete="CASCADE"), index=True)
-    action: Mapped[str] = mapped_column(String(16))  # deploy | power-off
+    action: Mapped[str] = mapped_column(String(16))  # deploy | power-off | cache
     image_id: Mapped[int | None] = mapped_column(ForeignKey("images.id", ondelete="SET NULL"))
     image_name: Mapped[str | None] = mapped_column(String(255))  # kept if the image goes
+    # cache: the TP's template version put in the seats' caches (its image is image_id)
+    template_version_id: Mapped[int | None] = mapped_column(
+        ForeignKey("template_versions.id", ondelete="SET NULL"))
     # scheduled -> running -> done | failed (some seats failed after their retries) | cancelled
     state: Mapped[str] = mapped_column(String(16), default=ROOM_JOB.initial, index=True)
     transport: Mapped[str] = mapped_column(String(16), default="auto")  # as requested
@@ -271,6 +274,8 @@ class RoomJobSeat(Base):
     error: Mapped[str | None] = mapped_column(Text)
     requested_at: Mapped[datetime | None]  # the current attempt's request to the node
     updated_at: Mapped[datetime | None] = mapped_column(default=utcnow, onupdate=utcnow)
+
+    job: Mapped[RoomJob] = relationship(viewonly=True)
 
 
 class Template(Base):

@@ -281,3 +281,29 @@ def test_an_end_mark_says_how_many_pieces_and_their_digest() -> None:
     digest.add("1" * 64)
     assert read(encode_end(digest)) == End(1, digest.value)
     assert read(frame({"end": True, "pieces": 0, "digest": "a" * 64})) == End(0, "a" * 64)
+
+
+# -- the store's chunk list -------------------------------------------------------------------
+def test_the_stores_chunk_list_goes_through_whole() -> None:
+    listed = [(0, hashlib.sha256(b"a").digest()), (5 * CHUNK, hashlib.sha256(b"b").digest())]
+    assert block_wire.read_hashes(block_wire.encode_hashes(listed), DISK, CHUNK) == dict(listed)
+    assert block_wire.read_hashes(b"", DISK, CHUNK) == {}
+
+
+@pytest.mark.parametrize(("records", "why"), [
+    ([(1, b"x" * 32)], "not a chunk of the disk"),
+    ([(DISK, b"x" * 32)], "not a chunk of the disk"),
+    ([(CHUNK, b"x" * 32), (0, b"y" * 32)], "out of order"),
+    ([(CHUNK, b"x" * 32), (CHUNK, b"y" * 32)], "out of order"),
+])
+def test_a_chunk_list_naming_what_no_disk_has_is_refused(records, why: str) -> None:
+    with pytest.raises(WireError, match=why):
+        block_wire.read_hashes(block_wire.encode_hashes(records), DISK, CHUNK)
+
+
+def test_a_chunk_list_of_broken_records_or_too_many_is_refused() -> None:
+    with pytest.raises(WireError, match="not whole records"):
+        block_wire.read_hashes(b"\0" * 41, DISK, CHUNK)
+    many = block_wire.encode_hashes((n * CHUNK, b"x" * 32) for n in range(DISK // CHUNK + 1))
+    with pytest.raises(WireError, match="more chunks than the disk"):
+        block_wire.read_hashes(many, DISK, CHUNK)

@@ -77,9 +77,8 @@ def test_a_local_sessions_end_is_kept_by_its_seats_conductor_and_taken_over_when
             lab.ok("ada", "PUT", f"/v1/rooms/tpr/seats/{seat.upper()}", {"node": seat})
             lab.ok("ada", "PUT", f"/v1/nodes/{seat}/states/provision", {"target": "manage"},
                    status=202)  # enrolled nodes' power is not synced until they are managed
-        for seat in MACS:
-            wait_for(lambda: latest(lab, f"/v1/nodes/{seat}")["provision_state"] == "manageable",
-                     60, f"{seat} manageable")
+        wait_for(lambda: all(latest(lab, f"/v1/nodes/{seat}")["provision_state"] ==
+                             "manageable" for seat in MACS), 60, "the seats manageable")
         for name, kind in (("deploy-k", "kernel"), ("deploy-r", "ramdisk")):
             lab.ok("ada", "POST", "/v1/images", {"name": name, "kind": kind}, status=201)
             assert requests.put(f"{api.url}/v1/images/{name}/data", data=b"boot file",

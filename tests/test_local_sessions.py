@@ -180,6 +180,19 @@ def test_a_students_work_goes_from_one_seats_disk_to_their_store_and_to_the_next
     assert all(got[offset] == data for offset, data in binary.items())
     assert set(got) == {0, 40 * MiB, *binary}
 
+    # sam changes one chunk on a02: only that one goes up, the others stay in the store
+    a02.os_writes({40 * MiB: chunk("sam's notes, v2")})
+    assert lab.call("sam", "POST", f"{path}/stop").ok
+    a02.said.clear()
+    assert a02.ramdisk().then == "poweroff"
+    said = next(line for line in a02.said if "session uploaded" in line)
+    assert "0.1 MiB in 1 pieces" in said and f"{len(binary) + 1} unchanged chunk" in said, said
+    lab.ok("sam", "POST", f"{path}/start", {"seat": "a01", "boot": False})
+    a01.ramdisk()
+    got = a01.overlay_chunks()
+    assert got[40 * MiB] == chunk("sam's notes, v2") and got[0] == chunk("mbr by sam")
+    assert all(got[offset] == data for offset, data in binary.items())
+
 
 def test_a_seat_switched_off_before_its_upload_keeps_the_only_copy_and_uploads_first(
         lab, tmp_path):
@@ -239,3 +252,56 @@ def test_a_seat_never_uploads_into_another_students_store(lab, tmp_path):
     a02.ramdisk()
     assert a02.overlay_chunks() == {}, "sam's store holds nothing of una's"
     assert os.path.getsize(a02.disk) == DISK_SIZE
+
+
+def beyond_template(chunks: dict[int, bytes], image: Path) -> dict[int, bytes]:
+    """The chunks that differ from the template's (a store may hold the template's own
+    bytes where a revert copied them back)."""
+    def template_at(offset: int, length: int) -> bytes:
+        with open(image, "rb") as template:
+            template.seek(offset)
+            return template.read(length)
+
+    return {offset: data for offset, data in chunks.items()
+            if template_at(offset, len(data)) != data}
+
+
+def test_a_local_sessions_save_points_revert_and_start_over(lab, tmp_path, tp_image):
+    a01, a02 = Seat(lab, "a01", tmp_path), Seat(lab, "a02", tmp_path)
+    ses = start(lab, "sam", "a01")
+    path = f"/v1/sessions/{ses['uuid']}"
+    a01.ramdisk()
+    a01.os_writes({8 * MiB: chunk("routes v1")})
+    # while it runs, the newest state is on the seat: the save is queued, and made from
+    # the seat's upload once it is verified
+    queued = lab.call("sam", "POST", f"{path}/save", {"label": "before-firewall"})
+    assert queued.status_code == 202 and queued.json()["queued"] == "before-firewall"
+    assert lab.ok("sam", "GET", f"{path}/saves")["saves"] == []
+    assert lab.call("sam", "POST", f"{path}/stop").ok
+    a01.ramdisk()
+    saves = lab.ok("sam", "GET", f"{path}/saves")["saves"]
+    assert [save["label"] for save in saves] == ["before-firewall"]
+    # more work, then back to the save point: the next seat gets what was saved
+    lab.ok("sam", "POST", f"{path}/start", {"seat": "a02", "boot": False})
+    a02.ramdisk()
+    a02.os_writes({8 * MiB: chunk("routes v2, firewall broke it"), 16 * MiB: chunk("x")})
+    assert lab.call("sam", "POST", f"{path}/stop").ok
+    a02.ramdisk()
+    refused = lab.call("sam", "POST", f"{path}/revert", {"save": "nothing-like-that"})
+    assert refused.status_code == 404, refused.text
+    lab.ok("sam", "POST", f"{path}/revert", {"save": "before-firewall"})
+    lab.ok("sam", "POST", f"{path}/start", {"seat": "a01", "boot": False})
+    a01.ramdisk()
+    assert beyond_template(a01.overlay_chunks(), tp_image.path) == \
+        {8 * MiB: chunk("routes v1")}
+    # a revert is refused while the session runs: its newest state is on the seat
+    busy = lab.call("sam", "POST", f"{path}/revert", {"save": "before-firewall"})
+    assert busy.status_code == 409, busy.text
+    assert lab.call("sam", "POST", f"{path}/stop").ok
+    a01.ramdisk()
+    # start over: the template alone
+    lab.ok("sam", "POST", f"{path}/reset")
+    assert lab.ok("sam", "GET", f"{path}/saves")["saves"] == []
+    lab.ok("sam", "POST", f"{path}/start", {"seat": "a02", "boot": False})
+    a02.ramdisk()
+    assert beyond_template(a02.overlay_chunks(), tp_image.path) == {}

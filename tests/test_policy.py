@@ -29,7 +29,8 @@ PUBLIC_ENDPOINTS = {
     # a seat's local session work (issue 16): the seat's token for this boot protects them
     "seat_sessions.lookup", "seat_sessions.plan", "seat_sessions.cache",
     "seat_sessions.blocks", "seat_sessions.piece", "seat_sessions.uploaded",
-    "seat_sessions.ready", "seat_sessions.failed",
+    "seat_sessions.ready", "seat_sessions.failed", "seat_sessions.progress",
+    "seat_sessions.filled", "seat_sessions.hashes",
     "login.login_form", "login.login", "login.logout", "login.session_info",
     # page shells (they check the caller themselves; data comes from the API) and their CSS/JS
     "pages.home", "pages.page", "pages.detail", "pages.static_file",

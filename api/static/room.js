@@ -91,9 +91,10 @@ function renderSummary(seats) {
 
 function renderJob(job) {
   cancel.hidden = !(job && job.state === "running") || !can("room:deploy");
-  const what = (each) => each.action === "deploy" ? `Deploy ${each.image}` : "Power off";
+  const what = (each) => each.action === "deploy" ? `Deploy ${each.image}` :
+    each.action === "cache" ? `TP template ${each.image} into the seats' caches` : "Power off";
   if (job) {
-    const how = job.action === "deploy" ? ` over ${job.chosen_transport || job.transport}` : "";
+    const how = ["deploy", "cache"].includes(job.action) ? ` over ${job.chosen_transport || job.transport}` : "";
     const times = job.finished_at ? `, finished ${when(job.finished_at)}` :
                   job.started_at ? `, started ${when(job.started_at)}` : "";
     setText(jobText, `${what(job)}${how}: ${job.state}${times}${job.created_by ? ` (by ${job.created_by})` : ""}.`);

@@ -75,6 +75,9 @@ def cmd_tp(client: Client, args: argparse.Namespace) -> Any:
         return opened
     print(f"room {args.room} open for TP {opened['tp']['template']}: students log in at a "
           f"seat; {len(opened['powered_on'])} seats powering on")
+    if opened.get("cache_job"):
+        print(f"  the template goes into the seats' caches first: room job "
+              f"{opened['cache_job']} (labmetal room job {opened['cache_job']} --watch)")
     for label, why in sorted(opened["not_powered"].items()):
         print(f"  {label}: not powered on: {why}")
     return None
