@@ -196,8 +196,9 @@ startForm.addEventListener("submit", async (event) => {
 
 document.getElementById("stop").addEventListener("click", async () => {
   const ses = current();
-  const done = await step(() => api("POST", `${path()}/stop`),
-                          `Session ${title(ses)}${who(ses)} stopped; its data stays.`);
+  const done = await step(() => api("POST", `${path()}/stop`), ses.mode === "local" && ses.state !== "starting"
+    ? `Session ${title(ses)}${who(ses)} is ending: its seat uploads it to your store, then it is stopped.`
+    : `Session ${title(ses)}${who(ses)} stopped; its data stays.`);
   if (done && !startForm.hidden) startForm.elements.seat.focus();
 });
 
