@@ -17,6 +17,7 @@
 from __future__ import annotations
 
 import os
+import re
 import tempfile
 from pathlib import Path
 from typing import Any
@@ -24,8 +25,8 @@ from typing import Any
 import pytest
 
 from labmetal.images.ramdisk import build_ramdisk
-from labmetal.lab.osimage import (build_partition, build_session_disk, build_whole_disk,
-                                  marker_line, session_counter_line)
+from labmetal.lab.osimage import (build_local_tp_disk, build_partition, build_session_disk,
+                                  build_whole_disk, marker_line, session_counter_line)
 from labmetal.lab.qemu_seat import type_text
 from labmetal.lab.served import BOOT_TIMEOUT, Labmetal, UpRoom, served_room
 from labmetal.lab.harness import free_port, wait_for
@@ -55,7 +56,7 @@ def secureboot_room(tmp_path_factory, ramdisk):
     """One Secure Boot seat; labmetal also serves students' sessions (the local store)."""
     with served_room(tmp_path_factory.mktemp("sb-room"), "r79", "10.99.79.0/24", ramdisk,
                      "--qemu", "1", "--profile", "secureboot", admin=ADMIN,
-                     overlay_backend="local", seat_menu_timeout=30,
+                     overlay_backend="local", seat_menu_timeout=30, seat_cache_mib=1024,
                      overlay_run_dir=tempfile.mkdtemp(prefix="lm-sb-"),  # short: sockets
                      iscsi_portal=f"10.99.79.2:{free_port()}") as served:
         yield served
@@ -187,15 +188,26 @@ def test_a_secure_boot_seat_boots_a_students_session_through_the_templates_own_k
              60, "ann's session to end")
 
 
-def test_a_student_logs_in_at_a_secure_boot_seats_grub_menu_and_resumes_her_session(
+def test_a_student_logs_in_at_a_secure_boot_seats_grub_menu_and_her_local_session_boots(
         secureboot_room):
     """GRUB's seat menu: L boots labmetal's login ramdisk (Debian's signed kernel), ann
     types her name and password on the keyboard (a wrong one first), the login goes over
-    HTTPS with labmetal's CA pinned, she picks her session, and the seat restarts into it
-    through the template's own kernel: her disk's counter goes on from where it was."""
+    HTTPS with labmetal's CA pinned, she picks her session of a local TP (issue 16): the
+    login's ramdisk puts the template in the seat's cache, and the seat restarts, through
+    shim and GRUB, into the template's own signed kernel with labmetal's session initramfs,
+    Secure Boot on: the root is assembled from the seat's disk. (The same session on BIOS
+    seats, with the network taken down under it: tests/test_local_session_boots.py.)"""
     room, api = secureboot_room
     seat = room.state["seats"][0]
-    uuid, counter = anns_session(api, room, seat)
+    anns_session(api, room, seat)  # ann, and the room she logs in at
+    api.upload("tp-local", "whole-disk", build_local_tp_disk("tp-local").path)
+    template = api.call("POST", "/v1/templates", json={"name": "sb-local", "image": "tp-local",
+                                                       "session_mode": "local"})
+    assert template.status_code == 201, template.text
+    assert template.json()["versions"][0]["local"], template.json()["versions"][0]
+    made = api.call("POST", "/v1/sessions", json={"template": "sb-local", "student": ANN[0]})
+    assert made.status_code == 201, made.text
+    uuid = made.json()["uuid"]
     before = len(room.console(seat))
 
     def screen(text: str) -> None:
@@ -218,16 +230,21 @@ def test_a_student_logs_in_at_a_secure_boot_seats_grub_menu_and_resumes_her_sess
         type_text(seat["state_dir"], f"{password}\n")
         if password != ANN[1]:
             screen("login refused")
-    screen("TP sessions of ann:")
+    listed = before
     screen("Your choice")
-    type_text(seat["state_dir"], "1\n")
-    screen("this seat restarts into it")
+    menu = room.console(seat)[listed:before]
+    number = re.search(r"\[(\d+)\] sb-local \(", menu)
+    assert number, menu
+    type_text(seat["state_dir"], f"{number.group(1)}\n")
+    screen("labmetal: template ready")
     restarted = before
-    screen(f"counter={counter + 1} saved on /dev/sda1")
+    screen("labmetal-session: root assembled on")
+    screen("labmetal-tp: image=tp-local root=/dev/mapper/lm-root booted")
     console = room.console(seat)
-    assert session_counter_line("tp-counter", seat["mac"], counter) in console[restarted:]
-    assert SECURE_BOOT_ON in console[restarted:]
+    assert SECURE_BOOT_ON in console[restarted:] and LOCKED_DOWN in console[restarted:]
     assert ANN[1] not in console and "not-her-password" not in console
+    ses = api.call("GET", f"/v1/sessions/{uuid}").json()
+    assert (ses["mode"], ses["state"], ses["seat"]) == ("local", "running", seat["name"]), ses
     power(api, seat, "power off")
 
 
