@@ -9,6 +9,7 @@ whether the request can apply.
 """
 from __future__ import annotations
 
+from collections.abc import Iterable
 from dataclasses import dataclass
 
 from sqlalchemy import select, update
@@ -74,16 +75,11 @@ class RoomJobDoor:
                                      f"(POST /v1/rooms/{room.name}/import)")
             if at is None and order.action == DEPLOY:
                 _refuse_overlap(session, room, [node_id for _, node_id in seats])
-            job = RoomJob(room_id=room.id, action=order.action,
-                          image_id=image.id if image else None,
-                          image_name=image.name if image else None, transport=order.transport,
-                          retries=order.retries, scheduled_at=at or utcnow(), repeat=repeat,
-                          created_by=by.user)
-            session.add(job)
-            session.flush()
-            for label, node_id in seats:
-                session.add(RoomJobSeat(job_id=job.id, node_id=node_id, label=label))
-            job_uuid = job.uuid
+            job_uuid = _record(session, RoomJob(
+                room_id=room.id, action=order.action, image_id=image.id if image else None,
+                image_name=image.name if image else None, transport=order.transport,
+                retries=order.retries, scheduled_at=at or utcnow(), repeat=repeat,
+                created_by=by.user), seats)
         self.conductors.wake_all()
         return job_uuid
 
@@ -112,15 +108,10 @@ class RoomJobDoor:
                 .order_by(Seat.label)) if node_id not in holding]
             if not seats:
                 return None
-            job = RoomJob(room_id=room.id, action=CACHE, image_id=image.id,
-                          image_name=image.name, template_version_id=version.id,
-                          transport="auto", retries=0, scheduled_at=utcnow(),
-                          created_by=by.user)
-            session.add(job)
-            session.flush()
-            for label, node_id in seats:
-                session.add(RoomJobSeat(job_id=job.id, node_id=node_id, label=label))
-            job_uuid = job.uuid
+            job_uuid = _record(session, RoomJob(
+                room_id=room.id, action=CACHE, image_id=image.id, image_name=image.name,
+                template_version_id=version.id, transport="auto", retries=0,
+                scheduled_at=utcnow(), created_by=by.user), seats)
         self.conductors.wake_all()
         return job_uuid
 
@@ -181,6 +172,15 @@ class RoomJobDoor:
             job_uuid = job.uuid
         self.conductors.wake_all()
         return job_uuid
+
+
+def _record(session: Session, job: RoomJob, seats: Iterable[tuple[str, int]]) -> str:
+    """The job and its seats (label, node id), recorded; its UUID."""
+    session.add(job)
+    session.flush()
+    for label, node_id in seats:
+        session.add(RoomJobSeat(job_id=job.id, node_id=node_id, label=label))
+    return job.uuid
 
 
 def _job_image(session: Session, ident: str | None) -> Image:

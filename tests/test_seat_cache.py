@@ -312,13 +312,18 @@ class FakeSeatClient:
     """labmetal as the seat sees it: takes pieces, checks them as the server would, and
     answers (or refuses) the final check."""
 
-    def __init__(self, disk: str, refuse: bool = False) -> None:
-        self.disk, self.refuse = disk, refuse
+    def __init__(self, disk: str, refuse: bool = False, holds: bytes = b"") -> None:
+        self.disk, self.refuse, self.holds = disk, refuse, holds
         self.numbers: list[int] = []
         self.blocks: list[tuple[int, bytes]] = []
         self.checked = Digest()
         self.asked: list[tuple[str, int, str]] = []
         self.state_when_asked: State | None = None
+
+    def hashes(self, session: str, disk_size: int, chunk_bytes: int) -> dict[int, bytes]:
+        """The store's chunk list, as labmetal sends it (block_wire.encode_hashes)."""
+        assert session == SESSION
+        return block_wire.read_hashes(self.holds, disk_size, chunk_bytes)
 
     def upload(self, session: str, number: int, piece: bytes) -> None:
         assert session == SESSION
@@ -391,6 +396,28 @@ def test_an_overlay_labmetal_did_not_verify_stays_on_the_seat(disk: str) -> None
     assert found is not None and found.state.overlay is not None
     assert found.state.overlay.uploaded is False
     assert overlay_store(cache) == before and before[1] == STUDENT
+
+
+def test_only_the_chunks_the_store_does_not_hold_are_uploaded(disk: str) -> None:
+    cache = seat_with_overlay(disk)
+    same, changed = STUDENT[0], STUDENT[1:]
+    stale = (changed[0][0], hashlib.sha256(b"what the store held before").digest())
+    holds = block_wire.encode_hashes([(same[0], hashlib.sha256(same[1]).digest()), stale])
+    client = FakeSeatClient(disk, holds=holds)
+    said: list[str] = []
+    done = session_sync.upload(client, cache, SESSION, said.append)  # type: ignore[arg-type]
+    assert client.blocks == changed  # the stale one included: its bytes differ
+    assert "1 unchanged chunk(s) not sent" in said[-1]
+    assert done.state.overlay is not None and done.state.overlay.uploaded
+
+
+def test_a_broken_chunk_list_sends_every_chunk(disk: str) -> None:
+    cache = seat_with_overlay(disk)
+    client = FakeSeatClient(disk, holds=b"\0" * 41)
+    said: list[str] = []
+    session_sync.upload(client, cache, SESSION, said.append)  # type: ignore[arg-type]
+    assert client.blocks == STUDENT
+    assert any("chunk list is unusable" in line for line in said)
 
 
 def test_an_empty_overlay_is_uploaded_as_no_pieces(disk: str) -> None:
