@@ -21,6 +21,7 @@ Layout inside the region (offsets from its start)::
 
     0          sector 0: MAGIC (16 bytes), the cache id (32 hex digits)
     4096       the state: a length (4 bytes LE), a sha256 of the JSON (32 bytes), the JSON
+    512 KiB    save requests from inside the session OS (4096 bytes, REQUESTS_MAGIC)
     1 MiB      the origin: the template version's raw bytes, as the image store has them
     cow_offset the overlay (COW store), to the end of the region; cow_offset is the origin
                slot's end, 1 MiB aligned
@@ -56,6 +57,13 @@ SECTOR = 512
 END_GAP = MIB  # the disk's last MiB: a GPT backup header, zeroed by the metadata wipe
 STATE_OFFSET = 4096
 STATE_MAX = 64 * 1024
+# Save points asked from inside the session OS (images/session_save.sh writes them: the OS
+# has only sh and dd): a magic line, then one label per line, NULs after; parsed as hostile.
+REQUESTS_OFFSET = 512 * 1024
+REQUESTS_SIZE = 4096
+REQUESTS_MAGIC = b"LABMETAL-SAVE01\n"
+REQUESTS_MAX = 16
+LABEL_MAX = 64
 ORIGIN_OFFSET = MIB
 SIZE_STEP = 64 * MIB  # a cache's size is a multiple of it
 _ID = re.compile(r"[0-9a-f]{32}")
@@ -225,6 +233,7 @@ def create(disk: str, size: int) -> Cache:
     fd = os.open(disk, os.O_RDWR | os.O_CLOEXEC)
     try:
         os.pwrite(fd, bytes(STATE_OFFSET + 36), start)
+        os.pwrite(fd, bytes(REQUESTS_SIZE), start + REQUESTS_OFFSET)
         os.fsync(fd)
         os.pwrite(fd, MAGIC + cache.cache_id.encode(), start)
         os.fsync(fd)
@@ -253,6 +262,38 @@ def save_state(cache: Cache, state: State) -> Cache:
     finally:
         os.close(fd)
     return replace(cache, state=state)
+
+
+def save_requests(cache: Cache) -> list[str]:
+    """The labels of the save points asked from inside the session OS, in order: at most
+    REQUESTS_MAX, each 1 to LABEL_MAX printable characters; anything else is left out
+    (the student is root and may have written anything there)."""
+    fd = os.open(cache.disk, os.O_RDONLY | os.O_CLOEXEC)
+    try:
+        data = os.pread(fd, REQUESTS_SIZE, cache.start + REQUESTS_OFFSET)
+    finally:
+        os.close(fd)
+    if not data.startswith(REQUESTS_MAGIC):
+        return []
+    labels = []
+    for line in data[len(REQUESTS_MAGIC):].split(b"\0", 1)[0].split(b"\n"):
+        try:
+            label = line.decode("utf-8").strip()
+        except UnicodeDecodeError:
+            continue
+        if 0 < len(label) <= LABEL_MAX and label.isprintable():
+            labels.append(label)
+    return labels[:REQUESTS_MAX]
+
+
+def clear_save_requests(cache: Cache) -> None:
+    """The requests were carried by a verified upload, or a new session starts here."""
+    fd = os.open(cache.disk, os.O_RDWR | os.O_CLOEXEC)
+    try:
+        os.pwrite(fd, bytes(REQUESTS_SIZE), cache.start + REQUESTS_OFFSET)
+        os.fsync(fd)
+    finally:
+        os.close(fd)
 
 
 def check_room_image(disk: str, needed: int) -> None:

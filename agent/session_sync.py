@@ -219,9 +219,11 @@ class SeatClient:
         self._check(self.http.post(self._url(f"/sessions/{session}/pieces/{number}"),
                                    data=piece, timeout=TIMEOUT), f"upload of piece {number}")
 
-    def uploaded(self, session: str, digest: block_wire.Digest) -> None:
+    def uploaded(self, session: str, digest: block_wire.Digest,
+                 saves: list[str] | None = None) -> None:
         self._check(self.http.post(self._url(f"/sessions/{session}/uploaded"),
-                                   json={"pieces": digest.pieces, "digest": digest.value},
+                                   json={"pieces": digest.pieces, "digest": digest.value,
+                                         "saves": saves or []},
                                    timeout=TIMEOUT), "upload check")
 
     def ready(self, session: str, cache: Cache) -> None:
@@ -319,9 +321,13 @@ def upload(client: SeatClient, cache: Cache, session: str,
             digest.add(sha)
             sent += raw_size
         base, size = region.base, region.size
-    client.uploaded(session, digest)
+    asked = seat_cache.save_requests(cache)  # from inside the session OS
+    client.uploaded(session, digest, asked)
     say(f"labmetal: session uploaded ({sent / 2**20:.1f} MiB in {digest.pieces} pieces; "
-        f"{kept} unchanged chunk(s) not sent), verified by labmetal")
+        f"{kept} unchanged chunk(s) not sent), verified by labmetal"
+        + (f"; save point(s) made: {', '.join(asked)}" if asked else ""))
+    if asked:
+        seat_cache.clear_save_requests(cache)
     cache = seat_cache.save_state(cache, replace(cache.state, overlay=replace(
         overlay, uploaded=True)))
     if store is not None:  # the next student on this seat must not find these chunks
@@ -370,6 +376,7 @@ def prepare(client: SeatClient, cache: Cache, session: str, template: TemplatePl
     if end is None or end.pieces != digest.pieces or end.digest != digest.value:
         raise SyncError("the student's blocks did not arrive whole")
     # from here on the session OS writes it: the seat holds the newest copy
+    seat_cache.clear_save_requests(cache)  # an earlier session's, carried or not
     overlay = Overlay(session, template.sha256, chunk_sectors, uploaded=False)
     cache = seat_cache.save_state(cache, replace(cache.state, overlay=overlay))
     say(f"labmetal: the student's {used / 2**20:.1f} MiB are on this seat")

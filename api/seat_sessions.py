@@ -28,9 +28,21 @@ CACHE = obj("a seat's cache", Field("cache_id", str, required=True, pattern="^[0
                                         example="0123456789abcdef0123456789abcdef"),
             Field("start", int, required=True, minimum=1),
             Field("size", int, required=True, minimum=1), extra=True)
+
+
+def _few_saves(labels: list[str]) -> list[str]:
+    if len(labels) > 16:
+        raise ValueError("at most 16 save points in one upload")
+    return labels
+
+
 UPLOADED = obj("an upload's end", Field("pieces", int, required=True, minimum=0),
                Field("digest", str, required=True, pattern="^[0-9a-f]{64}$",
-                     example="0" * 64))
+                     example="0" * 64),
+               Field("saves", list, default=[], check=_few_saves,
+                     items=Field("label", str, max_length=64, pattern="^[^\\x00-\\x1f]+$"),
+                     description="save points asked from inside the session OS, made "
+                                 "from this upload"))
 PROGRESS = obj("how far a seat is in fetching its room's template",
                Field("done", int, required=True, minimum=0),
                Field("total", int, required=True, minimum=1))
@@ -108,7 +120,7 @@ def piece(node, session, number: int):
 @body(UPLOADED)
 def uploaded(node, session, body: dict[str, Any]):
     services().seat_sync.uploaded(str(node), _token(), caller_address(), str(session),
-                                  body["pieces"], body["digest"])
+                                  body["pieces"], body["digest"], body["saves"])
     return "", 204
 
 

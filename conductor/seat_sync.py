@@ -341,10 +341,11 @@ class SeatSync:
         partial.rename(spool / f"{number:08d}-{piece.sha256}.piece")
 
     def uploaded(self, node_uuid: str, token: str | None, address: str, session_uuid: str,
-                 pieces: int, digest: str) -> None:
+                 pieces: int, digest: str, saves: list[str] | None = None) -> None:
         """The seat says it sent ``pieces`` pieces with this chain: checked against the
         spool, then written to the student's store; the session is then stopped (if it
-        was ending) and the seat may drop its copy."""
+        was ending) and the seat may drop its copy. ``saves``: save points the student
+        asked for from inside the session OS, made from this upload (after a queued one)."""
         with self.db.read() as session:
             node, cache = self.check(session, node_uuid, token, address)
             ses = self._uploader(session, node, cache, session_uuid)
@@ -378,8 +379,8 @@ class SeatSync:
                     stored.state, stored.seat_node_id = SESSION_STOPPED, None
                 held.overlay_uploaded = True
                 label, stored.pending_save = stored.pending_save, None
-                if label:
-                    _save(session, backend, stored, label)
+                for asked in ([label] if label else []) + list(saves or [])[:16]:
+                    _save(session, backend, stored, asked)
         shutil.rmtree(spool, ignore_errors=True)
         (spool.parent / "hashes").unlink(missing_ok=True)  # the store changed
         LOG.info("session %s: %d bytes uploaded from seat %s, verified and stored",

@@ -16,6 +16,7 @@
 # Nothing here touches the network. Any failure prints "labmetal-session: <why>" and
 # leaves a shell on the console for the person at the seat.
 export PATH=/bin DM_DISABLE_UDEV=1
+REQUESTS_SECTOR=1024  # the cache's save requests: 512 KiB from its start (agent/seat_cache.py)
 mount -t devtmpfs dev /dev
 exec </dev/console >/dev/console 2>&1
 mount -t proc proc /proc
@@ -103,6 +104,16 @@ mount -t "$fstype" -o rw /dev/mapper/lm-root /root 2>/tmp/mount.log ||
     fail "mount of the root ($fstype) failed: $(tail -n 1 /tmp/mount.log)"
 [ -x "/root$init" ] || [ -L "/root$init" ] || fail "the template has no $init"
 say "root assembled on $dev"
+# A save asked from inside the OS (sh /run/labmetal/save LABEL, session_save.sh) is kept on
+# this disk, in the cache's save requests, until the seat's upload carries it: it needs no
+# network. It lives in the OS's /run, a tmpfs mounted here as Debian's initramfs does
+# (the OS's init keeps a /run it finds mounted).
+if [ -d /root/run ] && mount -t tmpfs -o nodev,noexec,nosuid,size=10%,mode=0755 \
+        tmpfs /root/run 2>/dev/null; then
+    mkdir -p /root/run/labmetal
+    cp /lib/labmetal/save /root/run/labmetal/save
+    echo "$dev $((start + REQUESTS_SECTOR))" > /root/run/labmetal/cache
+fi
 for fs in dev proc sys; do
     if [ -d "/root/$fs" ]; then
         mount --move "/$fs" "/root/$fs"

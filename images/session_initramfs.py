@@ -41,6 +41,7 @@ from labmetal.images.ramdisk import install_file, write_cpio
 LOG = logging.getLogger(__name__)
 
 INIT_SCRIPT = Path(__file__).resolve().parent / "session_init.sh"
+SAVE_SCRIPT = Path(__file__).resolve().parent / "session_save.sh"  # /run/labmetal/save
 BUSYBOX = Path("/bin/busybox")  # busybox-static
 DMSETUP = Path("/usr/sbin/dmsetup")
 EPOCH = 1735689600  # the archive's timestamps: same inputs, same bytes
@@ -306,6 +307,7 @@ def _install_userspace(root: Path) -> None:
     for directory in ("dev", "proc", "sys", "root", "tmp", "sbin", "etc"):
         (root / directory).mkdir(mode=0o755, exist_ok=True)
     install_file(root / "init", INIT_SCRIPT.read_bytes(), 0o755)
+    install_file(root / "lib" / "labmetal" / "save", SAVE_SCRIPT.read_bytes(), 0o755)
 
 
 def shared_binary(binary: Path, into: str) -> dict[str, bytes]:

@@ -583,7 +583,8 @@ def _build_local_tp_disk(inputs: _Inputs, key: str, work: Path, out: Path,
     install_file(root / "sbin" / "init", LOCAL_TP_INIT.encode(), 0o755)
     install_file(root / "etc" / "labmetal-os" / "name", f"{inputs.name}\n".encode(), 0o644)
     install_file(root / "etc" / "hostname", b"labmetal-tp\n", 0o644)
-    (root / "home").mkdir(mode=0o755)
+    for directory in ("home", "run"):  # /run: where the session initramfs puts its tools
+        (root / directory).mkdir(mode=0o755)
     install_file(root / "boot" / f"vmlinuz-{version}", kernel.read_bytes(), 0o644)
     install_file(root / "boot" / f"initrd.img-{version}", initrd.read_bytes(), 0o644)
     (root / ROOTFS_KERNEL_LINK).symlink_to(f"boot/vmlinuz-{version}")

@@ -153,12 +153,20 @@ def test_a_network_tp_cannot_freeze_a_local_session_and_the_work_follows_the_stu
     classroom.type(one, "ip link set eth0 up; echo net-back > /dev/ttyS0")
     at = classroom.screen(one, "net-back", at)
 
+    # a save point asked from inside the OS, the network down again: kept on the seat's
+    # disk until the upload carries it
+    classroom.type(one, "ip link set eth0 down; sh /run/labmetal/save after-the-tp "
+                        "> /dev/ttyS0 2>&1")
+    at = classroom.screen(one, 'labmetal: save "after-the-tp" queued on this seat\'s disk', at)
+
     # the student powers the OS off: labmetal sees the seat off, powers it on to upload the
     # session, checks it, and the seat powers itself off again
     classroom.type(one, "sync; poweroff -f")
     ended = classroom.until(uuid, "stopped")
     assert ended["synced_at"] and ended["seat"] is None and ended["last_error"] is None, ended
     assert "labmetal: session uploaded" in room.console(one)[at:]
+    saves = api.call("GET", f"/v1/sessions/{uuid}/saves").json()["saves"]
+    assert [save["label"] for save in saves] == ["after-the-tp"], saves
 
     # ann sits at the other seat of the room, open for the TP: the seat boots straight to
     # the login (no menu), and the login's own ramdisk brings down the template and her

@@ -23,6 +23,7 @@ from labmetal.agent import block_wire, cow, seat_cache, session_sync
 from labmetal.agent.writer import Progress
 from labmetal.lab.ceph import CephCluster, missing_tools
 from labmetal.lab.osimage import build_local_tp_disk
+from tests.test_seat_cache import os_save
 from tests.test_sessions import Lab, make_lab  # noqa: F401 (fixture)
 
 MiB = 2**20
@@ -277,10 +278,13 @@ def test_a_local_sessions_save_points_revert_and_start_over(lab, tmp_path, tp_im
     queued = lab.call("sam", "POST", f"{path}/save", {"label": "before-firewall"})
     assert queued.status_code == 202 and queued.json()["queued"] == "before-firewall"
     assert lab.ok("sam", "GET", f"{path}/saves")["saves"] == []
+    # and one asked from inside the session OS, the network down: kept on the seat's disk
+    asked = os_save(a01.cache(), tmp_path, "asked in the OS")
+    assert asked.returncode == 0, asked.stderr
     assert lab.call("sam", "POST", f"{path}/stop").ok
     a01.ramdisk()
     saves = lab.ok("sam", "GET", f"{path}/saves")["saves"]
-    assert [save["label"] for save in saves] == ["before-firewall"]
+    assert [save["label"] for save in saves] == ["before-firewall", "asked in the OS"]
     # more work, then back to the save point: the next seat gets what was saved
     lab.ok("sam", "POST", f"{path}/start", {"seat": "a02", "boot": False})
     a02.ramdisk()

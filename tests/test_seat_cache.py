@@ -8,6 +8,7 @@ import hashlib
 import io
 import json
 import struct
+import subprocess
 import uuid
 from pathlib import Path
 from typing import Any
@@ -335,8 +336,9 @@ class FakeSeatClient:
             self.blocks += [(offset + at, data[at:at + CHUNK])
                             for at in range(0, len(data), CHUNK)]
 
-    def uploaded(self, session: str, digest: Digest) -> None:
+    def uploaded(self, session: str, digest: Digest, saves: list[str] | None = None) -> None:
         self.asked.append((session, digest.pieces, digest.value))
+        self.saves = list(saves or [])
         cache = seat_cache.find(self.disk)
         assert cache is not None
         self.state_when_asked = cache.state
@@ -438,3 +440,63 @@ def test_a_seat_uploads_no_other_session_than_the_one_it_holds(disk: str, sessio
         session_sync.upload(client, cache, session)  # type: ignore[arg-type]
     assert client.numbers == [] and client.asked == []
     assert overlay_store(cache)[1] == STUDENT
+
+
+# -- save points asked from inside the session OS --------------------------------------------
+SAVE_SCRIPT = Path(__file__).resolve().parent.parent / "images" / "session_save.sh"
+
+
+def os_save(cache: Cache, tmp_path: Path, label: str) -> subprocess.CompletedProcess:
+    """What the student types in the session OS: the script as the session initramfs puts
+    it in /run/labmetal, beside its "cache" file (the disk, the requests' sector)."""
+    here = tmp_path / "run-labmetal"
+    here.mkdir(exist_ok=True)
+    (here / "save").write_bytes(SAVE_SCRIPT.read_bytes())
+    (here / "cache").write_text(f"{cache.disk} "
+                                f"{(cache.start + seat_cache.REQUESTS_OFFSET) // 512}\n")
+    return subprocess.run(["sh", str(here / "save"), label], capture_output=True, text=True,
+                          timeout=30)
+
+
+def test_saves_asked_in_the_os_are_kept_on_the_disk_and_carried_by_the_upload(
+        disk: str, tmp_path: Path) -> None:
+    cache = seat_with_overlay(disk)
+    assert seat_cache.save_requests(cache) == []
+    for label in ("before firewall", "après le TP"):
+        done = os_save(cache, tmp_path, label)
+        assert done.returncode == 0 and "queued on this seat's disk" in done.stdout, done
+    assert seat_cache.save_requests(cache) == ["before firewall", "après le TP"]
+    client = FakeSeatClient(disk)
+    said: list[str] = []
+    session_sync.upload(client, cache, SESSION, said.append)  # type: ignore[arg-type]
+    assert client.saves == ["before firewall", "après le TP"]
+    assert "save point(s) made: before firewall, après le TP" in said[-1]
+    assert seat_cache.save_requests(cache) == []  # carried: not asked again
+
+
+def test_the_os_save_command_refuses_what_labmetal_would(disk: str, tmp_path: Path) -> None:
+    cache = seat_with_overlay(disk)
+    assert os_save(cache, tmp_path, "").returncode == 2
+    assert os_save(cache, tmp_path, "x" * 65).returncode == 2
+    for number in range(seat_cache.REQUESTS_MAX):
+        assert os_save(cache, tmp_path, f"save {number}").returncode == 0
+    full = os_save(cache, tmp_path, "one too many")
+    assert full.returncode == 1 and "16 saves are queued" in full.stderr
+    assert len(seat_cache.save_requests(cache)) == seat_cache.REQUESTS_MAX
+
+
+@pytest.mark.parametrize("written", [
+    b"not the magic\nlabel\n",
+    seat_cache.REQUESTS_MAGIC + b"\x01bell\n" + b"y" * 65 + b"\n\xff\xfe\n\n",
+])
+def test_save_requests_a_student_wrote_by_hand_are_read_as_hostile(disk: str,
+                                                                   written: bytes) -> None:
+    cache = seat_with_overlay(disk)
+    with open(disk, "r+b") as out:
+        out.seek(cache.start + seat_cache.REQUESTS_OFFSET)
+        out.write(written)
+    assert seat_cache.save_requests(cache) == []
+    with open(disk, "r+b") as out:
+        out.seek(cache.start + seat_cache.REQUESTS_OFFSET)
+        out.write(seat_cache.REQUESTS_MAGIC + b"".join(b"s%d\n" % n for n in range(40)))
+    assert seat_cache.save_requests(cache) == [f"s{n}" for n in range(16)]
