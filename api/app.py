@@ -6,6 +6,7 @@ import logging
 from typing import Any, BinaryIO
 
 from flask import Flask, Response, g, request
+from sqlalchemy import exc as sqlalchemy_exc
 from flask.sessions import SecureCookieSessionInterface
 from werkzeug.exceptions import HTTPException, RequestEntityTooLarge
 
@@ -13,7 +14,8 @@ from labmetal.api import microversion
 from labmetal.api.auth import (ANONYMOUS, NOBODY, SAFE_METHODS, Authenticator, Throttled,
                                Unauthenticated, cross_site_refusal, csrf_ok, csrf_refused,
                                throttled_response)
-from labmetal.api.errors import ApiError, error_response, from_refusal
+from labmetal.api.errors import (ApiError, database_away, database_unavailable,
+                                 error_response, from_refusal)
 from labmetal.api.services import SESSION_COOKIE, Services, services
 from labmetal.api.validation import RequestJSON, body_limit, takes_form
 from labmetal.errors import Refused
@@ -115,6 +117,21 @@ def create_app(svc: Services) -> Flask:
     @app.errorhandler(HTTPException)
     def http_error(error: HTTPException) -> Response:
         return error_response(error.code or 500, error.description or error.name)
+
+    @app.errorhandler(sqlalchemy_exc.OperationalError)
+    @app.errorhandler(sqlalchemy_exc.InterfaceError)
+    @app.errorhandler(sqlalchemy_exc.TimeoutError)
+    def database_down(error: Exception) -> Response:
+        """The database went away (a restart, an outage): 503 with Retry-After, logged
+        once per request without a trace (it is not a bug). Other errors of these
+        classes (a missing table) are bugs: 500."""
+        if not database_away(error) and not isinstance(error, sqlalchemy_exc.TimeoutError):
+            return unexpected(error)
+        LOG.warning("%s %s: the database is unavailable: %s", request.method, request.path,
+                    str(getattr(error, "orig", error)).strip().splitlines()[0][:200]
+                    if str(getattr(error, "orig", error)).strip() else type(error).__name__)
+        api_error = database_unavailable(error)
+        return error_response(api_error.status, api_error.message)
 
     @app.errorhandler(Exception)
     def unexpected(error: Exception) -> Response:

@@ -46,8 +46,40 @@ def from_refusal(error: Refused | OverlayError) -> ApiError:
     return ApiError(status, error.message)
 
 
+# What a 503 tells the client to wait before it asks again (RFC 9110 Retry-After): the
+# database or a store is down for now; a client (the CLI, a seat) retries after it.
+RETRY_AFTER = 5
+
+
 def error_response(status: int, message: str) -> Response:
     fault = {"faultstring": message, "faultcode": "Client" if status < 500 else "Server",
              "debuginfo": None}
     body = json.dumps({"error_message": json.dumps(fault)})
-    return Response(body, status=status, mimetype="application/json")
+    response = Response(body, status=status, mimetype="application/json")
+    if status == 503:
+        response.headers["Retry-After"] = str(RETRY_AFTER)
+    return response
+
+
+# What a database driver says when the database is away rather than the request wrong
+# (psycopg, SQLite): anything else of that class (a missing table) is a bug, a 500.
+_AWAY = ("could not connect", "connection", "server closed", "terminating", "starting up",
+         "shutting down", "database is locked", "timeout", "timed out", "no route", "refused")
+
+
+def database_away(error: Exception) -> bool:
+    """Whether a database error means the database is unavailable for now."""
+    if getattr(error, "connection_invalidated", False):
+        return True
+    text = str(getattr(error, "orig", None) or error).lower()
+    return any(sign in text for sign in _AWAY)
+
+
+def database_unavailable(error: Exception) -> ApiError:
+    """The database did not answer (down, restarting, unreachable, its connections used
+    up): a 503 that says so, never a generic 500; the caller's request may be sent again."""
+    origin = getattr(error, "orig", None) or error
+    said = str(origin).strip().splitlines()[0][:200] if str(origin).strip() else ""
+    return ApiError(503, "The database is unavailable for now"
+                         f"{f' ({type(origin).__name__}: {said})' if said else ''}; "
+                         f"try again in {RETRY_AFTER} s")

@@ -23,7 +23,7 @@ from labmetal.api.validation import (Field, accepts, body, name_check, obj, pagi
                                      query, streams)
 from labmetal.images.inspect import FORMATS, ImageRejected
 from labmetal.images.registry import  ACTIVE, DISK_KINDS, QUEUED, AlreadyActive, ImageGone, ingest
-from labmetal.images.store import ImageStore, UploadTooLarge
+from labmetal.images.store import ImageStore, StoreFull, UploadTooLarge
 from labmetal.lookup import (ImageUnusable, NOT_ACTIVE, WRONG_KIND, find_image,
                              usable_image)
 from labmetal.models import Image, Node
@@ -220,13 +220,16 @@ def upload_image_data(ident: str):
                             f"limit of {store.max_size} bytes (max_image_size)")
     with _receiving(image):
         try:
-            current = ingest(svc.db, store, image, request.stream)
+            current = ingest(svc.db, store, image, request.stream, request.content_length)
         except ImageGone:
             raise not_found(f"Image {ident} was deleted during its upload.") from None
         except AlreadyActive:  # another process's upload of it finished first
             raise _already_active(image) from None
         except UploadTooLarge as error:
             raise ApiError(413, f"Image {image.name} rejected: {error}") from None
+        except StoreFull as error:  # 507 Insufficient Storage: nothing wrong with the image
+            LOG.warning("upload of image %s: %s", image.name, error)
+            raise ApiError(507, f"Image {image.name} not stored: {error}") from None
         except ImageRejected as error:
             LOG.info("upload of image %s (%s) rejected: %s", image.name, image.uuid, error)
             raise bad_request(f"Image {image.name} rejected: {error}") from None

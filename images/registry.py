@@ -25,11 +25,12 @@ class AlreadyActive(Exception):
         self.image = image
 
 
-def ingest(db: Database, store: ImageStore, image: Image, stream: IO[bytes]) -> Image:
+def ingest(db: Database, store: ImageStore, image: Image, stream: IO[bytes],
+           expected_size: int | None = None) -> Image:
     """Receive, check (images.inspect), store and activate ``image``'s data. Raises
     ImageRejected (or UploadTooLarge, or StoreFull when the store's disk has not the room
     for the raw form) with the reason; nothing is kept then."""
-    with store.receive(stream, image.sha256) as upload:
+    with store.receive(stream, image.sha256, expected_size) as upload:
         values: dict[str, object] = {"size": upload.size, "sha256": upload.sha256}
         if image.kind in DISK_KINDS:
             disk = store.add_disk_image(upload, image.disk_format)

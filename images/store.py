@@ -16,6 +16,7 @@ often share that disk, and a full disk stops them too.
 from __future__ import annotations
 
 import contextlib
+import errno
 import hashlib
 import os
 import shutil
@@ -40,7 +41,12 @@ class UploadTooLarge(ImageRejected):
 
 
 class StoreFull(ImageRejected):
-    """The store's disk has not the room for what the upload would become."""
+    """The store's disk has not the room for what the upload would become (HTTP 507):
+    ``needed`` bytes, ``free`` to give."""
+
+    def __init__(self, message: str, needed: int, free: int) -> None:
+        super().__init__(message)
+        self.needed, self.free = needed, free
 
 
 @dataclass(frozen=True)
@@ -86,12 +92,18 @@ class ImageStore:
         return self._dir(uuid) / FILE
 
     @contextlib.contextmanager
-    def receive(self, stream: IO[bytes], expected_sha256: str | None = None) -> Iterator[Upload]:
+    def receive(self, stream: IO[bytes], expected_sha256: str | None = None,
+                expected_size: int | None = None) -> Iterator[Upload]:
         """Read the stream to a sparse file, hashing it on the way; whatever is not
-        published when the block ends is removed, so a rejected upload leaves nothing."""
+        published when the block ends is removed, so a rejected upload leaves nothing.
+        ``expected_size`` (the request's length, when it has one) is asked of the store's
+        disk before anything is read: a full store says so at once (StoreFull), not after
+        the client sent gigabytes."""
         workdir = Path(tempfile.mkdtemp(dir=self._incoming()))
         try:
-            yield self._write(stream, workdir, expected_sha256)
+            with self._room_for(expected_size or 0, "the upload"):
+                upload = self._write(stream, workdir, expected_sha256, expected_size)
+            yield upload
         finally:
             shutil.rmtree(workdir, ignore_errors=True)
 
@@ -157,7 +169,8 @@ class ImageStore:
             if size > room:
                 raise StoreFull(f"{what} needs {size} bytes, and the image store's disk has "
                                 f"{max(room, 0)} bytes to give (keeping {reserve} free): "
-                                "free space there, or upload a smaller image")
+                                "free space there, or upload a smaller image",
+                                size, max(room, 0))
             self._promised += size
         try:
             yield
@@ -170,18 +183,28 @@ class ImageStore:
             raise ValueError(f"not a canonical UUID: {uuid!r}")
         return self.root / uuid
 
-    def _write(self, stream: IO[bytes], workdir: Path, expected_sha256: str | None) -> Upload:
+    def _write(self, stream: IO[bytes], workdir: Path, expected_sha256: str | None,
+               expected_size: int | None = None) -> Upload:
         digest = hashlib.sha256()
         size = 0
-        with open(workdir / "upload", "wb") as out:
-            for data in read_chunks(stream, READ_SIZE):
-                size += len(data)
-                if size > self.max_size:
-                    raise UploadTooLarge(f"the upload is larger than the limit of "
-                                         f"{self.max_size} bytes (max_image_size)")
-                digest.update(data)
-                _write_sparse(out, data)
-            out.truncate(size)  # a hole at the end still counts
+        try:
+            with open(workdir / "upload", "wb") as out:
+                for data in read_chunks(stream, READ_SIZE):
+                    size += len(data)
+                    if size > self.max_size:
+                        raise UploadTooLarge(f"the upload is larger than the limit of "
+                                             f"{self.max_size} bytes (max_image_size)")
+                    digest.update(data)
+                    _write_sparse(out, data)
+                out.truncate(size)  # a hole at the end still counts
+        except OSError as error:
+            if error.errno not in (errno.ENOSPC, errno.EDQUOT):
+                raise
+            free = shutil.disk_usage(self.root).free
+            needed = max(expected_size or 0, size)
+            raise StoreFull(f"the image store's disk filled up after {size} bytes of the "
+                            f"upload ({needed} needed at least, {free} free): free space "
+                            "there, or upload a smaller image", needed, free) from None
         if size == 0:
             raise ImageRejected("the upload is empty")
         upload = Upload(workdir, size, digest.hexdigest())

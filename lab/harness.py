@@ -281,9 +281,23 @@ class Postgres:
         return f"postgresql+psycopg://postgres@127.0.0.1:{self.url.rsplit(':', 1)[1]}/{name}"
 
     def stop(self) -> None:
-        subprocess.run([*self.as_postgres, self.pg_ctl, "-D", str(self.datadir), "-m", "immediate",
-                        "stop"], capture_output=True)
+        self.halt(check=False)
         shutil.rmtree(self.datadir, ignore_errors=True)
+
+    def halt(self, check: bool = True) -> None:
+        """The server stops at once, its data kept: a database outage (resume() ends it)."""
+        subprocess.run([*self.as_postgres, self.pg_ctl, "-D", str(self.datadir), "-m", "immediate",
+                        "stop"], capture_output=True, check=check)
+
+    def resume(self) -> None:
+        _pg_start(self.pg_ctl, self.datadir, self.as_postgres, int(self.url.rsplit(":", 1)[1]))
+
+
+def _pg_start(pg_ctl: str, datadir: Path, as_postgres: list[str], port: int) -> None:
+    subprocess.run([*as_postgres, pg_ctl, "-D", str(datadir), "-l", str(datadir / "server.log"),
+                    "-w", "-o", f"-p {port} -k {datadir} -c listen_addresses=127.0.0.1 "
+                    "-c max_connections=300 -c fsync=off", "start"],
+                   check=True, capture_output=True)
 
 
 def start_postgres() -> Postgres:
@@ -301,8 +315,5 @@ def start_postgres() -> Postgres:
     port = free_port()
     subprocess.run([*as_postgres, str(bindir / "initdb"), "-D", str(datadir), "-U", "postgres",
                     "--auth=trust", "-E", "UTF8"], check=True, capture_output=True)
-    subprocess.run([*as_postgres, pg_ctl, "-D", str(datadir), "-l", str(datadir / "server.log"),
-                    "-w", "-o", f"-p {port} -k {datadir} -c listen_addresses=127.0.0.1 "
-                    "-c max_connections=300 -c fsync=off", "start"],
-                   check=True, capture_output=True)
+    _pg_start(pg_ctl, datadir, as_postgres, port)
     return Postgres(f"127.0.0.1:{port}", datadir, pg_ctl, as_postgres)
