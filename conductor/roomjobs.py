@@ -80,8 +80,10 @@ class RoomJobRunner:
         self.senders: dict[str, Any] = {}  # job uuid -> MulticastSender
 
     # -- the pass ----------------------------------------------------------------------
-    def tick(self) -> None:
-        self._claim()
+    def tick(self, take_over: bool = True) -> None:
+        """One pass; ``take_over``: also claim the jobs of conductors taken for dead (not
+        while this conductor is just back from an absence: conductor/service.py)."""
+        self._claim(take_over)
         with self.db.read() as session:
             jobs = session.scalars(select(RoomJob).where(RoomJob.owner == self.hostname,
                                                          RoomJob.state.in_(JOB_ACTIVE))).all()
@@ -101,13 +103,14 @@ class RoomJobRunner:
             sender.stop()
         self.senders.clear()
 
-    def _claim(self) -> None:
+    def _claim(self, take_over: bool = True) -> None:
         live = set(self.registry.live())
         ring = self.registry.ring()
+        orphaned = or_(RoomJob.owner.is_(None), RoomJob.owner.not_in(live)) if take_over \
+            else RoomJob.owner.is_(None)
         with self.db.read() as session:
             rows = session.execute(select(RoomJob.id, RoomJob.uuid, RoomJob.owner).where(
-                RoomJob.state.in_(JOB_ACTIVE),
-                or_(RoomJob.owner.is_(None), RoomJob.owner.not_in(live)))).all()
+                RoomJob.state.in_(JOB_ACTIVE), orphaned)).all()
         for job_id, uuid, owner in rows:
             if ring.owner(uuid) != self.hostname:
                 continue

@@ -67,6 +67,10 @@ class ConductorService:
         self._in_flight_lock = threading.Lock()
         self._sync_failures: dict[int, int] = {}
         self._heartbeat_ok_at = time.monotonic()
+        self._heartbeat_missed = False
+        # Peers are not declared dead before this (see _in_grace): set at start and when
+        # the database answers again after this conductor could not reach it.
+        self._grace_until = time.monotonic() + settings.conductor_dead_after
         self._waits_checked_at = 0.0
         self._threads: list[threading.Thread] = []
         self.actions = {**ACTIONS, **DEPLOY_ACTIONS}
@@ -154,8 +158,17 @@ class ConductorService:
                     session.execute(update(Conductor).where(Conductor.hostname == self.hostname)
                                     .values(heartbeat_at=utcnow(), online=True))
                 self._heartbeat_ok_at = time.monotonic()
-            except Exception:
-                LOG.exception("heartbeat failed")
+                if self._heartbeat_missed:
+                    self._heartbeat_missed = False
+                    self._grace_until = self._heartbeat_ok_at + \
+                        self.settings.conductor_dead_after
+                    LOG.warning("the database answers again; peers get %.0f s to beat "
+                                "before any is taken for dead",
+                                self.settings.conductor_dead_after)
+            except Exception as error:  # noqa: BLE001 - the loop must go on
+                if not self._heartbeat_missed:
+                    LOG.warning("heartbeat failed: %s", str(error).splitlines()[0][:200])
+                self._heartbeat_missed = True
 
     def _scan_loop(self) -> None:
         while not self._stop.is_set():
@@ -175,9 +188,17 @@ class ConductorService:
             if self._stop.is_set() or not self._heartbeat_fresh():
                 continue
             try:
-                self.room_jobs.tick()
+                self.room_jobs.tick(take_over=not self._in_grace())
             except Exception:
                 LOG.exception("room jobs pass failed")
+
+    def _in_grace(self) -> bool:
+        """Just back from an absence (this conductor's start, or a database it could not
+        reach): a peer whose heartbeat is old may only have shared the absence, so none is
+        taken for dead (its nodes and room jobs taken over) until the peers have had
+        ``conductor_dead_after`` seconds to beat again. A peer that really died meanwhile
+        is taken over right after."""
+        return time.monotonic() < self._grace_until
 
     def _heartbeat_fresh(self) -> bool:
         return time.monotonic() - self._heartbeat_ok_at <= self.settings.conductor_dead_after
@@ -198,7 +219,8 @@ class ConductorService:
         live = self.registry.live()
         if self.hostname not in live:
             live = self.registry.live(force=True)
-        self._take_over(set(live))
+        if not self._in_grace():
+            self._take_over(set(live))
         self._dispatch()
         if time.monotonic() - self._waits_checked_at > 5:
             self._waits_checked_at = time.monotonic()

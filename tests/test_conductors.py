@@ -141,3 +141,50 @@ def _read_nodes(state_dir) -> list[dict]:
                 for n in session.scalars(select(Node))]
     db.dispose()
     return rows
+
+
+@pytest.mark.postgres
+def test_a_database_outage_everyone_shared_moves_nothing_and_a_real_death_is_still_taken_over(
+        postgres, procs, tmp_path):
+    """PostgreSQL stopped for longer than conductor_dead_after: every conductor's heartbeat
+    is old when it comes back, but nobody died; no room job changes owner. A conductor
+    killed after that is still taken over."""
+    database = postgres.new_database("outage_ring")
+    key = tmp_path / "secret.key"
+    SecretBox.from_file(key)
+    conductors = {name: start_conductor(procs, name, database, key) for name in ("c1", "c2")}
+    api = start_service(procs, "api", command="api", database=database, secret_key_file=key)
+    wait_for(lambda: len([c for c in api.get("/v1/conductors", headers=LATEST).json()
+                          ["conductors"] if c["alive"]]) == 2, 30, "two live conductors")
+    assert api.post("/v1/rooms", {"name": "R1"}).status_code == 201
+    assert api.post("/v1/rooms/R1/import", None, data=b"seat,mac\nA01,52:54:00:17:00:01\n",
+                    headers={"Content-Type": "text/csv"}).status_code == 200
+    jobs = [api.post("/v1/rooms/R1/jobs", {"action": "power-off", "at": "23:59"}).json()["uuid"]
+            for _ in range(8)]  # scheduled: each owned by a conductor until it runs
+
+    def owners() -> dict[str, str | None]:
+        return {uuid: api.get(f"/v1/room-jobs/{uuid}").json()["conductor"] for uuid in jobs}
+
+    before = wait_for(lambda: (lambda got: got if all(got.values()) else None)(owners()), 30,
+                      "every job owned")
+    assert set(before.values()) == {"c1", "c2"}, before
+
+    postgres.halt()
+    try:
+        time.sleep(15)  # the outage itself: longer than conductor_dead_after (10 s)
+    finally:
+        postgres.resume()
+    wait_for(lambda: api.get("/v1/rooms").ok, 60, "the database back")
+    wait_for(lambda: len([c for c in api.get("/v1/conductors", headers=LATEST).json()
+                          ["conductors"] if c["alive"]]) == 2, 60, "both conductors beating")
+    time.sleep(12)  # a grace longer than the rule: what the first one back would have taken
+    assert owners() == before
+    for name in conductors:
+        log = (procs.workdir / f"{name}.service.log").read_text()
+        assert "the database answers again" in log and "is gone" not in log, name
+
+    # a real death after that is taken over as before
+    victim = before[jobs[0]]
+    conductors[victim].kill()
+    survivor = ({"c1", "c2"} - {victim}).pop()
+    wait_for(lambda: set(owners().values()) == {survivor}, 60, "the dead one's jobs taken over")
