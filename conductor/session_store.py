@@ -77,6 +77,7 @@ class Storage:
             backend = CephOverlays(settings.ceph_conf, settings.ceph_pool, targets,
                                    client_id=settings.ceph_client, quota=quota,
                                    timeout=settings.ceph_timeout,
+                                   bulk_timeout=settings.ceph_bulk_timeout,
                                    object_order=settings.ceph_object_order)
         else:
             from labmetal.images.overlays.local import LocalOverlays

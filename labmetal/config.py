@@ -245,6 +245,7 @@ class SessionStoreSettings:
     ceph_pool: str
     ceph_client: str
     ceph_timeout: float
+    ceph_bulk_timeout: float
     ceph_object_order: int
     iscsi_portal: str
     session_quota_mib: int
@@ -363,6 +364,9 @@ class Settings:
     ceph_pool: str = "labmetal"
     ceph_client: str = "admin"  # the cephx client id (client.admin)
     ceph_timeout: float = 10.0  # seconds before Ceph counts as unavailable
+    # each step of a bulk copy (a template's import, a session's copy or blocks): a busy
+    # server is slow, not down
+    ceph_bulk_timeout: float = 600.0
     ceph_object_order: int = 16  # a session clone's objects: 2**N bytes, each copied up whole
     iscsi_portal: str = ""  # HOST:PORT seats reach session targets at; default seat_url's host:3260
     session_quota_mib: int = 0  # what one session may use (its changes and saves); 0: no limit

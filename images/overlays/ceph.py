@@ -113,15 +113,19 @@ class CephOverlays(OverlayBackend):
 
     def __init__(self, conf_path: str | os.PathLike, pool: str, targets: SessionTargets,
                  client_id: str = "admin", quota: Quota | None = None, timeout: float = 10.0,
-                 object_order: int = OBJECT_ORDER):
+                 object_order: int = OBJECT_ORDER, bulk_timeout: float = 600.0):
         super().__init__(quota)
         self.conf_path = Path(conf_path)
         self.pool = pool
         self.targets = targets
         self.client_id = client_id
         self.timeout = timeout
+        # A bulk copy's writes and reads (a template's import, a session's copy or blocks)
+        # each get this long: a busy server at 08:00 is slow, not down. Reaching the
+        # cluster (its monitors) is still bounded by ``timeout``.
+        self.bulk_timeout = max(bulk_timeout, timeout)
         self.object_order = object_order  # a session clone's objects are 2**order bytes
-        self._cluster: Any = None
+        self._clusters: dict[bool, Any] = {}  # bulk or not -> a connected cluster
 
     # -- the cluster --
 
@@ -132,22 +136,27 @@ class CephOverlays(OverlayBackend):
             raise OverlayError("tgtd cannot serve RBD images: install the Debian package "
                                "tgt-rbd", Reason.UNAVAILABLE)
 
-    def _connect(self) -> Any:
+    def _connect(self, bulk: bool = False) -> Any:
         rados, _ = _libraries()
-        if self._cluster is not None:
-            return self._cluster
-        timeout = str(int(self.timeout))
-        cluster = rados.Rados(conffile=str(self.conf_path), rados_id=self.client_id, conf={
-            "client_mount_timeout": timeout, "rados_mon_op_timeout": timeout,
-            "rados_osd_op_timeout": timeout})
+        if bulk in self._clusters:
+            return self._clusters[bulk]
+        cluster = rados.Rados(conffile=str(self.conf_path), rados_id=self.client_id,
+                              conf=self._timeouts(bulk))
         try:
             cluster.connect(timeout=int(self.timeout))
         except rados.Error as error:
             cluster.shutdown()
             raise OverlayError(self._unreachable(f"connect ({error})"), Reason.UNAVAILABLE) \
                 from None
-        self._cluster = cluster
+        self._clusters[bulk] = cluster
         return cluster
+
+    def _timeouts(self, bulk: bool) -> dict[str, str]:
+        """Ceph's client timeouts: the monitors within ``timeout``; each OSD operation
+        within ``timeout``, or ``bulk_timeout`` for the steps of a bulk copy."""
+        timeout = str(int(self.timeout))
+        return {"client_mount_timeout": timeout, "rados_mon_op_timeout": timeout,
+                "rados_osd_op_timeout": str(int(self.bulk_timeout if bulk else self.timeout))}
 
     def _unreachable(self, what: str) -> str:
         return (f"Ceph is unavailable: could not {what} within {self.timeout:g} s (config "
@@ -155,12 +164,13 @@ class CephOverlays(OverlayBackend):
                 "cluster running?")
 
     @contextlib.contextmanager
-    def _ioctx(self, what: str) -> Iterator[Any]:
+    def _ioctx(self, what: str, bulk: bool = False) -> Iterator[Any]:
         """An I/O context on the pool, every librados/librbd error turned into an
-        OverlayError that says what was being done."""
+        OverlayError that says what was being done. ``bulk``: for a copy of many objects,
+        each operation given ``bulk_timeout``."""
         rados, rbd = _libraries()
         try:
-            with self._connect().open_ioctx(self.pool) as ioctx:
+            with self._connect(bulk).open_ioctx(self.pool) as ioctx:
                 yield ioctx
         except OverlayError:
             raise
@@ -183,8 +193,8 @@ class CephOverlays(OverlayBackend):
             raise OverlayError(f"cannot {what}: {error}") from None
 
     def _disconnect(self) -> None:
-        cluster, self._cluster = self._cluster, None
-        if cluster is not None:
+        clusters, self._clusters = self._clusters, {}
+        for cluster in clusters.values():
             with contextlib.suppress(Exception):
                 cluster.shutdown()
 
@@ -198,7 +208,7 @@ class CephOverlays(OverlayBackend):
         _, rbd = _libraries()
         size = check_raw_image(raw_image_path)
         image_name, snap = _template_image(name), f"v{version}"
-        with self._ioctx(f"import template {name} version {version}") as ioctx:
+        with self._ioctx(f"import template {name} version {version}", bulk=True) as ioctx:
             if image_name not in rbd.RBD().list(ioctx):
                 rbd.RBD().create(ioctx, image_name, size, old_format=False)
             with self._image(ioctx, image_name) as image:
@@ -430,10 +440,8 @@ class CephOverlays(OverlayBackend):
         with self._ioctx(f"copy session {session_id}") as ioctx:
             with self._image(ioctx, name, snapshot=save_id):
                 pass
-        timeout = str(int(self.timeout))
         options = {"id": self.client_id, "conf": str(self.conf_path.absolute()),
-                   "client_mount_timeout": timeout, "rados_mon_op_timeout": timeout,
-                   "rados_osd_op_timeout": timeout}
+                   **self._timeouts(bulk=True)}
         source = f"rbd:{_rbd_escape(self.pool)}/{_rbd_escape(name)}" \
             + (f"@{_rbd_escape(save_id)}" if save_id else "") \
             + "".join(f":{key}={_rbd_escape(value)}" for key, value in options.items())
@@ -465,14 +473,14 @@ class CephOverlays(OverlayBackend):
             else:
                 extents.append((offset, length))
 
-        with self._ioctx(f"map session {session_id}") as ioctx:
+        with self._ioctx(f"map session {session_id}", bulk=True) as ioctx:
             with self._image(ioctx, _session_image(session_id)) as image:
                 image.diff_iterate(0, image.size(), None, add, include_parent=False)
         return sorted(extents)
 
     @contextlib.contextmanager
     def _blocks(self, session_id: str) -> Iterator[BlockIO]:
-        with self._ioctx(f"read or write session {session_id}") as ioctx:
+        with self._ioctx(f"read or write session {session_id}", bulk=True) as ioctx:
             with self._image(ioctx, _session_image(session_id)) as image:
                 yield _RbdBlocks(image)
 
