@@ -27,8 +27,11 @@ from labmetal.api.ports import normalize_mac
 from labmetal.api.validation import DOT_NAMES, Field, accepts, body, name_check, obj
 from labmetal.conductor.job_door import ACTIONS, POWER_OFF, TRANSPORTS, JobOrder
 from labmetal.lookup import find_job, find_room
-from labmetal.lifecycles import JOB_RUNNING, JOB_SCHEDULED, SEAT_IDLE, SESSION_BUSY
-from labmetal.models import Node, Port, Room, RoomJob, Seat, StudentSession, User, new_uuid
+from labmetal.conductor.roomjobs import SeatUpdate, seat_from_node
+from labmetal.lifecycles import (JOB_RUNNING, JOB_SCHEDULED, SEAT_IDLE, SEAT_IN_PROGRESS,
+                                 SESSION_BUSY)
+from labmetal.models import (Node, Port, Room, RoomJob, RoomJobSeat, Seat, StudentSession, User,
+                             new_uuid)
 
 blueprint = Blueprint("rooms", __name__)
 
@@ -96,6 +99,19 @@ def job_view(job: RoomJob, room_name: str) -> dict[str, Any]:
             "links": links("room-jobs", job.uuid)}
 
 
+def _live(job: RoomJob | None, seat: RoomJobSeat | None, node: Node) -> SeatUpdate | None:
+    """A seat's state in the room's job. A seat being deployed is read from its node, as
+    the job's conductor reads it on each pass: the grid goes on moving while that conductor
+    is taken over (its passes stop for the time it takes) or busy."""
+    if seat is None:
+        return None
+    stored = SeatUpdate(seat.state, seat.progress)
+    if job is None or job.state != JOB_RUNNING or job.action != "deploy" \
+            or seat.state not in SEAT_IN_PROGRESS or seat.requested_at is None:
+        return stored
+    return seat_from_node(node) or stored
+
+
 def seat_count(session: Session, room: Room) -> int:
     return session.scalar(select(func.count(Seat.id)).where(Seat.room_id == room.id)) or 0
 
@@ -160,12 +176,13 @@ def show_room(ident: str):
         for label, node in rows:
             seat = in_job.get(node.id)
             step = node.deploy_step or {}
+            shown = _live(job, seat, node)
             seats.append({"label": label, "node_uuid": node.uuid, "node_name": node.name,
                           "power_state": node.power_state,
                           "provision_state": node.provision_state,
                           "last_error": node.last_error, "step": step.get("step"),
-                          "state": seat.state if seat else SEAT_IDLE,
-                          "progress": seat.progress if seat else 0,
+                          "state": shown.state if shown else SEAT_IDLE,
+                          "progress": shown.progress if shown else 0,
                           "attempts": seat.attempts if seat else 0,
                           "error": seat.error if seat else None,
                           "student": students.get(node.id)})
