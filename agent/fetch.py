@@ -26,7 +26,12 @@ if TYPE_CHECKING:
 LOG = logging.getLogger(__name__)
 
 TIMEOUT = (10, 60)  # connect, read (seconds)
-RESUME_ATTEMPTS = 5
+# A broken download is resumed for this long (each time labmetal answered nothing or a
+# 5xx), waiting up to RESUME_DELAY_MAX between tries: labmetal's API restarting (its front
+# answering 502/503, or nothing) for up to a quarter of an hour costs a downloading seat
+# nothing; it used to give up after 7.5 s.
+RESUME_WINDOW = 900.0
+RESUME_DELAY_MAX = 10.0
 FETCH_AHEAD = 8  # chunks received ahead of the writes (compressed, 4 MiB at most each)
 
 
@@ -42,10 +47,30 @@ _BROKEN = (OSError, urllib3.exceptions.HTTPError, _Broken)  # requests' errors a
 
 
 def manifest(session: requests.Session, url: str) -> Manifest:
-    response = session.get(url, timeout=TIMEOUT)
+    failures, since = 0, time.monotonic()
+    while True:
+        try:
+            response = session.get(url, timeout=TIMEOUT)
+            if response.status_code < 500:
+                break
+            error: object = f"HTTP {response.status_code}"
+        except _BROKEN as broken:
+            error = broken
+        failures += 1
+        _pause(f"manifest {url}", error, failures, since)
     if response.status_code != 200:
         raise FetchError(f"manifest {url}: HTTP {response.status_code}")
     return Manifest.from_json(response.content)
+
+
+def _pause(what: str, error: object, failures: int, since: float) -> None:
+    """Wait before trying ``what`` again (doubling, at most RESUME_DELAY_MAX), or give up
+    with FetchError once it has failed for RESUME_WINDOW seconds."""
+    if time.monotonic() - since > RESUME_WINDOW:
+        raise FetchError(f"{what}: gave up after {RESUME_WINDOW:.0f} s of failures: {error}")
+    delay = min(0.5 * 2 ** (failures - 1), RESUME_DELAY_MAX)
+    LOG.warning("%s failed (%s); trying again in %.1f s", what, error, delay)
+    time.sleep(delay)
 
 
 def download(session: requests.Session, url: str, target: Path) -> int:
@@ -89,6 +114,7 @@ def packed_chunks(session: requests.Session, url: str, chunks: list[Chunk],
     size, lets a run that goes to the end of the file be asked open-ended (``bytes=N-``, or
     no Range at all from 0), as a plain stream; other runs are asked with both ends."""
     position = failures = 0
+    broken_since = 0.0  # when the current run of failures began
     response: requests.Response | None = None
     delivers = 0  # the packed offset the open response delivers next
     try:
@@ -114,15 +140,12 @@ def packed_chunks(session: requests.Session, url: str, chunks: list[Chunk],
                     response.close()
                     response = None
                 failures += 1
-                if failures > RESUME_ATTEMPTS:
-                    raise FetchError(f"{url}: gave up at chunk {chunk.index} after "
-                                     f"{RESUME_ATTEMPTS} resumes: {error}") from None
-                LOG.warning("stream of %s broke before chunk %d (%s); resuming with a Range "
-                            "request", url, chunk.index, error)
-                time.sleep(0.5 * failures)
+                broken_since = broken_since or time.monotonic()
+                _pause(f"stream of {url} before chunk {chunk.index} (resumed with a Range "
+                       "request)", error, failures, broken_since)
                 continue
             position += 1
-            failures = 0
+            failures, broken_since = 0, 0.0
             yield chunk, data
     finally:
         if response is not None:

@@ -21,6 +21,7 @@ import socket
 import subprocess
 import sys
 import threading
+import time
 import uuid
 from dataclasses import dataclass, field
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
@@ -149,6 +150,9 @@ class FileServer:
     corrupt: dict[str, int] = field(default_factory=dict)  # path -> offset of a flipped byte
     drop_after: dict[str, int] = field(default_factory=dict)  # path -> bytes, once
     hold: threading.Event | None = None  # packed bodies wait for it
+    outage: float = 0.0  # seconds of 503 after a drop: labmetal restarting behind its front
+    unavailable_until: float = 0.0
+    unavailable_answers: int = 0
 
     def serve(self, name: str, image: Image) -> dict[str, str]:
         self.files[f"/{name}/manifest.json"] = image.manifest.to_json().encode()
@@ -161,6 +165,10 @@ class _FileHandler(_Handler):
     def do_GET(self) -> None:
         files: FileServer = self.server.owner
         files.requests.append((self.path, self.headers.get("Range")))
+        if time.monotonic() < files.unavailable_until:
+            files.unavailable_answers += 1
+            self.reply(503, b"labmetal is restarting")
+            return
         data = files.files.get(self.path)
         if data is None:
             self.reply(404, b"not found")
@@ -178,6 +186,7 @@ class _FileHandler(_Handler):
             if cut is None:
                 self.reply(206 if start else 200, bytes(body), headers)
             else:  # announce the whole body, send part of it, hang up
+                files.unavailable_until = time.monotonic() + files.outage
                 self.send_response(200)
                 self.send_header("Content-Length", str(len(body)))
                 self.end_headers()
@@ -535,6 +544,22 @@ def test_a_dropped_connection_resumes_from_the_chunk_where_it_stopped(
     resumed_at = int(ranges[1].removeprefix("bytes=").removesuffix("-"))
     assert resumed_at in {c.packed_offset for c in image.manifest.data_chunks}
     assert 0 < resumed_at <= len(image.packed) // 2
+
+
+def test_a_download_cut_by_labmetal_restarting_waits_for_it_and_resumes(
+        images, files, disks, start_seat):
+    """The stream breaks, then labmetal answers 503 for longer than a seat used to wait
+    (7.5 s): the seat keeps asking, with backoff, and finishes once it is back."""
+    image = images["disk"]
+    disk = disks(64 * MIB)
+    seat = start_seat(disk)
+    urls = files.serve("disk", image)
+    files.drop_after["/disk/packed"] = len(image.packed) // 2
+    files.outage = 12.0
+    view = seat.run("write_image", urls)
+    assert view["status"] == "succeeded", view["error"]
+    assert sha256_of(disk.file, len(image.raw)) == image.manifest.raw_sha256
+    assert files.unavailable_answers >= 3  # it asked through the outage, and waited
 
 
 def test_wrong_or_missing_token_is_refused_and_nothing_is_written(
