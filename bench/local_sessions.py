@@ -376,8 +376,8 @@ class TimedClient(session_sync.SeatClient):
         self.last_piece = time.monotonic()
         self.wire += len(piece)
 
-    def uploaded(self, session: str, digest: Any) -> None:
-        super().uploaded(session, digest)
+    def uploaded(self, session: str, digest: Any, saves: list[str] | None = None) -> None:
+        super().uploaded(session, digest, saves)
         self.verified = time.monotonic()
 
 
