@@ -127,10 +127,9 @@ def create_app(svc: Services) -> Flask:
         classes (a missing table) are bugs: 500."""
         if not database_away(error) and not isinstance(error, sqlalchemy_exc.TimeoutError):
             return unexpected(error)
-        LOG.warning("%s %s: the database is unavailable: %s", request.method, request.path,
-                    str(getattr(error, "orig", error)).strip().splitlines()[0][:200]
-                    if str(getattr(error, "orig", error)).strip() else type(error).__name__)
         api_error = database_unavailable(error)
+        LOG.warning("%s %s: the database is unavailable; answered 503: %s", request.method,
+                    request.path, api_error.message)
         return error_response(api_error.status, api_error.message)
 
     @app.errorhandler(Exception)

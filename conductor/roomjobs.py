@@ -183,8 +183,7 @@ class RoomJobRunner:
             image = session.get(Image, job.image_id) if job.image_id else None
             action, retries, uuid = job.action, job.retries, job.uuid
             version_id = job.template_version_id
-            multicast = {key: value for key, value in (job.multicast or {}).items()
-                         if key not in SENDER_FIGURES}
+            multicast = sender_group(job.multicast)
         if action in ("deploy", CACHE) and image is None:
             self._finish(job_id, JOB_FAILED, "the job's image was deleted")
             return
@@ -371,6 +370,13 @@ class RoomJobRunner:
                                          "seats_complete": status.receivers_complete}
                 LOG.info("room job %s: multicast sender stopped (%d bytes sent, %d seat(s) "
                          "complete)", job_uuid, status.bytes_sent, status.receivers_complete)
+
+
+def sender_group(multicast: dict[str, Any] | None) -> dict[str, Any]:
+    """A job's multicast group as seats and the sender read it (MulticastGroup), without
+    the figures kept there once its sender stopped."""
+    return {key: value for key, value in (multicast or {}).items()
+            if key not in SENDER_FIGURES}
 
 
 def cancel_waits(session: Any, job_id: int, user: str | None) -> None:

@@ -44,7 +44,7 @@ from labmetal.conductor.session_store import Storage, refresh_used
 from labmetal.db import Database
 from labmetal.errors import Conflict, Forbidden, InvalidRequest, NotFound
 from labmetal.images.store import ImageStore
-from labmetal.conductor.roomjobs import CACHE
+from labmetal.conductor.roomjobs import CACHE, sender_group
 from labmetal.lifecycles import (JOB_RUNNING, SEAT_DONE, SEAT_FAILED, SEAT_FINISHED,
                                  SEAT_WRITING, SESSION_RUNNING, SESSION_STARTING,
                                  SESSION_STOPPED, SESSION_SYNCING)
@@ -190,8 +190,8 @@ class SeatSync:
                     raise Conflict("the TP's template version is gone")
                 plan.update(then="reboot", fill={
                     "template": self._template(wanted, fetched),
-                    "multicast": _group(job.multicast) if job.chosen_transport ==
-                    "multicast" else None})
+                    "multicast": sender_group(job.multicast) or None
+                    if job.chosen_transport == "multicast" else None})
         if seat_id is not None:  # the teacher's grid: this seat is fetching it
             with self.db.write() as session:
                 session.execute(update(RoomJobSeat).where(
@@ -463,14 +463,6 @@ def _fill_job(session: Session, node_id: int, cache: SeatCache | None) -> RoomJo
                         and cache.origin_version_id == seat.job.template_version_id):
         return None
     return seat
-
-
-def _group(multicast: dict[str, Any] | None) -> dict[str, Any] | None:
-    """The job's group as the seat reads it (agent/command_params.MulticastGroup)."""
-    if not multicast:
-        return None
-    return {key: multicast[key] for key in ("group", "port", "sender", "interface", "job")
-            if key in multicast}
 
 
 def _cache(session: Session, node_id: int) -> SeatCache | None:
