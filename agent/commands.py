@@ -160,14 +160,7 @@ class Commands:
         """The image onto ``target`` through the one pipeline, its chunks over HTTP or from
         a room job's multicast group (the chunks the disk already holds are kept either
         way, unless delta is off)."""
-        source: writer.ChunkSource
-        if params.multicast is None:
-            source = fetch.HttpChunks(session, params.packed_url)
-        else:
-            from labmetal.agent import multicast  # zfec is needed for multicast only
-            group = params.multicast
-            source = multicast.MulticastChunks(group.group, group.port, group.sender_address,
-                                               group.job)
+        source = writer.chunk_source(session, params.packed_url, params.multicast)
         return writer.write(manifest, source, target, command.progress,
                             None if params.delta else frozenset())
 

@@ -395,13 +395,7 @@ def template_into_origin(client: SeatClient, cache: Cache, template: TemplatePla
     origin = Origin(template.name, template.version, template.sha256, template.size)
     cache = seat_cache.save_state(cache, seat_cache.State(origin, None))
     say(f"labmetal: template {template.name} v{template.version}: checking this seat's copy")
-    source: writer.ChunkSource
-    if multicast is None:
-        source = fetch.HttpChunks(client.http, template.packed_url)
-    else:
-        from labmetal.agent import multicast as receiver  # zfec: for multicast only
-        source = receiver.MulticastChunks(multicast.group, multicast.port,
-                                          multicast.sender_address, multicast.job)
+    source = writer.chunk_source(client.http, template.packed_url, multicast)
     result = writer.write(manifest, source, cache.disk, progress,
                           base=cache.start + seat_cache.ORIGIN_OFFSET)
     say(f"labmetal: template ready ({result.bytes_written / 2**20:.1f} MiB fetched"

@@ -40,7 +40,7 @@ import threading
 import time
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
-from typing import Protocol
+from typing import TYPE_CHECKING, Protocol
 
 import requests
 
@@ -48,6 +48,9 @@ from labmetal.agent import fetch
 from labmetal.agent.delta import matching_chunks
 from labmetal.agent.disk import is_block_device, size_of
 from labmetal.agent.manifest import Chunk, Manifest, unpack_chunk
+
+if TYPE_CHECKING:
+    from labmetal.agent.command_params import MulticastGroup
 
 LOG = logging.getLogger(__name__)
 
@@ -280,6 +283,17 @@ def write(manifest: Manifest, source: ChunkSource, target: str, progress: Progre
     return WriteResult(digest, handoff.written, handoff.zeroed, seconds,
                        chunks_total=len(manifest.chunks), chunks_written=handoff.chunks,
                        bytes_skipped=skipped, scan_seconds=round(scanned - started, 2))
+
+
+def chunk_source(session: requests.Session, packed_url: str,
+                 multicast: MulticastGroup | None) -> ChunkSource:
+    """Where an image's chunks come from: its packed file over HTTP, or a room job's
+    multicast group (a deploy's, or a room opening a TP)."""
+    if multicast is None:
+        return fetch.HttpChunks(session, packed_url)
+    from labmetal.agent import multicast as receiver  # zfec is needed for multicast only
+    return receiver.MulticastChunks(multicast.group, multicast.port, multicast.sender_address,
+                                    multicast.job)
 
 
 def write_image(session: requests.Session, manifest: Manifest, packed_url: str, target: str,
