@@ -77,6 +77,9 @@ def script_for(mac: str) -> BootScript:
                 f"{mac} is not enrolled; self-registration needs the deploy_kernel and "
                 "deploy_ramdisk settings")
         return IdleScript(f"this PC ({mac}) is not enrolled in labmetal")
+    if (node.provision_state == states.DEPLOYING
+            and (node.deploy_step or {}).get("step") == states.BOOT_WRITTEN_DISK):
+        return LocalDiskScript(node.name or node.uuid)
     if node.provision_state in states.RAMDISK_MODE:
         return _ramdisk(node, states.RAMDISK_MODE[node.provision_state], mac) or IdleScript(
             f"node {node.name or node.uuid} needs a deploy kernel and ramdisk")

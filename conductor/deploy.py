@@ -200,6 +200,7 @@ def continue_deploy(work: NodeWork) -> Outcome:
         interface = deploy_interfaces.for_node(work.node)
         interface.validate(work, image)
         written = interface.write_image(work, image)
+        work.ctx.save_step(work.node.id, {"step": states.BOOT_WRITTEN_DISK})
         # The network stays first, as on a room PC: the seat's script (now "the local disk")
         # sends it to its disk, and a later deploy, inspection or session needs no change
         # of its boot order. Under Secure Boot the firmware checks the disk's loader itself.

@@ -110,3 +110,9 @@ RAMDISK_MODE = {DEPLOYING: "deploy", DEPLOY_WAIT: "deploy",
                 CLEANING: "clean", CLEAN_WAIT: "clean", DELETING: "clean",
                 INSPECTING: "inspect", INSPECT_WAIT: "inspect",
                 CAPTURING: "deploy", CAPTURE_WAIT: "deploy"}
+
+# The deploy step a deploying node is in once its disk is written and verified: the
+# conductor writes it before it reboots the seat, so the seat's next boot script is already
+# its disk although the node becomes active only after the reboot was asked for (a PC that
+# PXE-boots faster than that commit would otherwise boot the ramdisk again).
+BOOT_WRITTEN_DISK = "boot the written disk"
