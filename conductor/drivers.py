@@ -17,10 +17,10 @@ class HardwareType:
 
 
 def load_drivers(power: PowerSettings) -> dict[str, HardwareType]:
-    ipmi = IpmiPower(deadline=power.ipmi_deadline, attempt_timeout=power.ipmi_attempt_timeout,
-                     retries=power.ipmi_retries)
+    ipmi = IpmiPower(deadline=power.ipmi_deadline, packet_timeout=power.ipmi_packet_timeout)
     return {
-        "ipmi": HardwareType("ipmi", ipmi, "Power through the node's BMC over IPMI (pyghmi)."),
+        "ipmi": HardwareType("ipmi", ipmi,
+                             "Power through the node's BMC over IPMI (RMCP+, cipher suite 3)."),
         "wol": HardwareType("wol", WolPower(),
                             "Power on by Wake-on-LAN; off in-band by the agent."),
     }

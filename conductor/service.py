@@ -22,7 +22,8 @@ from labmetal.conductor.bootserver import BootServer
 from labmetal.conductor.deploy import DEPLOY_ACTIONS, DeployContext
 from labmetal.conductor.drivers import HardwareType
 from labmetal.conductor.local_sessions import LocalSessionKeeper
-from labmetal.conductor.power.base import InvalidDriverInfo, PowerError, PowerTarget
+from labmetal.conductor.power.base import (BmcUnreachable, InvalidDriverInfo, PowerError,
+                                           PowerTarget)
 from labmetal.conductor.registry import ConductorRegistry
 from labmetal.conductor.roomjobs import RoomJobRunner
 from labmetal.conductor.door import NodeDoor
@@ -385,12 +386,12 @@ class ConductorService:
                 and not self.drivers[row.driver].power.assumed_state
                 and ring.owner(row.uuid) == self.hostname]
 
-        def read_state(row: Any) -> tuple[Any, str | None, str | None]:
+        def read_state(row: Any) -> tuple[Any, str | None, PowerError | ValueError | None]:
             try:
                 target = PowerTarget(row.uuid, self.box.open_all(row.driver_info))
                 return row, self.drivers[row.driver].power.get_power_state(target), None
             except (PowerError, InvalidDriverInfo, ValueError) as error:
-                return row, None, str(error)
+                return row, None, error
 
         results = list(self._sync_pool.map(read_state, mine))
         mismatches = failures = 0
@@ -433,7 +434,16 @@ class ConductorService:
                                else Node.power_state == row.power_state)
             .values(**values)).rowcount == 1
 
-    def _record_sync_failure(self, session: Any, row: Any, error: str) -> None:
+    def _record_sync_failure(self, session: Any, row: Any, failure: Exception) -> None:
+        """Count failures toward maintenance, but not a BMC that answered while the network
+        lost the rest: that BMC works, and the next sync will most likely reach it (issue
+        17: at 20 % loss each way, nodes went to maintenance that were fine)."""
+        error = str(failure)
+        if isinstance(failure, BmcUnreachable) and not failure.silent:
+            self._sync_failures.pop(row.id, None)
+            history.record(session, row.id, "power", f"power sync failed: {error}", "WARNING",
+                           conductor=self.hostname)
+            return
         count = self._sync_failures.get(row.id, 0) + 1
         self._sync_failures[row.id] = count
         if count == 1:

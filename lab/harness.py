@@ -231,9 +231,9 @@ def start_bmcs(procs: Processes, count: int, user: str = "admin", password: str 
 
 
 def ipmitool_power(port: int, user: str = "admin", password: str = "s3cret",
-                   action: str = "status") -> str:
+                   action: str = "status", host: str = "127.0.0.1") -> str:
     """Ask a BMC with ipmitool: an independent IPMI client, not labmetal's code."""
-    result = subprocess.run(["ipmitool", "-I", "lanplus", "-H", "127.0.0.1", "-p", str(port),
+    result = subprocess.run(["ipmitool", "-I", "lanplus", "-H", host, "-p", str(port),
                              "-U", user, "-P", password, "power", action],
                             capture_output=True, text=True, timeout=30)
     assert result.returncode == 0, result.stderr

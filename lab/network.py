@@ -281,3 +281,30 @@ def add_loss(namespace: str, percent: float) -> None:
 def remove_loss(namespace: str) -> None:
     subprocess.run(in_namespace(namespace, ["nft", "delete", "table", "bridge", LOSS_TABLE]),
                    capture_output=True, timeout=30)
+
+
+UDP_LOSS_TABLE = "labmetal_udp_loss"
+
+
+def add_udp_loss(namespace: str, percent: float) -> None:
+    """Drop ``percent`` % of the UDP datagrams that reach the namespace's own sockets and,
+    independently, of those they send: a lossy network each way in front of the servers
+    that run there (virtual BMCs), as an nftables ``inet`` table. Replaces an earlier
+    setting; :func:`remove_udp_loss` heals the network."""
+    if not 0 <= percent <= 100:
+        raise ValueError(f"loss is a percentage, not {percent!r}")
+    remove_udp_loss(namespace)
+    rule = f"meta l4proto udp numgen random mod 10000 < {round(percent * 100)} drop"
+    rules = (f"table inet {UDP_LOSS_TABLE} {{\n"
+             f"  chain arriving {{ type filter hook input priority 0; policy accept; {rule}; }}\n"
+             f"  chain leaving {{ type filter hook output priority 0; policy accept; {rule}; }}\n"
+             "}\n")
+    result = subprocess.run(in_namespace(namespace, ["nft", "-f", "-"]), input=rules,
+                            capture_output=True, text=True, timeout=30)
+    if result.returncode != 0:
+        raise RuntimeError(f"nft: {result.stderr.strip()} (apt-get install nftables)")
+
+
+def remove_udp_loss(namespace: str) -> None:
+    subprocess.run(in_namespace(namespace, ["nft", "delete", "table", "inet", UDP_LOSS_TABLE]),
+                   capture_output=True, timeout=30)

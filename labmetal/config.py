@@ -163,8 +163,7 @@ class ConductorSettings:
 class PowerSettings:
     """The IPMI power driver's time limits (conductor/drivers.py)."""
     ipmi_deadline: float
-    ipmi_attempt_timeout: float
-    ipmi_retries: int
+    ipmi_packet_timeout: float
 
 
 @dataclass(frozen=True)
@@ -312,9 +311,8 @@ class Settings:
     power_sync_workers: int = 32
     power_sync_max_failures: int = 3
     action_workers: int = 64
-    ipmi_deadline: float = 15.0  # a whole IPMI call, retries included
-    ipmi_attempt_timeout: float = 6.0
-    ipmi_retries: int = 2
+    ipmi_deadline: float = 15.0  # a whole IPMI call, every resend included
+    ipmi_packet_timeout: float = 2.0  # the longest wait for one answer before resending
     lock_retries: int = 3
     lock_retry_interval: float = 0.3
     image_dir: Path | None = None  # default: state_dir/images

@@ -57,7 +57,7 @@ def make_cli(tmp_path: Path, name: str, url: str | None, **env: str) -> Cli:
 
 @pytest.fixture
 def service(procs):
-    return start_service(procs, "nodecli", ipmi_deadline=4, ipmi_attempt_timeout=2,
+    return start_service(procs, "nodecli", ipmi_deadline=4, ipmi_packet_timeout=1,
                          power_sync_interval=3600)
 
 

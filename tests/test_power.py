@@ -28,7 +28,7 @@ def enroll(service, name: str, port: int, password: str = PASSWORD, manage: bool
 
 @pytest.fixture
 def service(procs):
-    return start_service(procs, "power", ipmi_deadline=4, ipmi_attempt_timeout=2,
+    return start_service(procs, "power", ipmi_deadline=4, ipmi_packet_timeout=1,
                          power_sync_interval=3600)
 
 
@@ -57,7 +57,7 @@ def test_unknown_bmc_user_is_an_authentication_error(service, procs):
     service.put("/v1/nodes/pc1/states/provision", {"target": "manage"})
     node = service.wait_node("pc1", lambda n: n["provision_state"] == "enroll")
     assert "authentication failed" in node["last_error"] and \
-        "Unauthorized name" in node["last_error"]
+        "unauthorized name (user 'admin')" in node["last_error"]
 
 
 def test_teacher_powers_a_pc_on_off_and_reboots_it(service, procs, baremetal_for):
@@ -162,7 +162,7 @@ def test_the_ipmi_password_never_leaves_the_service(service, procs, baremetal_fo
 
 def test_power_sync_records_changes_and_failures_of_a_bmc(procs):
     service = start_service(procs, "sync", power_sync_interval=1, ipmi_deadline=2,
-                            ipmi_attempt_timeout=1, ipmi_retries=0)
+                            ipmi_packet_timeout=1)
     bmc = start_bmcs(procs, 1, password=PASSWORD, name="bmc-a")
     enroll(service, "pc1", bmc)
     ipmitool_power(bmc, password=PASSWORD, action="on")  # someone pressed the button

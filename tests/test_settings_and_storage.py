@@ -47,7 +47,7 @@ def test_every_setting_has_one_home_group_and_the_groups_carry_its_value(tmp_pat
             if len(homes.get(name, [])) != 1} == {}
     assert sorted(set(homes) - set(names)) == []  # a group's own field is a setting
     config = tmp_path / "labmetal.toml"
-    config.write_text('[labmetal]\nipmi_retries = 5\nldap_timeout = 2\n'
+    config.write_text('[labmetal]\nipmi_packet_timeout = 5\nldap_timeout = 2\n'
                       'multicast_ttl = 4\noverlay_backend = "ceph"\n')
     settings = load_settings({"state_dir": str(tmp_path), "seat_url": "http://10.9.0.1:80/"},
                              config_file=config,
@@ -57,7 +57,7 @@ def test_every_setting_has_one_home_group_and_the_groups_carry_its_value(tmp_pat
         assert type(group) is kind
         for f in dataclasses.fields(kind):  # borrowed derived values too (seat_base_url)
             assert getattr(group, f.name) == getattr(settings, f.name), (name, f.name)
-    assert (settings.power.ipmi_retries, settings.directory.ldap_timeout,
+    assert (settings.power.ipmi_packet_timeout, settings.directory.ldap_timeout,
             settings.room_jobs.multicast_ttl, settings.session_store.overlay_backend,
             settings.boot.dhcp_mode, settings.access.auth) == (5, 2.0, 4, "ceph", "proxy",
                                                               "noauth")

@@ -16,7 +16,12 @@ class AuthenticationFailed(PowerError):
 
 
 class BmcUnreachable(PowerError):
-    pass
+    """No answer in time. ``silent``: the BMC answered nothing at all (hung, or gone), as
+    opposed to answers that a lossy network dropped; only silence is a fault of the node."""
+
+    def __init__(self, message: str, silent: bool = True):
+        super().__init__(message)
+        self.silent = silent
 
 
 class NotSupported(PowerError):

@@ -1,71 +1,29 @@
-"""IPMI power with pyghmi, made safe to call from a conductor's worker pool.
+"""IPMI power: each call one RMCP+ session of its own (conductor/power/rmcp.py), under the
+call's deadline, run by the calling thread.
 
-pyghmi calls block and some never return (a BMC that stops answering in the middle of a
-login), so every exchange runs in its own thread under a deadline. Calls to one BMC take
-turns (BMCs handle few sessions), and a BMC whose last call is still hanging is refused at
-once instead of collecting more stuck threads. Unanswered calls are retried with backoff;
-authentication errors are not.
+Calls to one BMC take turns (BMCs hold few sessions, and two logins at once from one
+conductor only slow each other). Every packet is resent with backoff until the deadline,
+so a lossy network costs time, not the call; a BMC that answered nothing in the whole
+call is told apart from one whose answers the network lost (BmcUnreachable.silent), and
+only the first counts toward putting a node in maintenance (conductor/service.py).
 """
 from __future__ import annotations
 
-import logging
 import socket
 import threading
 import time
 from typing import Any, Callable
 
-import pyghmi.ipmi.private.session as pyghmi_session
-from pyghmi import exceptions as pyghmi_exceptions
-from pyghmi.ipmi.command import Command
-
 from labmetal import states
+from labmetal.conductor.power import rmcp
 from labmetal.conductor.power.base import (AuthenticationFailed, BmcUnreachable, Field,
                                            PowerError, PowerInterface, PowerTarget)
 
-LOG = logging.getLogger(__name__)
-
-NO_ANSWER = "no answer"
-AUTH_ERRORS = ("incorrect password", "unauthorized name", "insufficient privilege",
-               "invalid role", "unauthorized")
-
-
-_prepared = threading.Lock()
-POLL_SLICE = 0.01
-
-
-_pyghmi_io_wait = pyghmi_session._io_wait
-
-
-def _io_wait_in_slices(timeout: float, myaddr: Any = None, evq: Any = None) -> None:
-    """pyghmi's waiters check for a packet, then ask its I/O thread to wake them when one
-    comes; a packet that lands in between wakes no one, and the caller sleeps its whole
-    retransmit timer (0.5-1 s per exchange, seen here on most calls under load). Every
-    caller of _io_wait loops until its answer or deadline, so capping each wait bounds that
-    loss to POLL_SLICE."""
-    _pyghmi_io_wait(min(timeout, POLL_SLICE), myaddr, evq)
-
-
-def prepare_pyghmi() -> None:
-    """Make pyghmi's client safe for a conductor's many threads, once per process.
-
-    Besides the waits above and the locks below: pyghmi starts its I/O thread on first use and
-    wakes it by a
-    packet only once the thread has published a select deadline; a caller that queues work
-    before that is not woken and waits for the thread's 300 s select timeout (the "hangs
-    forever" of DESIGN §9). Start the thread here and wait until it is in its loop.
-    """
-    with _prepared:
-        pyghmi_session._io_wait = _io_wait_in_slices
-        # Its two session-table locks are taken in both orders (send_payload holds the
-        # keepalive lock and takes the waiting one; wait_for_rsp holds the waiting lock
-        # while a timed-out session resends): under load threads deadlock for ever, and
-        # every later call with them. One reentrant lock for both cannot deadlock.
-        pyghmi_session.WAITING_SESSIONS = pyghmi_session.KEEPALIVE_SESSIONS
-        if pyghmi_session.iothread is None:
-            pyghmi_session.Session._assignsocket()
-        give_up = time.monotonic() + 5
-        while pyghmi_session.selectdeadline <= 0 and time.monotonic() < give_up:
-            time.sleep(0.001)
+CHASSIS, APP = 0x00, 0x06
+GET_CHASSIS_STATUS, CHASSIS_CONTROL, SET_BOOT_OPTIONS = 0x01, 0x02, 0x08
+CONTROL = {"off": 0, "on": 1, "reset": 3, "shutdown": 5}
+BOOT_DEVICE = {"pxe": 0x04, "disk": 0x08}
+BOOT_FLAGS_VALID_PERSISTENT = 0x80 | 0x40
 
 
 class IpmiPower(PowerInterface):
@@ -78,16 +36,13 @@ class IpmiPower(PowerInterface):
         "ipmi_password": Field("BMC password. Stored sealed, never shown.", default=""),
     }
 
-    def __init__(self, deadline: float = 15.0, attempt_timeout: float = 6.0, retries: int = 2,
+    def __init__(self, deadline: float = 15.0, packet_timeout: float = 2.0,
                  state_change_timeout: float = 60.0):
         self.deadline = deadline
-        self.attempt_timeout = attempt_timeout
-        self.retries = retries
+        self.timing = rmcp.Timing(max_wait=packet_timeout)
         self.state_change_timeout = state_change_timeout
         self._guard = threading.Lock()
         self._bmc_locks: dict[tuple[str, int], threading.Lock] = {}
-        self._hanging: dict[tuple[str, int], threading.Thread] = {}
-        prepare_pyghmi()
 
     # -- the interface ---------------------------------------------------------------
     def get_power_state(self, target: PowerTarget) -> str:
@@ -109,19 +64,39 @@ class IpmiPower(PowerInterface):
         raise PowerError(f"unsupported power target {state!r}")
 
     def set_boot_device(self, target: PowerTarget, device: str) -> None:
-        pyghmi_device = {"pxe": "network", "disk": "hd"}[device]
-        self._call(self.parse(target.info),
-                   lambda cmd: cmd.set_bootdev(pyghmi_device, persist=True))
+        """Set System Boot Options: acknowledge the BIOS's boot info (parameter 3), then
+        the boot flags (parameter 5), valid and persistent."""
+        flags = bytes([5, BOOT_FLAGS_VALID_PERSISTENT, BOOT_DEVICE[device], 0, 0, 0])
+
+        def operation(session: rmcp.RmcpSession) -> None:
+            session.command(CHASSIS, SET_BOOT_OPTIONS, bytes([3, 8]))
+            session.command(CHASSIS, SET_BOOT_OPTIONS, flags)
+
+        self._call(self.parse(target.info), operation)
 
     # -- helpers ---------------------------------------------------------------------
+    @staticmethod
+    def _power_is_on(session: rmcp.RmcpSession) -> bool:
+        status = session.command(CHASSIS, GET_CHASSIS_STATUS)
+        if not status:
+            raise rmcp.Refused("the chassis status answer is empty")
+        return bool(status[0] & 0x01)
+
     def _read_state(self, info: dict[str, Any]) -> str:
-        result = self._call(info, lambda cmd: cmd.get_power())
-        return states.POWER_ON if result.get("powerstate") == "on" else states.POWER_OFF
+        on = self._call(info, self._power_is_on)
+        return states.POWER_ON if on else states.POWER_OFF
 
     def _change(self, info: dict[str, Any], directive: str, expected: str) -> str:
-        """Send the chassis command, then poll (each poll its own short exchange) until
-        the machine reports the expected state."""
-        self._call(info, lambda cmd: cmd.set_power(directive, wait=False))
+        """Send the chassis control, then poll (each poll its own short call) until the
+        machine reports the expected state. "boot" is a power-on for a machine that is off
+        and a reset for one that is on."""
+        def control(session: rmcp.RmcpSession) -> None:
+            action = directive
+            if directive == "boot":
+                action = "reset" if self._power_is_on(session) else "on"
+            session.command(CHASSIS, CHASSIS_CONTROL, bytes([CONTROL[action]]))
+
+        self._call(info, control)
         give_up = time.monotonic() + self.state_change_timeout
         delay = 0.05
         while True:
@@ -142,81 +117,27 @@ class IpmiPower(PowerInterface):
         with self._guard:
             return self._bmc_locks.setdefault(key, threading.Lock())
 
-    def _call(self, info: dict[str, Any], operation: Callable[[Command], Any]) -> Any:
-        key = (info["ipmi_address"], info["ipmi_port"])
+    def _call(self, info: dict[str, Any], operation: Callable[[rmcp.RmcpSession], Any]) -> Any:
         where = self._where(info)
-        give_up = time.monotonic() + self.deadline
-        lock = self._lock_for(key)
+        deadline = time.monotonic() + self.deadline
+        lock = self._lock_for((info["ipmi_address"], info["ipmi_port"]))
         if not lock.acquire(timeout=self.deadline):
-            raise BmcUnreachable(f"BMC {where} is busy: another call has not finished in "
-                                 f"{self.deadline:.0f} s")
+            raise BmcUnreachable(f"BMC {where} is busy: another call to it has not finished "
+                                 f"in {self.deadline:.0f} s", silent=False)
         try:
-            hanging = self._hanging.get(key)
-            if hanging is not None and hanging.is_alive():
-                raise BmcUnreachable(f"BMC {where} did not answer: an earlier call to it is "
-                                     "still waiting")
-            self._hanging.pop(key, None)
-            attempt, backoff = 0, 0.5
-            while True:
-                attempt += 1
-                remaining = give_up - time.monotonic()
-                try:
-                    return self._attempt(key, info, operation, min(self.attempt_timeout, remaining))
-                except BmcUnreachable as error:
-                    remaining = give_up - time.monotonic()
-                    if attempt > self.retries or remaining <= backoff:
-                        detail = "" if str(error) == NO_ANSWER else f"; last error: {error}"
-                        raise BmcUnreachable(
-                            f"BMC {where} did not answer (gave up after {attempt} attempt(s), "
-                            f"{self.deadline - max(remaining, 0):.1f} s{detail})") from None
-                    time.sleep(backoff)
-                    backoff *= 2
+            # bytes: the BMC compares them as such; a name or password is not text to it
+            return rmcp.call(info["ipmi_address"], info["ipmi_port"],
+                             info["ipmi_username"].encode(), info["ipmi_password"].encode(),
+                             deadline, operation, self.timing)
+        except socket.gaierror as error:
+            raise PowerError(f"cannot resolve BMC address {where}: {error}") from None
+        except rmcp.NoAnswer as error:
+            raise BmcUnreachable(f"{error} (deadline {self.deadline:.0f} s)",
+                                 silent=error.answered == 0) from None
+        except rmcp.AuthRefused as error:
+            raise AuthenticationFailed(f"IPMI authentication failed at BMC {where}: "
+                                       f"{error}") from None
+        except rmcp.RmcpError as error:
+            raise PowerError(f"BMC {where} refused the request: {error}") from None
         finally:
             lock.release()
-
-    def _attempt(self, key: tuple[str, int], info: dict[str, Any],
-                 operation: Callable[[Command], Any], timeout: float) -> Any:
-        outcome: dict[str, Any] = {}
-        finished = threading.Event()
-
-        def exchange() -> None:
-            try:
-                command = Command(bmc=info["ipmi_address"], port=info["ipmi_port"],
-                                  userid=info["ipmi_username"].encode(),  # bytes: see DESIGN §9
-                                  password=info["ipmi_password"].encode(), keepalive=False)
-                try:
-                    outcome["value"] = operation(command)
-                finally:
-                    command.ipmi_session.logout()
-            except BaseException as error:  # handed to the waiting caller
-                outcome["error"] = error
-            finally:
-                finished.set()
-
-        worker = threading.Thread(target=exchange, daemon=True, name=f"ipmi {key[0]}:{key[1]}")
-        worker.start()
-        if not finished.wait(max(timeout, 0.1)):
-            self._hanging[key] = worker
-            raise BmcUnreachable(NO_ANSWER)
-        if "error" in outcome:
-            raise self._translate(outcome["error"], self._where(info))
-        return outcome.get("value")
-
-    @staticmethod
-    def _translate(error: BaseException, where: str) -> Exception:
-        if isinstance(error, socket.gaierror):
-            return PowerError(f"cannot resolve BMC address {where}: {error}")
-        if isinstance(error, OSError):
-            return BmcUnreachable(str(error))
-        if isinstance(error, pyghmi_exceptions.IpmiException):
-            text = str(error.args[0]) if error.args and error.args[0] else ""
-            if any(word in text.lower() for word in AUTH_ERRORS):
-                return AuthenticationFailed(f"IPMI authentication failed at BMC {where}: {text}")
-            if not text or "timeout" in text.lower() or "session" in text.lower():
-                return BmcUnreachable(NO_ANSWER)
-            return PowerError(f"BMC {where} refused the request: {text}")
-        if isinstance(error, PowerError):
-            return error
-        # pyghmi's shared session tables still race now and then under many threads
-        # (a KeyError on its handler map, seen once in 3000 logins): worth another attempt.
-        return BmcUnreachable(f"IPMI client error {type(error).__name__}: {error}")
