@@ -37,14 +37,15 @@ def test_power_survives_20_percent_loss_each_way_and_only_a_silent_bmc_goes_to_m
     start_bmcs_in(procs, room.namespace, FIRST_PORT, NODES, "bmcs")
     loner = start_bmcs_in(procs, room.namespace, LONER_PORT, 1, "loner")
     service = start_service(procs, "ipmiloss", power_sync_interval=2)
-    names = {f"pc{i:02d}": FIRST_PORT + i for i in range(NODES)} | {"loner": LONER_PORT}
+    seats = {f"pc{i:02d}": FIRST_PORT + i for i in range(NODES)}
+    names = seats | {"loner": LONER_PORT}
     for name, port in names.items():
         assert service.post("/v1/nodes", {"driver": "ipmi", "name": name, "driver_info": {
             "ipmi_address": BMC_ADDRESS, "ipmi_port": port, "ipmi_username": "admin",
             "ipmi_password": PASSWORD}}).status_code == 201
 
     add_udp_loss(room.namespace, 20)
-    # verifying the BMC's credentials, then switching every machine on, all at once
+    # every BMC's credentials verified at once
     for name in names:
         assert service.put(f"/v1/nodes/{name}/states/provision",
                            {"target": "manage"}).status_code == 202
@@ -53,19 +54,19 @@ def test_power_survives_20_percent_loss_each_way_and_only_a_silent_bmc_goes_to_m
                                  and not n["reservation"], timeout=120)
         assert (node["provision_state"], node["last_error"]) == ("manageable", None), name
 
-    for target in ("power on", "power off"):  # every machine at once
-        for name in names:
+    # a BMC stops answering: while the others are switched, the syncs go on
+    first = sync_cycles(procs.workdir / "ipmiloss.service.log")
+    loner.kill()
+    for target in ("power on", "power off"):  # every other machine at once
+        for name in seats:
             assert service.put(f"/v1/nodes/{name}/states/power",
                                {"target": target}).status_code == 202
         done = [service.wait_node(name, lambda n: n["target_power_state"] is None
-                                  and not n["reservation"], timeout=120) for name in names]
+                                  and not n["reservation"], timeout=120) for name in seats]
         assert [(n["name"], n["power_state"], n["last_error"]) for n in done] == [
-            (name, target, None) for name in names]
+            (name, target, None) for name in seats]
 
-    # syncs go on under the loss; a BMC that stops answering is put in maintenance after
-    # 3 of them, and nobody else
-    first = sync_cycles(procs.workdir / "ipmiloss.service.log")
-    loner.kill()
+    # the silent BMC is put in maintenance after 3 syncs, and nobody else
     node = service.wait_node("loner", lambda n: n["maintenance"], timeout=180)
     assert node["fault"] == "power failure"
     assert "did not answer any of" in node["maintenance_reason"]
@@ -73,7 +74,7 @@ def test_power_survives_20_percent_loss_each_way_and_only_a_silent_bmc_goes_to_m
     nodes = {n["name"]: n for n in service.get("/v1/nodes/detail").json()["nodes"]}
     assert [name for name, n in nodes.items() if n["maintenance"]] == ["loner"]
     assert {n["power_state"] for name, n in nodes.items() if name != "loner"} == {"power off"}
-    # ... and taken out as soon as it answers again (the next sync)
+    # it is taken out as soon as it answers again (the next sync)
     start_bmcs_in(procs, room.namespace, LONER_PORT, 1, "loner-again")
     node = service.wait_node("loner", lambda n: not n["maintenance"], timeout=60)
     assert node["fault"] is None
