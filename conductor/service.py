@@ -72,6 +72,9 @@ class ConductorService:
         # Peers are not declared dead before this (see _in_grace): set at start and when
         # the database answers again after this conductor could not reach it.
         self._grace_until = time.monotonic() + settings.conductor_dead_after
+        # When this conductor last came back (its start, or the database answering again):
+        # an agent could not call back while it was away (see _expire_agent_waits).
+        self._back_at = utcnow()
         self._waits_checked_at = 0.0
         self._threads: list[threading.Thread] = []
         self.actions = {**ACTIONS, **DEPLOY_ACTIONS}
@@ -163,6 +166,7 @@ class ConductorService:
                     self._heartbeat_missed = False
                     self._grace_until = self._heartbeat_ok_at + \
                         self.settings.conductor_dead_after
+                    self._back_at = utcnow()
                     LOG.warning("the database answers again; peers get %.0f s to beat "
                                 "before any is taken for dead",
                                 self.settings.conductor_dead_after)
@@ -340,8 +344,13 @@ class ConductorService:
 
     def _expire_agent_waits(self) -> None:
         """Nodes of mine waiting for their agent longer than callback_timeout fail (the
-        agent never came, or vanished before calling back)."""
+        agent never came, or vanished before calling back). The wait counts from when this
+        conductor came back if it began before: a seat that booted while labmetal was
+        stopped (an upgrade) or could not reach its database had no one to call back to, and
+        gets its whole callback_timeout once labmetal is there again."""
         cutoff = utcnow() - timedelta(seconds=self.settings.callback_timeout)
+        if self._back_at > cutoff:
+            return
         ring = self.registry.ring()
         with self.db.read() as session:
             rows = session.execute(

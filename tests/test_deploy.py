@@ -8,6 +8,7 @@ import json
 import os
 import signal
 import subprocess
+import time
 from pathlib import Path
 
 from labmetal.lab.network import run_in, shape
@@ -15,7 +16,7 @@ from labmetal.lab.room import namespace_pids
 from tests.room import disk_image, lab  # noqa: F401 (fixtures)
 from labmetal.lab.light_room import MIB, make_rootfs, make_whole_disk, open_room, sha256_of
 from labmetal.agent.manifest import Manifest
-from labmetal.lab.harness import LABMETAL, error_text, wait_for
+from labmetal.lab.harness import LABMETAL, error_text, start_service, wait_for
 
 
 def test_teacher_deploys_a_whole_disk_image_and_the_seat_boots_it(lab, procs, tmp_path,
@@ -266,3 +267,29 @@ def test_a_teacher_captures_a_reference_pc_and_deploys_it_elsewhere(lab, procs, 
     room.provision(student.name, "active")
     assert room.wait_state(student.name, "active", "deploy failed")["provision_state"] == "active"
     assert sha256_of(Path(student.disk)) == sha256_of(Path(reference.disk))
+
+
+def test_a_seat_that_boots_while_labmetal_is_stopped_is_deployed_once_it_is_back(
+        lab, procs, tmp_path, disk_image):
+    """labmetal stopped (an upgrade) for longer than callback_timeout, right after it
+    switched a seat on to deploy it: the seat's firmware keeps asking for its script, and
+    once labmetal is back the deploy goes on. Its wait for the agent counts from then: the
+    seat had no one to call back to."""
+    room = open_room(lab, procs, tmp_path, index=84, seats=1, callback_timeout=20)
+    room.upload_deploy_ramdisk()
+    room.upload("img", "whole-disk", disk_image)
+    seat = room.seats[0]
+    room.enroll(seat)
+    room.choose_image(seat, "img")
+    assert room.provision(seat.name, "active").status_code == 202
+    room.service.wait_node(seat.name, lambda n: n["provision_state"] == "wait call-back")
+    host, port = room.service.url.rsplit("//", 1)[1].split(":")
+    room.service.proc.stop()
+    time.sleep(30)  # the outage itself, longer than callback_timeout
+    room.service = start_service(procs, "room84-again", state_dir=room.service.state_dir,
+                                 host=host, port=int(port), hostname="room84",
+                                 callback_timeout=20, agent_timeout=15)
+    node = room.wait_state(seat.name, "active", "deploy failed")
+    assert (node["provision_state"], node["last_error"]) == ("active", None)
+    wait_for(lambda: "booted from disk: mbr=bootable" in room.console(seat), 180,
+             "the seat booting its disk")
