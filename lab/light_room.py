@@ -71,6 +71,7 @@ def make_whole_disk(work: Path, size_mib: int = 40, marker: str = "tp-reseaux",
 
 @dataclass
 class TestRoom:
+    __test__ = False  # a helper whose name starts with "Test", not a test class
     lab: Lab
     room: Room
     service: Service
