@@ -50,7 +50,7 @@ from labmetal.lifecycles import (JOB_RUNNING, SEAT_DONE, SEAT_FAILED, SEAT_FINIS
                                  SESSION_STOPPED, SESSION_SYNCING)
 from labmetal.images.overlays.base import OverlayError
 from labmetal.models import (Image, Node, Port, RoomJob, RoomJobSeat, SeatCache, SessionSave,
-                             StudentSession, TemplateVersion, utcnow)
+                             StudentSession, TemplateVersion, User, utcnow)
 from labmetal.secrets import SecretBox
 
 LOG = logging.getLogger(__name__)
@@ -378,9 +378,15 @@ class SeatSync:
                 if stored.state == SESSION_SYNCING:
                     stored.state, stored.seat_node_id = SESSION_STOPPED, None
                 held.overlay_uploaded = True
-                label, stored.pending_save = stored.pending_save, None
-                for asked in ([label] if label else []) + list(saves or [])[:16]:
-                    _save(session, backend, stored, asked)
+                queued = [(stored.pending_save, stored.pending_save_by or "unknown")] \
+                    if stored.pending_save else []
+                stored.pending_save = stored.pending_save_by = None
+                # saves asked for in the seat's OS: by the session's student, at that seat
+                student = session.get(User, stored.user_id)
+                at_seat = (f"{student.name if student else 'the student'} "
+                           f"at {node.name or node.uuid}")
+                for asked, by in queued + [(label, at_seat) for label in list(saves or [])[:16]]:
+                    _save(session, backend, stored, asked, by)
         shutil.rmtree(spool, ignore_errors=True)
         (spool.parent / "hashes").unlink(missing_ok=True)  # the store changed
         LOG.info("session %s: %d bytes uploaded from seat %s, verified and stored",
@@ -438,7 +444,7 @@ class SeatSync:
         return path
 
 
-def _save(session: Session, backend: Any, ses: StudentSession, label: str) -> None:
+def _save(session: Session, backend: Any, ses: StudentSession, label: str, by: str) -> None:
     """The save point asked for while the seat held the newest state."""
     try:
         point = backend.save(ses.uuid, label)
@@ -446,7 +452,7 @@ def _save(session: Session, backend: Any, ses: StudentSession, label: str) -> No
         ses.last_error = f"The queued save {label!r} could not be made: {error}"
         return
     session.add(SessionSave(session_id=ses.id, number=point.number, label=label,
-                            backend_save_id=point.save_id, created_by="queued",
+                            backend_save_id=point.save_id, created_by=by,
                             created_at=point.created_at.astimezone(UTC).replace(tzinfo=None)))
     ses.last_saved_at = utcnow()
 

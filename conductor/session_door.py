@@ -288,7 +288,7 @@ class SessionDoor:
             if ses.mode == "local" and ses.state in (SESSION_RUNNING, SESSION_SYNCING):
                 if not isinstance(label, str) or not 0 < len(label) <= 64:
                     raise InvalidRequest("a save label has 1 to 64 characters")
-                ses.pending_save = label
+                ses.pending_save, ses.pending_save_by = label, by.user
                 LOG.info("session %s: save %r queued by %s until its seat uploads it",
                          ses.uuid, label, by.user)
                 return None

@@ -360,6 +360,7 @@ class StudentSession(Base):
     # A save point asked for while the newest state is on the seat's disk: made as soon
     # as the seat's upload of it is verified (its label).
     pending_save: Mapped[str | None] = mapped_column(String(64))
+    pending_save_by: Mapped[str | None] = mapped_column(String(255))  # who asked for it
     seat_node_id: Mapped[int | None] = mapped_column(ForeignKey("nodes.id",
                                                                 ondelete="SET NULL"))
     target_iqn: Mapped[str | None] = mapped_column(String(223))

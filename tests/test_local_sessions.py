@@ -284,7 +284,8 @@ def test_a_local_sessions_save_points_revert_and_start_over(lab, tmp_path, tp_im
     assert lab.call("sam", "POST", f"{path}/stop").ok
     a01.ramdisk()
     saves = lab.ok("sam", "GET", f"{path}/saves")["saves"]
-    assert [save["label"] for save in saves] == ["before-firewall", "asked in the OS"]
+    assert [(save["label"], save["created_by"]) for save in saves] == [
+        ("before-firewall", "sam"), ("asked in the OS", "sam at a01")]
     # more work, then back to the save point: the next seat gets what was saved
     lab.ok("sam", "POST", f"{path}/start", {"seat": "a02", "boot": False})
     a02.ramdisk()
