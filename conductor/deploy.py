@@ -72,6 +72,17 @@ class DeployContext:
                                   f"{error.status})") from None
             raise DeployError(f"{what} {ident!r} is not in the image store") from None
 
+    def held_here(self, image: Image) -> None:
+        """This conductor reads a disk image itself (the receipt check, a multicast
+        sender): on a host whose store lacks it, the deploy fails saying so rather than with
+        an internal error. Hosts share the API's image directory until images are kept in
+        Ceph (issue 17)."""
+        if not self.store.raw_path(image.uuid).exists():
+            raise DeployError(f"image {image.name} is not in this conductor's image store "
+                              f"({self.store.root} on {self.hostname}): every host that runs "
+                              "a conductor needs the image directory (image_dir) that the "
+                              "API stores uploads in")
+
     def image_by_id(self, image_id: int | None) -> Image | None:
         if image_id is None:
             return None
@@ -168,7 +179,9 @@ def inspect(work: NodeWork) -> Outcome:
 # -- second half: the agent called back ----------------------------------------------------
 def _instance_image(work: NodeWork) -> Image:
     source = (work.node.instance_info or {}).get("image_source")
-    return work.ctx.image(source, DISK_IMAGE_KINDS, "instance_info.image_source")
+    image = work.ctx.image(source, DISK_IMAGE_KINDS, "instance_info.image_source")
+    work.ctx.held_here(image)
+    return image
 
 
 def _reboot_into(work: NodeWork, device: str) -> str:
