@@ -11,7 +11,7 @@ import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict, dataclass
-from datetime import timedelta
+from datetime import datetime, timedelta
 from typing import Any
 
 from sqlalchemy import or_, select, update
@@ -26,11 +26,12 @@ from labmetal.conductor.power.base import (BmcUnreachable, InvalidDriverInfo, Po
                                            PowerTarget)
 from labmetal.conductor.registry import ConductorRegistry
 from labmetal.conductor.roomjobs import RoomJobRunner
-from labmetal.conductor.door import NodeDoor
+from labmetal.conductor.door import Asker, NodeDoor
 from labmetal.conductor.rpcapi import ConductorAPI
 from labmetal.conductor.wakeup import WakeServer
 from labmetal.config import Settings
 from labmetal.db import Database
+from labmetal.errors import Refused
 from labmetal.images.store import ImageStore
 from labmetal.models import Conductor, Node, Port, utcnow
 from labmetal import seat_relay
@@ -75,6 +76,7 @@ class ConductorService:
         # When this conductor last came back (its start, or the database answering again):
         # an agent could not call back while it was away (see _expire_agent_waits).
         self._back_at = utcnow()
+        self._missed_boots_for: datetime | None = None  # the return they were checked after
         self._waits_checked_at = 0.0
         self._threads: list[threading.Thread] = []
         self.actions = {**ACTIONS, **DEPLOY_ACTIONS}
@@ -83,8 +85,9 @@ class ConductorService:
         self.wake_server = WakeServer(settings.wake_listen, settings.hostname, self.wake,
                                       self.status)
         self.boot_server = BootServer(settings.boot, db, store, box.derive(seat_relay.PURPOSE))
-        door = NodeDoor(settings.deploy, db, drivers, box,
-                        ConductorAPI(db, self.registry, settings.conductor, local=self))
+        self.door = door = NodeDoor(settings.deploy, db, drivers, box,
+                                    ConductorAPI(db, self.registry, settings.conductor,
+                                                 local=self))
         self.room_jobs = RoomJobRunner(settings.room_jobs, db, self.registry, store,
                                        settings.hostname, door)
         self.local_sessions = LocalSessionKeeper(db, door, settings.hostname,
@@ -230,6 +233,7 @@ class ConductorService:
         if time.monotonic() - self._waits_checked_at > 5:
             self._waits_checked_at = time.monotonic()
             self._expire_agent_waits()
+            self._boot_again_missed_boots()
             self.boot_server.sync_hosts()
             ring = self.registry.ring()
             self.local_sessions.check(lambda node: ring.owner(node) == self.hostname)
@@ -341,6 +345,34 @@ class ConductorService:
         if not done:
             LOG.warning("node %s: lost my lock during '%s'; its new owner carries on",
                         work.uuid, work.action)
+
+    def _boot_again_missed_boots(self) -> None:
+        """Once per return (start, or database back), ``missed_boot_after`` seconds after
+        it: my seats still waiting for an agent they were switched on for before it are
+        switched on (or rebooted) again. While labmetal was away, a PC's network boot found
+        no TFTP, boot script or API and the PC booted its next device, its disk; a second
+        boot reaches labmetal. A seat whose agent did call back has left the wait."""
+        if self._missed_boots_for == self._back_at:
+            return
+        if utcnow() - self._back_at < timedelta(seconds=self.settings.missed_boot_after):
+            return
+        self._missed_boots_for = self._back_at
+        ring = self.registry.ring()
+        with self.db.read() as session:
+            nodes = session.scalars(
+                select(Node).where(Node.provision_state.in_(list(states.AGENT_WAIT)),
+                                   Node.reservation.is_(None), Node.maintenance.is_(False),
+                                   Node.provision_updated_at < self._back_at)).all()
+        for node in nodes:
+            if ring.owner(node.uuid) != self.hostname:
+                continue
+            try:
+                self.door.boot(
+                    node, "again: labmetal was away when the seat was switched on for "
+                    f"'{node.provision_state}', and its agent never called",
+                    Asker(conductor=self.hostname))
+            except Refused as error:  # busy, or Wake-on-LAN and already on: left to time out
+                LOG.warning("node %s: not booted again: %s", node.uuid, error)
 
     def _expire_agent_waits(self) -> None:
         """Nodes of mine waiting for their agent longer than callback_timeout fail (the

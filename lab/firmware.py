@@ -125,18 +125,24 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--interface", default="eth0")
     parser.add_argument("--boot-device", choices=("network", "disk"), default="network")
     parser.add_argument("--state-dir", type=Path, required=True)
+    parser.add_argument("--script-attempts", type=int, default=30,
+                        help="asks for the boot script before giving up (a PC then boots "
+                             "its next device; here the seat goes off)")
+    parser.add_argument("--post-seconds", type=float, default=0.0,
+                        help="from power-on to the network boot (a PC's POST)")
     parser.add_argument("--dhcp", action="store_true",
                         help="ask for an address by DHCP at each network boot")
     args = parser.parse_args(argv)
     args.state_dir.mkdir(parents=True, exist_ok=True)
     signal.signal(signal.SIGTERM, _power_cut)
+    time.sleep(args.post_seconds)
     while True:
         if args.boot_device == "disk":
             boot_disk(args.disk)
             return 0
         if args.dhcp:
             dhcp(args.interface, args.state_dir)
-        script = fetch_script(args.boot_url, args.mac)
+        script = fetch_script(args.boot_url, args.mac, args.script_attempts)
         kernel = kernel_args(script)
         if kernel is not None and "labmetal.api" in kernel:
             run_agent(args, kernel, args.state_dir)

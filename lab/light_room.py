@@ -151,6 +151,7 @@ class TestRoom:
 
 def open_room(lab: Lab, procs: Processes, workdir: Path, index: int, seats: int,
               power: str = "ipmi", disk_mib: int = 64, dhcp: bool = False,
+              script_attempts: int = 30, post_seconds: float = 0.0,
               **settings: Any) -> TestRoom:
     """Room 10.99.<index>.0/24: labmetal at .2 (the uplink), seats from .11; with ``dhcp``,
     labmetal's dnsmasq serves the room (pool .100-.200) and the seats ask it for their
@@ -176,7 +177,8 @@ def open_room(lab: Lab, procs: Processes, workdir: Path, index: int, seats: int,
         test_room.seats.append(LightSeatSpec(
             name=f"pc{index}-{i + 1}", namespace=seat.namespace, mac=mac, disk=str(disk),
             boot_url=service.url, state_dir=str(workdir / f"seat{i + 1}"),
-            bmc_port=first_port + i, dhcp=dhcp))
+            bmc_port=first_port + i, dhcp=dhcp, script_attempts=script_attempts,
+            post_seconds=post_seconds))
     specs = workdir / "seats.json"
     LightSeatSpec.save_all(specs, test_room.seats)
     if power == "ipmi":

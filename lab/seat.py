@@ -27,6 +27,8 @@ class LightSeatSpec:
     interface: str = "eth0"
     bmc_port: int | None = None
     dhcp: bool = False  # ask the room's DHCP server for an address at each network boot
+    script_attempts: int = 30  # asks for its boot script before it gives up (and is off)
+    post_seconds: float = 0.0  # from power-on to its network boot (a PC's POST)
 
     @staticmethod
     def load_all(path: Path) -> list[LightSeatSpec]:
@@ -58,6 +60,8 @@ class LightSeat(SeatPower):
                 sys.executable, "-m", "labmetal.lab.firmware", "--boot-url", self.spec.boot_url,
                 "--mac", self.spec.mac, "--disk", self.spec.disk, "--interface",
                 self.spec.interface, "--boot-device", device, "--state-dir", self.spec.state_dir,
+                "--script-attempts", str(self.spec.script_attempts),
+                "--post-seconds", str(self.spec.post_seconds),
                 *(["--dhcp"] if self.spec.dhcp else [])])
             with open(self.console_log, "ab") as console:
                 console.write(f"--- power on ({device})\n".encode())

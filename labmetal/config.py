@@ -156,6 +156,7 @@ class ConductorSettings:
     lock_retries: int
     lock_retry_interval: float
     callback_timeout: float
+    missed_boot_after: float
     room_job_interval: float
 
 
@@ -322,6 +323,9 @@ class Settings:
     deploy_ramdisk: str = ""
     automated_clean: bool = False  # provide: erase disk metadata through the agent first
     callback_timeout: float = 1800.0  # waiting for the agent to call back (Ironic's default)
+    # A seat switched on before labmetal stopped (or lost its database) and still silent
+    # this long after it is back is switched on again: its network boot found no one.
+    missed_boot_after: float = 120.0
     agent_timeout: float = 60.0  # the agent not answering in the middle of a command
     self_registration: bool = False  # unknown MACs that PXE-boot are enrolled with inventory
     discovery_driver: str = "wol"  # the driver a self-registered node gets

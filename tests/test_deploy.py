@@ -271,11 +271,13 @@ def test_a_teacher_captures_a_reference_pc_and_deploys_it_elsewhere(lab, procs, 
 
 def test_a_seat_that_boots_while_labmetal_is_stopped_is_deployed_once_it_is_back(
         lab, procs, tmp_path, disk_image):
-    """labmetal stopped (an upgrade) for longer than callback_timeout, right after it
-    switched a seat on to deploy it: the seat's firmware keeps asking for its script, and
-    once labmetal is back the deploy goes on. Its wait for the agent counts from then: the
-    seat had no one to call back to."""
-    room = open_room(lab, procs, tmp_path, index=84, seats=1, callback_timeout=20)
+    """labmetal stopped (an upgrade) right after it switched a seat on to deploy it, for
+    longer than callback_timeout and than the seat's firmware asks for its boot script
+    (the firmware gives up; a PC would boot its disk). Once labmetal is back, the seat's
+    conductor switches it on again after missed_boot_after, and the deploy goes on: its
+    wait for the agent counts from the return, not from the first power-on."""
+    room = open_room(lab, procs, tmp_path, index=84, seats=1, script_attempts=3,
+                     post_seconds=5, callback_timeout=20, missed_boot_after=5)
     room.upload_deploy_ramdisk()
     room.upload("img", "whole-disk", disk_image)
     seat = room.seats[0]
@@ -285,11 +287,14 @@ def test_a_seat_that_boots_while_labmetal_is_stopped_is_deployed_once_it_is_back
     room.service.wait_node(seat.name, lambda n: n["provision_state"] == "wait call-back")
     host, port = room.service.url.rsplit("//", 1)[1].split(":")
     room.service.proc.stop()
-    time.sleep(30)  # the outage itself, longer than callback_timeout
+    wait_for(lambda: "no boot script" in room.console(seat), 60, "the seat giving up")
+    time.sleep(20)  # the rest of the outage: 20 s after it, past callback_timeout
     room.service = start_service(procs, "room84-again", state_dir=room.service.state_dir,
                                  host=host, port=int(port), hostname="room84",
-                                 callback_timeout=20, agent_timeout=15)
+                                 callback_timeout=20, agent_timeout=15, missed_boot_after=5)
     node = room.wait_state(seat.name, "active", "deploy failed")
     assert (node["provision_state"], node["last_error"]) == ("active", None)
     wait_for(lambda: "booted from disk: mbr=bootable" in room.console(seat), 180,
              "the seat booting its disk")
+    assert any("labmetal was away when the seat was switched on" in e["event"]
+               for e in room.service.history(seat.name))
