@@ -366,7 +366,10 @@ class RmcpSession:
                 except OSError:  # ICMP port unreachable for an earlier send: nothing there
                     continue
                 self.answered += 1
-                value = accept(packet)
+                try:
+                    value = accept(packet)
+                except (IndexError, ValueError, struct.error):
+                    continue  # malformed: as if lost (answers are checked, not trusted)
                 if value is not None:
                     return value
 
