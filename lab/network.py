@@ -257,33 +257,43 @@ def _check_name(name: str) -> None:
 
 
 LOSS_TABLE = "labmetal_loss"
+UDP_LOSS_TABLE = "labmetal_udp_loss"
 
 
-def add_loss(namespace: str, percent: float) -> None:
-    """Drop ``percent`` % of the frames the room's switch forwards, at random and
-    independently per frame and per port (a multicast frame flooded to 40 seats is 40
-    draws): an nftables ``bridge`` table in ``namespace``. Replaces an earlier setting."""
+def _drop_rule(percent: float) -> str:
+    """nftables: drop ``percent`` % of packets at random, each packet its own draw."""
     if not 0 <= percent <= 100:
         raise ValueError(f"loss is a percentage, not {percent!r}")
-    remove_loss(namespace)
-    rules = (f"table bridge {LOSS_TABLE} {{\n"
-             "  chain forward {\n"
-             "    type filter hook forward priority 0; policy accept;\n"
-             f"    numgen random mod 10000 < {round(percent * 100)} drop\n"
-             "  }\n"
-             "}\n")
+    return f"numgen random mod 10000 < {round(percent * 100)} drop"
+
+
+def _load_table(namespace: str, family: str, table: str, chains: str) -> None:
+    """(Re)place an nftables table in ``namespace``."""
+    _delete_table(namespace, family, table)
+    rules = f"table {family} {table} {{\n{chains}}}\n"
     result = subprocess.run(in_namespace(namespace, ["nft", "-f", "-"]), input=rules,
                             capture_output=True, text=True, timeout=30)
     if result.returncode != 0:
         raise RuntimeError(f"nft: {result.stderr.strip()} (apt-get install nftables)")
 
 
-def remove_loss(namespace: str) -> None:
-    subprocess.run(in_namespace(namespace, ["nft", "delete", "table", "bridge", LOSS_TABLE]),
+def _delete_table(namespace: str, family: str, table: str) -> None:
+    subprocess.run(in_namespace(namespace, ["nft", "delete", "table", family, table]),
                    capture_output=True, timeout=30)
 
 
-UDP_LOSS_TABLE = "labmetal_udp_loss"
+def add_loss(namespace: str, percent: float) -> None:
+    """Drop ``percent`` % of the frames the room's switch forwards, at random and
+    independently per frame and per port (a multicast frame flooded to 40 seats is 40
+    draws): an nftables ``bridge`` table in ``namespace``. Replaces an earlier setting."""
+    rule = _drop_rule(percent)
+    _load_table(namespace, "bridge", LOSS_TABLE,
+                f"  chain forward {{ type filter hook forward priority 0; policy accept; "
+                f"{rule}; }}\n")
+
+
+def remove_loss(namespace: str) -> None:
+    _delete_table(namespace, "bridge", LOSS_TABLE)
 
 
 def add_udp_loss(namespace: str, percent: float) -> None:
@@ -291,20 +301,13 @@ def add_udp_loss(namespace: str, percent: float) -> None:
     independently, of those they send: a lossy network each way in front of the servers
     that run there (virtual BMCs), as an nftables ``inet`` table. Replaces an earlier
     setting; :func:`remove_udp_loss` heals the network."""
-    if not 0 <= percent <= 100:
-        raise ValueError(f"loss is a percentage, not {percent!r}")
-    remove_udp_loss(namespace)
-    rule = f"meta l4proto udp numgen random mod 10000 < {round(percent * 100)} drop"
-    rules = (f"table inet {UDP_LOSS_TABLE} {{\n"
-             f"  chain arriving {{ type filter hook input priority 0; policy accept; {rule}; }}\n"
-             f"  chain leaving {{ type filter hook output priority 0; policy accept; {rule}; }}\n"
-             "}\n")
-    result = subprocess.run(in_namespace(namespace, ["nft", "-f", "-"]), input=rules,
-                            capture_output=True, text=True, timeout=30)
-    if result.returncode != 0:
-        raise RuntimeError(f"nft: {result.stderr.strip()} (apt-get install nftables)")
+    rule = f"meta l4proto udp {_drop_rule(percent)}"
+    _load_table(namespace, "inet", UDP_LOSS_TABLE,
+                f"  chain arriving {{ type filter hook input priority 0; policy accept; "
+                f"{rule}; }}\n"
+                f"  chain leaving {{ type filter hook output priority 0; policy accept; "
+                f"{rule}; }}\n")
 
 
 def remove_udp_loss(namespace: str) -> None:
-    subprocess.run(in_namespace(namespace, ["nft", "delete", "table", "inet", UDP_LOSS_TABLE]),
-                   capture_output=True, timeout=30)
+    _delete_table(namespace, "inet", UDP_LOSS_TABLE)

@@ -98,6 +98,16 @@ def read_power(port: int, password: bytes = b"s3cret", deadline: float = 10,
         session.close()
 
 
+def read_through(bmc: int, hold: Callable[[bytes, int], int | bytes | None]
+                 ) -> tuple[bool, rmcp.RmcpSession, Relay]:
+    relay = Relay(bmc, hold)
+    try:
+        on, session = read_power(relay.port)
+    finally:
+        relay.close()
+    return on, session, relay
+
+
 def test_a_late_rakp2_is_not_taken_for_a_wrong_password(bmc: int) -> None:
     """The first RAKP2 comes after the client has sent RAKP1 again, and before the answer
     to that one: the BMC now holds the second login's numbers. pyghmi's client failed here
@@ -111,11 +121,7 @@ def test_a_late_rakp2_is_not_taken_for_a_wrong_password(bmc: int) -> None:
             return 1 if len(seen) == 1 else None
         return None
 
-    relay = Relay(bmc, hold)
-    try:
-        on, session = read_power(relay.port)
-    finally:
-        relay.close()
+    on, session, relay = read_through(bmc, hold)
     assert on is False
     assert len(seen) >= 2 and relay.opened >= 2  # it took the late one, then started over
 
@@ -132,11 +138,7 @@ def test_a_wrong_password_is_said_at_once_and_a_lost_rakp4_costs_one_more_login(
             return -1
         return None
 
-    relay = Relay(bmc, drop_first_rakp4)
-    try:
-        on, session = read_power(relay.port)
-    finally:
-        relay.close()
+    on, session, relay = read_through(bmc, drop_first_rakp4)
     assert on is False and lost == [1]
     # RAKP3 was sent again, which a BMC that activated the session on the first one drops
     # (or answers "invalid session ID"): the login started over
@@ -169,9 +171,5 @@ def test_malformed_answers_are_ignored_as_lost_packets(bmc: int) -> None:
     def garble(data: bytes, _: int) -> bytes:
         return data[:len(data) // 2] if len(data) > 40 else data[:6]
 
-    relay = Relay(bmc, garble)
-    try:
-        on, session = read_power(relay.port)
-    finally:
-        relay.close()
+    on, session, relay = read_through(bmc, garble)
     assert on is False and session.answered > session.sent  # every garbled copy was read

@@ -32,7 +32,7 @@ import socket
 import struct
 import time
 from dataclasses import dataclass
-from typing import Callable, TypeVar
+from typing import Callable, Container, TypeVar
 
 from cryptography.hazmat.primitives.ciphers import Cipher, algorithms, modes
 
@@ -193,9 +193,8 @@ class RmcpSession:
         request = bytes([tag, 0, 0, 0]) + self._console_sid + SUITE_3
 
         def opened(packet: bytes) -> bytes | None:
-            payload = self._pre_session_payload(packet, OPEN_SESSION_ANSWER)
-            if payload is None or len(payload) < 12 or payload[0] != tag \
-                    or payload[4:8] != self._console_sid:
+            payload = self._answer(packet, OPEN_SESSION_ANSWER, (tag,), 12)
+            if payload is None:
                 return None
             if payload[1] != 0:
                 raise Refused(f"the BMC refused the session: {self._status(payload[1])}"
@@ -225,9 +224,8 @@ class RmcpSession:
             return self._pre_session_packet(RAKP1, payload)
 
         def answered(packet: bytes) -> tuple[bytes, bytes, bytes, bytes] | None:
-            payload = self._pre_session_payload(packet, RAKP2)
-            if payload is None or len(payload) < 8 or payload[0] not in sent \
-                    or payload[4:8] != self._console_sid:
+            payload = self._answer(packet, RAKP2, sent, 8)
+            if payload is None:
                 return None
             status = payload[1]
             if status in (UNAUTHORIZED_NAME, INVALID_ROLE, UNAUTHORIZED_ROLE):
@@ -261,9 +259,8 @@ class RmcpSession:
         sik = _hmac(self.password, rm + rc + names)
 
         def done(packet: bytes) -> bool | None:
-            payload = self._pre_session_payload(packet, RAKP4)
-            if payload is None or len(payload) < 8 or payload[0] != tag \
-                    or payload[4:8] != self._console_sid:
+            payload = self._answer(packet, RAKP4, (tag,), 8)
+            if payload is None:
                 return None
             if payload[1] != 0:
                 raise _StartOver()  # e.g. a resent RAKP1 reached the BMC after its RAKP2
@@ -291,6 +288,15 @@ class RmcpSession:
             return None
         length = struct.unpack("<H", packet[14:16])[0]
         return packet[16:16 + length]
+
+    def _answer(self, packet: bytes, payload_type: int, tags: Container[int],
+                minimum: int) -> bytes | None:
+        """A login step's answer to one of ``tags``, for this console session; else None."""
+        payload = self._pre_session_payload(packet, payload_type)
+        if payload is None or len(payload) < minimum or payload[0] not in tags \
+                or payload[4:8] != self._console_sid:
+            return None
+        return payload
 
     def _session_packet(self, message: bytes) -> bytes:
         self._sequence = (self._sequence + 1) & 0xFFFFFFFF or 1
