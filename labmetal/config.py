@@ -19,6 +19,7 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import ipaddress
+import logging
 import os
 import socket
 import tomllib
@@ -29,6 +30,8 @@ from typing import Any, Mapping, TypeVar
 from urllib.parse import urlsplit
 
 from labmetal.rundir import default_run_root
+
+LOG = logging.getLogger(__name__)
 
 
 DEFAULT_TLS_PORT = 6443  # the HTTPS listener's port when tls_listen names none
@@ -512,6 +515,14 @@ def _coerce(name: str, raw: Any) -> Any:
     return str(raw)
 
 
+# Settings that were, and why they went: a config file that still names one starts with a
+# warning (an upgrade must not stop a lab's service), not with the error of a typo.
+RETIRED = {
+    "ipmi_attempt_timeout": "each IPMI packet is resent on its own; see ipmi_packet_timeout",
+    "ipmi_retries": "each IPMI packet is resent until ipmi_deadline",
+}
+
+
 def load_settings(overrides: Mapping[str, Any] | None = None, config_file: str | Path | None = None,
                   environ: Mapping[str, str] | None = None) -> Settings:
     """Merge the sources; unknown names in the file are an error, not silently ignored."""
@@ -522,9 +533,13 @@ def load_settings(overrides: Mapping[str, Any] | None = None, config_file: str |
     if config_file:
         with open(config_file, "rb") as fh:
             section = tomllib.load(fh).get("labmetal", {})
-        unknown = set(section) - names
+        unknown = set(section) - names - set(RETIRED)
         if unknown:
             raise ValueError(f"unknown settings in {config_file}: {', '.join(sorted(unknown))}")
+        for name in sorted(set(section) & set(RETIRED)):
+            LOG.warning("%s: setting %s is no longer used (%s); it is ignored", config_file,
+                        name, RETIRED[name])
+            del section[name]
         values.update(section)
     for name in names:
         env_value = environ.get(f"LABMETAL_{name.upper()}")

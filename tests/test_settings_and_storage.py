@@ -88,3 +88,17 @@ def test_migrations_build_exactly_the_models_schema(tmp_path):
     db.upgrade()  # idempotent
     with db.engine.connect() as conn:
         assert compare_metadata(MigrationContext.configure(conn), Base.metadata) == []
+
+
+def test_a_retired_setting_in_the_config_file_is_a_warning_and_a_typo_an_error(
+        tmp_path, caplog) -> None:
+    """An upgrade must not stop a lab's service over a setting it no longer reads."""
+    config = tmp_path / "labmetal.toml"
+    config.write_text('[labmetal]\nipmi_retries = 2\nipmi_attempt_timeout = 6.0\n')
+    with caplog.at_level("WARNING"):
+        settings = load_settings({"state_dir": str(tmp_path)}, config_file=config, environ={})
+    assert settings.power.ipmi_deadline == 15.0
+    assert "setting ipmi_retries is no longer used" in caplog.text
+    config.write_text('[labmetal]\nipmi_retrys = 2\n')
+    with pytest.raises(ValueError, match="unknown settings in .*: ipmi_retrys"):
+        load_settings({"state_dir": str(tmp_path)}, config_file=config, environ={})
