@@ -373,6 +373,11 @@ class ConductorService:
                     Asker(conductor=self.hostname))
             except Refused as error:  # busy, or Wake-on-LAN and already on: left to time out
                 LOG.warning("node %s: not booted again: %s", node.uuid, error)
+                continue
+            with self.db.write() as session:  # switched on anew: its wait starts anew
+                session.execute(update(Node).where(
+                    Node.id == node.id, Node.provision_state == node.provision_state)
+                    .values(provision_updated_at=utcnow()))
 
     def _expire_agent_waits(self) -> None:
         """Nodes of mine waiting for their agent longer than callback_timeout fail (the

@@ -277,7 +277,7 @@ def test_a_seat_that_boots_while_labmetal_is_stopped_is_deployed_once_it_is_back
     conductor switches it on again after missed_boot_after, and the deploy goes on: its
     wait for the agent counts from the return, not from the first power-on."""
     room = open_room(lab, procs, tmp_path, index=84, seats=1, script_attempts=3,
-                     post_seconds=5, callback_timeout=10, missed_boot_after=5)
+                     post_seconds=5, callback_timeout=15, missed_boot_after=5)
     room.upload_deploy_ramdisk()
     room.upload("img", "whole-disk", disk_image)
     seat = room.seats[0]
@@ -288,10 +288,10 @@ def test_a_seat_that_boots_while_labmetal_is_stopped_is_deployed_once_it_is_back
     host, port = room.service.url.rsplit("//", 1)[1].split(":")
     room.service.proc.stop()
     wait_for(lambda: "no boot script" in room.console(seat), 60, "the seat giving up")
-    time.sleep(5)  # the rest of the outage: past callback_timeout since the power-on
+    time.sleep(6)  # the rest of the outage: past callback_timeout since the power-on
     room.service = start_service(procs, "room84-again", state_dir=room.service.state_dir,
                                  host=host, port=int(port), hostname="room84",
-                                 callback_timeout=10, agent_timeout=15, missed_boot_after=5)
+                                 callback_timeout=15, agent_timeout=15, missed_boot_after=5)
     node = room.wait_state(seat.name, "active", "deploy failed")
     assert (node["provision_state"], node["last_error"]) == ("active", None)
     wait_for(lambda: "booted from disk: mbr=bootable" in room.console(seat), 180,

@@ -96,11 +96,11 @@ class IpmiPower(PowerInterface):
                 action = "reset" if self._power_is_on(session) else "on"
             session.command(CHASSIS, CHASSIS_CONTROL, bytes([CONTROL[action]]))
 
-        self._call(info, control)
         give_up = time.monotonic() + self.state_change_timeout
+        self._lossy(give_up, lambda: self._call(info, control))
         delay = 0.05
         while True:
-            current = self._read_state(info)
+            current = self._lossy(give_up, lambda: self._read_state(info))
             if current == expected:
                 return current
             if time.monotonic() >= give_up:
@@ -108,6 +108,17 @@ class IpmiPower(PowerInterface):
                                  f"is still '{current}' after {self.state_change_timeout:.0f} s")
             time.sleep(delay)
             delay = min(delay * 2, 1.0)
+
+    def _lossy(self, give_up: float, call: Callable[[], Any]) -> Any:
+        """A call of a power action, made again while the action's time lasts when the BMC
+        answered but the network lost too much: a lossy network costs the action time, not
+        its result. A silent BMC fails it at once."""
+        while True:
+            try:
+                return call()
+            except BmcUnreachable as error:
+                if error.silent or time.monotonic() + self.deadline > give_up:
+                    raise
 
     @staticmethod
     def _where(info: dict[str, Any]) -> str:

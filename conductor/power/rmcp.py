@@ -130,6 +130,8 @@ class RmcpSession:
         self._k1 = self._aes = b""
         self._sequence = 0
         self._rq_seq = 0
+        self._first_wait = self.timing.first_wait
+        self._rtt: float | None = None
         self._address = socket.getaddrinfo(host, port, 0, socket.SOCK_DGRAM)[0]
 
     # -- the session ------------------------------------------------------------------------
@@ -186,25 +188,28 @@ class RmcpSession:
 
     # -- login ------------------------------------------------------------------------------
     def _login(self) -> None:
-        self._console_sid = os.urandom(4)
         self._k1 = self._aes = b""
         self._sequence = 0
-        tag = os.urandom(1)[0]
-        request = bytes([tag, 0, 0, 0]) + self._console_sid + SUITE_3
+        sent: list[bytes] = []  # each send its own console session id (and tag)
 
-        def opened(packet: bytes) -> bytes | None:
-            payload = self._answer(packet, OPEN_SESSION_ANSWER, (tag,), 12)
-            if payload is None:
+        def build() -> bytes:
+            sent.append(os.urandom(4))
+            return self._pre_session_packet(
+                OPEN_SESSION, bytes([len(sent) % 256, 0, 0, 0]) + sent[-1] + SUITE_3)
+
+        def opened(packet: bytes) -> tuple[bytes, bytes] | None:
+            payload = self._pre_session_payload(packet, OPEN_SESSION_ANSWER)
+            if payload is None or len(payload) < 12 or payload[4:8] not in sent:
                 return None
             if payload[1] != 0:
                 raise Refused(f"the BMC refused the session: {self._status(payload[1])}"
                               + (" (labmetal speaks cipher suite 3)"
                                  if payload[1] in (NO_MATCHING_AUTH, NO_MATCHING_INTEGRITY)
                                  else ""))
-            return payload[8:12]
+            return payload[4:8], payload[8:12]
 
-        self._managed_sid = self._exchange(
-            lambda: self._pre_session_packet(OPEN_SESSION, request), opened, "Open Session")
+        self._console_sid, self._managed_sid = self._exchange(
+            build, opened, "Open Session", newest=lambda answer: answer[0] == sent[-1])
         rakp2 = self._rakp12()
         self._rakp34(*rakp2)
         self.command(0x06, 0x3B, bytes([self._role]))  # Set Session Privilege Level
@@ -250,7 +255,8 @@ class RmcpSession:
                 raise AuthRefused("Incorrect password provided")
             return rm, rc, guid, names
 
-        return self._exchange(build, answered, "RAKP1")
+        return self._exchange(build, answered, "RAKP1",
+                              newest=lambda answer: answer[0] == list(sent.values())[-1])
 
     def _rakp34(self, rm: bytes, rc: bytes, guid: bytes, names: bytes) -> None:
         tag = os.urandom(1)[0]
@@ -345,11 +351,17 @@ class RmcpSession:
             pass  # as a lost packet (no route yet, refused): the timer resends it
 
     def _exchange(self, build: Callable[[], bytes], accept: Callable[[bytes], T | None],
-                  step: str, limit: int | None = None) -> T:
+                  step: str, limit: int | None = None,
+                  newest: Callable[[T], bool] | None = None) -> T:
         """Send what ``build`` makes, and again after each wait, until ``accept`` takes an
-        answer (it returns None for packets that are not the answer)."""
+        answer (it returns None for packets that are not the answer).
+
+        Where each send is a new request (``newest`` says whether an answer is to the last
+        one), an answer to an earlier send is kept until the wait ends: a slow BMC that got
+        both holds the state of the last, so its answer is taken if it comes; if it does not,
+        the last send was lost and the earlier answer is the BMC's state."""
         assert self._sock is not None
-        wait, sends = self.timing.first_wait, 0
+        wait, sends = self._first_wait, 0
         while True:
             now = time.monotonic()
             if now >= self.deadline:
@@ -358,8 +370,10 @@ class RmcpSession:
                 raise _StartOver()
             self._send(build())
             sends += 1
+            sent_at = now
             resend_at = min(now + wait, self.deadline)
             wait = min(wait * 2, self.timing.max_wait)
+            earlier: list[T] = []
             while True:
                 left = resend_at - time.monotonic()
                 if left <= 0:
@@ -376,8 +390,22 @@ class RmcpSession:
                     value = accept(packet)
                 except (IndexError, ValueError, struct.error):
                     continue  # malformed: as if lost (answers are checked, not trusted)
-                if value is not None:
-                    return value
+                if value is None:
+                    continue
+                if newest is not None and not newest(value):
+                    earlier.append(value)
+                    continue
+                if sends == 1:  # an unambiguous round trip (Karn): the timer follows it
+                    self._learn(time.monotonic() - sent_at)
+                return value
+            if earlier:
+                return earlier[0]
+
+    def _learn(self, round_trip: float) -> None:
+        """The first wait is 4 smoothed round trips, within the timing's bounds: a BMC
+        that answers in 300 ms on a busy day is not sent everything twice."""
+        self._rtt = round_trip if self._rtt is None else 0.75 * self._rtt + 0.25 * round_trip
+        self._first_wait = min(max(self.timing.first_wait, 4 * self._rtt), self.timing.max_wait)
 
     def _no_answer(self, step: str) -> NoAnswer:
         where = f"{self.host}:{self.port}"
