@@ -19,7 +19,7 @@ from labmetal.conductor.power import rmcp
 from labmetal.conductor.power.base import (AuthenticationFailed, BmcUnreachable, Field,
                                            PowerError, PowerInterface, PowerTarget)
 
-CHASSIS, APP = 0x00, 0x06
+CHASSIS = 0x00
 GET_CHASSIS_STATUS, CHASSIS_CONTROL, SET_BOOT_OPTIONS = 0x01, 0x02, 0x08
 CONTROL = {"off": 0, "on": 1, "reset": 3, "shutdown": 5}
 BOOT_DEVICE = {"pxe": 0x04, "disk": 0x08}

@@ -45,6 +45,7 @@ RAKP1, RAKP2, RAKP3, RAKP4 = 0x12, 0x13, 0x14, 0x15
 IPMI_PAYLOAD = 0x00
 ENCRYPTED, AUTHENTICATED = 0x80, 0x40
 BMC_ADDRESS, CONSOLE_ADDRESS = 0x20, 0x81
+APP, SET_SESSION_PRIVILEGE, CLOSE_SESSION = 0x06, 0x3B, 0x3C
 ADMINISTRATOR, OPERATOR = 4, 3
 NAME_ONLY_LOOKUP = 0x10
 # Open Session proposal, cipher suite 3: RAKP-HMAC-SHA1, HMAC-SHA1-96, AES-CBC-128.
@@ -148,11 +149,7 @@ class RmcpSession:
 
     def command(self, netfn: int, command: int, data: bytes = b"") -> bytes:
         """One IPMI request in the session; the response's data after a completion code 0."""
-        self._rq_seq = (self._rq_seq + 1) % 64
-        rq_seq = self._rq_seq
-        header = bytes([BMC_ADDRESS, netfn << 2])
-        body = bytes([CONSOLE_ADDRESS, rq_seq << 2, command]) + data
-        message = header + bytes([_checksum(header)]) + body + bytes([_checksum(body)])
+        rq_seq, message = self._request(netfn, command, data)
 
         def accept(packet: bytes) -> bytes | None:
             payload = self._session_payload(packet)
@@ -174,10 +171,7 @@ class RmcpSession:
         that misses this expires the session itself."""
         try:
             if self._sock is not None and self._k1:
-                self._rq_seq = (self._rq_seq + 1) % 64
-                header = bytes([BMC_ADDRESS, 0x06 << 2])
-                body = bytes([CONSOLE_ADDRESS, self._rq_seq << 2, 0x3C]) + self._managed_sid
-                message = header + bytes([_checksum(header)]) + body + bytes([_checksum(body)])
+                _, message = self._request(APP, CLOSE_SESSION, self._managed_sid)
                 self._send(self._session_packet(message))
         except OSError:
             pass
@@ -212,7 +206,7 @@ class RmcpSession:
             build, opened, "Open Session", newest=lambda answer: answer[0] == sent[-1])
         rakp2 = self._rakp12()
         self._rakp34(*rakp2)
-        self.command(0x06, 0x3B, bytes([self._role]))  # Set Session Privilege Level
+        self.command(APP, SET_SESSION_PRIVILEGE, bytes([self._role]))
 
     def _rakp12(self) -> tuple[bytes, bytes, bytes, bytes]:
         """RAKP1 and its answer: each send a new tag and random number, kept so that any
@@ -282,6 +276,13 @@ class RmcpSession:
         self._sequence = 0
 
     # -- packets ----------------------------------------------------------------------------
+    def _request(self, netfn: int, command: int, data: bytes) -> tuple[int, bytes]:
+        """An IPMI request message with the session's next sequence number (6 bits)."""
+        self._rq_seq = (self._rq_seq + 1) % 64
+        header = bytes([BMC_ADDRESS, netfn << 2])
+        body = bytes([CONSOLE_ADDRESS, self._rq_seq << 2, command]) + data
+        return self._rq_seq, header + bytes([_checksum(header)]) + body + bytes([_checksum(body)])
+
     @staticmethod
     def _pre_session_packet(payload_type: int, payload: bytes) -> bytes:
         return (RMCP_HEADER + bytes([AUTH_RMCP_PLUS, payload_type]) + bytes(8)
